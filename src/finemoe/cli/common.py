@@ -1,0 +1,68 @@
+"""Flags shared by subcommands, and the one place they become an EngineConfig."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from finemoe.config import EngineConfig, default_device
+from finemoe.errors import ConfigError
+from finemoe.policies import available
+
+
+def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> None:
+    p.add_argument("--model", default=None,
+                   help="hub id or local directory (safetensors); default: the built-in seeded random Qwen2-MoE")
+    p.add_argument("--expert-budget", default=None,
+                   help="device bytes for routed experts: 6GiB, 512MB, 25%% of all expert bytes, or 0.25 (default: 100%%)")
+    p.add_argument("--policy", default=policy_default, help=f"prefetch/eviction policy: {', '.join(available())}")
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy option (JSON value), repeatable, e.g. --policy-option prefetch_distance=2")
+    p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--prefetch-inflight", type=int, default=4,
+                   help="prefetch copies queued on the copy stream at once (a demand miss waits behind at most this many)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parse_policy_options(items: list[str]) -> dict:
+    opts = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--policy-option {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
+
+
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    kw = dict(model=args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
+              policy=args.policy, policy_options=parse_policy_options(args.policy_option),
+              max_batch_size=args.max_batch_size, prefetch_inflight=args.prefetch_inflight, seed=args.seed)
+    kw.update(overrides)
+    return EngineConfig(**kw)
+
+
+def read_prompts(path: str, field: str = "prompt") -> list[dict]:
+    """JSONL with a `prompt` field per line -> list of records (clear errors for bad lines)."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                    raise ConfigError(f"{path}:{n}: each line needs a string field {field!r}")
+                records.append(rec)
+    except OSError as e:
+        raise ConfigError(f"cannot read prompts file {path!r}: {e.strerror}") from None
+    if not records:
+        raise ConfigError(f"prompts file {path!r} holds no prompts")
+    return records

@@ -1,0 +1,51 @@
+"""`finemoe generate`: run prompts through the offloading engine and report per-request metrics."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from finemoe.cli.common import add_engine_args, engine_config, read_prompts
+from finemoe.engine import Engine, SamplingParams
+from finemoe.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with experts offloaded to host memory")
+    add_engine_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="JSONL file with a 'prompt' field per line")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object (requests + summary)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts = [args.prompt] if args.prompt is not None else [r["prompt"] for r in read_prompts(args.prompts)]
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be >= 1")
+    engine = Engine.from_config(engine_config(args))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, ignore_eos=args.ignore_eos)
+    reqs = engine.generate(prompts, params)
+    summary = engine.summary(reqs)
+    engine.close()
+    rows = [{"prompt": p, "output_token_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason,
+             **r.metrics.as_dict()} for p, r in zip(prompts, reqs)]
+    if args.json:
+        json.dump({"requests": rows, "summary": summary}, sys.stdout)
+        print()
+        return 0
+    print(f"model: {engine.model_label}   policy: {summary['policy']}   device: {summary['device']}   "
+          f"expert cache: {summary['cache_slots']} slots ({summary['expert_budget_bytes']} bytes)")
+    for row in rows:
+        print(f"\n>>> {row['prompt']}\n{row['text']}")
+    print(f"\nTTFT {summary['ttft_s'] * 1e3:.1f} ms   TPOT {summary['tpot_s'] * 1e3:.2f} ms   "
+          f"hit rate {summary['hit_rate']:.3f} ({summary['hits']} hits, {summary['misses']} misses)   "
+          f"copied {summary['bytes_copied'] / 2**20:.1f} MiB   stall {summary['stall_s'] * 1e3:.1f} ms   "
+          f"peak host {summary['peak_host_bytes'] / 2**20:.0f} MiB")
+    return 0

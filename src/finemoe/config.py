@@ -1,0 +1,105 @@
+"""One validated configuration that flows from the CLI (or server) to the engine."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from finemoe.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
+
+
+def parse_budget(text: str | int | float | None, total_expert_bytes: int) -> int:
+    """Turn '6GiB', '1.5GB', '25%', '0.25' (fraction) or a byte count into bytes.
+
+    None means 100% (every expert fits). Fractions in (0, 1] and percentages are
+    relative to `total_expert_bytes`; anything else is an absolute byte count.
+    """
+    if text is None:
+        return total_expert_bytes
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = _BUDGET_RE.match(str(text))
+        if not m:
+            raise ConfigError(
+                f"expert budget {text!r} is not understood: use bytes with a unit (e.g. 6GiB, 512MB), "
+                "a percentage of all expert bytes (e.g. 25%), or a fraction (e.g. 0.25)")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise ConfigError(f"expert budget {text!r}: a percentage must be in (0, 100]")
+        return int(total_expert_bytes * value / 100.0)
+    if unit == "" and 0 < value <= 1.0:
+        return int(total_expert_bytes * value)
+    if unit not in _UNITS:
+        raise ConfigError(f"expert budget {text!r}: unknown unit {unit!r}; use one of B, KB, MB, GB, KiB, MiB, GiB, %")
+    if value <= 0:
+        raise ConfigError(f"expert budget {text!r} must be positive")
+    return int(value * _UNITS[unit])
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs; validated once in `__post_init__`.
+
+    model: hub id or local directory; None runs the built-in seeded random Qwen2-MoE.
+    expert_budget: device bytes for routed experts ('6GiB', '25%', 0.25, bytes); None = all experts.
+    policy: registered policy name (see `finemoe.policies.available()`).
+    prefetch_inflight: how many prefetch copies may be queued on the copy stream at once;
+        a demand miss waits behind at most this many.
+    """
+
+    model: str | None = None
+    device: str = field(default_factory=default_device)
+    dtype: str = "auto"
+    expert_budget: str | int | float | None = None
+    policy: str = "lru"
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    max_batch_size: int = 8
+    max_model_len: int = 4096
+    prefetch_inflight: int = 4
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        dev = str(self.device)
+        if dev.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError(f"device {dev!r} is not supported: use 'cuda' or 'cpu'")
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was requested but no CUDA GPU is visible: pass --device cpu")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported: use auto, {', '.join(sorted(_DTYPES))}")
+        if self.max_batch_size < 1:
+            raise ConfigError("max_batch_size must be >= 1")
+        if self.max_model_len < 2:
+            raise ConfigError("max_model_len must be >= 2")
+        if self.prefetch_inflight < 1:
+            raise ConfigError("prefetch_inflight must be >= 1")
+        if self.expert_budget is not None:
+            parse_budget(self.expert_budget, 1 << 40)  # syntax check now, size check once the model is known
+        from finemoe.policies import get_policy_class  # late import: policies import config types
+        get_policy_class(self.policy)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+        """'auto': bf16 on CUDA; on CPU float32 (CPU bf16 matmuls are slow and not what tests compare)."""
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        return torch.bfloat16 if self.device.startswith("cuda") else torch.float32

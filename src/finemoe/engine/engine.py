@@ -1,0 +1,180 @@
+"""The offloading engine: a transformers MoE model whose routed experts live in host memory and run
+from a fixed-size device expert cache managed by a policy."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from finemoe.config import EngineConfig, parse_budget
+from finemoe.engine.batch import BatchRunner
+from finemoe.engine.metrics import aggregate, peak_device_bytes, peak_host_bytes
+from finemoe.engine.request import Request
+from finemoe.engine.runtime import LayerExecutor, OffloadRuntime
+from finemoe.engine.sampling import SamplingParams
+from finemoe.errors import BudgetTooSmallError, ConfigError
+from finemoe.experts import hook
+from finemoe.experts.cache import ExpertCache
+from finemoe.experts.host_store import HostExpertStore
+from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport
+from finemoe.models.adapters import find_moe_layers, geometry_of
+from finemoe.models.loader import LoadedModel, load_model
+from finemoe.policies import create_policy
+from finemoe.policies.base import PolicyContext
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def capacity_for(cfg: EngineConfig, geometry, keeps_all_resident: bool) -> tuple[int, int]:
+    """(slots, budget bytes) for this config; a clear error when the budget cannot work."""
+    total = geometry.total_bytes
+    budget = parse_budget(cfg.expert_budget, total)
+    if keeps_all_resident:
+        if budget < total:
+            raise ConfigError(f"policy {cfg.policy!r} keeps every expert on the device and needs the whole "
+                              f"{_fmt_bytes(total)} ({total} bytes); drop --expert-budget or pass 100%")
+        return geometry.total_experts, total
+    slots = min(budget // geometry.expert_bytes, geometry.total_experts)
+    if slots < geometry.top_k:
+        need = geometry.min_budget_bytes
+        raise BudgetTooSmallError(
+            f"expert budget {_fmt_bytes(budget)} ({budget} bytes) holds {slots} experts, but one layer's top-k "
+            f"needs {geometry.top_k} experts of {geometry.expert_bytes} bytes: pass --expert-budget {need} "
+            f"({_fmt_bytes(need)}) or more")
+    return int(slots), int(budget)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.model_label = loaded.label
+        self.device = cfg.torch_device if cfg.device != "cuda" else torch.device("cuda", torch.cuda.current_device())
+        self.layers = find_moe_layers(self.model)
+        self.geometry = geometry_of(self.model, self.layers)
+        self.policy = create_policy(cfg.policy, **cfg.policy_options)
+        slots, self.budget_bytes = capacity_for(cfg, self.geometry, self.policy.keeps_all_resident)
+        compute = [hook.reference_compute_fn(self.model, layer.experts) for layer in self.layers]
+        self.reference_impl = compute[0][0]
+        self.model.to(self.device)  # non-expert weights (experts are still wherever they were loaded)
+        self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
+                                               show_progress=cfg.show_progress)
+        self.pools = SlotPools(self.store, slots, self.device)
+        transport = (CudaTransport(self.store, self.pools, self.device) if self.device.type == "cuda"
+                     else SyncTransport(self.store, self.pools))
+        self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
+                                 self.policy, cfg.prefetch_inflight)
+        self.runtime = OffloadRuntime(self.geometry, self.layers, self.cache, self.policy, self.device,
+                                      all_resident=self.policy.keeps_all_resident)
+        self.policy.bind(PolicyContext(self.geometry, self.cache.view(), self.device, route=self.runtime.route,
+                                       embed=self.model.get_input_embeddings(), options=dict(cfg.policy_options)))
+        for layer, (_, fn) in zip(self.layers, compute):
+            layer.experts.finemoe_layer = LayerExecutor(self.runtime, layer, fn, self.pools.tensors)
+        hook.activate(self.model, [layer.experts for layer in self.layers])
+        if self.policy.keeps_all_resident:
+            self.runtime.mark_resident_all()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_ids = self._eos_ids()
+        self._iteration = 0
+        self._checked_dispatch = False
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig) -> "Engine":
+        return cls(load_model(cfg), cfg)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        for e in (eos if isinstance(eos, (list, tuple)) else [eos]):
+            if e is not None:
+                ids.add(int(e))
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def next_iteration_index(self) -> int:
+        self._iteration += 1
+        return self._iteration - 1
+
+    @torch.inference_mode()
+    def forward(self, it, token_rows: np.ndarray, ids, mask, pos, batch: BatchRunner) -> torch.Tensor:
+        """One iteration through the model with the runtime bracketing it. Returns last-token logits [B, V]."""
+        self.runtime.begin_iteration(it, token_rows)
+        before = self.runtime.totals.hits.sum() + self.runtime.totals.misses.sum()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=batch.cache,
+                         use_cache=True, logits_to_keep=1)
+        batch.cache = out.past_key_values
+        if not self._checked_dispatch:
+            self._assert_dispatched(before)
+        return out.logits[:, -1, :].float()
+
+    def _assert_dispatched(self, before) -> None:
+        """Every MoE layer must have gone through finemoe (transformers falls back silently otherwise)."""
+        if self.policy.keeps_all_resident:
+            seen = len(self.runtime._resident_topk)
+        else:
+            seen = self.runtime.totals.hits.sum() + self.runtime.totals.misses.sum() - before
+        if seen == 0:
+            raise RuntimeError("the first forward pass never reached the finemoe experts implementation")
+        self._checked_dispatch = True
+
+    # ---- user API ------------------------------------------------------------------------------
+    def make_request(self, prompt: str | list[int], params: SamplingParams) -> Request:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            text = prompt
+        else:
+            ids, text = list(prompt), None
+        if not ids:
+            raise ConfigError("the prompt is empty: it must contain at least one token")
+        if len(ids) + params.max_new_tokens > self.cfg.max_model_len:
+            raise ConfigError(f"prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
+                              f"max_model_len {self.cfg.max_model_len}")
+        return Request(ids, params, text)
+
+    def run(self, requests: list[Request]) -> list[Request]:
+        """Run requests to completion in batches of at most max_batch_size (in submission order)."""
+        for start in range(0, len(requests), self.cfg.max_batch_size):
+            batch = BatchRunner(self, requests[start:start + self.cfg.max_batch_size])
+            while not batch.done:
+                batch.step()
+        return requests
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[Request]:
+        params = params or SamplingParams()
+        reqs = [self.make_request(p, params) for p in prompts]
+        t0 = time.perf_counter()
+        for r in reqs:
+            r.metrics.t_submit = t0
+        return self.run(reqs)
+
+    def summary(self, requests: list[Request]) -> dict:
+        s = aggregate([r.metrics for r in requests])
+        t = self.runtime.totals
+        s.update({
+            "policy": self.cfg.policy, "expert_budget_bytes": self.budget_bytes, "cache_slots": self.cache.capacity,
+            "expert_bytes": self.geometry.expert_bytes, "total_expert_bytes": self.geometry.total_bytes,
+            "device": str(self.device), "model": self.model_name, "model_label": self.model_label,
+            "experts_impl": f"finemoe over {self.reference_impl}",
+            "hits_per_layer": t.hits.tolist(), "misses_per_layer": t.misses.tolist(),
+            "prefetch_copies": self.cache.prefetch_copies, "wasted_prefetches": self.cache.wasted_prefetches,
+            "host_expert_bytes": self.store.nbytes, "device_slot_bytes": self.pools.nbytes,
+            "peak_host_bytes": peak_host_bytes(), "peak_device_bytes": peak_device_bytes(self.device),
+        })
+        return s
+
+    def close(self) -> None:
+        self.policy.close()

@@ -1,0 +1,222 @@
+"""The offload runtime: what happens inside every MoE layer during a forward pass.
+
+Per layer (the router has already chosen top-k experts on the device):
+  1. `_sync_routing_to_host`: the one named host-device sync per layer; the host learns which experts
+     the batch needs (skipped entirely when every expert is resident).
+  2. The cache makes them resident: hits are used as they are, misses are copied at once on the copy
+     stream (ahead of every prefetch not yet issued); the compute stream waits only for those copies.
+  3. The layer computes with transformers' own experts function over the slot pools.
+  4. The policy sees the routing and returns prefetches, which queue behind the demand copies.
+If a batch needs more distinct experts than the cache has slots, the layer runs in waves, each wave's
+rows computed separately and reduced once at the end, in the same order as the unmodified model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from finemoe.experts.cache import ExpertCache
+from finemoe.experts.hook import SlotExperts
+from finemoe.models.adapters import ExpertGeometry, MoELayer
+from finemoe.policies.base import IterationInfo, LayerRouting, Policy
+
+
+@dataclass
+class IterationStats:
+    """Per-row (request) counts for one forward pass, plus totals."""
+
+    row_hits: np.ndarray
+    row_misses: np.ndarray
+    bytes_copied: int
+    stall_s: float
+
+
+@dataclass
+class RuntimeTotals:
+    hits: np.ndarray          # [L]
+    misses: np.ndarray        # [L]
+    bytes_copied: int = 0
+    stall_s: float = 0.0
+    iterations: int = 0
+    critical_policy_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class LayerExecutor:
+    """Attached to an experts module as `finemoe_layer`; called by the registered experts function."""
+
+    def __init__(self, runtime: "OffloadRuntime", layer: MoELayer, compute_fn, pools: dict[str, torch.Tensor]):
+        self.runtime = runtime
+        self.index = layer.index
+        self.compute_fn = compute_fn
+        self.proxy = SlotExperts(layer.experts, pools)
+
+    def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self.runtime.run_layer(self, hidden, top_k_index, top_k_weights)
+
+
+class OffloadRuntime:
+    def __init__(self, geometry: ExpertGeometry, layers: list[MoELayer], cache: ExpertCache, policy: Policy,
+                 device: torch.device, all_resident: bool) -> None:
+        self.g = geometry
+        self.layers = layers
+        self.cache = cache
+        self.policy = policy
+        self.device = device
+        self.all_resident = all_resident
+        L, J = geometry.num_layers, geometry.num_experts
+        pin = device.type == "cuda"
+        self._lut_host = torch.zeros((L, J), dtype=torch.int64, pin_memory=pin)  # slot of each expert
+        self._lut_np = self._lut_host.numpy()
+        self._lut_dev = self._lut_host.to(device) if pin else self._lut_host
+        self.totals = RuntimeTotals(np.zeros(L, np.int64), np.zeros(L, np.int64))
+        self._router_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hooks = []
+        if policy.needs_router_probs or policy.needs_hidden_states:
+            for layer in layers:
+                self._hooks.append(layer.router.register_forward_hook(self._make_router_hook(layer.index)))
+        self._it: IterationInfo | None = None
+        self._token_rows = np.zeros(0, np.int64)
+        self._row_hits = np.zeros(0, np.int64)
+        self._row_misses = np.zeros(0, np.int64)
+        self._bytes_at_start = 0
+        self._resident_topk: list[tuple[int, torch.Tensor]] = []
+
+    def _make_router_hook(self, index: int):
+        def hook(module, args, output):
+            self._router_out[index] = (output[0], args[0])
+        return hook
+
+    def route(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply MoE layer `layer`'s router to `hidden` [T, H] -> full probabilities [T, J] float32."""
+        logits = self.layers[layer].router(hidden)[0]
+        return torch.softmax(logits.float(), dim=-1)
+
+    def mark_resident_all(self) -> None:
+        self.cache.load_all()
+        self._lut_np[:] = self.cache.slot_of.reshape(self.g.num_layers, self.g.num_experts)
+        if self._lut_dev is not self._lut_host:
+            self._lut_dev.copy_(self._lut_host)
+
+    # ---- iteration bracket ---------------------------------------------------------------------
+    def begin_iteration(self, it: IterationInfo, token_rows: np.ndarray) -> None:
+        self._it = it
+        self._token_rows = token_rows
+        B = len(it.request_ids)
+        self._row_hits = np.zeros(B, np.int64)
+        self._row_misses = np.zeros(B, np.int64)
+        self._bytes_at_start = self.cache.transport.bytes_copied
+        self.cache.enqueue(self.policy.on_iteration_start(it))
+        self.cache.pump(-1)
+
+    def end_iteration(self) -> IterationStats:
+        assert self._it is not None
+        if self._resident_topk:
+            self._count_resident_hits()
+        stall = self.cache.transport.drain_stall_seconds()
+        self.policy.on_iteration_end(self._it)
+        self.cache.end_iteration()
+        copied = self.cache.transport.bytes_copied - self._bytes_at_start
+        self.totals.bytes_copied += copied
+        self.totals.stall_s += stall
+        self.totals.iterations += 1
+        self._it = None
+        self._router_out.clear()
+        return IterationStats(self._row_hits, self._row_misses, copied, stall)
+
+    # ---- the per-layer path --------------------------------------------------------------------
+    def run_layer(self, ex: LayerExecutor, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+        layer = ex.index
+        if self.all_resident:
+            self._resident_topk.append((layer, top_k_index))
+            return ex.compute_fn(ex.proxy, hidden, self._lut_dev[layer][top_k_index], top_k_weights)
+        topk = self._sync_routing_to_host(top_k_index)          # [T, k] numpy
+        experts, counts = np.unique(topk, return_counts=True)
+        self.policy.on_access(layer, experts, counts)
+        if experts.size <= self.cache.capacity:
+            res = self.cache.acquire(layer, experts)
+            self._lut_np[layer, experts] = res.slots
+            lut = self._lut_dev[layer]
+            if self._lut_dev is not self._lut_host:
+                lut.copy_(self._lut_host[layer], non_blocking=True)
+            out = ex.compute_fn(ex.proxy, hidden, lut[top_k_index], top_k_weights)
+            self.cache.release(res.slots)
+            hit = res.hit
+        else:
+            out, hit = self._run_in_waves(ex, hidden, top_k_index, top_k_weights, experts)
+        self._record(layer, topk, experts, hit)
+        self._after_layer(layer, top_k_index)
+        return out
+
+    @staticmethod
+    def _sync_routing_to_host(top_k_index: torch.Tensor) -> np.ndarray:
+        """HOST SYNC (one per layer): copy the top-k expert ids to the host."""
+        return top_k_index.to("cpu").numpy()
+
+    def _after_layer(self, layer: int, top_k_index: torch.Tensor) -> None:
+        probs = hidden = None
+        if layer in self._router_out:
+            logits, hidden_in = self._router_out.pop(layer)
+            if self.policy.needs_router_probs:
+                probs = torch.softmax(logits.float(), dim=-1)
+            if self.policy.needs_hidden_states:
+                hidden = hidden_in.reshape(-1, hidden_in.shape[-1])
+        routing = LayerRouting(layer, top_k_index, self._token_rows, probs, hidden)
+        self.cache.enqueue(self.policy.on_layer_routed(routing))
+        self.cache.pump(layer)
+
+    def _run_in_waves(self, ex, hidden, top_k_index, top_k_weights, experts):
+        """More distinct experts than slots: compute rows of `capacity` experts at a time.
+        Each (token, k) row gets exactly the value the one-shot path computes; rows are reduced once."""
+        T, k = top_k_index.shape
+        flat_idx = top_k_index.reshape(-1)                                   # [S]
+        flat_w = top_k_weights.reshape(-1, 1)                                # [S, 1]
+        ones = torch.ones_like(flat_w)
+        weighted = None
+        hit = np.zeros(experts.size, dtype=bool)
+        for start in range(0, experts.size, self.cache.capacity):
+            wave = experts[start:start + self.cache.capacity]
+            res = self.cache.acquire(ex.index, wave)
+            hit[start:start + wave.size] = res.hit
+            lut = torch.full((self.g.num_experts,), -1, dtype=torch.int64)
+            lut[torch.from_numpy(wave)] = torch.from_numpy(res.slots)
+            lut = lut.to(self.device)
+            slot_of_row = lut[flat_idx]                                      # [S], -1 outside this wave
+            rows = torch.nonzero(slot_of_row >= 0).squeeze(1)                # [R]  (syncs)
+            proj = ex.compute_fn(ex.proxy, hidden[rows // k], slot_of_row[rows].unsqueeze(1), ones[rows])  # [R, H]
+            part = proj * flat_w[rows]                                       # [R, H] same dtype rule as transformers
+            if weighted is None:
+                weighted = torch.zeros((T * k, hidden.shape[-1]), dtype=part.dtype, device=hidden.device)
+            weighted[rows] = part
+            self.cache.release(res.slots)
+        return weighted.view(T, k, -1).sum(dim=1).to(hidden.dtype), hit
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def _record(self, layer: int, topk: np.ndarray, experts: np.ndarray, hit: np.ndarray) -> None:
+        n_hit = int(hit.sum())
+        self.totals.hits[layer] += n_hit
+        self.totals.misses[layer] += experts.size - n_hit
+        B = self._row_hits.size
+        if B == 0:
+            return
+        rows = np.repeat(self._token_rows, topk.shape[1])                   # [S]
+        flat = topk.reshape(-1)
+        valid = rows >= 0
+        used = np.zeros((B, self.g.num_experts), dtype=bool)                # [B, J]
+        used[rows[valid], flat[valid]] = True
+        hit_of = np.zeros(self.g.num_experts, dtype=bool)
+        hit_of[experts[hit]] = True
+        n_used = used.sum(1)
+        n_hits = (used & hit_of).sum(1)
+        self._row_hits += n_hits
+        self._row_misses += n_used - n_hits
+
+    def _count_resident_hits(self) -> None:
+        for layer, idx in self._resident_topk:
+            topk = idx.to("cpu").numpy()
+            experts = np.unique(topk)
+            self._record(layer, topk, experts, np.ones(experts.size, dtype=bool))
+        self._resident_topk.clear()

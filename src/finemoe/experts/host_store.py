@@ -1,0 +1,46 @@
+"""Routed-expert weights in host memory, held once (pinned when the device is CUDA)."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from finemoe.models.adapters import ExpertGeometry, MoELayer, expert_tensor_names
+
+
+class HostExpertStore:
+    """`tensors[layer][name]` is a host tensor [J, *shape] holding expert weights of one MoE layer.
+
+    Built by `take_from`, which moves each layer's expert tensors off its module one layer at a time
+    (so at most one extra layer is alive during the move) and removes them from the module, so
+    the model's own forward can no longer see them: only the finemoe experts implementation can run.
+    """
+
+    def __init__(self, geometry: ExpertGeometry, tensors: list[dict[str, torch.Tensor]], pinned: bool) -> None:
+        self.geometry = geometry
+        self.tensors = tensors
+        self.pinned = pinned
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.tensors for t in layer.values())
+
+    @classmethod
+    def take_from(cls, layers: list[MoELayer], geometry: ExpertGeometry, pin: bool,
+                  show_progress: bool = False) -> "HostExpertStore":
+        tensors: list[dict[str, torch.Tensor]] = []
+        for layer in tqdm(layers, desc="experts -> host", disable=not show_progress, unit="layer"):
+            moved: dict[str, torch.Tensor] = {}
+            for name in expert_tensor_names(layer.experts):
+                src = getattr(layer.experts, name).detach()
+                if pin:
+                    dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                    dst.copy_(src)
+                elif src.device.type != "cpu":
+                    dst = src.to("cpu")
+                else:
+                    dst = src.contiguous()
+                moved[name] = dst
+                delattr(layer.experts, name)  # the module no longer owns a copy
+                del src
+            tensors.append(moved)
+        return cls(geometry, tensors, pin)

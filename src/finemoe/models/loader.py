@@ -1,0 +1,68 @@
+"""Load a supported checkpoint (hub id or local directory, safetensors) for offloaded serving.
+
+Routed experts are placed on the CPU by the device map (they never touch the GPU), every other
+weight goes straight to the compute device. The engine then moves the experts into its pinned host
+store one layer at a time.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from finemoe.config import EngineConfig
+from finemoe.errors import ModelLoadError
+from finemoe.models.adapters import family_for, find_moe_layers
+from finemoe.models.default import DEFAULT_MODEL_LABEL, DEFAULT_MODEL_NAME, build_default_model, default_tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str       # what /v1/models and reports call it
+    label: str      # human description (says when weights are random)
+
+
+def _expert_device_map(config, device: str) -> dict[str, str]:
+    """Device map: each MoE layer's `experts` on the CPU, everything else on `device`."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    dmap = {}
+    layers_prefix = "model.layers"
+    for layer in find_moe_layers(skeleton):
+        dmap[f"{layers_prefix}.{layer.decoder_index}.mlp.experts"] = "cpu"
+    dmap[""] = device
+    return dmap
+
+
+def load_model(cfg: EngineConfig) -> LoadedModel:
+    if cfg.model is None:
+        model = build_default_model(cfg.torch_dtype(), seed=cfg.seed)
+        return LoadedModel(model, default_tokenizer(), DEFAULT_MODEL_NAME, DEFAULT_MODEL_LABEL)
+    source = cfg.model
+    local = os.path.isdir(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        where = "directory" if local else "hub id (no local directory of that name exists)"
+        raise ModelLoadError(f"cannot read a model config from {source!r} as a {where}: {e}. "
+                             "Pass a local directory with config.json and *.safetensors, or a reachable hub id.") from None
+    family_for(config)  # unsupported architectures fail here, before any weight is read
+    dtype = cfg.torch_dtype()
+    device = cfg.device if cfg.device != "cuda" else "cuda:0"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map=_expert_device_map(config, device), use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load weights or tokenizer from {source!r}: {e}") from None
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    name = os.path.basename(os.path.normpath(source)) if local else source
+    return LoadedModel(model, tokenizer, name, f"{type(model).__name__} from {source}")

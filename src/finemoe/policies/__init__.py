@@ -1,0 +1,32 @@
+"""Prefetch/eviction policies, selectable by name (`--policy NAME`) in the engine, CLI and simulator."""
+from __future__ import annotations
+
+from typing import Any
+
+from finemoe.errors import UnknownPolicyError
+from finemoe.policies.base import (CacheView, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
+                                   RequestInfo, register_policy, registry)
+from finemoe.policies import lru, resident  # noqa: F401  (registration)
+
+
+def available() -> list[str]:
+    return sorted(registry())
+
+
+def get_policy_class(name: str) -> type[Policy]:
+    reg = registry()
+    if name not in reg:
+        raise UnknownPolicyError(f"unknown policy {name!r}; available policies: {', '.join(available())}")
+    return reg[name]
+
+
+def create_policy(name: str, **options: Any) -> Policy:
+    cls = get_policy_class(name)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise UnknownPolicyError(f"policy {name!r}: bad options {sorted(options)}: {e}") from None
+
+
+__all__ = ["CacheView", "IterationInfo", "LayerRouting", "Policy", "PolicyContext", "Prefetch", "RequestInfo",
+           "available", "create_policy", "get_policy_class", "register_policy"]

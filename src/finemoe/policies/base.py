@@ -1,0 +1,180 @@
+"""The policy interface: what the engine (and the simulator) tells a prefetch/eviction policy, and what it asks.
+
+Expert keys are flat integers, key = layer * num_experts + expert, held in numpy arrays so a
+policy never does per-expert Python work the engine could batch.
+
+Call order for one iteration (one forward pass of the batch):
+  on_iteration_start(it)                    -> prefetches for the first layers
+  for each MoE layer l (in order):
+      on_access(l, experts, counts)           the host has learned layer l's routing; demand misses
+                                              are already being loaded
+      on_layer_routed(routing)              -> prefetches for later layers (full router probs,
+                                              optionally hidden states)
+      select_victims(...)                     whenever the cache needs room
+  on_iteration_end(it)
+Requests are bracketed by on_request_start / on_request_end. The simulator calls the same
+methods in the same order, with tensors on the CPU.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+
+from finemoe.models.adapters import ExpertGeometry
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """Read-only view of the expert cache for policies. `resident` is a live bool array [L*J] (do not write)."""
+
+    resident: np.ndarray
+    capacity: int
+
+
+@dataclass
+class PolicyContext:
+    """What a policy may use, handed over once by `Policy.bind`.
+
+    route(layer, hidden [T, H]) -> probs [T, J] float32: apply MoE layer `layer`'s own router to any
+        hidden states (speculative policies); None in the simulator.
+    embed(token_ids [...]) -> [..., H]: the model's input embedding (semantic signals); None if unavailable.
+    """
+
+    geometry: ExpertGeometry
+    cache: CacheView
+    device: torch.device
+    route: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    request_id: str
+    prompt_ids: list[int]
+    prompt_text: str | None = None
+
+
+@dataclass(frozen=True)
+class IterationInfo:
+    """One forward pass. `input_ids` [B, T] (T = padded prompt length at prefill, 1 at decode);
+    `steps[b]` is row b's iteration number within its request (0 = prefill)."""
+
+    index: int
+    request_ids: list[str]
+    steps: list[int]
+    input_ids: torch.Tensor
+    is_prefill: bool
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """Layer `layer`'s routing for the current iteration, as soon as it has routed.
+
+    probs  [T, J] float32: full router softmax over all experts (None unless the policy needs it)
+    top_k  [T, k] int64:   chosen experts per token
+    hidden [T, H]:         the MoE block's input (None unless the policy needs hidden states)
+    token_rows [T] int64 numpy: batch row of each token, -1 for padding.
+    """
+
+    layer: int
+    top_k: torch.Tensor
+    token_rows: np.ndarray
+    probs: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """Prefetch requests: experts `keys` (flat, int64) with `priority` (float, larger = sooner)."""
+
+    keys: np.ndarray
+    priority: np.ndarray
+
+    @staticmethod
+    def empty() -> "Prefetch":
+        return Prefetch(np.empty(0, np.int64), np.empty(0, np.float64))
+
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+
+class Policy(ABC):
+    """A prefetch + eviction policy. Subclasses set `name` and `description` (what it assumes, which
+    paper it follows) and register with `@register_policy`.
+
+    Capability flags let the engine skip work no policy asked for:
+      needs_router_probs: LayerRouting.probs is filled (a softmax and a device tensor per layer).
+      needs_hidden_states: LayerRouting.hidden is filled and ctx.route is usable (engine only).
+      keeps_all_resident: the cache holds every expert; loaded once at start.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs_router_probs: ClassVar[bool] = False
+    needs_hidden_states: ClassVar[bool] = False
+    keeps_all_resident: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(f"policy {self.name!r} takes no options, got {sorted(options)}")
+
+    def bind(self, ctx: PolicyContext) -> None:
+        """Called once before any request. Allocate per-expert state here (arrays of size L*J)."""
+        self.ctx = ctx
+
+    def on_request_start(self, req: RequestInfo) -> None:
+        """A request joined the batch."""
+
+    def on_request_end(self, req: RequestInfo) -> None:
+        """A request finished (or was cancelled)."""
+
+    def on_iteration_start(self, it: IterationInfo) -> Prefetch:
+        """An iteration begins. Return prefetches (e.g. for the first layers)."""
+        return Prefetch.empty()
+
+    def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
+        """Layer `layer` uses `experts` (int64 expert ids within the layer, distinct) with `counts`
+        tokens each. Called before the layer computes; keep it O(len(experts)) numpy work."""
+
+    def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
+        """Layer `routing.layer` has routed. Return prefetches for later layers. Must not block on the device
+        unless the policy is documented to (speculative policies)."""
+        return Prefetch.empty()
+
+    def on_iteration_end(self, it: IterationInfo) -> None:
+        """The forward pass finished."""
+
+    @abstractmethod
+    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
+        """Choose up to `n` experts to evict from `candidates` (flat keys, all resident and evictable),
+        best victim first. For a prefetch the policy may return fewer (declining to evict); for a
+        demand miss it must return `n` (the engine falls back to the first candidates otherwise)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Anything worth saving across runs (map stores, collections). Default: nothing."""
+        return {}
+
+    def close(self) -> None:
+        """Release workers/files. Persisting policies save here."""
+
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: make `cls` selectable as `--policy cls.name` in the engine, CLI and simulator."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"policy name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Policy]]:
+    return dict(_REGISTRY)

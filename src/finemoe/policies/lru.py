@@ -1,0 +1,39 @@
+"""On-demand loading with least-recently-used eviction: the simplest offloading baseline."""
+from __future__ import annotations
+
+import numpy as np
+
+from finemoe.policies.base import Policy, PolicyContext, register_policy
+
+
+class RecencyTracker:
+    """Per-expert last-use clock over flat keys; shared by every LRU-evicting policy."""
+
+    def __init__(self, total: int) -> None:
+        self.last_used = np.full(total, -1.0)
+        self.clock = 0.0
+
+    def touch(self, keys: np.ndarray) -> None:
+        self.clock += 1.0
+        self.last_used[keys] = self.clock
+
+    def oldest(self, candidates: np.ndarray, n: int) -> np.ndarray:
+        order = np.argsort(self.last_used[candidates], kind="stable")
+        return candidates[order[:n]]
+
+
+@register_policy
+class LRUPolicy(Policy):
+    name = "lru"
+    description = ("No prediction: a miss loads the expert on demand; the least recently used "
+                   "resident expert is evicted. The classic cache baseline.")
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        self.recency = RecencyTracker(ctx.geometry.total_experts)
+
+    def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
+        self.recency.touch(layer * self.ctx.geometry.num_experts + experts)
+
+    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
+        return self.recency.oldest(candidates, n)
