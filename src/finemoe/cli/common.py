@@ -17,6 +17,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--policy", default=policy_default, help=f"prefetch/eviction policy: {', '.join(available())}")
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (JSON value), repeatable, e.g. --policy-option prefetch_distance=2")
+    p.add_argument("--map-store", default=None, metavar="PATH",
+                   help="finemoe map store (policy option map_store): read if present, learned into, saved at exit")
     p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--max-batch-size", type=int, default=8)
@@ -38,9 +40,15 @@ def parse_policy_options(items: list[str]) -> dict:
     return opts
 
 
+def _with_map_store(opts: dict, args: argparse.Namespace) -> dict:
+    if getattr(args, "map_store", None):
+        opts["map_store"] = args.map_store
+    return opts
+
+
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     kw = dict(model=args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-              policy=args.policy, policy_options=parse_policy_options(args.policy_option),
+              policy=args.policy, policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
               max_batch_size=args.max_batch_size, prefetch_inflight=args.prefetch_inflight, seed=args.seed)
     kw.update(overrides)
     return EngineConfig(**kw)

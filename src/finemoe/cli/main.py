@@ -10,6 +10,10 @@ from finemoe.errors import FineMoEError
 
 COMMANDS = [
     "finemoe.cli.generate",
+    "finemoe.cli.trace",
+    "finemoe.cli.simulate",
+    "finemoe.cli.serve",
+    "finemoe.cli.maps",
 ]
 
 

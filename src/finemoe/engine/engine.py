@@ -2,6 +2,7 @@
 from a fixed-size device expert cache managed by a policy."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -20,7 +21,7 @@ from finemoe.experts.host_store import HostExpertStore
 from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport
 from finemoe.models.adapters import find_moe_layers, geometry_of
 from finemoe.models.loader import LoadedModel, load_model
-from finemoe.policies import create_policy
+from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import PolicyContext
 
 
@@ -54,20 +55,47 @@ def capacity_for(cfg: EngineConfig, geometry, keeps_all_resident: bool) -> tuple
 class Engine:
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig) -> None:
         self.cfg = cfg
+        self.policy = None
         self.model = loaded.model
+        if getattr(self.model.config, "output_router_logits", False):
+            # the aux loss is for training only, and transformers' version fails in 1-token decode with a 2-D mask
+            self.model.config.output_router_logits = False
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.model_label = loaded.label
         self.device = cfg.torch_device if cfg.device != "cuda" else torch.device("cuda", torch.cuda.current_device())
         self.layers = find_moe_layers(self.model)
         self.geometry = geometry_of(self.model, self.layers)
-        self.policy = create_policy(cfg.policy, **cfg.policy_options)
-        slots, self.budget_bytes = capacity_for(cfg, self.geometry, self.policy.keeps_all_resident)
         compute = [hook.reference_compute_fn(self.model, layer.experts) for layer in self.layers]
         self.reference_impl = compute[0][0]
+        self._compute_fns = [fn for _, fn in compute]
+        capacity_for(cfg, self.geometry, get_policy_class(cfg.policy).keeps_all_resident)  # fail before moving weights
         self.model.to(self.device)  # non-expert weights (experts are still wherever they were loaded)
         self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
                                                show_progress=cfg.show_progress)
+        self.pools = None
+        self.reconfigure(cfg.policy, cfg.expert_budget, cfg.policy_options)
+        hook.activate(self.model, [layer.experts for layer in self.layers])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_ids = self._eos_ids()
+        self._iteration = 0
+
+    def reconfigure(self, policy: str, expert_budget=None, policy_options: dict | None = None,
+                    prefetch_inflight: int | None = None) -> None:
+        """(Re)build the policy, the slot pools, the cache and the runtime over the same model and host
+        store: switch policy or budget without reloading. The previous policy is closed first."""
+        cfg = dataclasses.replace(self.cfg, policy=policy, expert_budget=expert_budget,
+                                  policy_options=dict(policy_options or {}),
+                                  prefetch_inflight=prefetch_inflight or self.cfg.prefetch_inflight)
+        slots, budget = capacity_for(cfg, self.geometry, get_policy_class(policy).keeps_all_resident)
+        new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
+        self.cfg = cfg
+        if getattr(self, "policy", None) is not None:
+            self.policy.close()
+        self.policy, self.budget_bytes = new_policy, budget
+        for layer in self.layers:  # drop every reference to the old slots before allocating the new ones
+            layer.experts.finemoe_layer = None
+        self.pools = self.cache = self.runtime = None
         self.pools = SlotPools(self.store, slots, self.device)
         transport = (CudaTransport(self.store, self.pools, self.device) if self.device.type == "cuda"
                      else SyncTransport(self.store, self.pools))
@@ -76,15 +104,12 @@ class Engine:
         self.runtime = OffloadRuntime(self.geometry, self.layers, self.cache, self.policy, self.device,
                                       all_resident=self.policy.keeps_all_resident)
         self.policy.bind(PolicyContext(self.geometry, self.cache.view(), self.device, route=self.runtime.route,
-                                       embed=self.model.get_input_embeddings(), options=dict(cfg.policy_options)))
-        for layer, (_, fn) in zip(self.layers, compute):
+                                       embed=self.model.get_input_embeddings(), options=dict(cfg.policy_options),
+                                       model_name=self.model_name))
+        for layer, fn in zip(self.layers, self._compute_fns):
             layer.experts.finemoe_layer = LayerExecutor(self.runtime, layer, fn, self.pools.tensors)
-        hook.activate(self.model, [layer.experts for layer in self.layers])
         if self.policy.keeps_all_resident:
             self.runtime.mark_resident_all()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.eos_ids = self._eos_ids()
-        self._iteration = 0
         self._checked_dispatch = False
 
     @classmethod

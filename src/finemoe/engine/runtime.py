@@ -51,13 +51,23 @@ class LayerExecutor:
         self.runtime = runtime
         self.index = layer.index
         self.compute_fn = compute_fn
-        self.proxy = SlotExperts(layer.experts, pools)
+        self.module = layer.experts
+        self.pools = pools
+
+    def window(self, lo: int, hi: int) -> SlotExperts:
+        """The experts module seen through slots [lo, hi) of the pools (views, no copy)."""
+        return SlotExperts(self.module, {name: pool[lo:hi] for name, pool in self.pools.items()})
 
     def __call__(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return self.runtime.run_layer(self, hidden, top_k_index, top_k_weights)
 
 
+MAX_GROUPS = 1024  # torch grouped_mm on CUDA accepts at most this many groups (slots) per call
+
+
 class OffloadRuntime:
+    max_groups = MAX_GROUPS  # tests lower it to exercise the windowed rows path on small models
+
     def __init__(self, geometry: ExpertGeometry, layers: list[MoELayer], cache: ExpertCache, policy: Policy,
                  device: torch.device, all_resident: bool) -> None:
         self.g = geometry
@@ -100,6 +110,14 @@ class OffloadRuntime:
         if self._lut_dev is not self._lut_host:
             self._lut_dev.copy_(self._lut_host)
 
+    @property
+    def current_iteration(self) -> IterationInfo | None:
+        return self._it
+
+    @property
+    def current_token_rows(self) -> np.ndarray:
+        return self._token_rows
+
     # ---- iteration bracket ---------------------------------------------------------------------
     def begin_iteration(self, it: IterationInfo, token_rows: np.ndarray) -> None:
         self._it = it
@@ -130,23 +148,26 @@ class OffloadRuntime:
     def run_layer(self, ex: LayerExecutor, hidden: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:
         layer = ex.index
-        if self.all_resident:
-            self._resident_topk.append((layer, top_k_index))
-            return ex.compute_fn(ex.proxy, hidden, self._lut_dev[layer][top_k_index], top_k_weights)
+        if self.all_resident:  # layer l's experts sit in slots [l*J, (l+1)*J): no host work at all
+            if self._it is not None:  # counted at iteration end (no sync now)
+                self._resident_topk.append((layer, top_k_index))
+            J = self.g.num_experts
+            return ex.compute_fn(ex.window(layer * J, (layer + 1) * J), hidden, top_k_index, top_k_weights)
         topk = self._sync_routing_to_host(top_k_index)          # [T, k] numpy
         experts, counts = np.unique(topk, return_counts=True)
         self.policy.on_access(layer, experts, counts)
-        if experts.size <= self.cache.capacity:
-            res = self.cache.acquire(layer, experts)
-            self._lut_np[layer, experts] = res.slots
+        res = self.cache.acquire(layer, experts) if experts.size <= self.cache.capacity else None
+        if res is not None and res.slots.max() - res.slots.min() < self.max_groups:
+            lo = int(res.slots.min())
+            self._lut_np[layer, experts] = res.slots - lo
             lut = self._lut_dev[layer]
             if self._lut_dev is not self._lut_host:
                 lut.copy_(self._lut_host[layer], non_blocking=True)
-            out = ex.compute_fn(ex.proxy, hidden, lut[top_k_index], top_k_weights)
+            out = ex.compute_fn(ex.window(lo, int(res.slots.max()) + 1), hidden, lut[top_k_index], top_k_weights)
             self.cache.release(res.slots)
             hit = res.hit
         else:
-            out, hit = self._run_in_waves(ex, hidden, top_k_index, top_k_weights, experts)
+            out, hit = self._run_in_waves(ex, hidden, top_k_index, top_k_weights, experts, res)
         self._record(layer, topk, experts, hit)
         self._after_layer(layer, top_k_index)
         return out
@@ -168,29 +189,35 @@ class OffloadRuntime:
         self.cache.enqueue(self.policy.on_layer_routed(routing))
         self.cache.pump(layer)
 
-    def _run_in_waves(self, ex, hidden, top_k_index, top_k_weights, experts):
-        """More distinct experts than slots: compute rows of `capacity` experts at a time.
-        Each (token, k) row gets exactly the value the one-shot path computes; rows are reduced once."""
+    def _run_in_waves(self, ex, hidden, top_k_index, top_k_weights, experts, first=None):
+        """Rows path, for layers that need more experts than the cache has slots (waves of `capacity`
+        experts) or whose slots span more than MAX_GROUPS. Each (token, k) row gets exactly the value the
+        one-shot path computes (transformers' function with unit weights, then the same weight product);
+        rows are reduced once at the end, in the same order as the unmodified model."""
         T, k = top_k_index.shape
         flat_idx = top_k_index.reshape(-1)                                   # [S]
         flat_w = top_k_weights.reshape(-1, 1)                                # [S, 1]
         ones = torch.ones_like(flat_w)
         weighted = None
         hit = np.zeros(experts.size, dtype=bool)
-        for start in range(0, experts.size, self.cache.capacity):
-            wave = experts[start:start + self.cache.capacity]
-            res = self.cache.acquire(ex.index, wave)
+        cap = self.cache.capacity
+        for start in range(0, experts.size, cap):
+            wave = experts[start:start + cap]
+            res = first if (first is not None and start == 0) else self.cache.acquire(ex.index, wave)
             hit[start:start + wave.size] = res.hit
-            lut = torch.full((self.g.num_experts,), -1, dtype=torch.int64)
-            lut[torch.from_numpy(wave)] = torch.from_numpy(res.slots)
-            lut = lut.to(self.device)
-            slot_of_row = lut[flat_idx]                                      # [S], -1 outside this wave
-            rows = torch.nonzero(slot_of_row >= 0).squeeze(1)                # [R]  (syncs)
-            proj = ex.compute_fn(ex.proxy, hidden[rows // k], slot_of_row[rows].unsqueeze(1), ones[rows])  # [R, H]
-            part = proj * flat_w[rows]                                       # [R, H] same dtype rule as transformers
-            if weighted is None:
-                weighted = torch.zeros((T * k, hidden.shape[-1]), dtype=part.dtype, device=hidden.device)
-            weighted[rows] = part
+            w = self.max_groups
+            for lo in np.unique(res.slots // w) * w:                          # slot windows of <= max_groups
+                sel = (res.slots >= lo) & (res.slots < lo + w)
+                lut = torch.full((self.g.num_experts,), -1, dtype=torch.int64)
+                lut[torch.from_numpy(wave[sel])] = torch.from_numpy(res.slots[sel] - lo)
+                slot_of_row = lut.to(self.device)[flat_idx]                  # [S], -1 outside this window
+                rows = torch.nonzero(slot_of_row >= 0).squeeze(1)            # [R]  (syncs)
+                proj = ex.compute_fn(ex.window(int(lo), int(lo) + w), hidden[rows // k],
+                                     slot_of_row[rows].unsqueeze(1), ones[rows])  # [R, H]
+                part = proj * flat_w[rows]                                   # [R, H] transformers' dtype rule
+                if weighted is None:
+                    weighted = torch.zeros((T * k, hidden.shape[-1]), dtype=part.dtype, device=hidden.device)
+                weighted[rows] = part
             self.cache.release(res.slots)
         return weighted.view(T, k, -1).sum(dim=1).to(hidden.dtype), hit
 
@@ -215,8 +242,10 @@ class OffloadRuntime:
         self._row_misses += n_used - n_hits
 
     def _count_resident_hits(self) -> None:
-        for layer, idx in self._resident_topk:
-            topk = idx.to("cpu").numpy()
+        """HOST SYNC (one per iteration, resident only): every layer's top-k ids in a single copy."""
+        layers = [layer for layer, _ in self._resident_topk]
+        stacked = torch.stack([idx for _, idx in self._resident_topk]).to("cpu").numpy()   # [L, T, k]
+        for layer, topk in zip(layers, stacked):
             experts = np.unique(topk)
             self._record(layer, topk, experts, np.ones(experts.size, dtype=bool))
         self._resident_topk.clear()

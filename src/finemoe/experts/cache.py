@@ -64,9 +64,9 @@ class ExpertCache:
         empty = np.flatnonzero(self.key_of < 0)[:n]
         if empty.size >= n:
             return empty
-        evictable = (self.key_of >= 0) & ~self.in_use & ~self.prefetching
-        if for_prefetch:
-            evictable &= ~self.prefetched_unused
+        evictable = (self.key_of >= 0) & ~self.in_use
+        if for_prefetch:  # a demand load may replace any prefetch (copies into one slot are ordered)
+            evictable &= ~self.prefetched_unused & ~self.prefetching
         cand_slots = np.flatnonzero(evictable)
         need = n - empty.size
         if cand_slots.size == 0:

@@ -39,6 +39,11 @@ def _expert_device_map(config, device: str) -> dict[str, str]:
     return dmap
 
 
+def _one_line(e: Exception) -> str:
+    """The library's message on one line, without its final period (the CLI prints errors as one line)."""
+    return " ".join(str(e).split()).rstrip(".")
+
+
 def load_model(cfg: EngineConfig) -> LoadedModel:
     if cfg.model is None:
         model = build_default_model(cfg.torch_dtype(), seed=cfg.seed)
@@ -49,7 +54,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
         where = "directory" if local else "hub id (no local directory of that name exists)"
-        raise ModelLoadError(f"cannot read a model config from {source!r} as a {where}: {e}. "
+        raise ModelLoadError(f"cannot read a model config from {source!r} as a {where}: {_one_line(e)}. "
                              "Pass a local directory with config.json and *.safetensors, or a reachable hub id.") from None
     family_for(config)  # unsupported architectures fail here, before any weight is read
     dtype = cfg.torch_dtype()
@@ -59,7 +64,7 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
             source, dtype=dtype, device_map=_expert_device_map(config, device), use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as e:
-        raise ModelLoadError(f"cannot load weights or tokenizer from {source!r}: {e}") from None
+        raise ModelLoadError(f"cannot load weights or tokenizer from {source!r}: {_one_line(e)}") from None
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

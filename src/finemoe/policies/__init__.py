@@ -7,6 +7,9 @@ from finemoe.errors import UnknownPolicyError
 from finemoe.policies.base import (CacheView, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
                                    RequestInfo, register_policy, registry)
 from finemoe.policies import lru, resident  # noqa: F401  (registration)
+from finemoe.policies import finemoe  # noqa: F401  (registration)
+from finemoe.policies import deepspeed, lfu, moe_infinity, oracle, speculative  # noqa: F401  (registration)
+from finemoe.traces import recorder  # noqa: F401  (registration: the `record` wrapper used by `finemoe trace`)
 
 
 def available() -> list[str]:

@@ -42,6 +42,7 @@ class PolicyContext:
     route(layer, hidden [T, H]) -> probs [T, J] float32: apply MoE layer `layer`'s own router to any
         hidden states (speculative policies); None in the simulator.
     embed(token_ids [...]) -> [..., H]: the model's input embedding (semantic signals); None if unavailable.
+    model_name: the served model's name (identity of persisted policy state); None if unknown.
     """
 
     geometry: ExpertGeometry
@@ -50,6 +51,7 @@ class PolicyContext:
     route: Callable[[int, torch.Tensor], torch.Tensor] | None = None
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None = None
 
 
 @dataclass(frozen=True)

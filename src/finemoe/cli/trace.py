@@ -1,0 +1,51 @@
+"""`finemoe trace`: run prompts through the engine and record their routing to a trace file."""
+from __future__ import annotations
+
+import argparse
+
+from finemoe.cli.common import add_engine_args, engine_config, parse_policy_options, read_prompts
+from finemoe.engine import Engine, SamplingParams
+from finemoe.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("trace", help="record per-token routing (top-k ids, router probabilities) to a trace file")
+    add_engine_args(p)
+    p.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
+    p.add_argument("--out", required=True, help="trace file to write (.safetensors)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
+    p.add_argument("--template", default="{prompt}", help="prompt template, e.g. 'User: {prompt}\\n\\nAssistant:'")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="keep only the first N prompt tokens")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
+    p.add_argument("--no-probs", action="store_true", help="omit full router probabilities (top-k ids only)")
+    p.set_defaults(func=run)
+
+
+def prompt_ids(engine: Engine, records: list[dict], template: str, max_tokens: int | None) -> list[list[int]]:
+    if "{prompt}" not in template:
+        raise ConfigError("--template must contain {prompt}")
+    out = []
+    for rec in records:
+        ids = engine.tokenizer(template.replace("{prompt}", rec["prompt"]), add_special_tokens=False)["input_ids"]
+        out.append(ids[:max_tokens] if max_tokens else ids)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be >= 1")
+    records = read_prompts(args.prompts)[:args.limit]
+    inner = {"inner": args.policy, "inner_options": parse_policy_options(args.policy_option),
+             "probs": not args.no_probs}
+    engine = Engine.from_config(engine_config(args, policy="record", policy_options=inner))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
+    engine.generate(prompt_ids(engine, records, args.template, args.max_prompt_tokens), params)
+    trace = engine.policy.to_trace(engine.model_name, engine.geometry.expert_bytes)
+    trace.prompt_texts = [rec["prompt"] for rec in records]   # every request ran (none is cancelled here)
+    engine.close()
+    trace.save(args.out)
+    print(f"wrote {args.out}: {trace.num_requests} requests, {trace.num_tokens} routed tokens, "
+          f"{trace.num_layers} layers x {trace.num_experts} experts (top-{trace.top_k}), "
+          f"probs {'on' if trace.has_probs else 'off'}")
+    return 0

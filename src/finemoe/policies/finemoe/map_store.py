@@ -1,0 +1,179 @@
+"""The map store: up to C expert maps (one per served iteration and batch row) with their semantic
+embeddings, RDY replacement once full, and atomic safetensors persistence.
+
+An expert map is the L x J matrix of every MoE layer's full router softmax for one iteration, stored
+layer-major as [L, C, J] so one layer of every stored map is one contiguous [C, J] block (the
+trajectory search reads one such block per layer). Cosines of map prefixes (trajectory search) need the norm of every prefix, so the
+store keeps `prefix_sq` [C, L]: the cumulative squared norm of each map up to and including layer l.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from finemoe.errors import FineMoEError
+
+FORMAT_VERSION = 1
+EPS = 1e-12
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class MapStoreError(FineMoEError):
+    """A map store file is missing, corrupt, or was built for another model or configuration."""
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a store is valid for. Two stores are compatible when every field but `capacity` agrees."""
+
+    model: str            # model identity: name + expert geometry fingerprint
+    num_layers: int       # L
+    num_experts: int      # J
+    embed_dim: int        # E (semantic embedding size)
+    semantic: str         # how embeddings were made (token, prompt, token+prompt)
+    distance: int         # d, the prefetch distance RDY weights by
+    capacity: int         # C
+
+    def metadata(self) -> dict[str, str]:
+        return {"format": "finemoe-map-store", "version": str(FORMAT_VERSION), "spec": json.dumps(asdict(self))}
+
+    def mismatches(self, other: "StoreSpec") -> list[str]:
+        a, b = asdict(self), asdict(other)
+        return [f"{k}: file has {a[k]!r}, this run needs {b[k]!r}" for k in a if k != "capacity" and a[k] != b[k]]
+
+
+class MapStore:
+    """Fixed-capacity store. `maps` [L, C, J], `sems` [C, E] in `dtype` on `device`; entries [0, size) are valid."""
+
+    def __init__(self, spec: StoreSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        if spec.capacity < 1:
+            raise MapStoreError(f"map store capacity must be >= 1, got {spec.capacity}")
+        self.spec = spec
+        L, J, C = spec.num_layers, spec.num_experts, spec.capacity
+        self.maps = torch.zeros((L, C, J), dtype=dtype, device=device)        # [L, C, J]
+        self.sems = torch.zeros((C, spec.embed_dim), dtype=dtype, device=device)  # [C, E]
+        self.sem_norm = torch.zeros(C, dtype=torch.float32, device=device)     # [C]
+        self.prefix_sq = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L]
+        self.size = 0
+        self.replaced = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.maps.device
+
+    @property
+    def full(self) -> bool:
+        return self.size >= self.spec.capacity
+
+    def _write(self, rows: slice | int, maps: torch.Tensor, sems: torch.Tensor) -> None:
+        """Write maps [N, L*J] / sems [N, E] (or one of each) into `rows`, with their norms."""
+        L, J = self.spec.num_layers, self.spec.num_experts
+        self.maps[:, rows] = maps.to(self.device, self.maps.dtype).reshape(-1, L, J).transpose(0, 1).reshape(
+            self.maps[:, rows].shape)
+        self.sems[rows] = sems.to(self.device, self.sems.dtype)
+        stored = self.maps[:, rows].float().reshape(L, -1, J).transpose(0, 1)   # [N, L, J]
+        self.prefix_sq[rows] = (stored * stored).sum(2).cumsum(1).reshape(self.prefix_sq[rows].shape)
+        self.sem_norm[rows] = self.sems[rows].float().norm(dim=-1)
+
+    def rdy(self, emap: torch.Tensor, sem: torch.Tensor) -> torch.Tensor:
+        """RDY(x, y) = (d/L) cos(sem_x, sem_y) + ((L-d)/L) cos(map_x, map_y) for every stored y -> [size]."""
+        L, d = self.spec.num_layers, min(self.spec.distance, self.spec.num_layers)
+        n = self.size
+        L_, J = self.spec.num_layers, self.spec.num_experts
+        dots = torch.einsum("lcj,lj->c", self.maps[:, :n].float(), emap.float().view(L_, J))   # [n]
+        cos_map = dots / (
+            self.prefix_sq[:n, -1].sqrt() * emap.float().norm()).clamp_min(EPS)
+        cos_sem = (self.sems[:n].float() @ sem.float()) / (self.sem_norm[:n] * sem.float().norm()).clamp_min(EPS)
+        return (d / L) * cos_sem + ((L - d) / L) * cos_map
+
+    def add(self, emap: torch.Tensor, sem: torch.Tensor) -> int:
+        """Insert one map [L*J] with its embedding [E]; append while not full, else replace the entry
+        with the highest RDY. Returns the slot written."""
+        emap, sem = emap.to(self.device), sem.to(self.device)
+        if not self.full:
+            slot = self.size
+            self.size += 1
+        else:
+            slot = int(torch.argmax(self.rdy(emap, sem)))
+            self.replaced += 1
+        self._write(slot, emap, sem)
+        return slot
+
+    def entry_maps(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Stored maps of entries `rows`, flattened -> [N, L*J] (storage dtype)."""
+        m = self.maps[:, rows]                                                  # [L, N, J]
+        return m.transpose(0, 1).reshape(m.shape[1], -1)
+
+    def add_many(self, maps: torch.Tensor, sems: torch.Tensor) -> None:
+        """maps [N, L*J], sems [N, E]: added one after another (each replacement sees the previous ones)."""
+        for emap, sem in zip(maps, sems):
+            self.add(emap, sem)
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Atomic: write a temporary file next to `path`, then rename it over `path`."""
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        meta = self.spec.metadata()
+        meta["dtype"] = {torch.float32: "float32", torch.float16: "float16"}[self.maps.dtype]
+        tensors = {"maps": self.entry_maps(slice(0, self.size)).cpu().contiguous(), "sems": self.sems[: self.size].cpu().contiguous()}
+        fd, tmp = tempfile.mkstemp(prefix=".mapstore-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str, expect: StoreSpec | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> "MapStore":
+        """Read a store; with `expect`, refuse one built for another model/configuration. The file's
+        capacity is kept unless `expect.capacity` is larger (then the store grows)."""
+        spec, stored_dtype, maps, sems = _read(path)
+        if expect is not None:
+            bad = spec.mismatches(expect)
+            if bad:
+                raise MapStoreError(f"map store {path!r} was built for a different model or configuration "
+                                    f"({'; '.join(bad)}); rebuild it with `finemoe maps build` for this model "
+                                    "and these options, or pass the matching options")
+            if expect.capacity > spec.capacity:
+                spec = expect
+        store = cls(spec, dtype or DTYPES[stored_dtype], device)
+        store._write(slice(0, maps.shape[0]), maps, sems)
+        store.size = maps.shape[0]
+        return store
+
+
+def _read(path: str) -> tuple[StoreSpec, str, torch.Tensor, torch.Tensor]:
+    fix = "rebuild it with `finemoe maps build` (or delete it to start an empty online store)"
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = set(f.keys())
+            if meta.get("format") != "finemoe-map-store" or keys != {"maps", "sems"}:
+                raise MapStoreError(f"{path!r} is not a finemoe map store; {fix}")
+            if meta.get("version") != str(FORMAT_VERSION):
+                raise MapStoreError(f"map store {path!r} has format version {meta.get('version')!r}, this finemoe "
+                                    f"reads version {FORMAT_VERSION}; {fix}")
+            spec = StoreSpec(**json.loads(meta["spec"]))
+            maps, sems = f.get_tensor("maps"), f.get_tensor("sems")
+    except MapStoreError:
+        raise
+    except FileNotFoundError:
+        raise MapStoreError(f"map store {path!r} does not exist; build one with `finemoe maps build`") from None
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers and data
+        raise MapStoreError(f"map store {path!r} is truncated or corrupt ({type(e).__name__}: {e}); {fix}") from None
+    L, J, E = spec.num_layers, spec.num_experts, spec.embed_dim
+    if (maps.dim() != 2 or maps.shape[1] != L * J or sems.shape != (maps.shape[0], E)
+            or maps.shape[0] > spec.capacity or meta.get("dtype") not in DTYPES):
+        raise MapStoreError(f"map store {path!r} is inconsistent: arrays {tuple(maps.shape)}/{tuple(sems.shape)} "
+                            f"do not match L={L}, J={J}, E={E}, C={spec.capacity}; {fix}")
+    return spec, meta["dtype"], maps, sems

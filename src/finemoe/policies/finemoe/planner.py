@@ -1,0 +1,53 @@
+"""One iteration's search: semantic guides at its start, a trajectory guide after every routed layer,
+and the observed expert maps at its end. Pure torch on the store's device; no engine state."""
+from __future__ import annotations
+
+import torch
+
+from finemoe.policies.finemoe.map_store import MapStore
+from finemoe.policies.finemoe.search import Guide, TrajectorySearch, map_rows, semantic_search
+
+SEARCH_MODES = ("both", "semantic", "trajectory")
+
+
+class IterationPlanner:
+    """Layer coverage (d = prefetch distance, L layers):
+      both        semantic guides layers 0..d-1, trajectory after layer r guides layer r+d (all layers)
+      semantic    semantic guides every layer
+      trajectory  layers 0..d-1 unguided; trajectory guides layers d..L-1
+    """
+
+    def __init__(self, store: MapStore, batch: int, distance: int, mode: str) -> None:
+        self.store = store
+        self.L, self.J = store.spec.num_layers, store.spec.num_experts
+        self.d = distance
+        self.mode = mode
+        self.batch = batch
+        self.observed = torch.zeros((batch, self.L, self.J), dtype=torch.float32)  # [B, L, J] host
+        self.seen = 0
+        self.empty = store.size == 0
+        self.trajectory = None if self.empty or mode == "semantic" else TrajectorySearch(store, batch)
+
+    def begin(self, sem: torch.Tensor) -> list[Guide]:
+        """sem [B, E] -> guides for the first layers (semantic search)."""
+        if self.empty or self.mode == "trajectory":
+            return []
+        idx, score = semantic_search(self.store, sem)
+        last = self.L if self.mode == "semantic" else min(self.d, self.L)
+        return [Guide(layer, map_rows(self.store, idx, layer), score) for layer in range(last)]
+
+    def observe(self, layer: int, probs: torch.Tensor) -> Guide | None:
+        """Layer `layer` routed with per-row probabilities probs [B, J] -> the guide for layer + d."""
+        self.observed[:, layer] = probs.to("cpu", torch.float32)
+        self.seen += 1
+        target = layer + self.d
+        if self.trajectory is None or target >= self.L:
+            return None
+        idx, score = self.trajectory.observe(layer, probs)
+        return Guide(target, map_rows(self.store, idx, target), score)
+
+    def complete_maps(self) -> torch.Tensor | None:
+        """The iteration's maps [B, L*J] once every layer was observed, else None."""
+        if self.seen < self.L:
+            return None
+        return self.observed.reshape(self.batch, self.L * self.J)

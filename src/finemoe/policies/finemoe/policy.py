@@ -1,0 +1,206 @@
+"""The FineMoE policy (EuroSys'26, "Taming Latency-Memory Trade-Off in MoE-Based LLM Serving via
+Fine-Grained Expert Offloading"): fine-grained expert maps in a deduplicated store, semantic and
+trajectory search, delta-sized prefetches with priority p/(l - l_now), eviction by lowest p*freq.
+
+Batches: every batch row is its own query (own embedding, own trajectory, own best map); a layer's
+prefetch is the union of the rows' selections, each expert with its highest guiding probability.
+Every row's iteration map is learned as its own store entry. A prefill row is represented by the
+mean (default) or the last of its real tokens' router probabilities and embeddings (`prefill`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from finemoe.errors import ConfigError
+from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
+                                   register_policy)
+from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
+from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
+from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
+from finemoe.policies.finemoe.search import Guide
+from finemoe.policies.finemoe.selection import EvictionScores, delta_select, layer_prefetch, merge
+from finemoe.policies.finemoe.worker import HostSnapshot, InlineWorker, SearchWorker
+
+PREFILL_MODES = ("mean", "last")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> Any:
+    if value not in allowed:
+        raise ConfigError(f"finemoe option {name}={value!r} is not valid; use one of {', '.join(map(str, allowed))}")
+    return value
+
+
+@register_policy
+class FineMoEPolicy(Policy):
+    name = "finemoe"
+    description = ("FineMoE: per-iteration expert maps (full router softmax of every layer) in a store with "
+                   "RDY deduplication; semantic search guides the first d layers, trajectory search the rest; "
+                   "prefetch the smallest top set with mass >= 1 - similarity (>= top-k) at priority p/(l - l_now); "
+                   "evict the lowest p*freq.")
+    needs_router_probs = True
+
+    def __init__(self, map_store: str | None = None, learn: bool = True, fresh: bool = False,
+                 capacity: int | None = None, prefetch_distance: int | None = None, semantic: str = "token",
+                 search: str = "both", prefill: str = "mean", store_dtype: str = "float32",
+                 store_device: str = "cpu", async_search: str | bool = "auto") -> None:
+        self.path = map_store
+        self.learn = bool(learn)
+        self.fresh = bool(fresh)
+        self.capacity = capacity
+        self.distance = prefetch_distance
+        self.semantic = _choice("semantic", semantic, SEMANTIC_MODES)
+        self.search = _choice("search", search, SEARCH_MODES)
+        self.prefill = _choice("prefill", prefill, PREFILL_MODES)
+        self.store_dtype = DTYPES[_choice("store_dtype", store_dtype, tuple(DTYPES))]
+        self.store_device = store_device
+        self.async_search = _choice("async_search", async_search, ("auto", True, False))
+        for name, v in (("capacity", capacity), ("prefetch_distance", prefetch_distance)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"finemoe option {name}={v!r} must be a positive integer")
+        self.critical_s = 0.0
+        self.iterations = 0
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        g = ctx.geometry
+        self.L, self.J, self.top_k = g.num_layers, g.num_experts, g.top_k
+        self.embedder = make_embedder(self.semantic, ctx)
+        self.store = self._open_store(self._identity(ctx))
+        self.d = self.store.spec.distance
+        self.scores = EvictionScores(g.total_experts)
+        use_thread = ctx.device.type == "cuda" if self.async_search == "auto" else self.async_search
+        self.worker = SearchWorker() if use_thread else InlineWorker()
+        self.prompt_lens: dict[str, int] = {}
+        self.planner: IterationPlanner | None = None
+        self._reduce: tuple[int, torch.Tensor | None] = (-1, None)
+
+    @staticmethod
+    def _identity(ctx: PolicyContext) -> str:
+        g = ctx.geometry
+        shapes = ",".join(f"{k}{list(v)}" for k, v in sorted(g.param_shapes.items()))
+        name = getattr(ctx, "model_name", None) or "unknown-model"
+        return f"{name}|L={g.num_layers}|J={g.num_experts}|top_k={g.top_k}|{shapes}"
+
+    def _open_store(self, identity: str) -> MapStore:
+        spec = StoreSpec(identity, self.L, self.J, self.embedder.dim, self.semantic,
+                         self.distance if self.distance is not None else 3, self.capacity or 1000)
+        if self.path and os.path.exists(self.path) and not self.fresh:
+            store = MapStore.load(self.path, None, self.store_device, self.store_dtype)
+            if self.distance is None:
+                spec = StoreSpec(**{**spec.__dict__, "distance": store.spec.distance})
+            if self.capacity is None:
+                spec = StoreSpec(**{**spec.__dict__, "capacity": store.spec.capacity})
+            return MapStore.load(self.path, spec, self.store_device, self.store_dtype) if spec != store.spec else store
+        return MapStore(spec, self.store_dtype, self.store_device)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def on_request_start(self, req: RequestInfo) -> None:
+        t0 = time.perf_counter()
+        self.prompt_lens[req.request_id] = len(req.prompt_ids)
+        self.embedder.request_start(req)
+        self.critical_s += time.perf_counter() - t0
+
+    def on_request_end(self, req: RequestInfo) -> None:
+        self.prompt_lens.pop(req.request_id, None)
+        self.embedder.request_end(req)
+
+    # ---- the iteration ---------------------------------------------------------------------------
+    def on_iteration_start(self, it: IterationInfo) -> Prefetch:
+        t0 = time.perf_counter()
+        self.worker.wait_idle()
+        self.worker.drain()                       # guides of the previous iteration are stale
+        lens = [self.prompt_lens.get(rid, it.input_ids.shape[1]) for rid in it.request_ids]
+        sem = self.embedder.embed(it, lens, last_only=self.prefill == "last")   # [B, E] host
+        self.sem = sem
+        self.planner = IterationPlanner(self.store, len(it.request_ids), self.d, self.search)
+        out = self._to_prefetch(self.planner.begin(sem), layer_now=-1)
+        self.critical_s += time.perf_counter() - t0
+        return out
+
+    def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self.scores.used(layer * self.J + experts)
+        self.critical_s += time.perf_counter() - t0
+
+    def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
+        t0 = time.perf_counter()
+        planner, layer = self.planner, routing.layer
+        snap = HostSnapshot(self._per_row(routing))                             # [B, J], non-blocking
+        self.worker.submit(lambda: planner.observe(layer, snap.wait()))
+        out = self._to_prefetch(self.worker.drain(), layer_now=layer)
+        self.critical_s += time.perf_counter() - t0
+        return out
+
+    def on_iteration_end(self, it: IterationInfo) -> None:
+        t0 = time.perf_counter()
+        if self.learn:
+            planner, sem = self.planner, self.sem
+            self.worker.submit(lambda: self._learn(planner, sem))
+        self.iterations += 1
+        self.critical_s += time.perf_counter() - t0
+
+    def _learn(self, planner: IterationPlanner, sem: torch.Tensor) -> None:
+        maps = planner.complete_maps()
+        if maps is not None:
+            self.store.add_many(maps, sem)
+
+    def _per_row(self, routing: LayerRouting) -> torch.Tensor:
+        """probs [T, J] -> per batch row [B, J] on the device: the row's token at decode, the mean
+        (or last) of its real tokens at prefill."""
+        probs, rows = routing.probs, routing.token_rows
+        B = self.planner.batch
+        if probs.shape[0] == B and np.array_equal(rows, np.arange(B)):
+            return probs
+        key, reduce = self._reduce
+        if key != self.iterations or reduce is None:
+            reduce = self._reduction_matrix(rows, B).to(probs.device)
+            self._reduce = (self.iterations, reduce)
+        return reduce @ probs                                                   # [B, T] @ [T, J]
+
+    def _reduction_matrix(self, rows: np.ndarray, B: int) -> torch.Tensor:
+        R = np.zeros((B, rows.size), dtype=np.float32)                          # [B, T]
+        for b in range(B):
+            idx = np.flatnonzero(rows == b)
+            if idx.size == 0:
+                continue
+            if self.prefill == "last":
+                R[b, idx[-1]] = 1.0
+            else:
+                R[b, idx] = 1.0 / idx.size
+        return torch.from_numpy(R)
+
+    def _to_prefetch(self, guides: list[Guide | None], layer_now: int) -> Prefetch:
+        parts = []
+        for g in guides:
+            if g is None or g.layer <= layer_now:
+                continue
+            rows, scores = g.rows.cpu().numpy(), g.scores.cpu().numpy()         # [B, J], [B]
+            mask = delta_select(rows, scores, self.top_k)
+            self.scores.guide(g.layer, rows.max(0))
+            parts.append(layer_prefetch(g.layer, layer_now, rows, mask, self.J))
+        return merge(parts)
+
+    # ---- eviction, state, exit -------------------------------------------------------------------
+    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.scores.victims(candidates, n)
+        self.critical_s += time.perf_counter() - t0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"store_size": self.store.size, "store_capacity": self.store.spec.capacity,
+                "store_replaced": self.store.replaced, "prefetch_distance": self.d,
+                "critical_path_s": self.critical_s, "iterations": self.iterations,
+                "critical_path_s_per_iteration": self.critical_s / max(self.iterations, 1)}
+
+    def close(self) -> None:
+        self.worker.wait_idle()
+        self.worker.stop()
+        if self.path and self.learn:
+            self.store.save(self.path)

@@ -1,0 +1,153 @@
+"""The clairvoyant bound: prefetch exactly what the recorded future needs, evict by Belady."""
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+import numpy as np
+
+from finemoe.errors import ConfigError
+from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
+                                   register_policy)
+from finemoe.traces.format import Trace, load_trace
+
+
+class FutureIndex:
+    """The trace as one timeline of steps, step = (request, iteration, layer) in trace order:
+    step(r, i, l) = base[r] + i * L + l. Two sorted code arrays answer the oracle's questions:
+      by_key  = key * S1 + step   -> next use of any key after a step (one searchsorted, vectorised)
+      by_step = step * K + key    -> the keys a range of steps needs, in need order."""
+
+    def __init__(self, trace: Trace) -> None:
+        L, J = trace.num_layers, trace.num_experts
+        self.L, self.K = L, L * J
+        iters = trace.iterations.astype(np.int64)
+        self.base = np.concatenate([[0], np.cumsum(iters * L)])               # [R+1]
+        self.iterations = iters
+        self.S1 = int(self.base[-1]) + 1
+        lengths = np.diff(trace.offsets)
+        req = np.repeat(np.arange(trace.num_requests), lengths)               # [N] request of each token row
+        pos = np.arange(trace.num_tokens) - trace.offsets[req]                # [N] position within the request
+        it = np.maximum(pos - trace.prompt_lens[req] + 1, 0)                  # [N] iteration of each row
+        step0 = self.base[req] + it * L                                       # [N] step of layer 0
+        steps = step0[:, None, None] + np.arange(L)[None, :, None]            # [N, L, 1]
+        keys = np.arange(L)[None, :, None] * J + trace.topk.astype(np.int64)  # [N, L, k]
+        steps, keys = np.broadcast_arrays(steps, keys)
+        self.by_key = np.unique(keys.ravel() * self.S1 + steps.ravel())
+        self.by_step = np.unique(steps.ravel() * self.K + keys.ravel())
+        self.step_ptr = np.searchsorted(self.by_step // self.K, np.arange(self.S1 + 1))
+        self.requests: dict[tuple, deque] = defaultdict(deque)
+        self._trace = trace
+        for r in range(trace.num_requests):
+            self.requests[tuple(trace.prompt_ids(r))].append(r)
+
+    def match(self, prompt_ids: list[int]) -> int | None:
+        """Trace index of the next unused request with these prompt tokens (reused cyclically)."""
+        q = self.requests.get(tuple(prompt_ids))
+        if not q:
+            return None
+        r = q.popleft()
+        q.append(r)
+        return r
+
+    def distance_to_next_use(self, keys: np.ndarray, step: int) -> np.ndarray:
+        """Steps from `step` until each key is next used (strictly later); inf if never."""
+        idx = np.searchsorted(self.by_key, keys * self.S1 + step, side="right")
+        found = self.by_key[np.minimum(idx, self.by_key.size - 1)]
+        ok = (idx < self.by_key.size) & (found // self.S1 == keys)
+        return np.where(ok, (found % self.S1) - step, np.inf)
+
+    def needs(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, steps) used in steps first..last inclusive, in need order."""
+        codes = self.by_step[self.step_ptr[first]:self.step_ptr[last + 1]]
+        return codes % self.K, codes // self.K
+
+
+@register_policy
+class OraclePolicy(Policy):
+    name = "oracle"
+    description = (
+        "Clairvoyant bound (Belady 1966, with prefetching): fed a recorded trace of the same requests "
+        "(option trace=PATH; requests matched by prompt token ids, later trace requests assumed to follow in "
+        "trace order), it prefetches the experts the rest of the iteration needs in need order, never evicting "
+        "for a prefetch anything needed sooner than what it fetches, and on a miss evicts the expert whose next "
+        "use is farthest away (prefetch=false: demand-only Belady, the fewest copies). Exact at batch "
+        "size 1 in trace order; in a larger batch each row looks at its "
+        "own future. Prefetches cannot cross an iteration boundary (the engine drops them at iteration end).")
+
+    def __init__(self, trace: str | Trace | None = None, lookahead: int | None = None, prefetch: bool = True) -> None:
+        if trace is None:
+            raise ConfigError("oracle needs the recorded routing of the same requests: pass --policy-option "
+                              "trace=PATH (record it with `finemoe trace`)")
+        self.trace = trace if isinstance(trace, Trace) else load_trace(str(trace))
+        self.lookahead = lookahead
+        self.prefetch = bool(prefetch)
+
+    def bind(self, ctx: PolicyContext) -> None:
+        super().bind(ctx)
+        g = ctx.geometry
+        if (self.trace.num_layers, self.trace.num_experts) != (g.num_layers, g.num_experts):
+            raise ConfigError(f"oracle: trace {self.trace.source or self.trace.model!r} has {self.trace.num_layers} "
+                              f"layers x {self.trace.num_experts} experts but the model has {g.num_layers} x "
+                              f"{g.num_experts}: record a trace of this model")
+        self.future = FutureIndex(self.trace)
+        self.lookahead = int(self.lookahead or g.num_layers)
+        self.of_request: dict[str, int] = {}
+        self.row_base = np.zeros(0, np.int64)     # [B] step of layer 0 of this iteration per row; -1 off-trace
+        self.layer = -1
+        self.horizon = np.inf
+
+    def on_request_start(self, req: RequestInfo) -> None:
+        r = self.future.match(req.prompt_ids)
+        if r is None:
+            raise ConfigError(f"oracle: request {req.request_id} (prompt of {len(req.prompt_ids)} tokens) is not in "
+                              f"trace {self.trace.source!r}: record the same prompts with `finemoe trace`")
+        self.of_request[req.request_id] = r
+
+    def on_request_end(self, req: RequestInfo) -> None:
+        self.of_request.pop(req.request_id, None)
+
+    def on_iteration_start(self, it: IterationInfo) -> Prefetch:
+        base = []
+        for rid, step in zip(it.request_ids, it.steps):
+            r = self.of_request.get(rid)
+            on_trace = r is not None and step < self.future.iterations[r]
+            base.append(self.future.base[r] + step * self.future.L if on_trace else -1)
+        self.row_base = np.asarray(base, np.int64)
+        return self._prefetch_after(-1)
+
+    def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
+        self.layer = layer
+
+    def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
+        return self._prefetch_after(routing.layer)
+
+    def _prefetch_after(self, layer: int) -> Prefetch:
+        """Keys needed in layers layer+1 .. layer+lookahead of this iteration, soonest first."""
+        self.layer = layer
+        if not self.prefetch:
+            return Prefetch.empty()
+        last = min(layer + self.lookahead, self.future.L - 1)
+        soonest = np.full(self.future.K, np.inf)
+        for b in self.row_base[self.row_base >= 0] if last > layer else ():
+            keys, steps = self.future.needs(b + layer + 1, b + last)
+            row = np.full(self.future.K, np.inf)
+            row[keys[::-1]] = (steps[::-1] - (b + layer)).astype(np.float64)   # reversed: the earliest use wins
+            np.minimum(soonest, row, out=soonest)
+        soonest[self.ctx.cache.resident] = np.inf
+        keys = np.flatnonzero(np.isfinite(soonest))
+        self.horizon = float(soonest[keys].max()) if keys.size else 0.0
+        return Prefetch(keys, -soonest[keys])
+
+    def _distances(self, candidates: np.ndarray) -> np.ndarray:
+        """Steps until each candidate is needed by any row of this iteration (inf: never)."""
+        dist = np.full(candidates.size, np.inf)
+        for b in self.row_base[self.row_base >= 0]:
+            dist = np.minimum(dist, self.future.distance_to_next_use(candidates, int(b + self.layer)))
+        return dist
+
+    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
+        dist = self._distances(candidates)
+        order = np.argsort(-dist, kind="stable")
+        if for_prefetch:
+            order = order[dist[order] > self.horizon]
+        return candidates[order[:n]]

@@ -1,0 +1,138 @@
+"""The FastAPI app: OpenAI-compatible routes over one engine, its scheduler thread and its metrics.
+
+    POST /v1/completions        POST /v1/chat/completions     (stream or not)
+    GET  /v1/models             GET  /health                  GET /metrics (Prometheus)
+
+The scheduler thread starts with the app and stops at shutdown, which cancels what is still
+running and closes the engine (a persisting policy saves its state there).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HTTPRequest
+
+from finemoe.server import generation
+from finemoe.server.metrics import ServerMetrics
+from finemoe.server.persistence import PolicyPersistence
+from finemoe.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from finemoe.server.scheduler import Scheduler
+
+log = logging.getLogger("finemoe.server")
+BATCHING = ("requests queue and run in batches of up to max_batch_size; decode steps of a batch share one "
+            "forward pass; a request that arrives while a batch runs joins the NEXT batch (the engine has no "
+            "in-flight joining); a finished or disconnected request leaves its batch at the next step")
+
+
+@dataclass
+class ServerState:
+    engine: object
+    scheduler: Scheduler
+    metrics: ServerMetrics
+    persistence: PolicyPersistence
+    tokenizer: object          # the HTTP side's own copy; the engine thread uses engine.tokenizer
+    model_name: str
+    max_model_len: int
+    default_max_tokens: int
+    vocab_size: int
+    started: int
+
+
+def create_app(engine, *, default_max_tokens: int = 256, save_interval_s: float = 60.0,
+               batch_wait_s: float = 0.05) -> FastAPI:
+    """An app serving `engine`, which it owns: shutdown closes it. Batch size and max model length come
+    from engine.cfg; `batch_wait_s` is how long, after a batch of n ends, the next waits for n requests."""
+    metrics = ServerMetrics()
+    persistence = PolicyPersistence(engine, save_interval_s)
+    state = ServerState(
+        engine=engine, scheduler=Scheduler(engine, metrics, persistence, engine.cfg.max_batch_size, batch_wait_s),
+        metrics=metrics, persistence=persistence, tokenizer=copy.deepcopy(engine.tokenizer),
+        model_name=engine.model_name, max_model_len=engine.cfg.max_model_len,
+        default_max_tokens=default_max_tokens, vocab_size=engine.model.get_input_embeddings().num_embeddings,
+        started=int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.scheduler.start()
+        log.info("serving %s (%s) with policy %r; %s", state.model_name, engine.model_label, engine.cfg.policy,
+                 BATCHING)
+        try:
+            yield
+        finally:
+            state.scheduler.stop()
+
+    app = FastAPI(title="finemoe", description="OpenAI-compatible MoE serving with offloaded experts",
+                  lifespan=lifespan)
+    app.state.finemoe = state
+    _add_error_handlers(app, metrics)
+    _add_routes(app, state)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
+        if e.status < 500:
+            metrics.requests.labels("invalid").inc()
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(str(e.detail), e.status_code, kind).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: HTTPRequest, e: Exception) -> JSONResponse:
+        log.exception("internal error while handling a request")
+        body = APIError("internal server error (see the server log)", 500, "server_error").body()
+        return JSONResponse(body, status_code=500)
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    async def generate(http: HTTPRequest, model_cls) -> Response:
+        body = parse_body(await http.body(), model_cls)
+        gen = generation.submit(state, body)
+        if body.stream:
+            return StreamingResponse(generation.stream(gen, http), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return JSONResponse(await generation.collect(gen, http))
+        except generation.ClientGone:
+            return Response(status_code=499)
+
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest) -> Response:
+        return await generate(http, CompletionRequest)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HTTPRequest) -> Response:
+        return await generate(http, ChatCompletionRequest)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.started,
+                                             "owned_by": "finemoe", "max_model_len": state.max_model_len}]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        e = state.engine
+        alive = state.scheduler.alive
+        body = {"status": "ok" if alive else "unavailable", "model": state.model_name, "model_label": e.model_label,
+                "policy": e.cfg.policy, "device": str(e.device), "expert_budget_bytes": e.budget_bytes,
+                "cache_slots": e.cache.capacity, "max_batch_size": state.scheduler.max_batch_size,
+                "max_model_len": state.max_model_len, "queue_depth": state.scheduler.queue_depth,
+                "running": state.scheduler.running, "policy_state": state.scheduler.policy_state,
+                "policy_saves": state.persistence.saves,
+                "batching": BATCHING}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)

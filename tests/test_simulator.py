@@ -1,0 +1,109 @@
+"""The trace-driven simulator: its cost model, hand-computed timings, what it refuses, its CLI, and
+agreement with the engine's own hit/miss/byte counts on the trained reference model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import require_shared
+from finemoe import EngineConfig
+from finemoe.cli.main import main
+from finemoe.engine import Engine, SamplingParams
+from finemoe.simulator import CostModel, SimulationError, TimedTransport, simulate
+from finemoe.traces import Trace
+
+
+def test_copies_run_one_after_another_and_a_wait_stalls_until_the_copy_lands():
+    t = TimedTransport(3, CostModel(expert_bytes=4, bandwidth_Bps=2.0))     # 2 s per copy
+    t.start_copy(0, 10)
+    t.start_copy(1, 11)
+    assert t.done_at[:2] == [2.0, 4.0] and t.bytes_copied == 8
+    t.advance(3.0)
+    assert t.is_done(0) and not t.is_done(1)
+    t.wait_compute(np.array([0, 1]))
+    assert t.now == 4.0 and t.drain_stall_seconds() == 1.0
+    t.start_copy(2, 12)                                                     # engine idle: starts now
+    assert t.done_at[2] == 6.0
+
+
+def two_layer_trace() -> Trace:
+    """One request, 2 layers, top-1: iteration 0 uses experts (0, 1), iteration 1 uses (0, 2)."""
+    topk = np.array([[[0], [1]], [[0], [2]]])
+    return Trace("hand", 2, 4, 1, offsets=np.array([0, 2]), prompt_lens=np.array([1]), iterations=np.array([2]),
+                 token_ids=np.array([7, 8]), topk=topk)
+
+
+def test_hand_computed_ttft_and_tpot_for_on_demand_and_for_prefetching():
+    cost = CostModel(expert_bytes=1, bandwidth_Bps=1.0, layer_time_s=0.5)    # 1 s per copy, 0.5 s per layer
+    lru, oracle = simulate(two_layer_trace(), ["lru", "oracle"], [4], cost)
+    # lru: miss e0 (stall 1) +0.5, miss e1 (1.5 -> 2.5) +0.5 -> TTFT 3.0; hit e0 +0.5, miss e2 +1 +0.5 -> 5.0
+    assert (lru["ttft_s"], lru["tpot_s"], lru["hits"], lru["misses"], lru["bytes_copied"]) == (3.0, 2.0, 1, 3, 3)
+    # oracle prefetches both layers at iteration start: copies land at 1 and 2 -> TTFT 2.5;
+    # at 2.5 it prefetches e2 (lands 3.5) while layer 0 computes on a hit -> 4.0, TPOT 1.5
+    assert (oracle["ttft_s"], oracle["tpot_s"], oracle["hits"], oracle["misses"]) == (2.5, 1.5, 1, 3)
+    assert oracle["prefetch_copies"] == 3
+
+
+@pytest.mark.parametrize("policy", ["mixtral-offloading", "promoe"])
+def test_policies_that_need_hidden_states_are_refused_with_the_fix(policy):
+    with pytest.raises(SimulationError, match="run it in the engine"):
+        simulate(two_layer_trace(), [policy], [4], CostModel(expert_bytes=1))
+
+
+def test_a_policy_needing_router_probs_is_refused_on_a_trace_without_them():
+    with pytest.raises(SimulationError, match="probabilities"):
+        simulate(two_layer_trace(), ["record"], [4], CostModel(expert_bytes=1))
+
+
+def test_simulate_cli_prints_one_json_row_per_policy_and_budget(tmp_path, capsys):
+    path = tmp_path / "t.safetensors"
+    two_layer_trace().save(str(path))
+    rc = main(["simulate", "--trace", str(path), "--policy", "lru,oracle", "--expert-budget", "2000,4000",
+               "--expert-bytes", "1000", "--bandwidth", "inf", "--json"])
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert rc == 0 and [(r["policy"], r["expert_budget_bytes"]) for r in rows] == \
+        [("lru", 2000), ("lru", 4000), ("oracle", 2000), ("oracle", 4000)]
+    for key in ("hits", "misses", "hit_rate", "bytes_copied", "bytes_per_token", "ttft_s", "tpot_s"):
+        assert all(key in r for r in rows)
+
+
+def test_simulate_cli_errors_are_one_line(tmp_path, capsys):
+    path = tmp_path / "t.safetensors"
+    two_layer_trace().save(str(path))
+    assert main(["simulate", "--trace", str(path), "--policy", "promoe", "--expert-bytes", "1"]) == 2
+    assert "cannot be simulated" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(path), "--policy", "lru"]) == 2     # trace has no expert size
+    assert "--expert-bytes" in capsys.readouterr().err
+
+
+# ---- agreement with the engine on the trained reference model ----------------------------------------
+PROMPT_TOKENS, MAX_NEW = 40, 6
+
+
+@pytest.fixture(scope="module")
+def ref_setup(ref_moe_dir):
+    path = require_shared("data", "prompts", "lmsys_chat_64.jsonl")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:3]]
+    cfg = dict(model=str(ref_moe_dir), device="cpu", show_progress=False, max_batch_size=1)
+    engine = Engine.from_config(EngineConfig(policy="record", **cfg))
+    prompts = [engine.tokenizer(f"User: {r['prompt']}\n\nAssistant:", add_special_tokens=False)["input_ids"]
+               [:PROMPT_TOKENS] for r in records]
+    engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
+    trace = engine.policy.to_trace(engine.model_name, engine.geometry.expert_bytes)
+    return cfg, prompts, trace
+
+
+@pytest.mark.parametrize("policy,budget", [("lru", "25%"), ("lru", "4%"), ("lfu", "4%"), ("oracle", "4%")])
+def test_simulator_counts_equal_the_engines_on_ref_moe(ref_setup, policy, budget):
+    cfg, prompts, trace = ref_setup
+    options = {"trace": trace} if policy == "oracle" else {}
+    engine = Engine.from_config(EngineConfig(policy=policy, policy_options=options, expert_budget=budget, **cfg))
+    summary = engine.summary(engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)))
+    engine.close()
+    (sim,) = simulate(trace, [policy], [budget], CostModel(trace.expert_bytes, float("inf")))
+    assert sim["expert_budget_bytes"] == summary["expert_budget_bytes"]
+    assert (sim["hits"], sim["misses"], sim["bytes_copied"]) == \
+        (summary["hits"], summary["misses"], summary["bytes_copied"])
+    assert summary["misses"] > 0
