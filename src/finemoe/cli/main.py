@@ -14,6 +14,7 @@ COMMANDS = [
     "finemoe.cli.simulate",
     "finemoe.cli.serve",
     "finemoe.cli.maps",
+    "finemoe.cli.bench",
 ]
 
 

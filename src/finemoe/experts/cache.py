@@ -1,6 +1,9 @@
 """The device expert cache: N preallocated slots, a residency table, demand loads and prefetches.
 
-All bookkeeping is numpy over flat expert keys (key = layer * J + expert). The cache decides what
+Keys are flat (key = layer * J + expert). Whole-cache work (eviction candidates, the prefetch queue, the
+residency table policies read) is numpy over keys and slots; the per-layer work on the few experts a
+layer routes to is plain Python over int lists and small sets, where numpy's per-call overhead would
+dominate (the simulator replays millions of layer steps through this class). The cache decides what
 occupies which slot; the policy picks victims; the transport copies. The simulator drives this same
 class with a timed transport, so engine and simulator agree on hits, misses and bytes by construction.
 
@@ -33,13 +36,19 @@ class ExpertCache:
         self.transport = transport
         self.policy = policy
         self.prefetch_inflight = prefetch_inflight
-        self.slot_of = np.full(total_experts, -1, dtype=np.int64)   # [L*J] slot or -1
+        self.slot_of = np.full(total_experts, -1, dtype=np.int64)   # [L*J] slot or -1 (read-only outside)
         self.key_of = np.full(capacity, -1, dtype=np.int64)         # [N] key or -1
-        self.in_use = np.zeros(capacity, dtype=bool)                # pinned by the layer computing now
-        self.prefetched_unused = np.zeros(capacity, dtype=bool)     # loaded by a prefetch, not yet used
-        self.prefetching = np.zeros(capacity, dtype=bool)           # prefetch copy possibly in flight
         self.resident = np.zeros(total_experts, dtype=bool)         # live view handed to policies
         self.pending = np.full(total_experts, -np.inf)              # queued prefetch priority per key
+        self._slot = [-1] * total_experts       # slot_of as Python ints (scalar hot path)
+        self._key = [-1] * capacity             # key_of as Python ints
+        self._filled = 0                        # slots [0, filled) hold experts: empty slots fill lowest first
+        self._all_slots = np.ones(capacity, dtype=bool)
+        self._pinned: set[int] = set()          # slots in use by the layer computing now (acquire .. release)
+        self._unused_prefetch: set[int] = set()  # slots loaded by a prefetch, not yet used
+        self._prefetching: set[int] = set()     # slots whose prefetch copy may still be in flight
+        self._queued = False                    # False: `pending` certainly holds no request
+        self._marks_use = type(transport).mark_used is not Transport.mark_used
         self.prefetch_copies = 0
         self.wasted_prefetches = 0
 
@@ -48,99 +57,140 @@ class ExpertCache:
 
     # ---- placement -------------------------------------------------------------------------
     def _assign(self, slot: int, key: int) -> None:
-        old = self.key_of[slot]
+        old = self._key[slot]
         if old >= 0:
+            self._slot[old] = -1
             self.slot_of[old] = -1
             self.resident[old] = False
-            if self.prefetched_unused[slot]:
+            if slot in self._unused_prefetch:
                 self.wasted_prefetches += 1
+                self._unused_prefetch.discard(slot)
+        else:
+            self._filled += 1
+        self._key[slot] = key
         self.key_of[slot] = key
+        self._slot[key] = slot
         self.slot_of[key] = slot
         self.resident[key] = True
-        self.prefetched_unused[slot] = False
 
-    def _free_slots(self, n: int, for_prefetch: bool) -> np.ndarray:
-        """Up to n slots to (re)use: empty ones first, then policy victims among evictable residents."""
-        empty = np.flatnonzero(self.key_of < 0)[:n]
-        if empty.size >= n:
+    def _free_slots(self, n: int, for_prefetch: bool, pinned_now: list[int] | None = None) -> list[int]:
+        """Up to n slots to (re)use: empty ones first, then policy victims among evictable residents.
+        `pinned_now`: slots the acquire in progress uses (never evicted, like `_pinned` ones)."""
+        empty = list(range(self._filled, min(self._filled + n, self.capacity)))
+        if len(empty) >= n:
             return empty
-        evictable = (self.key_of >= 0) & ~self.in_use
-        if for_prefetch:  # a demand load may replace any prefetch (copies into one slot are ordered)
-            evictable &= ~self.prefetched_unused & ~self.prefetching
-        cand_slots = np.flatnonzero(evictable)
-        need = n - empty.size
-        if cand_slots.size == 0:
+        evictable = self._all_slots.copy() if self._filled == self.capacity else self.key_of >= 0   # [N]
+        if pinned_now:
+            evictable[pinned_now] = False
+        blocked = (self._pinned, self._unused_prefetch, self._prefetching) if for_prefetch else (self._pinned,)
+        for slots in blocked:  # a demand load may replace any prefetch (copies into one slot are ordered)
+            if slots:
+                evictable[list(slots)] = False
+        candidates = self.key_of[evictable]                          # keys, in slot order
+        if candidates.size == 0:
             return empty
-        victims = np.asarray(self.policy.select_victims(self.key_of[cand_slots], need, for_prefetch), dtype=np.int64)
+        need = n - len(empty)
+        victims = np.asarray(self.policy.select_victims(candidates, need, for_prefetch), dtype=np.int64)
         if not for_prefetch and victims.size < need:  # a demand load must get its room
-            rest = np.setdiff1d(self.key_of[cand_slots], victims, assume_unique=True)
+            rest = np.setdiff1d(candidates, victims, assume_unique=True)
             victims = np.concatenate([victims, rest[: need - victims.size]])
-        return np.concatenate([empty, self.slot_of[victims[:need]]])
+        slot_of = self._slot
+        return empty + [slot_of[k] for k in victims[:need].tolist()]
 
     # ---- demand path -------------------------------------------------------------------------
     def acquire(self, layer: int, experts: np.ndarray) -> DemandResult:
         """Make `experts` of `layer` (distinct, len <= capacity) resident and pin them until `release`.
         Misses are copied at once, ahead of any prefetch not yet issued."""
-        keys = layer * self.J + experts
-        slots = self.slot_of[keys].copy()
-        present = slots >= 0
-        hit = present.copy()
-        for i in np.flatnonzero(present):
-            hit[i] = self.transport.is_done(int(slots[i]))
-        self.in_use[slots[present]] = True
-        self.prefetched_unused[slots[present]] = False
-        missing = np.flatnonzero(~present)
-        if missing.size:
-            room = self._free_slots(missing.size, for_prefetch=False)
-            if room.size < missing.size:
-                raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {experts.size} experts at once")
-            for i, slot in zip(missing, room):
-                self._assign(int(slot), int(keys[i]))
-                self.transport.start_copy(int(slot), int(keys[i]))
-                self.prefetching[slot] = False
-                slots[i] = slot
-            self.in_use[room] = True
-        self.transport.wait_compute(slots[~hit])
-        return DemandResult(slots, hit, int(missing.size))
+        slots, hit, loaded = self._acquire(layer, experts)
+        self._pinned.update(slots)
+        return DemandResult(np.array(slots, dtype=np.int64), np.array(hit, dtype=bool), loaded)
 
     def release(self, slots: np.ndarray) -> None:
         self.transport.mark_used(slots)
-        self.in_use[slots] = False
+        self._pinned.difference_update(slots.tolist())
+
+    def acquire_release(self, layer: int, experts: np.ndarray) -> int:
+        """`acquire` then `release` at once, for a driver that models the layer's compute elsewhere (the
+        simulator): the same placement, copies and waits, without building arrays. Returns the hits."""
+        slots, hit, _ = self._acquire(layer, experts)
+        if self._marks_use:
+            self.transport.mark_used(np.array(slots, dtype=np.int64))
+        if self._pinned:
+            self._pinned.difference_update(slots)
+        return sum(hit)
+
+    def _acquire(self, layer: int, experts: np.ndarray) -> tuple[list[int], list[bool], int]:
+        """The demand path (pins nothing past its own eviction choice) -> (slot of each expert, hit of each
+        expert, experts copied on demand). Python over the layer's few experts: no array per call."""
+        base = layer * self.J
+        slot_of = self._slot
+        keys = [base + e for e in experts.tolist()]
+        slots = [slot_of[k] for k in keys]
+        is_done = self.transport.is_done
+        hit = [s >= 0 and is_done(s) for s in slots]
+        loaded = 0
+        if -1 in slots:
+            present = [s for s in slots if s >= 0]
+            missing = [i for i, s in enumerate(slots) if s < 0]
+            if self._unused_prefetch:
+                self._unused_prefetch.difference_update(present)
+            room = self._free_slots(len(missing), False, present)
+            if len(room) < len(missing):
+                raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {experts.size} experts at once")
+            start_copy, prefetching = self.transport.start_copy, self._prefetching
+            for i, slot in zip(missing, room):
+                self._assign(slot, keys[i])
+                start_copy(slot, keys[i])
+                prefetching.discard(slot)
+                slots[i] = slot
+            loaded = len(missing)
+        elif self._unused_prefetch:
+            self._unused_prefetch.difference_update(slots)
+        if not all(hit):
+            self.transport.wait_compute(np.array([s for s, h in zip(slots, hit) if not h], dtype=np.int64))
+        return slots, hit, loaded
 
     # ---- prefetch path -----------------------------------------------------------------------
     def enqueue(self, prefetch: Prefetch) -> None:
         if len(prefetch):
             self.pending[prefetch.keys] = prefetch.priority
+            self._queued = True
 
     def pump(self, current_layer: int) -> int:
         """Drop stale requests (layer not ahead of `current_layer`, already resident) and issue the
-        best ones while fewer than `prefetch_inflight` prefetch copies are in flight. Returns copies issued."""
-        self.pending[: (current_layer + 1) * self.J] = -np.inf
-        self.pending[self.resident] = -np.inf
-        for s in np.flatnonzero(self.prefetching):
-            if self.transport.is_done(int(s)):
-                self.prefetching[s] = False
-        budget = self.prefetch_inflight - int(self.prefetching.sum())
+        best ones while fewer than `prefetch_inflight` prefetch copies are in flight. Returns copies issued.
+        With nothing queued there is nothing to drop or issue: return at once (which prefetch copies have
+        finished is asked when it matters; a finished copy stays finished)."""
+        if not self._queued:
+            return 0
+        pending = self.pending
+        pending[: (current_layer + 1) * self.J] = -np.inf
+        pending[self.resident] = -np.inf
+        if self._prefetching:
+            is_done = self.transport.is_done
+            self._prefetching.difference_update([s for s in self._prefetching if is_done(s)])
+        budget = self.prefetch_inflight - len(self._prefetching)
         if budget <= 0:
             return 0
-        queued = np.flatnonzero(self.pending > -np.inf)
+        queued = (pending > -np.inf).nonzero()[0]
         if queued.size == 0:
+            self._queued = False
             return 0
-        best = queued[np.argsort(-self.pending[queued], kind="stable")[:budget]]
+        best = queued[(-pending[queued]).argsort(kind="stable")[:budget]]
         room = self._free_slots(best.size, for_prefetch=True)
-        issued = 0
-        for key, slot in zip(best, room):
-            self._assign(int(slot), int(key))
-            self.transport.start_copy(int(slot), int(key))
-            self.prefetching[slot] = True
-            self.prefetched_unused[slot] = True
-            self.pending[key] = -np.inf
-            issued += 1
-        self.prefetch_copies += issued
-        return issued
+        for key, slot in zip(best.tolist(), room):
+            self._assign(slot, key)
+            self.transport.start_copy(slot, key)
+            self._prefetching.add(slot)
+            self._unused_prefetch.add(slot)
+            pending[key] = -np.inf
+        self.prefetch_copies += len(room)
+        return len(room)
 
     def end_iteration(self) -> None:
-        self.pending[:] = -np.inf
+        if self._queued:
+            self.pending[:] = -np.inf
+            self._queued = False
 
     def load_all(self) -> None:
         """Fill the cache with every expert (resident policy): capacity must equal L*J."""

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from finemoe.config import EngineConfig
 from finemoe.errors import ModelLoadError
 from finemoe.models.adapters import family_for, find_moe_layers
+from finemoe.models.random_shapes import build_random, is_random_spec
 from finemoe.models.default import DEFAULT_MODEL_LABEL, DEFAULT_MODEL_NAME, build_default_model, default_tokenizer
 
 
@@ -48,6 +49,9 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     if cfg.model is None:
         model = build_default_model(cfg.torch_dtype(), seed=cfg.seed)
         return LoadedModel(model, default_tokenizer(), DEFAULT_MODEL_NAME, DEFAULT_MODEL_LABEL)
+    if is_random_spec(cfg.model):
+        model, label = build_random(cfg.model, cfg.device, cfg.torch_dtype(), cfg.seed)
+        return LoadedModel(model, default_tokenizer(), cfg.model, label)
     source = cfg.model
     local = os.path.isdir(source)
     try:

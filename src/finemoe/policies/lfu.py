@@ -35,9 +35,10 @@ class LFUPolicy(Policy):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         self.freq = FrequencyTracker(ctx.geometry.total_experts)
+        self.J = ctx.geometry.num_experts
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.freq.touch(layer * self.ctx.geometry.num_experts + experts)
+        self.freq.touch(layer * self.J + experts)
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.freq.least_used(candidates, n)

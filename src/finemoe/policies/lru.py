@@ -18,7 +18,7 @@ class RecencyTracker:
         self.last_used[keys] = self.clock
 
     def oldest(self, candidates: np.ndarray, n: int) -> np.ndarray:
-        order = np.argsort(self.last_used[candidates], kind="stable")
+        order = self.last_used[candidates].argsort(kind="stable")
         return candidates[order[:n]]
 
 
@@ -31,9 +31,10 @@ class LRUPolicy(Policy):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         self.recency = RecencyTracker(ctx.geometry.total_experts)
+        self.J = ctx.geometry.num_experts
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.recency.touch(layer * self.ctx.geometry.num_experts + experts)
+        self.recency.touch(layer * self.J + experts)
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.recency.oldest(candidates, n)

@@ -149,17 +149,18 @@ class MoEInfinityPolicy(Policy):
         return self._prefetch_after(routing.layer)
 
     def _prefetch_after(self, layer: int) -> Prefetch:
-        targets = np.arange(layer + 1, min(layer + 1 + self.distance, self.L))
-        if targets.size == 0 or self.batch_eam.shape[0] == 0:
+        first, end = layer + 1, min(layer + 1 + self.distance, self.L)
+        if end <= first or self.batch_eam.shape[0] == 0:
             return Prefetch.empty()
         matched = self.collection.match(self.batch_eam)                    # [B, L*J] or None
         if matched is None:
             return Prefetch.empty()
-        use = matched.reshape(-1, self.L, self.J)[:, targets]              # [B, D, J]
+        targets = np.arange(first, end)
+        use = matched.reshape(-1, self.L, self.J)[:, first:end]            # [B, D, J]
         share = use / np.maximum(use.sum(axis=2, keepdims=True), 1e-12)    # per-layer usage share
-        share = share.max(axis=0)                                          # [D, J] union over the batch
-        top = np.argsort(-share, axis=1, kind="stable")[:, :self.per_layer]    # [D, n]
-        score = np.take_along_axis(share, top, axis=1)
+        share = share[0] if share.shape[0] == 1 else share.max(axis=0)     # [D, J] union over the batch
+        top = (-share).argsort(axis=1, kind="stable")[:, :self.per_layer]  # [D, n]
+        score = share[targets[:, None] - first, top]
         dist = (targets - layer)[:, None].astype(np.float64)
         keep = score > 0
         keys = (targets[:, None] * self.J + top)[keep]

@@ -33,6 +33,7 @@ class FutureIndex:
         keys = np.arange(L)[None, :, None] * J + trace.topk.astype(np.int64)  # [N, L, k]
         steps, keys = np.broadcast_arrays(steps, keys)
         self.by_key = np.unique(keys.ravel() * self.S1 + steps.ravel())
+        self._by_key_end = np.append(self.by_key, self.K * self.S1)           # + a sentinel no key matches
         self.by_step = np.unique(steps.ravel() * self.K + keys.ravel())
         self.step_ptr = np.searchsorted(self.by_step // self.K, np.arange(self.S1 + 1))
         self.requests: dict[tuple, deque] = defaultdict(deque)
@@ -51,10 +52,9 @@ class FutureIndex:
 
     def distance_to_next_use(self, keys: np.ndarray, step: int) -> np.ndarray:
         """Steps from `step` until each key is next used (strictly later); inf if never."""
-        idx = np.searchsorted(self.by_key, keys * self.S1 + step, side="right")
-        found = self.by_key[np.minimum(idx, self.by_key.size - 1)]
-        ok = (idx < self.by_key.size) & (found // self.S1 == keys)
-        return np.where(ok, (found % self.S1) - step, np.inf)
+        found = self._by_key_end[self.by_key.searchsorted(keys * self.S1 + step, side="right")]
+        key, at = np.divmod(found, self.S1)
+        return np.where(key == keys, at - step, np.inf)
 
     def needs(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys, steps) used in steps first..last inclusive, in need order."""
@@ -127,12 +127,17 @@ class OraclePolicy(Policy):
         if not self.prefetch:
             return Prefetch.empty()
         last = min(layer + self.lookahead, self.future.L - 1)
+        bases = self.row_base[self.row_base >= 0].tolist() if last > layer else []
+        if not bases:
+            self.horizon = 0.0
+            return Prefetch.empty()
         soonest = np.full(self.future.K, np.inf)
-        for b in self.row_base[self.row_base >= 0] if last > layer else ():
+        for b in bases:
             keys, steps = self.future.needs(b + layer + 1, b + last)
-            row = np.full(self.future.K, np.inf)
+            row = soonest if len(bases) == 1 else np.full(self.future.K, np.inf)
             row[keys[::-1]] = (steps[::-1] - (b + layer)).astype(np.float64)   # reversed: the earliest use wins
-            np.minimum(soonest, row, out=soonest)
+            if row is not soonest:
+                np.minimum(soonest, row, out=soonest)
         soonest[self.ctx.cache.resident] = np.inf
         keys = np.flatnonzero(np.isfinite(soonest))
         self.horizon = float(soonest[keys].max()) if keys.size else 0.0
@@ -140,14 +145,15 @@ class OraclePolicy(Policy):
 
     def _distances(self, candidates: np.ndarray) -> np.ndarray:
         """Steps until each candidate is needed by any row of this iteration (inf: never)."""
-        dist = np.full(candidates.size, np.inf)
-        for b in self.row_base[self.row_base >= 0]:
-            dist = np.minimum(dist, self.future.distance_to_next_use(candidates, int(b + self.layer)))
-        return dist
+        dists = [self.future.distance_to_next_use(candidates, b + self.layer)
+                 for b in self.row_base[self.row_base >= 0].tolist()]
+        if len(dists) == 1:
+            return dists[0]
+        return np.minimum.reduce([np.full(candidates.size, np.inf)] + dists)
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         dist = self._distances(candidates)
-        order = np.argsort(-dist, kind="stable")
+        order = (-dist).argsort(kind="stable")
         if for_prefetch:
             order = order[dist[order] > self.horizon]
         return candidates[order[:n]]

@@ -82,9 +82,9 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self._cv:
-            if self._stopping:
+            if self._stopping or not self._thread.is_alive():
                 job.done = True
-                job.push(Event("", 0, "error", "the server is shutting down"))
+                job.push(Event("", 0, "cancelled", "the server is shutting down or its engine thread has stopped"))
                 return
             self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
@@ -108,9 +108,13 @@ class Scheduler:
                     self._run_batch(batch)
                 self._refresh_policy_state()
                 self.persistence.tick()
+        except Exception:
+            log.exception("the engine thread stopped on an error; /health now reports unavailable")
         finally:
-            self._finish_all(list(self._pending), "cancelled")
-            self._pending.clear()
+            with self._cv:   # from here on submit() refuses new jobs
+                self._stopping = True
+                self._finish_all(list(self._pending), "cancelled")
+                self._pending.clear()
             self.persistence.close()
 
     def _next_batch(self) -> list[Job] | None:
@@ -173,7 +177,8 @@ class Scheduler:
         if r.finished:
             job.done = True
             self.metrics.on_request_done(r)
-        job.push(Event(r.text, len(r.output_ids), r.finish_reason))
+        shutdown = r.finish_reason == "cancelled" and self._stopping and not job.cancelled
+        job.push(Event(r.text, len(r.output_ids), r.finish_reason, "the server is shutting down" if shutdown else None))
 
     def _finish(self, job: Job, reason: str, error: str | None = None) -> None:
         job.done = True

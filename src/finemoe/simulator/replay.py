@@ -65,7 +65,8 @@ class Replay:
 
     def __init__(self, trace: Trace, policy: str, expert_budget, cost: CostModel,
                  policy_options: dict | None = None, prefetch_inflight: int = 4,
-                 routed: _Routed | None = None) -> None:
+                 routed: _Routed | None = None, embed=None) -> None:
+        """`embed`: the recorded model's input-embedding module, for policies with a token-semantic signal."""
         check_simulatable(trace, policy)
         options = dict(policy_options or {})
         if policy == "oracle":
@@ -81,7 +82,7 @@ class Replay:
         self.transport = TimedTransport(self.capacity, cost)
         self.cache = ExpertCache(self.g.total_experts, self.g.num_experts, self.capacity, self.transport,
                                  self.policy, prefetch_inflight)
-        self.policy.bind(PolicyContext(self.g, self.cache.view(), torch.device("cpu"), options=options))
+        self.policy.bind(PolicyContext(self.g, self.cache.view(), torch.device("cpu"), embed=embed, options=options))
         if self.all_resident:
             self.cache.load_all()
             self.transport.bytes_copied = 0
@@ -153,12 +154,10 @@ class Replay:
         """on_access, then the demand path exactly as OffloadRuntime.run_layer takes it. Returns hits."""
         self.policy.on_access(layer, experts, counts)
         cap = self.capacity
-        n_hit = 0
-        for start in range(0, experts.size, cap):   # one wave unless the layer needs more experts than slots
-            res = self.cache.acquire(layer, experts[start:start + cap])
-            self.cache.release(res.slots)
-            n_hit += int(res.hit.sum())
-        return n_hit
+        if experts.size <= cap:
+            return self.cache.acquire_release(layer, experts)
+        return sum(self.cache.acquire_release(layer, experts[start:start + cap])    # waves of `capacity` experts
+                   for start in range(0, experts.size, cap))
 
     def _routing(self, layer: int, a: int, b: int, rows: np.ndarray) -> LayerRouting:
         probs = None

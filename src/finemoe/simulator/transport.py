@@ -51,7 +51,7 @@ class TimedTransport(Transport):
         self._stall = 0.0
 
     def start_copy(self, slot: int, key: int) -> None:
-        end = max(self.now, self.engine_free) + self.copy_s
+        end = (self.now if self.now > self.engine_free else self.engine_free) + self.copy_s
         self.done_at[slot] = end
         self.engine_free = end
         self.bytes_copied += self.expert_bytes

@@ -9,6 +9,7 @@ mean (default) or the last of its real tokens' router probabilities and embeddin
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -23,10 +24,11 @@ from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
 from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
 from finemoe.policies.finemoe.search import Guide
-from finemoe.policies.finemoe.selection import EvictionScores, delta_select, layer_prefetch, merge
+from finemoe.policies.finemoe.selection import EVICTION_RULES, EvictionScores, delta_select, layer_prefetch, merge
 from finemoe.policies.finemoe.worker import HostSnapshot, InlineWorker, SearchWorker
 
 PREFILL_MODES = ("mean", "last")
+SELECTION_RULES = ("delta", "topk")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> Any:
@@ -47,7 +49,8 @@ class FineMoEPolicy(Policy):
     def __init__(self, map_store: str | None = None, learn: bool = True, fresh: bool = False,
                  capacity: int | None = None, prefetch_distance: int | None = None, semantic: str = "token",
                  search: str = "both", prefill: str = "mean", store_dtype: str = "float32",
-                 store_device: str = "cpu", async_search: str | bool = "auto") -> None:
+                 store_device: str = "cpu", async_search: str | bool = "auto", selection: str = "delta",
+                 eviction: str = "pfreq", embed: Any = None) -> None:
         self.path = map_store
         self.learn = bool(learn)
         self.fresh = bool(fresh)
@@ -59,6 +62,9 @@ class FineMoEPolicy(Policy):
         self.store_dtype = DTYPES[_choice("store_dtype", store_dtype, tuple(DTYPES))]
         self.store_device = store_device
         self.async_search = _choice("async_search", async_search, ("auto", True, False))
+        self.selection = _choice("selection", selection, SELECTION_RULES)
+        self.eviction = _choice("eviction", eviction, EVICTION_RULES)
+        self.embed_fallback = embed       # input-embedding callable for runs whose context has none (simulator)
         for name, v in (("capacity", capacity), ("prefetch_distance", prefetch_distance)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ConfigError(f"finemoe option {name}={v!r} must be a positive integer")
@@ -67,13 +73,15 @@ class FineMoEPolicy(Policy):
 
     # ---- setup -----------------------------------------------------------------------------------
     def bind(self, ctx: PolicyContext) -> None:
+        if ctx.embed is None and self.embed_fallback is not None:
+            ctx = dataclasses.replace(ctx, embed=self.embed_fallback)
         super().bind(ctx)
         g = ctx.geometry
         self.L, self.J, self.top_k = g.num_layers, g.num_experts, g.top_k
         self.embedder = make_embedder(self.semantic, ctx)
         self.store = self._open_store(self._identity(ctx))
         self.d = self.store.spec.distance
-        self.scores = EvictionScores(g.total_experts)
+        self.scores = EvictionScores(g.total_experts, self.eviction)
         use_thread = ctx.device.type == "cuda" if self.async_search == "auto" else self.async_search
         self.worker = SearchWorker() if use_thread else InlineWorker()
         self.prompt_lens: dict[str, int] = {}
@@ -181,7 +189,7 @@ class FineMoEPolicy(Policy):
             if g is None or g.layer <= layer_now:
                 continue
             rows, scores = g.rows.cpu().numpy(), g.scores.cpu().numpy()         # [B, J], [B]
-            mask = delta_select(rows, scores, self.top_k)
+            mask = delta_select(rows, scores if self.selection == "delta" else np.ones_like(scores), self.top_k)
             self.scores.guide(g.layer, rows.max(0))
             parts.append(layer_prefetch(g.layer, layer_now, rows, mask, self.J))
         return merge(parts)

@@ -44,11 +44,16 @@ def merge(prefetches: list[Prefetch]) -> Prefetch:
     return Prefetch(np.concatenate([p.keys for p in prefetches]), np.concatenate([p.priority for p in prefetches]))
 
 
-class EvictionScores:
-    """Per-expert p (latest guiding probability) and freq (use count); the victim is the lowest p*freq.
-    Ties go to the least recently used."""
+EVICTION_RULES = ("pfreq", "lru", "lfu")
 
-    def __init__(self, total: int) -> None:
+
+class EvictionScores:
+    """Per-expert p (latest guiding probability) and freq (use count). Victim order by `rule`:
+    pfreq (FineMoE) lowest p*freq; lfu lowest freq; lru least recently used. Ties go to the least
+    recently used."""
+
+    def __init__(self, total: int, rule: str = "pfreq") -> None:
+        self.rule = rule
         self.p = np.zeros(total)
         self.freq = np.zeros(total)
         self.last_used = np.full(total, -1.0)
@@ -65,6 +70,8 @@ class EvictionScores:
         self.last_used[keys] = self.clock
 
     def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
-        score = self.p[candidates] * self.freq[candidates]
+        if self.rule == "lru":
+            return candidates[np.argsort(self.last_used[candidates], kind="stable")[:n]]
+        score = self.freq[candidates] if self.rule == "lfu" else self.p[candidates] * self.freq[candidates]
         order = np.lexsort((self.last_used[candidates], score))                  # primary: score, then recency
         return candidates[order[:n]]

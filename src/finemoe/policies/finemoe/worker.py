@@ -68,6 +68,12 @@ class SearchWorker(InlineWorker):
         self.thread.start()
 
     def _loop(self) -> None:
+        # inference mode is thread-local: the engine thread's tensors are inference tensors, so the
+        # worker must run in inference mode too to update them in place
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             job = self.jobs.get()
             try:

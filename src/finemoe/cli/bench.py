@@ -1,0 +1,121 @@
+"""`finemoe bench`: build each policy's history from a build split of the prompts, evaluate every policy x
+budget x prefetch distance on the held-out split (engine or simulator), write CSV/JSON/PNGs, print a table."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from tqdm import tqdm
+
+from finemoe.cli.simulate import _bandwidth, _split
+from finemoe.config import EngineConfig, default_device
+from finemoe.engine import Engine
+from finemoe.errors import ConfigError
+from finemoe.eval.plots import plot_summary
+from finemoe.eval.report import json_results, table, write_outputs
+from finemoe.eval.runner import Bench, BenchPlan
+from finemoe.eval.split import split_indices
+from finemoe.eval.variants import parse_variants
+from finemoe.eval.workload import load_texts, tokenize
+from finemoe.simulator import CostModel
+
+TEMPLATE = "User: {prompt}\n\nAssistant:"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="evaluate policies on held-out prompts (history from a build split)")
+    p.add_argument("--model", default=None, help="hub id or local directory; default: the built-in random model")
+    p.add_argument("--prompts", required=True, help="JSONL file(s) with a 'prompt' field, comma-separated")
+    p.add_argument("--policies", default="finemoe,lru",
+                   help="comma-separated policies; options as POLICY/KEY=VALUE/..., e.g. finemoe/search=trajectory")
+    p.add_argument("--expert-budget", default="25%", help="budget or comma-separated budgets: 25%%,50%%,6GiB")
+    p.add_argument("--split", type=float, default=0.7, help="fraction of the prompts that builds histories")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of --limit's subsample")
+    p.add_argument("--limit", type=int, default=None, help="at most N prompts per file (seeded subsample)")
+    p.add_argument("--max-prompt-tokens", type=int, default=64, help="truncate each templated prompt to N tokens")
+    p.add_argument("--template", default=TEMPLATE, help="prompt template containing {prompt}")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per request (EOS ignored)")
+    p.add_argument("--prefetch-distance", default=None,
+                   help="d or comma-separated d values for finemoe (and promoe's stride); default: the policy's")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--engine", dest="simulate", action="store_false", help="evaluate in the engine (default)")
+    mode.add_argument("--simulate", dest="simulate", action="store_true",
+                      help="record traces with the engine, evaluate routing-driven policies in the simulator")
+    p.add_argument("--bandwidth", default="25", help="simulator: host-to-device GB/s, or inf")
+    p.add_argument("--layer-time-ms", type=float, default=0.0, help="simulator: compute time of one MoE layer")
+    p.add_argument("--expert-bytes", type=int, default=None, help="simulator: cost each expert as N bytes")
+    p.add_argument("--trace-dir", default=None,
+                   help="keep recorded routing traces here and reuse them in later benches over the same prompts")
+    p.add_argument("--build-batch", type=int, default=8, help="batch size for building histories and traces")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default="bench-out", help="folder for requests.csv, summary.json/csv and PNGs")
+    p.add_argument("--json", action="store_true", help='print {"results": [...]} instead of the table')
+    p.set_defaults(func=run, simulate=False)
+
+
+def _distances(text: str | None) -> list[int | None]:
+    if text is None:
+        return [None]
+    try:
+        out = [int(x) for x in _split(text, "--prefetch-distance")]
+    except ValueError:
+        raise ConfigError(f"--prefetch-distance {text!r} must be integers, e.g. 1,2,3") from None
+    if min(out) < 1:
+        raise ConfigError("--prefetch-distance values must be >= 1")
+    return out
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1 or args.build_batch < 1:
+        raise ConfigError("--max-new-tokens and --build-batch must be >= 1")
+    if args.limit is not None and args.limit < 2:
+        raise ConfigError("--limit must be >= 2 (a split needs prompts on both sides)")
+    variants = parse_variants(args.policies)
+    budgets = _split(args.expert_budget, "--expert-budget")
+    cost = None
+    if args.simulate:
+        cost = CostModel(args.expert_bytes or 1, _bandwidth(args.bandwidth), args.layer_time_ms / 1e3)
+    texts = load_texts(_split(args.prompts, "--prompts"), args.limit, args.seed)
+    build_idx, held_idx = split_indices(len(texts), args.split, args.seed)
+    engine = Engine.from_config(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                                             show_progress=False, seed=args.seed))
+    if cost is not None and args.expert_bytes is None:
+        cost = CostModel(engine.geometry.expert_bytes, cost.bandwidth_Bps, cost.layer_time_s)
+    prompts = tokenize(engine.tokenizer, texts, args.template, args.max_prompt_tokens)
+    plan = BenchPlan(variants, budgets, _distances(args.prefetch_distance), args.max_new_tokens, args.build_batch, cost,
+                     trace_dir=args.trace_dir)
+    with tqdm(total=len(plan.jobs) + (1 if cost else 0), desc="bench", unit="run", file=sys.stderr,
+              disable=False) as bar:
+        bench = Bench(engine, [prompts[i] for i in build_idx], [prompts[i] for i in held_idx], plan,
+                      progress=lambda label: (bar.set_postfix_str(label[:40]), bar.update(1)))
+        summary, per_request = bench.run()
+    engine.close()
+    meta = {"model": engine.model_name, "device": str(engine.device), "prompts": args.prompts, "limit": args.limit,
+            "split": args.split, "seed": args.seed, "build_prompts": int(build_idx.size),
+            "held_out_prompts": int(held_idx.size), "max_new_tokens": args.max_new_tokens,
+            "max_prompt_tokens": args.max_prompt_tokens, "mode": "simulate" if cost else "engine",
+            "expert_bytes": cost.expert_bytes if cost else engine.geometry.expert_bytes,
+            "bandwidth_GBps": args.bandwidth if cost else None, "layer_time_ms": args.layer_time_ms if cost else None,
+            "commit": _commit()}
+    write_outputs(args.out, summary, per_request, meta)
+    plot_summary(summary, args.out, title=f"{os.path.basename(str(engine.model_name))}, held-out prompts")
+    if args.json:
+        json.dump(json_results(summary), sys.stdout)
+        print()
+    else:
+        print(f"model {engine.model_name}; {held_idx.size} held-out of {len(texts)} prompts; mode "
+              f"{meta['mode']}; outputs in {args.out}")
+        print(table(summary))
+    return 0
