@@ -84,3 +84,18 @@ def test_search_worker_thread_learns_under_inference_mode(tmp_path):
     engine, tokens = run("finemoe", "25%", map_store=path, fresh=True, async_search=True)
     assert tokens == run("resident")[1]
     assert engine.policy.state_dict()["store_size"] > 0
+
+
+def test_save_writes_the_learned_store_between_iterations(tmp_path):
+    """The server's periodic save calls Policy.save(): it must write what was learned so far, atomically."""
+    path = tmp_path / "store.safetensors"
+    engine = Engine.from_config(EngineConfig(device="cpu", policy="finemoe", expert_budget="25%", show_progress=False,
+                                             policy_options={"map_store": str(path), "fresh": True}))
+    engine.generate(PROMPTS[:1], PARAMS)
+    assert not path.exists()
+    assert engine.policy.save() is True
+    assert MapStore.load(str(path)).size == engine.policy.state_dict()["store_size"] > 0
+    engine.close()
+    read_only = Engine.from_config(EngineConfig(device="cpu", policy="finemoe", show_progress=False,
+                                                policy_options={"map_store": str(path), "learn": False}))
+    assert read_only.policy.save() is False

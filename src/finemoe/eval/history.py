@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 
-from finemoe.eval.variants import DISTANCE_OPTION, HISTORY_OPTION, Variant
+from finemoe.eval.engine_run import run_requests
+from finemoe.eval.variants import HISTORY_OPTION, Variant
 from finemoe.simulator import CostModel, Replay
 from finemoe.traces.format import Trace
 
@@ -56,13 +57,8 @@ def replay_builder(build_trace: Trace, embed) -> callable:
 def engine_builder(engine, requests_fn, batch: int) -> callable:
     """Build function for the engine: serve fresh copies of the build requests with every expert
     resident, then switch the engine to a plain policy so the learned history is saved (close)."""
-    from finemoe.eval.engine_run import run_requests
-
     def build(policy: str, options: dict) -> None:
         engine.reconfigure(policy, None, options)
         run_requests(engine, requests_fn(), batch)
         engine.reconfigure("lru", None, {})
     return build
-
-
-__all__ = ["DISTANCE_OPTION", "HistoryBuilder", "engine_builder", "replay_builder"]

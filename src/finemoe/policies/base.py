@@ -161,6 +161,11 @@ class Policy(ABC):
         """Anything worth saving across runs (map stores, collections). Default: nothing."""
         return {}
 
+    def save(self) -> bool:
+        """Persist learned state now, atomically (temporary file + rename), if this policy persists
+        anything; return whether it wrote. Called between iterations (e.g. the server's periodic save)."""
+        return False
+
     def close(self) -> None:
         """Release workers/files. Persisting policies save here."""
 

@@ -172,6 +172,11 @@ class MoEInfinityPolicy(Policy):
     def state_dict(self) -> dict:
         return {"collection": self.collection.unit[:self.collection.size].copy()}
 
+    def save(self) -> bool:
+        if not (self.path and self.learn):
+            return False
+        self.collection.save(self.path)
+        return True
+
     def close(self) -> None:
-        if self.path and self.learn:
-            self.collection.save(self.path)
+        self.save()

@@ -1,8 +1,8 @@
 """Saving what a learning policy has learned while the server runs.
 
-The hook is small and generic: a policy that persists (e.g. `finemoe` with a map store) may expose
-`save()`, which must write atomically (temporary file + rename, so a crash never leaves a torn file),
-and saves in `close()` as every policy may. Both are called from the scheduler thread, between engine
+The hook is the Policy interface's own: `save()` writes learned state atomically (temporary file +
+rename, so a crash never leaves a torn file) and returns whether it wrote (finemoe with a map store,
+moe-infinity with a collection); `close()` saves at shutdown. Both are called from the scheduler thread, between engine
 iterations, so the policy's state is never read while a forward pass changes it.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ class PolicyPersistence:
 
     @property
     def enabled(self) -> bool:
-        return self.interval_s > 0 and callable(getattr(self.engine.policy, "save", None))
+        return self.interval_s > 0
 
     def tick(self) -> None:
         """Save if the interval has passed (scheduler thread, between iterations)."""
@@ -31,8 +31,7 @@ class PolicyPersistence:
             return
         self._last = now
         try:
-            self.engine.policy.save()
-            self.saves += 1
+            self.saves += int(self.engine.policy.save())
         except Exception:  # a failed periodic save must not stop serving; the final save retries
             log.exception("periodic save of policy %r failed", self.engine.cfg.policy)
 

@@ -62,6 +62,7 @@ class MapStore:
         self.prefix_sq = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L]
         self.size = 0
         self.replaced = 0
+        self.version = 0          # bumped by every write: results computed from the store are valid per version
 
     @property
     def device(self) -> torch.device:
@@ -74,6 +75,7 @@ class MapStore:
     def _write(self, rows: slice | int, maps: torch.Tensor, sems: torch.Tensor) -> None:
         """Write maps [N, L*J] / sems [N, E] (or one of each) into `rows`, with their norms."""
         L, J = self.spec.num_layers, self.spec.num_experts
+        self.version += 1
         self.maps[:, rows] = maps.to(self.device, self.maps.dtype).reshape(-1, L, J).transpose(0, 1).reshape(
             self.maps[:, rows].shape)
         self.sems[rows] = sems.to(self.device, self.sems.dtype)

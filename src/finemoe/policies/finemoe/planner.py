@@ -2,10 +2,12 @@
 and the observed expert maps at its end. Pure torch on the store's device; no engine state."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from finemoe.policies.finemoe.map_store import MapStore
-from finemoe.policies.finemoe.search import Guide, TrajectorySearch, map_rows, semantic_search
+from finemoe.policies.finemoe.search import Guide, SemanticMemo, TrajectorySearch, map_rows, semantic_search
 
 SEARCH_MODES = ("both", "semantic", "trajectory")
 
@@ -28,11 +30,14 @@ class IterationPlanner:
         self.empty = store.size == 0
         self.trajectory = None if self.empty or mode == "semantic" else TrajectorySearch(store, batch)
 
-    def begin(self, sem: torch.Tensor) -> list[Guide]:
-        """sem [B, E] -> guides for the first layers (semantic search)."""
+    def begin(self, sem: torch.Tensor | Callable[[], torch.Tensor], memo: SemanticMemo | None = None,
+              keys: list | None = None) -> list[Guide]:
+        """sem [B, E] (or a callable making it, called only if needed) -> guides for the first layers
+        (semantic search; through `memo` for rows with `keys`)."""
         if self.empty or self.mode == "trajectory":
             return []
-        idx, score = semantic_search(self.store, sem)
+        embed = sem if callable(sem) else (lambda: sem)
+        idx, score = memo.search(keys, embed) if memo is not None else semantic_search(self.store, embed())
         last = self.L if self.mode == "semantic" else min(self.d, self.L)
         return [Guide(layer, map_rows(self.store, idx, layer), score) for layer in range(last)]
 

@@ -23,9 +23,9 @@ from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyCo
 from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
 from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
-from finemoe.policies.finemoe.search import Guide
-from finemoe.policies.finemoe.selection import EVICTION_RULES, EvictionScores, delta_select, layer_prefetch, merge
-from finemoe.policies.finemoe.worker import HostSnapshot, InlineWorker, SearchWorker
+from finemoe.policies.finemoe.search import Guide, SemanticMemo
+from finemoe.policies.finemoe.selection import EVICTION_RULES, EvictionScores, LayerPlan, merge, plan_layers
+from finemoe.policies.finemoe.worker import InlineWorker, SearchWorker, SnapshotRing
 
 PREFILL_MODES = ("mean", "last")
 SELECTION_RULES = ("delta", "topk")
@@ -50,7 +50,7 @@ class FineMoEPolicy(Policy):
                  capacity: int | None = None, prefetch_distance: int | None = None, semantic: str = "token",
                  search: str = "both", prefill: str = "mean", store_dtype: str = "float32",
                  store_device: str = "cpu", async_search: str | bool = "auto", selection: str = "delta",
-                 eviction: str = "pfreq", embed: Any = None) -> None:
+                 eviction: str = "pfreq", min_prefetch_prob: float = 0.0, embed: Any = None) -> None:
         self.path = map_store
         self.learn = bool(learn)
         self.fresh = bool(fresh)
@@ -64,6 +64,9 @@ class FineMoEPolicy(Policy):
         self.async_search = _choice("async_search", async_search, ("auto", True, False))
         self.selection = _choice("selection", selection, SELECTION_RULES)
         self.eviction = _choice("eviction", eviction, EVICTION_RULES)
+        if not isinstance(min_prefetch_prob, (int, float)) or not 0.0 <= min_prefetch_prob <= 1.0:
+            raise ConfigError(f"finemoe option min_prefetch_prob={min_prefetch_prob!r} must be a number in [0, 1]")
+        self.floor = float(min_prefetch_prob)   # 0: faithful delta selection; > 0: skip unlikely extras
         self.embed_fallback = embed       # input-embedding callable for runs whose context has none (simulator)
         for name, v in (("capacity", capacity), ("prefetch_distance", prefetch_distance)):
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -84,6 +87,8 @@ class FineMoEPolicy(Policy):
         self.scores = EvictionScores(g.total_experts, self.eviction)
         use_thread = ctx.device.type == "cuda" if self.async_search == "auto" else self.async_search
         self.worker = SearchWorker() if use_thread else InlineWorker()
+        self.ring = SnapshotRing(self.L)
+        self.memo = SemanticMemo(self.store)
         self.prompt_lens: dict[str, int] = {}
         self.planner: IterationPlanner | None = None
         self._reduce: tuple[int, torch.Tensor | None] = (-1, None)
@@ -123,13 +128,29 @@ class FineMoEPolicy(Policy):
         t0 = time.perf_counter()
         self.worker.wait_idle()
         self.worker.drain()                       # guides of the previous iteration are stale
-        lens = [self.prompt_lens.get(rid, it.input_ids.shape[1]) for rid in it.request_ids]
-        sem = self.embedder.embed(it, lens, last_only=self.prefill == "last")   # [B, E] host
-        self.sem = sem
+        self.iteration = it
+        self.sem = None
+        if self.learn:
+            self._embed()                                                       # [B, E] host, stored at the end
         self.planner = IterationPlanner(self.store, len(it.request_ids), self.d, self.search)
-        out = self._to_prefetch(self.planner.begin(sem), layer_now=-1)
+        keys = self._decode_token_ids_to_host(it) if self.semantic == "token" else None
+        out = self._to_prefetch(self._plan(self.planner.begin(self._embed, self.memo, keys)), layer_now=-1)
         self.critical_s += time.perf_counter() - t0
         return out
+
+    def _embed(self) -> torch.Tensor:
+        """The current iteration's semantic embeddings [B, E] (computed once per iteration)."""
+        if self.sem is None:
+            it = self.iteration
+            lens = [self.prompt_lens.get(rid, it.input_ids.shape[1]) for rid in it.request_ids]
+            self.sem = self.embedder.embed(it, lens, last_only=self.prefill == "last")
+        return self.sem
+
+    @staticmethod
+    def _decode_token_ids_to_host(it: IterationInfo) -> list[int] | None:
+        """HOST SYNC (decode only, [B] ids, the device idle between iterations): each row's token id, the
+        memo key of its semantic search; None at prefill (rows are reduced over many tokens)."""
+        return None if it.is_prefill else it.input_ids[:, -1].tolist()
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -139,8 +160,8 @@ class FineMoEPolicy(Policy):
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         t0 = time.perf_counter()
         planner, layer = self.planner, routing.layer
-        snap = HostSnapshot(self._per_row(routing))                             # [B, J], non-blocking
-        self.worker.submit(lambda: planner.observe(layer, snap.wait()))
+        snap = self.ring.take(layer, self._per_row(routing))                    # [B, J], non-blocking
+        self.worker.submit(self._observe, (planner, layer, snap))
         out = self._to_prefetch(self.worker.drain(), layer_now=layer)
         self.critical_s += time.perf_counter() - t0
         return out
@@ -148,12 +169,27 @@ class FineMoEPolicy(Policy):
     def on_iteration_end(self, it: IterationInfo) -> None:
         t0 = time.perf_counter()
         if self.learn:
-            planner, sem = self.planner, self.sem
-            self.worker.submit(lambda: self._learn(planner, sem))
+            self.worker.submit(self._learn, (self.planner, self.sem))
         self.iterations += 1
         self.critical_s += time.perf_counter() - t0
 
-    def _learn(self, planner: IterationPlanner, sem: torch.Tensor) -> None:
+    def _observe(self, job: tuple) -> LayerPlan | None:
+        """Search job (worker thread or inline): layer `layer` routed -> the plan for layer + d, if any."""
+        planner, layer, snap = job
+        guide = planner.observe(layer, snap.wait())
+        return None if guide is None else self._plan([guide])[0]
+
+    def _plan(self, guides: list[Guide]) -> list[LayerPlan]:
+        """Guides -> chosen experts per guided layer (one vectorized selection for all of them)."""
+        if not guides:
+            return []
+        rows = torch.stack([g.rows for g in guides]).cpu().numpy()             # [G, B, J]
+        scores = torch.stack([g.scores for g in guides]).cpu().numpy()         # [G, B]
+        return plan_layers([g.layer for g in guides], rows, scores, self.top_k, self.selection == "delta",
+                           self.floor)
+
+    def _learn(self, job: tuple) -> None:
+        planner, sem = job
         maps = planner.complete_maps()
         if maps is not None:
             self.store.add_many(maps, sem)
@@ -162,13 +198,14 @@ class FineMoEPolicy(Policy):
         """probs [T, J] -> per batch row [B, J] on the device: the row's token at decode, the mean
         (or last) of its real tokens at prefill."""
         probs, rows = routing.probs, routing.token_rows
-        B = self.planner.batch
-        if probs.shape[0] == B and np.array_equal(rows, np.arange(B)):
-            return probs
         key, reduce = self._reduce
-        if key != self.iterations or reduce is None:
-            reduce = self._reduction_matrix(rows, B).to(probs.device)
+        if key != self.iterations:
+            B = self.planner.batch
+            identity = probs.shape[0] == B and np.array_equal(rows, np.arange(B))
+            reduce = None if identity else self._reduction_matrix(rows, B).to(probs.device)
             self._reduce = (self.iterations, reduce)
+        if reduce is None:
+            return probs
         return reduce @ probs                                                   # [B, T] @ [T, J]
 
     def _reduction_matrix(self, rows: np.ndarray, B: int) -> torch.Tensor:
@@ -183,15 +220,14 @@ class FineMoEPolicy(Policy):
                 R[b, idx] = 1.0 / idx.size
         return torch.from_numpy(R)
 
-    def _to_prefetch(self, guides: list[Guide | None], layer_now: int) -> Prefetch:
+    def _to_prefetch(self, plans: list[LayerPlan], layer_now: int) -> Prefetch:
+        """Plans still ahead of `layer_now` -> prefetches; their layers' eviction p is updated."""
         parts = []
-        for g in guides:
-            if g is None or g.layer <= layer_now:
+        for plan in plans:
+            if plan.layer <= layer_now:
                 continue
-            rows, scores = g.rows.cpu().numpy(), g.scores.cpu().numpy()         # [B, J], [B]
-            mask = delta_select(rows, scores if self.selection == "delta" else np.ones_like(scores), self.top_k)
-            self.scores.guide(g.layer, rows.max(0))
-            parts.append(layer_prefetch(g.layer, layer_now, rows, mask, self.J))
+            self.scores.guide(plan.layer, plan.row_p)
+            parts.append(plan.prefetch(layer_now))
         return merge(parts)
 
     # ---- eviction, state, exit -------------------------------------------------------------------
@@ -206,6 +242,13 @@ class FineMoEPolicy(Policy):
                 "store_replaced": self.store.replaced, "prefetch_distance": self.d,
                 "critical_path_s": self.critical_s, "iterations": self.iterations,
                 "critical_path_s_per_iteration": self.critical_s / max(self.iterations, 1)}
+
+    def save(self) -> bool:
+        if not (self.path and self.learn):
+            return False
+        self.worker.wait_idle()
+        self.store.save(self.path)
+        return True
 
     def close(self) -> None:
         self.worker.wait_idle()

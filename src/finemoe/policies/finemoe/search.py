@@ -9,6 +9,7 @@ and prefix norms come from the store's `prefix_sq`, so each layer costs O(C*J*B)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -33,6 +34,35 @@ def semantic_search(store: MapStore, query: torch.Tensor) -> tuple[torch.Tensor,
     cos = dots / (store.sem_norm[:n, None] * q.norm(dim=1)[None, :]).clamp_min(EPS)
     score, idx = cos.max(0)
     return idx, score
+
+
+class SemanticMemo:
+    """Semantic search results per key (a decode row's token id: its token embedding, hence its search
+    result, is a function of the id) for one store version. Rows whose key was searched before skip the
+    embedding and the [C, E] product; the memo is emptied whenever the store changes."""
+
+    def __init__(self, store: MapStore) -> None:
+        self.store = store
+        self.version = -1
+        self.table: dict = {}
+
+    def search(self, keys: list | None, embed: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys [B] (or None: no memo) and a callable making the embeddings [B, E] -> like `semantic_search`."""
+        if keys is None:
+            return semantic_search(self.store, embed())
+        if self.version != self.store.version:
+            self.table.clear()
+            self.version = self.store.version
+        table = self.table
+        missing = [b for b, k in enumerate(keys) if k not in table]
+        if missing:
+            sem = embed()
+            idx, score = semantic_search(self.store, sem if len(missing) == len(keys) else sem[missing])
+            for b, i, s in zip(missing, idx.tolist(), score.tolist()):
+                table[keys[b]] = (i, s)
+        found = [table[k] for k in keys]
+        return (torch.tensor([i for i, _ in found], dtype=torch.int64, device=self.store.device),
+                torch.tensor([s for _, s in found], dtype=torch.float32, device=self.store.device))
 
 
 def map_rows(store: MapStore, entries: torch.Tensor, layer: int) -> torch.Tensor:

@@ -4,6 +4,8 @@ All host-side numpy, vectorized over batch rows and experts.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from finemoe.policies.base import Prefetch
@@ -27,13 +29,48 @@ def delta_select(rows: np.ndarray, scores: np.ndarray, top_k: int) -> np.ndarray
     return mask
 
 
+@dataclass
+class LayerPlan:
+    """One guided layer's chosen experts, computed wherever the search runs (worker or inline):
+    flat `keys` [n] int64, `p` [n] float64 the highest guiding probability of each over the batch rows,
+    `row_p` [J] every expert's highest guiding probability (the eviction score's p)."""
+
+    layer: int
+    keys: np.ndarray
+    p: np.ndarray
+    row_p: np.ndarray
+
+    def prefetch(self, layer_now: int) -> Prefetch:
+        """Priority p / (layer - layer_now); layer_now = -1 before layer 0 runs."""
+        return Prefetch(self.keys, self.p / float(max(self.layer - layer_now, 1)))
+
+
+def plan_layer(layer: int, rows: np.ndarray, mask: np.ndarray, num_experts: int) -> LayerPlan:
+    """Union of the rows' chosen experts (mask [B, J]) of `layer`, each at its highest guiding probability."""
+    p = np.where(mask, rows, -1.0).max(0)                                        # [J]
+    experts = np.flatnonzero(mask.any(0))
+    return LayerPlan(layer, layer * num_experts + experts, p[experts].astype(np.float64), rows.max(0))
+
+
+def plan_layers(layers: list[int], rows: np.ndarray, scores: np.ndarray, top_k: int, delta: bool,
+                floor: float = 0.0) -> list[LayerPlan]:
+    """G guided layers at once: rows [G, B, J] guiding probabilities, scores [G, B] match similarities ->
+    one LayerPlan per layer (delta selection, or exactly top-k when `delta` is False), one vectorized pass.
+    `floor` > 0 drops the experts beyond each row's top-k whose guiding probability is below it."""
+    G, B, J = rows.shape
+    flat = rows.reshape(G * B, J)
+    s = scores.reshape(G * B) if delta else np.ones(G * B, dtype=scores.dtype)
+    mask = delta_select(flat, s, top_k)                                          # [G*B, J]
+    if floor > 0.0:
+        mask &= (flat >= floor) | delta_select(flat, np.ones(G * B), top_k)
+    mask = mask.reshape(G, B, J)
+    return [plan_layer(layer, rows[g], mask[g], J) for g, layer in enumerate(layers)]
+
+
 def layer_prefetch(layer: int, layer_now: int, rows: np.ndarray, mask: np.ndarray, num_experts: int) -> Prefetch:
     """Union of the rows' chosen experts of `layer`; priority p / (layer - layer_now), p the highest
     guiding probability of the expert over the batch rows. layer_now = -1 before layer 0 runs."""
-    p = np.where(mask, rows, -1.0).max(0)                                        # [J]
-    experts = np.flatnonzero(mask.any(0))
-    dist = float(max(layer - layer_now, 1))
-    return Prefetch(layer * num_experts + experts, p[experts].astype(np.float64) / dist)
+    return plan_layer(layer, rows, mask, num_experts).prefetch(layer_now)
 
 
 def merge(prefetches: list[Prefetch]) -> Prefetch:

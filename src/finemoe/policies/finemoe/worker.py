@@ -1,9 +1,10 @@
 """Running search beside inference: device snapshots of router outputs and a search worker thread.
 
-`HostSnapshot` starts a non-blocking copy of a small device tensor into pinned host memory and records
-an event; only the worker waits on it. `SearchWorker` runs jobs in order on one thread and hands
-results back to the engine thread without blocking it; `InlineWorker` runs them at once (CPU runs,
-tests, deterministic measurements).
+`SnapshotRing` copies a small per-layer device tensor non-blocking into a pinned host buffer that is
+allocated once per layer and reused every iteration, and records that layer's event; only the worker
+waits on it. `SearchWorker` runs jobs in order on one thread and hands results back to the engine
+thread without blocking it; `InlineWorker` runs them at once (CPU runs, tests, deterministic
+measurements). Both take a job as (function, argument) so the engine thread builds no closure per layer.
 """
 from __future__ import annotations
 
@@ -16,16 +17,10 @@ import torch
 
 
 class HostSnapshot:
-    """A copy of `t` on the host. On CUDA: pinned buffer + non-blocking copy + event (no host sync)."""
+    """A host view of a device tensor, ready once `wait()` returns."""
 
-    def __init__(self, t: torch.Tensor) -> None:
-        if t.device.type == "cuda":
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host, self.event = t, None
+    def __init__(self, host: torch.Tensor, event: Any = None) -> None:
+        self.host, self.event = host, event
 
     def wait(self) -> torch.Tensor:
         """Blocks the calling (worker) thread until the copy has landed."""
@@ -34,18 +29,47 @@ class HostSnapshot:
         return self.host
 
 
+class SnapshotRing:
+    """One reusable pinned buffer [rows, cols] and one event per layer (CUDA); a plain reference on the CPU.
+
+    Reuse is safe because the policy waits for the worker to go idle at every iteration start, so a
+    layer's buffer is never overwritten while the worker may still read the previous iteration's copy."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.buffers: list[torch.Tensor | None] = [None] * num_layers
+        self.events: list[Any] = [None] * num_layers
+
+    def take(self, layer: int, t: torch.Tensor) -> HostSnapshot:
+        """Start copying `t` [B, J] (float32) to the host; no host sync."""
+        if t.device.type != "cuda":
+            return HostSnapshot(t)
+        buf = self.buffers[layer]
+        if buf is None or buf.shape[0] < t.shape[0] or buf.shape[1:] != t.shape[1:] or buf.dtype != t.dtype:
+            buf = torch.empty((max(t.shape[0], 8),) + tuple(t.shape[1:]), dtype=t.dtype, pin_memory=True)
+            self.buffers[layer] = buf
+            self.events[layer] = torch.cuda.Event()
+        host = buf[: t.shape[0]]
+        host.copy_(t, non_blocking=True)
+        self.events[layer].record()
+        return HostSnapshot(host, self.events[layer])
+
+
 class InlineWorker:
+    """Runs each job on the calling thread at submission."""
+
     def __init__(self) -> None:
         self.results: deque = deque()
 
-    def submit(self, job: Callable[[], Any]) -> None:
-        out = job()
+    def submit(self, fn: Callable[[Any], Any], arg: Any = None) -> None:
+        out = fn(arg)
         if out is not None:
             self.results.append(out)
 
     def drain(self) -> list:
-        out = list(self.results)
-        self.results.clear()
+        """Results so far, in submission order (deque pops are atomic: no lock needed)."""
+        out, results = [], self.results
+        while results:
+            out.append(results.popleft())
         return out
 
     def wait_idle(self) -> None:
@@ -61,9 +85,8 @@ class SearchWorker(InlineWorker):
 
     def __init__(self) -> None:
         super().__init__()
-        self.jobs: queue.Queue = queue.Queue()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
-        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._loop, name="finemoe-search", daemon=True)
         self.thread.start()
 
@@ -74,37 +97,39 @@ class SearchWorker(InlineWorker):
             self._serve()
 
     def _serve(self) -> None:
+        get, results = self.jobs.get, self.results
         while True:
-            job = self.jobs.get()
-            try:
-                if job is None:
+            fn, arg = get()
+            if fn is None:
+                if arg is None:
                     return
-                out = job()
+                arg.set()                                   # a barrier: every earlier job has run
+                continue
+            try:
+                out = fn(arg)
                 if out is not None:
-                    with self.lock:
-                        self.results.append(out)
+                    results.append(out)
             except BaseException as e:  # surfaced on the engine thread
                 self.error = e
-            finally:
-                self.jobs.task_done()
 
     def _raise(self) -> None:
         if self.error is not None:
             err, self.error = self.error, None
             raise RuntimeError(f"finemoe search worker failed: {err}") from err
 
-    def submit(self, job: Callable[[], Any]) -> None:
-        self.jobs.put(job)
+    def submit(self, fn: Callable[[Any], Any], arg: Any = None) -> None:
+        self.jobs.put((fn, arg))
 
     def drain(self) -> list:
         self._raise()
-        with self.lock:
-            return super().drain()
+        return super().drain()
 
     def wait_idle(self) -> None:
-        self.jobs.join()
+        done = threading.Event()
+        self.jobs.put((None, done))
+        done.wait()
         self._raise()
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        self.jobs.put((None, None))
         self.thread.join(timeout=10)
