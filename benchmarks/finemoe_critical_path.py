@@ -25,7 +25,6 @@ import torch
 
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies.base import CacheView, IterationInfo, LayerRouting, PolicyContext, RequestInfo
-from finemoe.policies.finemoe.map_store import MapStore, StoreSpec
 from finemoe.policies.finemoe.policy import FineMoEPolicy
 
 

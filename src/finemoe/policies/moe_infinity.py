@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import numpy as np
+from finemoe.storage import save_atomic
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -50,20 +50,10 @@ class ActivationCollection:
 
     def save(self, path: str) -> None:
         """Atomic: write a temp file next to `path`, then rename over it."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
         meta = {"version": COLLECTION_VERSION, "num_layers": self.L, "num_experts": self.J, "next": self.next}
-        try:
-            save_file({"unit": np.ascontiguousarray(self.unit[:self.size])}, tmp,
-                      metadata={"finemoe_eam_collection": json.dumps(meta)})
-            os.chmod(tmp, 0o644)   # mkstemp makes 0600; this is an ordinary data file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        unit = np.ascontiguousarray(self.unit[:self.size])
+        save_atomic(lambda tmp: save_file({"unit": unit}, tmp,
+                                          metadata={"finemoe_eam_collection": json.dumps(meta)}), path)
 
     def load(self, path: str) -> None:
         try:

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
+from finemoe.storage import save_atomic
 from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
 
@@ -135,18 +135,7 @@ class Trace:
                   "topk": np.ascontiguousarray(self.topk.astype(id_dtype))}
         if self.probs is not None:
             arrays["probs"] = np.ascontiguousarray(self.probs.astype(np.float16))
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(arrays, tmp, metadata={HEADER_KEY: json.dumps(self.header())})
-            os.chmod(tmp, 0o644)   # mkstemp makes 0600; this is an ordinary data file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        save_atomic(lambda tmp: save_file(arrays, tmp, metadata={HEADER_KEY: json.dumps(self.header())}), path)
 
 
 def load_trace(path: str) -> Trace:

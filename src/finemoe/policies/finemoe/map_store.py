@@ -9,11 +9,10 @@ store keeps `prefix_sq` [C, L]: the cumulative squared norm of each map up to an
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
+from finemoe.storage import save_atomic
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -120,19 +119,10 @@ class MapStore:
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, path: str) -> None:
         """Atomic: write a temporary file next to `path`, then rename it over `path`."""
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
         meta = self.spec.metadata()
         meta["dtype"] = {torch.float32: "float32", torch.float16: "float16"}[self.maps.dtype]
         tensors = {"maps": self.entry_maps(slice(0, self.size)).cpu().contiguous(), "sems": self.sems[: self.size].cpu().contiguous()}
-        fd, tmp = tempfile.mkstemp(prefix=".mapstore-", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        save_atomic(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
     @classmethod
     def load(cls, path: str, expect: StoreSpec | None = None, device: str | torch.device = "cpu",
