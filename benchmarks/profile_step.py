@@ -33,9 +33,11 @@ def plain_steps(model, ids, n, style: str) -> float:
         torch.cuda.synchronize()
         s = time.perf_counter()
         pos = pos + 1
-        if style == "mask+pos":
+        if style in ("mask+pos", "mask+pos+cachepos"):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            extra = {"cache_position": pos[0]} if style == "mask+pos+cachepos" else {}
+            out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                        **extra)
         else:
             out = model(input_ids=tok, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
@@ -49,13 +51,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds-only", action="store_true", help="plain call styles only (no profiles, no engine)")
     args = ap.parse_args()
     model = build_model(args.layers, 0, "cuda", False)
     ids = torch.randint(2, 1000, (1, 64), device="cuda")
     res = {}
-    for rep in range(2):
-        for style in ("mask+pos", "bare"):
+    from bench_engine import plain_generate_tpot
+    for rep in range(args.rounds):
+        for style in ("mask+pos", "mask+pos+cachepos", "bare"):
             res.setdefault(f"plain {style}", []).append(plain_steps(model, ids, 24, style))
+        res.setdefault("plain generate()", []).append(plain_generate_tpot(model, ids, 24))
+    if args.rounds_only:
+        for k, v in res.items():
+            print(f"{k:24s} " + "  ".join(f"{x * 1e3:7.2f} ms" for x in v))
+        return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         plain_steps(model, ids, 4, "mask+pos")
     with open(os.path.join(args.out, "profile_plain.txt"), "w") as f:
