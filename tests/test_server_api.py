@@ -7,14 +7,13 @@ intra-op thread: it shares CI's two cores with this process's client threads.
 from __future__ import annotations
 
 import json
-import re
 
 import httpx
 import openai
 import pytest
 
 from finemoe.models.default import DEFAULT_MODEL_NAME, default_tokenizer
-from finemoe.server.process import ServerProcess
+from server_helpers import client_for, live_server, metric
 
 SERVER_ARGS = ["--device", "cpu", "--expert-budget", "25%", "--max-batch-size", "8", "--max-model-len", "256",
                "--log-level", "warning"]
@@ -23,21 +22,13 @@ MODEL = DEFAULT_MODEL_NAME
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess(SERVER_ARGS, env={"OMP_NUM_THREADS": "1"}) as s:
+    with live_server(SERVER_ARGS) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def metric(server, name: str) -> float:
-    """One sample of GET /metrics, e.g. 'finemoe_requests_total{outcome="length"}'."""
-    text = httpx.get(server.url + "/metrics").text
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
+    return client_for(server, timeout=60)
 
 
 def test_models_and_health(server, client):

@@ -5,16 +5,14 @@ Batching today: up to --max-batch-size queued requests form a batch; later arriv
 """
 from __future__ import annotations
 
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 
 from finemoe.models.default import DEFAULT_MODEL_NAME
-from finemoe.server.process import ServerProcess
+from server_helpers import client_for, live_server, metric
 
 MODEL = DEFAULT_MODEL_NAME
 PROMPTS = [f"Request {i}: {'ab' * (i % 5)}?" for i in range(16)]   # different lengths: batches are left-padded
@@ -24,18 +22,17 @@ PROMPTS = [f"Request {i}: {'ab' * (i % 5)}?" for i in range(16)]   # different l
 def server():
     args = ["--device", "cpu", "--expert-budget", "25%", "--max-batch-size", "8",
             "--log-level", "warning"]
-    with ServerProcess(args, env={"OMP_NUM_THREADS": "1"}) as s:
+    with live_server(args) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return client_for(server, timeout=120)
 
 
 def outcome(server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    return float(re.search(rf'^finemoe_requests_total{{outcome="{name}"}} (\S+)$', text, re.M).group(1))
+    return metric(server, f'finemoe_requests_total{{outcome="{name}"}}')
 
 
 def streamed_text(client, prompt: str, max_tokens: int) -> tuple[str, str]:
