@@ -90,7 +90,7 @@ class Engine:
         slots, budget = capacity_for(cfg, self.geometry, get_policy_class(policy).keeps_all_resident)
         new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
         self.cfg = cfg
-        if getattr(self, "policy", None) is not None:
+        if self.policy is not None:
             self.policy.close()
         self.policy, self.budget_bytes = new_policy, budget
         for layer in self.layers:  # drop every reference to the old slots before allocating the new ones

@@ -105,10 +105,8 @@ class OffloadRuntime:
         return torch.softmax(logits.float(), dim=-1)
 
     def mark_resident_all(self) -> None:
+        """Load every expert; key = slot, so layer l's experts occupy slots [l*J, (l+1)*J) (see run_layer)."""
         self.cache.load_all()
-        self._lut_np[:] = self.cache.slot_of.reshape(self.g.num_layers, self.g.num_experts)
-        if self._lut_dev is not self._lut_host:
-            self._lut_dev.copy_(self._lut_host)
 
     @property
     def current_iteration(self) -> IterationInfo | None:
