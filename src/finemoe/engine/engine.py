@@ -202,4 +202,6 @@ class Engine:
         return s
 
     def close(self) -> None:
+        """Close the policy (persisting policies save) and unpin the host expert store. Terminal."""
         self.policy.close()
+        self.store.close()
