@@ -16,13 +16,16 @@ from bench_engine import plain_generate_tpot
 from benchmarks_common import build_model
 
 
-def loop(model, ids, n: int, grad_ctx, sync_each_step: bool) -> float:
-    """Mean decode-step time over n steps (synchronized at the ends only)."""
+def loop(model, ids, n: int, grad_ctx, sync_each_step: bool, tokens: list[int] | None = None) -> float:
+    """Mean decode-step time over n steps (synchronized at the ends only); appends the greedy tokens to
+    `tokens` when given (which syncs every step)."""
     with grad_ctx():
         mask = torch.ones_like(ids)
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         pos = torch.tensor([[ids.shape[1] - 1]], device=ids.device)
+        if tokens is not None:
+            tokens.append(int(tok))
         torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(n):
@@ -31,7 +34,9 @@ def loop(model, ids, n: int, grad_ctx, sync_each_step: bool) -> float:
             out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            if sync_each_step:
+            if tokens is not None:
+                tokens.append(int(tok))
+            elif sync_each_step:
                 int(tok)
         torch.cuda.synchronize()
         return (time.perf_counter() - t) / n
@@ -54,21 +59,6 @@ def profile_both(model, ids) -> None:
     print(f"{'op (calls per decode step)':44s} {'loop':>8s} {'generate':>9s}")
     for k in keys[:30]:
         print(f"{k[:44]:44s} {loop_ops.get(k, 0):8.1f} {gen_ops.get(k, 0):9.1f}")
-
-
-def tokens(model, ids, n, grad_ctx) -> list[int]:
-    with grad_ctx():
-        mask = torch.ones_like(ids)
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        pos, got = torch.tensor([[ids.shape[1] - 1]], device=ids.device), [int(tok)]
-        for _ in range(n - 1):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            pos = pos + 1
-            out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            got.append(int(tok))
-    return got
 
 
 def main() -> None:
@@ -104,7 +94,9 @@ def main() -> None:
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24,
                          do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
     for name, (ctx, _) in variants.items():
-        print(f"greedy tokens equal generate()'s with {name}: {tokens(model, ids, 24, ctx) == ref}")
+        got: list[int] = []
+        loop(model, ids, 23, ctx, True, got)
+        print(f"greedy tokens equal generate()'s with {name}: {got == ref}")
     for k, v in res.items():
         print(f"{k:28s} median {statistics.median(v) * 1e3:7.2f} ms   " + " ".join(f"{x * 1e3:6.1f}" for x in v))
 
