@@ -61,6 +61,9 @@ class EngineConfig:
     policy: registered policy name (see `finemoe.policies.available()`).
     prefetch_inflight: how many prefetch copies may be queued on the copy stream at once;
         a demand miss waits behind at most this many.
+    fast_path: decode with a static KV cache and explicit masks (engine/static_kv.py); models it cannot
+        serve (sliding-window layers) fall back to transformers' dynamic cache on their own.
+    cuda_graphs: on CUDA, replay fast-path decode steps as captured CUDA graphs.
     """
 
     model: str | None = None
@@ -72,6 +75,8 @@ class EngineConfig:
     max_batch_size: int = 8
     max_model_len: int = 4096
     prefetch_inflight: int = 4
+    fast_path: bool = True
+    cuda_graphs: bool = True
     seed: int = 0
     show_progress: bool = True
 

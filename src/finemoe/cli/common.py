@@ -24,6 +24,10 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--prefetch-inflight", type=int, default=4,
                    help="prefetch copies queued on the copy stream at once (a demand miss waits behind at most this many)")
+    p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
+                   help="decode with transformers' dynamic KV cache instead of the static-cache fast path")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run fast-path decode steps eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -49,7 +53,8 @@ def _with_map_store(opts: dict, args: argparse.Namespace) -> dict:
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     kw = dict(model=args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
               policy=args.policy, policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
-              max_batch_size=args.max_batch_size, prefetch_inflight=args.prefetch_inflight, seed=args.seed)
+              max_batch_size=args.max_batch_size, prefetch_inflight=args.prefetch_inflight, seed=args.seed,
+              fast_path=args.fast_path, cuda_graphs=args.cuda_graphs)
     kw.update(overrides)
     return EngineConfig(**kw)
 

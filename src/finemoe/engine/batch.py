@@ -2,8 +2,9 @@
 
 Rows are left-padded at prefill; each decode step feeds every live row one token, so decode steps of
 concurrent requests share a forward pass. A row that finishes (EOS, stop string, length) or is
-cancelled leaves the batch at the next step: its KV-cache row is dropped. New requests join at the
-next batch (the engine has no in-flight joining).
+cancelled leaves the batch at the next step: a dynamic decoder drops its KV-cache row, a static (fast
+path) decoder keeps computing it as a DEAD_ROW whose experts are never loaded. New requests join at
+the next batch (the engine has no in-flight joining).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from finemoe.engine.request import Request
+from finemoe.engine.runtime import DEAD_ROW
 from finemoe.engine.sampling import RowSampler, sample_batch
 from finemoe.policies.base import IterationInfo, RequestInfo
 
@@ -22,10 +24,10 @@ class BatchRunner:
         self.engine = engine
         self.rows = list(requests)
         self.samplers = [self._sampler(r) for r in requests]
-        self.cache = None
-        self.mask: torch.Tensor | None = None       # [B, S] attention mask so far
-        self.positions: torch.Tensor | None = None  # [B, 1] position of the last token
-        self.last: torch.Tensor | None = None       # [B, 1] last token ids
+        self.decoder = None                             # chosen at prefill, for the rows still there
+        self.slot_of_row: list[int] = []                # decoder batch row of each live row
+        self.width = 0                                  # decoder batch rows
+        self.last: torch.Tensor | None = None           # [width, 1] last token ids
         self.step_no = 0
         for r in requests:
             engine.policy.on_request_start(RequestInfo(r.request_id, r.prompt_ids, r.prompt_text))
@@ -41,6 +43,7 @@ class BatchRunner:
     def done(self) -> bool:
         return not self.rows
 
+    @torch.inference_mode()
     def step(self) -> list[tuple[Request, int | None]]:
         """Run one iteration; return (request, new token or None if it stopped without one) per row that
         produced output. Finished rows are retired afterwards."""
@@ -48,25 +51,34 @@ class BatchRunner:
         if not self.rows:
             return []
         dev = self.engine.device
-        if self.cache is None:
-            ids, self.mask = self._pad([r.prompt_ids for r in self.rows], dev)
-            pos = (self.mask.cumsum(-1) - 1).clamp(min=0)                       # [B, S]
-            token_rows = np.where(self.mask.cpu().numpy().reshape(-1) > 0,
+        prefill = self.step_no == 0
+        if prefill:
+            self.decoder = self.engine.decoder_for(self.rows)
+            self.width, self.slot_of_row = len(self.rows), list(range(len(self.rows)))
+            ids, mask = self._pad([r.prompt_ids for r in self.rows], dev)
+            token_rows = np.where(mask.cpu().numpy().reshape(-1) > 0,
                                   np.repeat(np.arange(len(self.rows)), ids.shape[1]), -1)
         else:
-            ids = self.last
-            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-            pos = self.positions + 1
-            token_rows = np.arange(len(self.rows))
+            token_rows = np.full(self.width, DEAD_ROW, dtype=np.int64)
+            token_rows[self.slot_of_row] = np.arange(len(self.rows))
+        live = None if len(self.rows) == self.width else torch.tensor(self.slot_of_row, device=dev)
+        it_ids = ids if prefill else (self.last if live is None else self.last[live])      # [B, T] live rows
         it = IterationInfo(self.engine.next_iteration_index(), [r.request_id for r in self.rows],
-                           [len(r.output_ids) for r in self.rows], ids, self.cache is None)
-        logits = self.engine.forward(it, token_rows, ids, self.mask, pos, self)  # [B, V]
+                           [len(r.output_ids) for r in self.rows], it_ids, prefill)
+        if prefill:
+            logits = self.decoder.prefill(it, token_rows, ids, mask)                  # [width, V]
+        else:
+            logits = self.decoder.decode(it, token_rows, self.last)                   # [width, V]
+        if live is not None:
+            logits = logits[live]                                                     # [B, V] live rows
         next_ids = sample_batch(logits, self.samplers)
         tokens = self._sync_tokens_to_host(next_ids)
         now = time.perf_counter()
         stats = self.engine.runtime.end_iteration()
-        self.positions = pos[:, -1:]
-        self.last = next_ids.view(-1, 1)
+        if live is not None:
+            self.last[live] = next_ids.view(-1, 1)
+        else:
+            self.last = next_ids.view(-1, 1)
         out = []
         share = 1.0 / len(self.rows)
         for i, (r, t) in enumerate(zip(self.rows, tokens)):
@@ -104,10 +116,14 @@ class BatchRunner:
         for i, r in enumerate(self.rows):
             if i not in keep:
                 self.engine.policy.on_request_end(RequestInfo(r.request_id, r.prompt_ids, r.prompt_text))
-        if keep and self.cache is not None:
-            idx = torch.tensor(keep, device=self.engine.device)
-            self.cache.batch_select_indices(idx)
-            self.mask, self.positions, self.last = self.mask[idx], self.positions[idx], self.last[idx]
+        if keep and self.step_no > 0:
+            if self.decoder.fixed_batch:
+                self.slot_of_row = [self.slot_of_row[i] for i in keep]
+            else:
+                self.decoder.retire(keep)
+                self.last = self.last[torch.tensor(keep, device=self.engine.device)]
+                self.width = len(keep)
+                self.slot_of_row = list(range(len(keep)))
         self.rows = [self.rows[i] for i in keep]
         self.samplers = [self.samplers[i] for i in keep]
 

@@ -28,6 +28,9 @@ class RoutingReplay:
                               f"match the model's L={g.num_layers} J={g.num_experts} k={g.top_k}")
         self.engine, self.trace = engine, trace
         self.assigned: dict[str, int] = {}
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # T -> ids [L, T, k], probs [L, T, J]
+        self._current: tuple[torch.Tensor, torch.Tensor] | None = None
+        engine.iteration_hooks.append(self._stage)
         self._handles = [layer.router.register_forward_hook(self._hook(layer.index), prepend=True)  # before the runtime's hook
                          for layer in engine.layers]
 
@@ -46,32 +49,42 @@ class RoutingReplay:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+        self.engine.iteration_hooks.remove(self._stage)
 
-    def _rows(self) -> np.ndarray:
-        """Trace token index of every token in the current forward pass [T] (padding -> the row's first token)."""
-        it = self.engine.runtime.current_iteration
-        token_rows = self.engine.runtime.current_token_rows
+    def _rows(self, it, token_rows: np.ndarray) -> np.ndarray:
+        """Trace token index of every token in this forward pass [T]: prefill padding -> its row's first token;
+        a finished row of a static batch (DEAD_ROW) -> trace row 0 (its experts are never loaded)."""
         T = token_rows.size
-        per_row = T // len(it.request_ids)
-        out = np.empty(T, dtype=np.int64)
+        out = np.zeros(T, dtype=np.int64)
+        per_row = T // len(it.request_ids) if it.is_prefill else 1
         for b, (rid, step) in enumerate(zip(it.request_ids, it.steps)):
-            r = self.assigned[rid]
-            start, stop = self.trace.iteration_rows(r, step)
-            n = stop - start
-            out[b * per_row:(b + 1) * per_row] = start                 # left padding
-            out[(b + 1) * per_row - n:(b + 1) * per_row] = np.arange(start, stop)
+            start, stop = self.trace.iteration_rows(self.assigned[rid], step)
+            if it.is_prefill:                                        # row b holds tokens [b*P, (b+1)*P), left-padded
+                out[b * per_row:(b + 1) * per_row] = start
+                out[(b + 1) * per_row - (stop - start):(b + 1) * per_row] = np.arange(start, stop)
+            else:
+                out[token_rows == b] = start
         return out
+
+    def _stage(self, it, token_rows: np.ndarray) -> None:
+        """Before each forward: copy this iteration's recorded routing into fixed device buffers, which the
+        router hooks read (also from inside a captured CUDA graph, where the hooks do not run on the host)."""
+        rows = self._rows(it, token_rows)
+        T = rows.size
+        if T not in self._buffers:
+            L, k, J = self.trace.num_layers, self.trace.top_k, self.trace.num_experts
+            dev = self.engine.device
+            self._buffers[T] = (torch.zeros((L, T, k), dtype=torch.long, device=dev),
+                                torch.full((L, T, J), 1.0 / J, dtype=torch.float32, device=dev))
+        ids, probs = self._buffers[T]
+        ids.copy_(torch.from_numpy(self.trace.topk[rows].astype(np.int64)).transpose(0, 1))           # [L, T, k]
+        if self.trace.probs is not None:
+            probs.copy_(torch.from_numpy(self.trace.probs[rows].astype(np.float32)).transpose(0, 1))  # [L, T, J]
+        self._current = (ids, probs)
 
     def _hook(self, layer: int):
         def hook(module, args, output):
-            logits = output[0]
-            rows = self._rows()
-            ids = torch.from_numpy(self.trace.topk[rows, layer].astype(np.int64)).to(logits.device)    # [T, k]
-            if self.trace.probs is not None:
-                probs = torch.from_numpy(self.trace.probs[rows, layer].astype(np.float32)).to(logits.device)  # [T, J]
-            else:
-                probs = torch.full((rows.size, self.trace.num_experts), 1.0 / self.trace.num_experts,
-                                   device=logits.device)
+            ids, probs = (t[layer] for t in self._current)                                         # [T, k], [T, J]
             weights = probs.gather(1, ids).to(output[1].dtype)                                        # [T, k]
-            return (torch.log(probs.clamp_min(1e-9)).to(logits.dtype), weights, ids)
+            return (torch.log(probs.clamp_min(1e-9)).to(output[0].dtype), weights, ids)
         return hook

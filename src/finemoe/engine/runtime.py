@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from finemoe.engine.waves import run_in_waves
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.hook import SlotExperts
 from finemoe.models.adapters import ExpertGeometry, MoELayer
@@ -31,6 +32,18 @@ class IterationStats:
     row_misses: np.ndarray
     bytes_copied: int
     stall_s: float
+
+
+@dataclass
+class LayerStep:
+    """One MoE layer between `begin_layer` and `finish_layer`: its routing on the host and where its experts sit."""
+
+    layer: int
+    topk: np.ndarray            # [T, k] expert ids
+    experts: np.ndarray         # [n] distinct experts the live tokens need
+    res: object                 # DemandResult (slots, hit) or None
+    lo: int                     # slot window [lo, hi) the compute reads; -1: waves path
+    hi: int
 
 
 @dataclass
@@ -62,6 +75,8 @@ class LayerExecutor:
         return self.runtime.run_layer(self, hidden, top_k_index, top_k_weights)
 
 
+DEAD_ROW = -2      # token_rows value of a finished row still computed by a fixed-size (graph) batch: its
+                   # experts are not loaded for it; it reads whatever slots the table points at
 MAX_GROUPS = 1024  # torch grouped_mm on CUDA accepts at most this many groups (slots) per call
 
 
@@ -89,6 +104,8 @@ class OffloadRuntime:
                 self._hooks.append(layer.router.register_forward_hook(self._make_router_hook(layer.index)))
         self._it: IterationInfo | None = None
         self._token_rows = np.zeros(0, np.int64)
+        self._live_tokens: np.ndarray | None = None   # [T] bool, None = every token is live
+        self.capture = None                          # a SegmentedGraph while one is being recorded
         self._row_hits = np.zeros(0, np.int64)
         self._row_misses = np.zeros(0, np.int64)
         self._bytes_at_start = 0
@@ -120,6 +137,8 @@ class OffloadRuntime:
     def begin_iteration(self, it: IterationInfo, token_rows: np.ndarray) -> None:
         self._it = it
         self._token_rows = token_rows
+        dead = token_rows == DEAD_ROW
+        self._live_tokens = ~dead if dead.any() else None
         B = len(it.request_ids)
         self._row_hits = np.zeros(B, np.int64)
         self._row_misses = np.zeros(B, np.int64)
@@ -147,28 +166,58 @@ class OffloadRuntime:
                   top_k_weights: torch.Tensor) -> torch.Tensor:
         layer = ex.index
         if self.all_resident:  # layer l's experts sit in slots [l*J, (l+1)*J): no host work at all
-            if self._it is not None:  # counted at iteration end (no sync now)
+            if self._it is not None or self.capture is not None:  # counted at iteration end (no sync now)
                 self._resident_topk.append((layer, top_k_index))
             J = self.g.num_experts
             return ex.compute_fn(ex.window(layer * J, (layer + 1) * J), hidden, top_k_index, top_k_weights)
-        topk = self._sync_routing_to_host(top_k_index)          # [T, k] numpy
-        experts, counts = np.unique(topk, return_counts=True)
-        self.policy.on_access(layer, experts, counts)
-        res = self.cache.acquire(layer, experts) if experts.size <= self.cache.capacity else None
-        if res is not None and res.slots.max() - res.slots.min() < self.max_groups:
-            lo = int(res.slots.min())
-            self._lut_np[layer, experts] = res.slots - lo
-            lut = self._lut_dev[layer]
-            if self._lut_dev is not self._lut_host:
-                lut.copy_(self._lut_host[layer], non_blocking=True)
-            out = ex.compute_fn(ex.window(lo, int(res.slots.max()) + 1), hidden, lut[top_k_index], top_k_weights)
-            self.cache.release(res.slots)
-            hit = res.hit
-        else:
-            out, hit = self._run_in_waves(ex, hidden, top_k_index, top_k_weights, experts, res)
-        self._record(layer, topk, experts, hit)
-        self._after_layer(layer, top_k_index)
+        if self.capture is not None:  # recording a CUDA graph: the host work runs between replays
+            self.capture.cut(layer, top_k_index, self._router_out.get(layer))
+            return ex.compute_fn(ex.window(0, self.cache.capacity), hidden, self._lut_dev[layer][top_k_index],
+                                 top_k_weights)
+        step = self.begin_layer(layer, top_k_index)
+        if step.lo < 0:
+            out, hit = run_in_waves(self, ex, hidden, top_k_index, top_k_weights, step.experts, step.res)
+            self._record(layer, step.topk, step.experts, hit)
+            self._after_layer(layer, top_k_index)
+            return out
+        out = ex.compute_fn(ex.window(step.lo, step.hi), hidden, self._lut_dev[layer][top_k_index], top_k_weights)
+        self.finish_layer(step, top_k_index)
         return out
+
+    @property
+    def graph_ready(self) -> bool:
+        """Whether a captured decode graph can run this runtime's layers: every layer's experts fit in one
+        window of the whole pool (slot ids < MAX_GROUPS), which the caller must also check per batch size."""
+        return self.all_resident or self.cache.capacity <= self.max_groups
+
+    def begin_layer(self, layer: int, top_k_index: torch.Tensor) -> "LayerStep":
+        """Host work before layer `layer`'s experts compute: learn the routing (one named sync), make the
+        experts resident (misses copy now, the compute stream waits for them) and point the device slot
+        table at them. `lo < 0` in the result: the layer needs the waves path (eager only)."""
+        topk = self._sync_routing_to_host(top_k_index)          # [T, k] numpy
+        need = topk if self._live_tokens is None else topk[self._live_tokens]
+        experts, counts = np.unique(need, return_counts=True)
+        self.policy.on_access(layer, experts, counts)
+        cap = self.cache.capacity
+        res = self.cache.acquire(layer, experts) if experts.size <= cap else None
+        if res is None:
+            return LayerStep(layer, topk, experts, None, -1, -1)
+        lo, hi = (0, cap) if cap <= self.max_groups else (int(res.slots.min()), int(res.slots.max()) + 1)
+        if hi - lo > self.max_groups:
+            return LayerStep(layer, topk, experts, res, -1, -1)
+        self._lut_np[layer, experts] = res.slots - lo
+        if self._lut_dev is not self._lut_host:
+            self._lut_dev[layer].copy_(self._lut_host[layer], non_blocking=True)
+        return LayerStep(layer, topk, experts, res, lo, hi)
+
+    def finish_layer(self, step: "LayerStep", top_k_index: torch.Tensor, router_out=None) -> None:
+        """Host work after layer `step.layer`'s experts compute was issued: release its slots (recording
+        the last use), count hits, and let the policy see the routing (prefetches queue behind demand)."""
+        self.cache.release(step.res.slots)
+        self._record(step.layer, step.topk, step.experts, step.res.hit)
+        if router_out is not None:
+            self._router_out[step.layer] = router_out
+        self._after_layer(step.layer, top_k_index)
 
     @staticmethod
     def _sync_routing_to_host(top_k_index: torch.Tensor) -> np.ndarray:
@@ -186,38 +235,6 @@ class OffloadRuntime:
         routing = LayerRouting(layer, top_k_index, self._token_rows, probs, hidden)
         self.cache.enqueue(self.policy.on_layer_routed(routing))
         self.cache.pump(layer)
-
-    def _run_in_waves(self, ex, hidden, top_k_index, top_k_weights, experts, first=None):
-        """Rows path, for layers that need more experts than the cache has slots (waves of `capacity`
-        experts) or whose slots span more than MAX_GROUPS. Each (token, k) row gets exactly the value the
-        one-shot path computes (transformers' function with unit weights, then the same weight product);
-        rows are reduced once at the end, in the same order as the unmodified model."""
-        T, k = top_k_index.shape
-        flat_idx = top_k_index.reshape(-1)                                   # [S]
-        flat_w = top_k_weights.reshape(-1, 1)                                # [S, 1]
-        ones = torch.ones_like(flat_w)
-        weighted = None
-        hit = np.zeros(experts.size, dtype=bool)
-        cap = self.cache.capacity
-        for start in range(0, experts.size, cap):
-            wave = experts[start:start + cap]
-            res = first if (first is not None and start == 0) else self.cache.acquire(ex.index, wave)
-            hit[start:start + wave.size] = res.hit
-            w = self.max_groups
-            for lo in np.unique(res.slots // w) * w:                          # slot windows of <= max_groups
-                sel = (res.slots >= lo) & (res.slots < lo + w)
-                lut = torch.full((self.g.num_experts,), -1, dtype=torch.int64)
-                lut[torch.from_numpy(wave[sel])] = torch.from_numpy(res.slots[sel] - lo)
-                slot_of_row = lut.to(self.device)[flat_idx]                  # [S], -1 outside this window
-                rows = torch.nonzero(slot_of_row >= 0).squeeze(1)            # [R]  (syncs)
-                proj = ex.compute_fn(ex.window(int(lo), int(lo) + w), hidden[rows // k],
-                                     slot_of_row[rows].unsqueeze(1), ones[rows])  # [R, H]
-                part = proj * flat_w[rows]                                   # [R, H] transformers' dtype rule
-                if weighted is None:
-                    weighted = torch.zeros((T * k, hidden.shape[-1]), dtype=part.dtype, device=hidden.device)
-                weighted[rows] = part
-            self.cache.release(res.slots)
-        return weighted.view(T, k, -1).sum(dim=1).to(hidden.dtype), hit
 
     # ---- metrics -------------------------------------------------------------------------------
     def _record(self, layer: int, topk: np.ndarray, experts: np.ndarray, hit: np.ndarray) -> None:
@@ -240,10 +257,25 @@ class OffloadRuntime:
         self._row_misses += n_used - n_hits
 
     def _count_resident_hits(self) -> None:
-        """HOST SYNC (one per iteration, resident only): every layer's top-k ids in a single copy."""
-        layers = [layer for layer, _ in self._resident_topk]
-        stacked = torch.stack([idx for _, idx in self._resident_topk]).to("cpu").numpy()   # [L, T, k]
-        for layer, topk in zip(layers, stacked):
-            experts = np.unique(topk)
-            self._record(layer, topk, experts, np.ones(experts.size, dtype=bool))
+        """HOST SYNC (one per iteration, resident only): every layer's top-k ids in a single copy, counted
+        for all layers at once (every use is a hit; distinct experts per layer, per row)."""
+        layers = np.array([layer for layer, _ in self._resident_topk])
+        stacked = torch.stack([idx for _, idx in self._resident_topk]).to("cpu").numpy()   # [n, T, k]
         self._resident_topk.clear()
+        rows = self._token_rows
+        if self._live_tokens is not None:
+            stacked, rows = stacked[:, self._live_tokens], rows[self._live_tokens]
+        n, T, k = stacked.shape
+        J = self.g.num_experts
+        lidx = np.repeat(np.arange(n), T * k)                                  # [n*T*k]
+        flat = stacked.reshape(-1)
+        distinct = np.zeros((n, J), dtype=bool)                                 # [n, J]
+        distinct[lidx, flat] = True
+        self.totals.hits[layers] += distinct.sum(1)
+        B = self._row_hits.size
+        row_of = np.tile(np.repeat(rows, k), n)                                 # [n*T*k]
+        ok = row_of >= 0
+        if B and ok.any():
+            used = np.zeros((n, B, J), dtype=bool)                              # [n, B, J]
+            used[lidx[ok], row_of[ok], flat[ok]] = True
+            self._row_hits += used.sum((0, 2))

@@ -42,12 +42,13 @@ class Transport(ABC):
 
 
 class SlotPools:
-    """Preallocated device tensors, one [N, *shape] per expert tensor name."""
+    """Preallocated device tensors, one [N, *shape] per expert tensor name, zero-filled: a slot that was never
+    loaded holds finite values (a graph batch's finished rows may read any slot; see runtime.DEAD_ROW)."""
 
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device) -> None:
         g = store.geometry
         self.num_slots = num_slots
-        self.tensors = {name: torch.empty((num_slots, *shape), dtype=store.tensors[0][name].dtype, device=device)
+        self.tensors = {name: torch.zeros((num_slots, *shape), dtype=store.tensors[0][name].dtype, device=device)
                         for name, shape in g.param_shapes.items()}
 
     @property

@@ -1,0 +1,78 @@
+"""CUDA-graph capture of one decode step, cut at every MoE layer's routing.
+
+With every expert resident the whole step is one graph: no host work at all between the input token
+and the logits. With offloading the host must learn each layer's routing before that layer's experts
+run (to copy the misses), so the step is recorded as L+1 graphs that share one memory pool:
+
+    graph 0      embeddings .. layer 0 attention, router, top-k
+    graph i+1    layer i experts (through the device slot table) .. layer i+1 router, top-k
+    graph L      layer L-1 experts .. final norm, lm head
+
+and replayed as `graph 0; for each layer: host work (runtime.begin_layer: one named sync, demand copies,
+slot table); graph i+1; runtime.finish_layer (release, policy, prefetches)`. The graphs are replayed in
+the order they were captured, which is what lets them share a pool. The experts of every layer read one
+fixed window of the whole slot pool through the slot table, so a captured graph serves whatever experts
+are resident at replay time.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class SegmentedGraph:
+    """Records `fn` as CUDA graphs cut by `OffloadRuntime.run_layer` (through `cut`) and replays them."""
+
+    def __init__(self, runtime, pool=None) -> None:
+        self.runtime = runtime
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.cuts: list[tuple[int, torch.Tensor, object]] = []   # (layer, top-k ids [T, k], router output)
+        self.resident_topk: list[tuple[int, torch.Tensor]] = []
+        self.output = None
+
+    # ---- capture -------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        g = torch.cuda.CUDAGraph()
+        g.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        self.graphs.append(g)
+
+    def cut(self, layer: int, top_k_index: torch.Tensor, router_out) -> None:
+        """Called from inside the capture when layer `layer` has routed: close the running graph, open the next."""
+        self.graphs[-1].capture_end()
+        self.cuts.append((layer, top_k_index, router_out))
+        self._begin()
+
+    def capture(self, fn: Callable[[], object], stream: torch.cuda.Stream) -> None:
+        """Record `fn()` (whose tensors must all live at fixed addresses) on `stream`; `self.output` keeps its result."""
+        rt = self.runtime
+        torch.cuda.synchronize()
+        rt.capture = self
+        try:
+            with torch.cuda.stream(stream):
+                self._begin()
+                try:
+                    self.output = fn()
+                finally:
+                    self.graphs[-1].capture_end()
+        finally:
+            rt.capture = None
+        self.resident_topk = list(rt._resident_topk)
+        rt._resident_topk.clear()
+
+    # ---- replay --------------------------------------------------------------------------------
+    def replay(self):
+        """One decode step on the current stream, with the runtime's host work between the graphs."""
+        rt = self.runtime
+        self.graphs[0].replay()
+        for (layer, topk, router_out), graph in zip(self.cuts, self.graphs[1:]):
+            step = rt.begin_layer(layer, topk)       # HOST SYNC: layer's routing
+            if step.lo != 0:
+                raise RuntimeError(f"layer {layer} needs {step.experts.size} experts at once, more than one graph "
+                                   "window holds; this batch size must run eagerly")
+            graph.replay()
+            rt.finish_layer(step, topk, router_out)
+        if self.resident_topk:
+            rt._resident_topk.extend(self.resident_topk)
+        return self.output
