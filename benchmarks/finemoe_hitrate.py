@@ -30,6 +30,7 @@ HEAD, TAIL = "User: ", "\n\nAssistant:"
 VARIANTS = {
     "lru": ("lru", {}),
     "finemoe": ("finemoe", {}),
+    "finemoe-paper": ("finemoe", {"neighbors": 1}),              # the paper: single best map
     "finemoe-semantic-only": ("finemoe", {"search": "semantic"}),
     "finemoe-trajectory-only": ("finemoe", {"search": "trajectory"}),
     "finemoe-prefill-last": ("finemoe", {"prefill": "last"}),

@@ -6,7 +6,7 @@ import torch
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies.base import CacheView, IterationInfo, LayerRouting, PolicyContext, RequestInfo
 from finemoe.policies.finemoe.policy import FineMoEPolicy
-from finemoe.policies.finemoe.search import semantic_search
+from finemoe.policies.finemoe.search import semantic_topk
 from finemoe.policies.finemoe.worker import SearchWorker
 
 L, J, K, E, VOCAB = 6, 8, 2, 16, 12
@@ -82,7 +82,7 @@ def test_semantic_memo_skips_repeated_decode_tokens_without_changing_results():
 
     first = policy.memo.search([4, 5], embed)
     again = policy.memo.search([4, 5], embed)
-    direct = semantic_search(policy.store, sem)
+    direct = semantic_topk(policy.store, sem, policy.neighbors)                  # [K, B] each
     assert len(calls) == 1
     for got in (first, again):
         assert torch.equal(got[0], direct[0]) and torch.equal(got[1], direct[1])

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from finemoe.policies.finemoe.map_store import MapStore
-from finemoe.policies.finemoe.search import Guide, SemanticMemo, TrajectorySearch, map_rows, semantic_search
+from finemoe.policies.finemoe.search import Guide, SemanticMemo, TrajectorySearch, blend, semantic_topk
 
 SEARCH_MODES = ("both", "semantic", "trajectory")
 
@@ -17,18 +17,22 @@ class IterationPlanner:
       both        semantic guides layers 0..d-1, trajectory after layer r guides layer r+d (all layers)
       semantic    semantic guides every layer
       trajectory  layers 0..d-1 unguided; trajectory guides layers d..L-1
+    `neighbors` K: each search keeps its K best entries and blends their rows (search.blend); `window` W > 0:
+    the trajectory cosine covers the last W routed layers only.
     """
 
-    def __init__(self, store: MapStore, batch: int, distance: int, mode: str) -> None:
+    def __init__(self, store: MapStore, batch: int, distance: int, mode: str, neighbors: int = 1,
+                 window: int = 0) -> None:
         self.store = store
         self.L, self.J = store.spec.num_layers, store.spec.num_experts
         self.d = distance
         self.mode = mode
         self.batch = batch
+        self.k = neighbors
         self.observed = torch.zeros((batch, self.L, self.J), dtype=torch.float32)  # [B, L, J] host
         self.seen = 0
         self.empty = store.size == 0
-        self.trajectory = None if self.empty or mode == "semantic" else TrajectorySearch(store, batch)
+        self.trajectory = None if self.empty or mode == "semantic" else TrajectorySearch(store, batch, window)
 
     def begin(self, sem: torch.Tensor | Callable[[], torch.Tensor], memo: SemanticMemo | None = None,
               keys: list | None = None) -> list[Guide]:
@@ -37,9 +41,9 @@ class IterationPlanner:
         if self.empty or self.mode == "trajectory":
             return []
         embed = sem if callable(sem) else (lambda: sem)
-        idx, score = memo.search(keys, embed) if memo is not None else semantic_search(self.store, embed())
+        idx, score = memo.search(keys, embed) if memo is not None else semantic_topk(self.store, embed(), self.k)
         last = self.L if self.mode == "semantic" else min(self.d, self.L)
-        return [Guide(layer, map_rows(self.store, idx, layer), score) for layer in range(last)]
+        return [blend(self.store, idx, score, layer) for layer in range(last)]           # idx, score [K, B]
 
     def observe(self, layer: int, probs: torch.Tensor) -> Guide | None:
         """Layer `layer` routed with per-row probabilities probs [B, J] -> the guide for layer + d."""
@@ -48,8 +52,8 @@ class IterationPlanner:
         target = layer + self.d
         if self.trajectory is None or target >= self.L:
             return None
-        idx, score = self.trajectory.observe(layer, probs)
-        return Guide(target, map_rows(self.store, idx, target), score)
+        idx, score = self.trajectory.observe_topk(layer, probs, self.k)                 # [K, B] each
+        return blend(self.store, idx, score, target)
 
     def complete_maps(self) -> torch.Tensor | None:
         """The iteration's maps [B, L*J] once every layer was observed, else None."""

@@ -6,6 +6,8 @@ Batches: every batch row is its own query (own embedding, own trajectory, own be
 prefetch is the union of the rows' selections, each expert with its highest guiding probability.
 Every row's iteration map is learned as its own store entry. A prefill row is represented by the
 mean (default) or the last of its real tokens' router probabilities and embeddings (`prefill`).
+Default `neighbors=4` blends the four best matches (measured better on LMSYS and Arena-Hard, docs/FINEMOE.md);
+`neighbors=1` is the paper's single best map.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ class FineMoEPolicy(Policy):
                  capacity: int | None = None, prefetch_distance: int | None = None, semantic: str = "token",
                  search: str = "both", prefill: str = "mean", store_dtype: str = "float32",
                  store_device: str = "cpu", async_search: str | bool = "auto", selection: str = "delta",
-                 eviction: str = "pfreq", min_prefetch_prob: float = 0.0, embed: Any = None) -> None:
+                 eviction: str = "pfreq", min_prefetch_prob: float = 0.0, neighbors: int = 4, window: int = 0,
+                 embed: Any = None) -> None:
         self.path = map_store
         self.learn = bool(learn)
         self.fresh = bool(fresh)
@@ -68,9 +71,11 @@ class FineMoEPolicy(Policy):
             raise ConfigError(f"finemoe option min_prefetch_prob={min_prefetch_prob!r} must be a number in [0, 1]")
         self.floor = float(min_prefetch_prob)   # 0: faithful delta selection; > 0: skip unlikely extras
         self.embed_fallback = embed       # input-embedding callable for runs whose context has none (simulator)
-        for name, v in (("capacity", capacity), ("prefetch_distance", prefetch_distance)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"finemoe option {name}={v!r} must be a positive integer")
+        for name, v, low in (("capacity", capacity, 1), ("prefetch_distance", prefetch_distance, 1),
+                             ("neighbors", neighbors, 1), ("window", window, 0)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+                raise ConfigError(f"finemoe option {name}={v!r} must be an integer >= {low}")
+        self.neighbors, self.window = neighbors, window   # the paper: neighbors=1 (its single best map), window=0
         self.critical_s = 0.0
         self.iterations = 0
 
@@ -88,7 +93,7 @@ class FineMoEPolicy(Policy):
         use_thread = ctx.device.type == "cuda" if self.async_search == "auto" else self.async_search
         self.worker = SearchWorker() if use_thread else InlineWorker()
         self.ring = SnapshotRing(self.L)
-        self.memo = SemanticMemo(self.store)
+        self.memo = SemanticMemo(self.store, self.neighbors)
         self.prompt_lens: dict[str, int] = {}
         self.planner: IterationPlanner | None = None
         self._reduce: tuple[int, torch.Tensor | None] = (-1, None)
@@ -132,7 +137,8 @@ class FineMoEPolicy(Policy):
         self.sem = None
         if self.learn:
             self._embed()                                                       # [B, E] host, stored at the end
-        self.planner = IterationPlanner(self.store, len(it.request_ids), self.d, self.search)
+        self.planner = IterationPlanner(self.store, len(it.request_ids), self.d, self.search, self.neighbors,
+                                       self.window)
         keys = self._decode_token_ids_to_host(it) if self.semantic == "token" else None
         out = self._to_prefetch(self._plan(self.planner.begin(self._embed, self.memo, keys)), layer_now=-1)
         self.critical_s += time.perf_counter() - t0

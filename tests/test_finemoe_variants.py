@@ -1,0 +1,100 @@
+"""FineMoE's non-paper options (neighbors, window): hand-computed cases; neighbors=1, window=0 is the paper."""
+import pytest
+import torch
+
+from finemoe.errors import ConfigError
+from finemoe.policies.finemoe import FineMoEPolicy
+from finemoe.policies.finemoe.map_store import MapStore, StoreSpec
+from finemoe.policies.finemoe.planner import IterationPlanner
+from finemoe.policies.finemoe.search import TrajectorySearch, blend, semantic_topk
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float32)
+
+
+def store_of(maps, sems, L, J):
+    store = MapStore(StoreSpec(f"m|L={L}|J={J}", L, J, len(sems[0]), "token", 1, len(maps)))
+    for m, s in zip(maps, sems):
+        store.add(t(*m), t(*s))
+    return store
+
+
+def two_entry_store():
+    # L=2, J=2. y0: map [1,0 | 1,0], sem [1,0]; y1: map [0,1 | 0,1], sem [0,1]
+    return store_of([(1, 0, 1, 0), (0, 1, 0, 1)], [(1, 0), (0, 1)], L=2, J=2)
+
+
+def test_semantic_topk_keeps_the_k_best_entries_best_first():
+    idx, score = semantic_topk(two_entry_store(), t(0.6, 0.8).view(1, 2), k=2)   # cos y0 = 0.6, y1 = 0.8
+    assert idx.tolist() == [[1], [0]] and score[:, 0].tolist() == pytest.approx([0.8, 0.6])
+
+
+def test_blend_weights_rows_by_similarity_and_keeps_the_best_score():
+    store = two_entry_store()
+    idx, score = semantic_topk(store, t(0.6, 0.8).view(1, 2), k=2)
+    guide = blend(store, idx, score, layer=1)
+    # rows: 0.8/1.4 * y1's [0, 1] + 0.6/1.4 * y0's [1, 0]
+    assert guide.rows[0].tolist() == pytest.approx([0.6 / 1.4, 0.8 / 1.4]) and guide.scores.item() == pytest.approx(0.8)
+
+
+def test_blend_of_one_neighbour_is_the_matched_row_itself():
+    store = two_entry_store()
+    idx, score = semantic_topk(store, t(0.6, 0.8).view(1, 2), k=1)
+    guide = blend(store, idx, score, layer=0)
+    assert guide.rows.tolist() == [[0.0, 1.0]] and guide.scores.item() == pytest.approx(0.8)
+
+
+def test_blend_with_no_positive_similarity_averages_equally():
+    store = two_entry_store()
+    guide = blend(store, torch.tensor([[0], [1]]), t(-0.5, 0.0).view(2, 1), layer=0)
+    assert guide.rows[0].tolist() == pytest.approx([0.5, 0.5])
+
+
+def window_store():
+    # L=3, J=2. y0 routes to expert 0 at every layer; y1 to expert 1 (twice as strongly at layer 2)
+    return store_of([(1, 0, 1, 0, 1, 0), (0, 1, 0, 1, 0, 2)], [(1, 0), (0, 1)], L=3, J=2)
+
+
+def observe_all(search):
+    for layer, probs in enumerate([t(1, 0), t(1, 0), t(0, 1)]):                # the request: 0, 0, then 1
+        out = search.observe(layer, probs.view(1, 2))
+    return out
+
+
+def test_whole_prefix_trajectory_follows_the_long_history():
+    idx, score = observe_all(TrajectorySearch(window_store(), batch=1))
+    # layers 0..2: y0 = 2 / (sqrt 3 * sqrt 3) = 2/3, y1 = 2 / (sqrt 6 * sqrt 3)
+    assert idx.tolist() == [0] and score.item() == pytest.approx(2 / 3)
+
+
+def test_windowed_trajectory_follows_the_last_layers_with_window_norms():
+    idx, score = observe_all(TrajectorySearch(window_store(), batch=1, window=1))
+    # layer 2 only: y1 = 2 / (2 * 1) = 1 (its norm over the window, not over the whole prefix), y0 = 0
+    assert idx.tolist() == [1] and score.item() == pytest.approx(1.0)
+
+
+def test_window_longer_than_the_prefix_is_the_whole_prefix():
+    full = observe_all(TrajectorySearch(window_store(), batch=1))
+    wide = observe_all(TrajectorySearch(window_store(), batch=1, window=5))
+    assert full[0].tolist() == wide[0].tolist() and full[1].item() == pytest.approx(wide[1].item())
+
+
+def test_planner_guides_with_blended_neighbours():
+    planner = IterationPlanner(two_entry_store(), batch=1, distance=1, mode="both", neighbors=2)
+    (guide,) = planner.begin(t(0.6, 0.8).view(1, 2))                            # d=1: layer 0 only
+    assert guide.layer == 0 and guide.rows[0].tolist() == pytest.approx([0.6 / 1.4, 0.8 / 1.4])
+    after = planner.observe(0, t(1, 0).view(1, 2))                               # cos y0 = 1, y1 = 0
+    assert after.layer == 1 and after.rows[0].tolist() == pytest.approx([1.0, 0.0])
+
+
+@pytest.mark.parametrize("opts", [{"neighbors": 0}, {"neighbors": True}, {"neighbors": 1.5}, {"window": -1}])
+def test_bad_option_values_are_clear_errors(opts):
+    name = next(iter(opts))
+    with pytest.raises(ConfigError, match=name):
+        FineMoEPolicy(**opts)
+
+
+def test_default_blends_four_neighbours_over_the_whole_prefix_and_the_paper_method_stays_selectable():
+    assert (FineMoEPolicy().neighbors, FineMoEPolicy().window) == (4, 0)     # measured best on both prompt sets
+    assert FineMoEPolicy(neighbors=1).neighbors == 1                        # the paper's single best map
