@@ -64,6 +64,8 @@ class EngineConfig:
     fast_path: decode with a static KV cache and explicit masks (engine/static_kv.py); models it cannot
         serve (sliding-window layers) fall back to transformers' dynamic cache on their own.
     cuda_graphs: on CUDA, replay fast-path decode steps as captured CUDA graphs.
+    compile: on CUDA, `torch.compile` the model's small elementwise-heavy modules (RMSNorm, rotary
+        embedding, dense/shared-expert MLPs) to fuse their kernels; see models/compile.py.
     """
 
     model: str | None = None
@@ -77,6 +79,7 @@ class EngineConfig:
     prefetch_inflight: int = 4
     fast_path: bool = True
     cuda_graphs: bool = True
+    compile: bool = False
     seed: int = 0
     show_progress: bool = True
 

@@ -26,6 +26,7 @@ from finemoe.experts.cache import ExpertCache
 from finemoe.experts.host_store import HostExpertStore
 from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport
 from finemoe.models.adapters import find_moe_layers, geometry_of
+from finemoe.models.compile import compile_small_modules
 from finemoe.models.loader import LoadedModel, load_model
 from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import PolicyContext
@@ -80,6 +81,7 @@ class Engine:
         self._compute_fns = [fn for _, fn in compute]
         capacity_for(cfg, self.geometry, get_policy_class(cfg.policy).keeps_all_resident)  # fail before moving weights
         self.model.to(self.device)  # non-expert weights (experts are still wherever they were loaded)
+        self.compiled_modules = compile_small_modules(self.model) if cfg.compile and self.device.type == "cuda" else 0
         self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
                                                show_progress=cfg.show_progress)
         self.pools = None
@@ -255,6 +257,7 @@ class Engine:
             "expert_bytes": self.geometry.expert_bytes, "total_expert_bytes": self.geometry.total_bytes,
             "device": str(self.device), "model": self.model_name, "model_label": self.model_label,
             "experts_impl": f"finemoe over {self.reference_impl}", "decode_path": self.decode_path,
+            "compiled_modules": self.compiled_modules,
             "hits_per_layer": t.hits.tolist(), "misses_per_layer": t.misses.tolist(),
             "prefetch_copies": self.cache.prefetch_copies, "wasted_prefetches": self.cache.wasted_prefetches,
             "host_expert_bytes": self.store.nbytes, "device_slot_bytes": self.pools.nbytes,

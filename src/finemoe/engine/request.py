@@ -21,9 +21,18 @@ class Request:
     prompt_text: str | None = None
     request_id: str = field(default_factory=new_request_id)
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
     finish_reason: str | None = None          # "stop" | "length" | "cancelled"
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    _text: str = field(default="", repr=False)
+    _text_tokens: int = field(default=0, repr=False)   # tokens `_text` was decoded from (-1: cut at a stop string)
+    _decode: object = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The output text, decoded when asked (not on every token: the engine's hot loop never asks)."""
+        if self._decode is not None and self._text_tokens not in (-1, len(self.output_ids)):
+            self._text, self._text_tokens = self._decode(self.output_ids), len(self.output_ids)
+        return self._text
 
     @property
     def finished(self) -> bool:
@@ -39,11 +48,11 @@ class Request:
             self.finish_reason = "stop"
             return
         self.output_ids.append(token)
-        self.text = decode(self.output_ids)
+        self._decode = decode
         for s in self.params.stop:
             cut = self.text.find(s)
             if cut >= 0:
-                self.text = self.text[:cut]
+                self._text, self._text_tokens = self._text[:cut], -1
                 self.finish_reason = "stop"
                 return
         if len(self.output_ids) >= self.params.max_new_tokens:
