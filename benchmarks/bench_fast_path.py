@@ -91,20 +91,22 @@ def engine_row(engine: Engine, prompts: list[list[int]], n: int, label: str) -> 
 
 
 def prefill_vs_floor(engine: Engine, vocab: int, lengths: list[int], gbps: float, budget: str) -> list[dict]:
-    """TTFT of one prompt on an empty cache (lru at `budget`) against the copy floor of the experts it touches."""
+    """TTFT of one prompt on an empty cache (lru at `budget`) against the copy floor of the experts it touches,
+    without and with prefill lookahead."""
     rows, g = [], torch.Generator().manual_seed(1)
     for n in lengths:
         prompt = torch.randint(2, vocab, (n,), generator=g).tolist()
-        engine.reconfigure("lru", budget)
-        engine.generate([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True))   # warm-up (shapes)
-        engine.reconfigure("lru", budget)                                             # empty cache
-        req = engine.generate([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True))[0]
-        t = engine.runtime.totals
-        touched = int(t.hits.sum() + t.misses.sum())
-        floor = t.misses.sum() * engine.geometry.expert_bytes / (gbps * 1e9)
-        rows.append({"prompt_tokens": n, "ttft_s": req.metrics.ttft_s, "experts_touched": touched,
-                     "experts_copied": int(t.misses.sum()), "copy_floor_s": floor,
-                     "ttft_over_floor": req.metrics.ttft_s / floor if floor else None})
+        for lookahead in (False, True):
+            engine.reconfigure("lru", budget, prefill_lookahead=lookahead)
+            engine.generate([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True))   # warm-up (shapes)
+            engine.reconfigure("lru", budget, prefill_lookahead=lookahead)                 # empty cache
+            req = engine.generate([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True))[0]
+            t = engine.runtime.totals
+            touched = int(t.hits.sum() + t.misses.sum())
+            floor = touched * engine.geometry.expert_bytes / (gbps * 1e9)
+            rows.append({"prompt_tokens": n, "lookahead": lookahead, "ttft_s": req.metrics.ttft_s,
+                         "experts_touched": touched, "experts_copied": t.bytes_copied // engine.geometry.expert_bytes,
+                         "copy_floor_s": floor, "ttft_over_floor": req.metrics.ttft_s / floor if floor else None})
     return rows
 
 
@@ -183,8 +185,9 @@ def main() -> None:
     if bound:
         print(f"25% target: TPOT {lru['tpot_s'] * 1e3:.2f} ms <= {bound * 1e3:.2f} ms: {lru['tpot_s'] <= bound}")
     for p in prefill:
-        print(f"prefill {p['prompt_tokens']:5d} tok: TTFT {p['ttft_s'] * 1e3:7.1f} ms, floor "
-              f"{p['copy_floor_s'] * 1e3:7.1f} ms ({p['experts_copied']} experts) -> x{p['ttft_over_floor']:.2f}")
+        print(f"prefill {p['prompt_tokens']:5d} tok{' +lookahead' if p['lookahead'] else '           '}: TTFT "
+              f"{p['ttft_s'] * 1e3:7.1f} ms, floor {p['copy_floor_s'] * 1e3:7.1f} ms ({p['experts_touched']} touched, "
+              f"{p['experts_copied']} copied) -> x{p['ttft_over_floor']:.2f}")
 
 
 def fmt(s) -> str:

@@ -40,7 +40,7 @@ def test_fast_path_tokens_equal_plain_transformers(qwen, budget, policy):
     assert engine.decode_path == "eager, static KV cache"
     assert run(engine, [10, 10, 10]) == want
     assert run(engine, [10, 10, 10]) == want          # the second batch reuses the static cache (reset, not realloc)
-    assert len(engine._static) == 1
+    assert len(engine.paths.static) == 1
 
 
 def test_a_finished_row_of_a_static_batch_costs_no_expert_loads(qwen):
@@ -57,7 +57,7 @@ def test_each_batch_shape_gets_one_static_cache_and_lengths_are_bucketed(qwen):
     engine = engine_for(qwen, expert_budget="25%")
     run(engine, [4, 4, 4])
     run(engine, [300, 4, 4])                     # needs more than one 256-token bucket
-    assert sorted(engine._static) == [(3, 256), (3, 512)]
+    assert sorted(engine.paths.static) == [(3, 256), (3, 512)]
     assert isinstance(engine.decoder_for([engine.make_request("x", SamplingParams())]), StaticDecoder)
 
 
@@ -74,3 +74,13 @@ def test_summary_names_the_decode_path(qwen):
     engine = engine_for(qwen, expert_budget="25%")
     reqs = engine.generate(["Hello"], SamplingParams(max_new_tokens=3))
     assert engine.summary(reqs)["decode_path"] == "eager, static KV cache"
+
+
+def test_prefill_lookahead_streams_the_next_layers_predicted_experts_and_keeps_tokens_exact(qwen):
+    """With lookahead, an lru engine (which never prefetches on its own) copies the experts the next layer's
+    router predicts while each layer computes; greedy tokens do not change."""
+    plain = engine_for(qwen, expert_budget="25%")
+    ahead = engine_for(qwen, expert_budget="25%", prefill_lookahead=True)
+    assert run(ahead, [6, 6, 6]) == run(plain, [6, 6, 6])
+    assert plain.cache.prefetch_copies == 0
+    assert ahead.cache.prefetch_copies > 0

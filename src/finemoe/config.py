@@ -66,6 +66,9 @@ class EngineConfig:
     cuda_graphs: on CUDA, replay fast-path decode steps as captured CUDA graphs.
     compile: on CUDA, `torch.compile` the model's small elementwise-heavy modules (RMSNorm, rotary
         embedding, dense/shared-expert MLPs) to fuse their kernels; see models/compile.py.
+    prefill_lookahead: during prefill, while layer l computes, copy the experts layer l+1's router picks for
+        layer l's hidden states (runtime._look_ahead): TTFT closer to the copy floor, at the price of
+        copies for wrong guesses. Keep it off under routing replay: its guesses come from the model's own router.
     """
 
     model: str | None = None
@@ -80,6 +83,7 @@ class EngineConfig:
     fast_path: bool = True
     cuda_graphs: bool = True
     compile: bool = False
+    prefill_lookahead: bool = False
     seed: int = 0
     show_progress: bool = True
 

@@ -30,6 +30,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
                    help="run fast-path decode steps eagerly instead of replaying captured CUDA graphs")
     p.add_argument("--compile", action="store_true",
                    help="on CUDA, torch.compile the model's RMSNorm, rotary and MLP modules (fewer kernels per step)")
+    p.add_argument("--prefill-lookahead", action="store_true",
+                   help="during prefill, copy the experts the next layer's router predicts while this layer computes")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -56,7 +58,8 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     kw = dict(model=args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
               policy=args.policy, policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
               max_batch_size=args.max_batch_size, prefetch_inflight=args.prefetch_inflight, seed=args.seed,
-              fast_path=args.fast_path, cuda_graphs=args.cuda_graphs, compile=args.compile)
+              fast_path=args.fast_path, cuda_graphs=args.cuda_graphs, compile=args.compile,
+              prefill_lookahead=args.prefill_lookahead)
     kw.update(overrides)
     return EngineConfig(**kw)
 

@@ -57,8 +57,8 @@ class StaticDecoder:
 
     def __init__(self, engine, batch: int, length: int) -> None:
         self.engine = engine
-        self.state = engine.static_state(batch, length)
-        self.use_graph = engine.graphs_allowed(batch)
+        self.state = engine.paths.static_state(batch, length)
+        self.use_graph = engine.paths.graphs_allowed(batch)
 
     def prefill(self, it, token_rows, ids, mask):
         st = self.state
@@ -91,7 +91,7 @@ class StaticDecoder:
             graph.capture(st.step, st.stream)   # records only: pos, cur and the cache do not move
         except Exception as e:  # noqa: BLE001  a model we cannot capture still runs, eagerly
             log.warning("CUDA graph capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
-            self.engine.graphs_failed(f"{type(e).__name__}: {e}")
+            self.engine.paths.graphs_failed(f"{type(e).__name__}: {e}")
             self.use_graph = False
             return
         st.graph = graph

@@ -10,16 +10,14 @@ import numpy as np
 import torch
 
 from finemoe.config import EngineConfig, parse_budget
-from collections import OrderedDict
 from typing import Callable
 
 from finemoe.engine.batch import BatchRunner
-from finemoe.engine.decoders import DynamicDecoder, StaticDecoder
+from finemoe.engine.paths import DecodePaths
 from finemoe.engine.metrics import aggregate, peak_device_bytes, peak_host_bytes
 from finemoe.engine.request import Request
 from finemoe.engine.runtime import LayerExecutor, OffloadRuntime
 from finemoe.engine.sampling import SamplingParams
-from finemoe.engine.static_kv import StaticState, bucket_length, static_cache_blocker
 from finemoe.errors import BudgetTooSmallError, ConfigError
 from finemoe.experts import hook
 from finemoe.experts.cache import ExpertCache
@@ -30,9 +28,6 @@ from finemoe.models.compile import compile_small_modules
 from finemoe.models.loader import LoadedModel, load_model
 from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import PolicyContext
-
-
-MAX_STATIC_SHAPES = 2   # batch shapes whose static KV cache (and captured step) stay allocated
 
 
 def _fmt_bytes(n: float) -> str:
@@ -85,9 +80,7 @@ class Engine:
         self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
                                                show_progress=cfg.show_progress)
         self.pools = None
-        self.fast_path_blocker = static_cache_blocker(self.model) if cfg.fast_path else "disabled by configuration"
-        self.graph_failure: str | None = None
-        self._static: OrderedDict[tuple[int, int], StaticState] = OrderedDict()
+        self.paths = DecodePaths(self)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
         self.reconfigure(cfg.policy, cfg.expert_budget, cfg.policy_options)
         hook.activate(self.model, [layer.experts for layer in self.layers])
@@ -96,13 +89,16 @@ class Engine:
         self._iteration = 0
 
     def reconfigure(self, policy: str, expert_budget=None, policy_options: dict | None = None,
-                    prefetch_inflight: int | None = None, cuda_graphs: bool | None = None) -> None:
+                    prefetch_inflight: int | None = None, cuda_graphs: bool | None = None,
+                    prefill_lookahead: bool | None = None) -> None:
         """(Re)build the policy, the slot pools, the cache and the runtime over the same model and host
         store: switch policy or budget without reloading. The previous policy is closed first."""
         cfg = dataclasses.replace(self.cfg, policy=policy, expert_budget=expert_budget,
                                   policy_options=dict(policy_options or {}),
                                   prefetch_inflight=prefetch_inflight or self.cfg.prefetch_inflight,
-                                  cuda_graphs=self.cfg.cuda_graphs if cuda_graphs is None else cuda_graphs)
+                                  cuda_graphs=self.cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
+                                  prefill_lookahead=(self.cfg.prefill_lookahead if prefill_lookahead is None
+                                                     else prefill_lookahead))
         slots, budget = capacity_for(cfg, self.geometry, get_policy_class(policy).keeps_all_resident)
         new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
         self.cfg = cfg
@@ -111,8 +107,7 @@ class Engine:
         self.policy, self.budget_bytes = new_policy, budget
         for layer in self.layers:  # drop every reference to the old slots before allocating the new ones
             layer.experts.finemoe_layer = None
-        for st in self._static.values():   # captured steps read the old pools and runtime
-            st.drop_graph()
+        self.paths.drop_graphs()   # captured steps read the old pools and runtime
         self.pools = self.cache = self.runtime = None
         gc.collect()   # the old runtime, cache and policy reference each other: free their slots before allocating
         self.pools = SlotPools(self.store, slots, self.device)
@@ -122,6 +117,7 @@ class Engine:
                                  self.policy, cfg.prefetch_inflight)
         self.runtime = OffloadRuntime(self.geometry, self.layers, self.cache, self.policy, self.device,
                                       all_resident=self.policy.keeps_all_resident)
+        self.runtime.prefill_lookahead = cfg.prefill_lookahead
         self.policy.bind(PolicyContext(self.geometry, self.cache.view(), self.device, route=self.runtime.route,
                                        embed=self.model.get_input_embeddings(), options=dict(cfg.policy_options),
                                        model_name=self.model_name))
@@ -169,45 +165,11 @@ class Engine:
     # ---- decode paths --------------------------------------------------------------------------
     def decoder_for(self, requests: list[Request]):
         """The decoder a new batch of these requests runs with (see engine/decoders.py)."""
-        if self.fast_path_blocker is not None:
-            return DynamicDecoder(self)
-        need = max(len(r.prompt_ids) for r in requests) + max(r.params.max_new_tokens for r in requests)
-        return StaticDecoder(self, len(requests), bucket_length(need))
-
-    def static_state(self, batch: int, length: int) -> StaticState:
-        """The fixed-address buffers (and captured step) for this batch shape; the least recently used
-        shapes beyond `MAX_STATIC_SHAPES` are freed."""
-        key = (batch, length)
-        st = self._static.pop(key, None) or StaticState(self.model, batch, length, self.device)
-        self._static[key] = st
-        while len(self._static) > MAX_STATIC_SHAPES:
-            self._static.popitem(last=False)
-        return st
-
-    def graphs_allowed(self, batch: int) -> bool:
-        """CUDA graphs for decode batches of this size: on CUDA, unless disabled or a capture failed, and
-        only when every layer's experts fit one pool window (see runtime.graph_ready)."""
-        if self.device.type != "cuda" or not self.cfg.cuda_graphs or self.graph_failure is not None:
-            return False
-        g = self.geometry
-        return self.runtime.graph_ready and (self.policy.keeps_all_resident or
-                                             self.cache.capacity >= min(batch * g.top_k, g.num_experts))
-
-    def graphs_failed(self, reason: str) -> None:
-        self.graph_failure = reason
-        for st in self._static.values():
-            st.drop_graph()
+        return self.paths.decoder_for(requests)
 
     @property
     def decode_path(self) -> str:
-        if self.fast_path_blocker is not None:
-            return f"eager, dynamic KV cache ({self.fast_path_blocker})"
-        if self.device.type != "cuda" or not self.cfg.cuda_graphs:
-            return "eager, static KV cache"
-        if self.graph_failure is not None:
-            return f"eager, static KV cache (CUDA graph capture failed: {self.graph_failure})"
-        return "CUDA graphs, static KV cache" + ("" if self.runtime.graph_ready else
-                                                   " (eager: the cache has more slots than one graph window)")
+        return self.paths.describe()
 
     def _assert_dispatched(self, before) -> None:
         """Every MoE layer must have gone through finemoe (transformers falls back silently otherwise)."""

@@ -106,6 +106,8 @@ class OffloadRuntime:
         self._token_rows = np.zeros(0, np.int64)
         self._live_tokens: np.ndarray | None = None   # [T] bool, None = every token is live
         self.capture = None                          # a SegmentedGraph while one is being recorded
+        self.prefill_lookahead = False               # stream layer l+1's predicted experts during prefill
+        self._lookahead = False
         self._row_hits = np.zeros(0, np.int64)
         self._row_misses = np.zeros(0, np.int64)
         self._bytes_at_start = 0
@@ -139,6 +141,7 @@ class OffloadRuntime:
         self._token_rows = token_rows
         dead = token_rows == DEAD_ROW
         self._live_tokens = ~dead if dead.any() else None
+        self._lookahead = self.prefill_lookahead and it.is_prefill and not self.all_resident
         B = len(it.request_ids)
         self._row_hits = np.zeros(B, np.int64)
         self._row_misses = np.zeros(B, np.int64)
@@ -175,6 +178,8 @@ class OffloadRuntime:
             return ex.compute_fn(ex.window(0, self.cache.capacity), hidden, self._lut_dev[layer][top_k_index],
                                  top_k_weights)
         step = self.begin_layer(layer, top_k_index)
+        if self._lookahead and layer + 1 < len(self.layers):
+            self._look_ahead(layer + 1, hidden)
         if step.lo < 0:
             out, hit = run_in_waves(self, ex, hidden, top_k_index, top_k_weights, step.experts, step.res)
             self._record(layer, step.topk, step.experts, hit)
@@ -218,6 +223,18 @@ class OffloadRuntime:
         if router_out is not None:
             self._router_out[step.layer] = router_out
         self._after_layer(step.layer, top_k_index)
+
+    def _look_ahead(self, layer: int, hidden: torch.Tensor) -> None:
+        """Prefill lookahead: while this layer computes, start copying the experts that layer `layer`'s own
+        router picks for these hidden states (most used first), behind this layer's demand copies. The
+        router runs through `forward` directly, so no forward hook sees (or replaces) this guess.
+        HOST SYNC: the predicted experts."""
+        J = self.g.num_experts
+        logits = self.layers[layer].router.forward(hidden)[0]                          # [T, J]
+        picks = torch.topk(logits.float(), self.g.top_k, dim=-1).indices.reshape(-1)   # [T*k]
+        counts = torch.bincount(picks, minlength=J).cpu().numpy()                     # [J]  (syncs)
+        order = np.argsort(-counts, kind="stable")[: int((counts > 0).sum())]
+        self.cache.prefetch_now(layer * J + order)
 
     @staticmethod
     def _sync_routing_to_host(top_k_index: torch.Tensor) -> np.ndarray:
