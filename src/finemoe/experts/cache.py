@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finemoe.experts.transport import Transport
-from finemoe.policies.base import CacheView, Policy, Prefetch
+from finemoe.policies.base import CacheView, Policy, Prefetch, VictimOrder
 
 
 @dataclass
@@ -42,6 +42,9 @@ class ExpertCache:
         self.pending = np.full(total_experts, -np.inf)              # queued prefetch priority per key
         self._slot = [-1] * total_experts       # slot_of as Python ints (scalar hot path)
         self._key = [-1] * capacity             # key_of as Python ints
+        # scalar writes into the numpy views go through memoryviews of the same buffers (numpy's own scalar
+        # indexing costs several times more per element)
+        self._views = (memoryview(self.slot_of), memoryview(self.key_of), memoryview(self.resident))
         self._filled = 0                        # slots [0, filled) hold experts: empty slots fill lowest first
         self._all_slots = np.ones(capacity, dtype=bool)
         self._pinned: set[int] = set()          # slots in use by the layer computing now (acquire .. release)
@@ -49,6 +52,8 @@ class ExpertCache:
         self._prefetching: set[int] = set()     # slots whose prefetch copy may still be in flight
         self._queued = False                    # False: `pending` certainly holds no request
         self._marks_use = type(transport).mark_used is not Transport.mark_used
+        self._order: VictimOrder | None = None   # the policy's incremental eviction order (asked at first eviction)
+        self._order_asked = False
         self.prefetch_copies = 0
         self.wasted_prefetches = 0
 
@@ -58,20 +63,23 @@ class ExpertCache:
     # ---- placement -------------------------------------------------------------------------
     def _assign(self, slot: int, key: int) -> None:
         old = self._key[slot]
+        slot_of, key_of, resident = self._views
         if old >= 0:
             self._slot[old] = -1
-            self.slot_of[old] = -1
-            self.resident[old] = False
+            slot_of[old] = -1
+            resident[old] = False
             if slot in self._unused_prefetch:
                 self.wasted_prefetches += 1
                 self._unused_prefetch.discard(slot)
         else:
             self._filled += 1
         self._key[slot] = key
-        self.key_of[slot] = key
+        key_of[slot] = key
         self._slot[key] = slot
-        self.slot_of[key] = slot
-        self.resident[key] = True
+        slot_of[key] = slot
+        resident[key] = True
+        if self._order is not None:
+            self._order.placed(slot, key, old)
 
     def _free_slots(self, n: int, for_prefetch: bool, pinned_now: list[int] | None = None) -> list[int]:
         """Up to n slots to (re)use: empty ones first, then policy victims among evictable residents.
@@ -79,6 +87,21 @@ class ExpertCache:
         empty = list(range(self._filled, min(self._filled + n, self.capacity)))
         if len(empty) >= n:
             return empty
+        if not self._order_asked:
+            self._order_asked = True
+            self._order = self.policy.victim_order()
+            if self._order is not None:
+                self._order.attach(self._key, self._slot)
+        if self._order is not None:   # same victims as select_victims, without the candidate array
+            blocked = set(pinned_now) if pinned_now else set()
+            if self._pinned:
+                blocked |= self._pinned
+            if for_prefetch:
+                blocked |= self._unused_prefetch
+                blocked |= self._prefetching
+            victims = self._order.victims(n - len(empty), for_prefetch, blocked)
+            if victims is not None and (for_prefetch or len(victims) == n - len(empty)):
+                return empty + victims
         evictable = self._all_slots.copy() if self._filled == self.capacity else self.key_of >= 0   # [N]
         if pinned_now:
             evictable[pinned_now] = False
@@ -177,8 +200,13 @@ class ExpertCache:
             self._queued = False
             return 0
         best = queued[(-pending[queued]).argsort(kind="stable")[:budget]]
-        room = self._free_slots(best.size, for_prefetch=True)
-        for key, slot in zip(best.tolist(), room):
+        return self._start_prefetches(best.tolist())
+
+    def _start_prefetches(self, keys: list[int]) -> int:
+        """Copy `keys` (not resident) into slots now, as prefetches; returns how many found room."""
+        room = self._free_slots(len(keys), for_prefetch=True)
+        pending = self.pending
+        for key, slot in zip(keys, room):
             self._assign(slot, key)
             self.transport.start_copy(slot, key)
             self._prefetching.add(slot)
@@ -186,6 +214,13 @@ class ExpertCache:
             pending[key] = -np.inf
         self.prefetch_copies += len(room)
         return len(room)
+
+    def prefetch_now(self, keys: np.ndarray) -> int:
+        """Start copying the non-resident `keys` (in the given order) at once, outside the prefetch queue
+        and its in-flight limit, behind the demand copies already issued (prefill lookahead). Victims come
+        from the policy among slots that are neither in use nor unused prefetches. Returns copies issued."""
+        missing = keys[~self.resident[keys]]
+        return self._start_prefetches(missing.tolist()) if missing.size else 0
 
     def end_iteration(self) -> None:
         if self._queued:

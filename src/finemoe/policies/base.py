@@ -10,7 +10,8 @@ Call order for one iteration (one forward pass of the batch):
                                               are already being loaded
       on_layer_routed(routing)              -> prefetches for later layers (full router probs,
                                               optionally hidden states)
-      select_victims(...)                     whenever the cache needs room
+      select_victims(...)                     whenever the cache needs room (or, faster, the policy's
+                                              optional VictimOrder: the same victims, kept incrementally)
   on_iteration_end(it)
 Requests are bracketed by on_request_start / on_request_end. The simulator calls the same
 methods in the same order, with tensors on the CPU.
@@ -99,10 +100,36 @@ class Prefetch:
 
     @staticmethod
     def empty() -> "Prefetch":
-        return Prefetch(np.empty(0, np.int64), np.empty(0, np.float64))
+        """The shared no-prefetch value (its arrays have no elements to write)."""
+        return _NO_PREFETCH
 
     def __len__(self) -> int:
         return int(self.keys.size)
+
+
+_NO_PREFETCH = Prefetch(np.empty(0, np.int64), np.empty(0, np.float64))
+
+
+class VictimOrder(ABC):
+    """Optional fast path of `Policy.select_victims`: an eviction order the policy keeps current as experts
+    are used and placed, so the cache takes victims without building a candidate array on every miss.
+
+    Contract: `victims(n, for_prefetch, blocked)` returns the slots holding exactly the keys, in the same
+    order, that the owning policy's `select_victims(candidates, n, for_prefetch)` returns for candidates =
+    the key of every occupied slot not in `blocked`, in slot order; or None when it cannot tell now (the
+    cache then asks `select_victims`). The cache calls `attach(key_of, slot_of)` once, before its first
+    `victims`, with its live occupancy lists (key per slot, slot per key, -1 = none; read them, never write),
+    then `placed(slot, key, old)` after every placement (`old`: the key evicted from the slot, or -1), and
+    reassigns every slot `victims` returned."""
+
+    @abstractmethod
+    def attach(self, key_of: list[int], slot_of: list[int]) -> None: ...
+
+    @abstractmethod
+    def placed(self, slot: int, key: int, old: int) -> None: ...
+
+    @abstractmethod
+    def victims(self, n: int, for_prefetch: bool, blocked: set[int]) -> list[int] | None: ...
 
 
 class Policy(ABC):
@@ -156,6 +183,11 @@ class Policy(ABC):
         """Choose up to `n` experts to evict from `candidates` (flat keys, all resident and evictable),
         best victim first. For a prefetch the policy may return fewer (declining to evict); for a
         demand miss it must return `n` (the engine falls back to the first candidates otherwise)."""
+
+    def victim_order(self) -> VictimOrder | None:
+        """The policy's incremental eviction order (see VictimOrder), asked once by the cache at its
+        first eviction, after `bind`. Default None: the cache calls `select_victims`."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Anything worth saving across runs (map stores, collections). Default: nothing."""

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from finemoe.policies.base import Policy, PolicyContext, register_policy
-from finemoe.policies.lru import RecencyTracker
+from finemoe.policies.base import Policy, PolicyContext, VictimOrder, register_policy
+from finemoe.policies.lru import SMALL, RecencyTracker
+from finemoe.policies.victim_order import HeapVictimOrder
 
 
 class FrequencyTracker:
@@ -13,16 +14,32 @@ class FrequencyTracker:
 
     def __init__(self, total: int) -> None:
         self.uses = np.zeros(total, np.int64)
+        self.uses_view = memoryview(self.uses)            # the same buffer, for scalar reads and writes
         self.recency = RecencyTracker(total)
 
     def touch(self, keys: np.ndarray) -> None:
         self.uses[keys] += 1
         self.recency.touch(keys)
 
+    def touch_layer(self, base: int, experts: np.ndarray) -> None:
+        """`touch(base + experts)`, in plain Python for a layer's few experts."""
+        if experts.size > SMALL:
+            return self.touch(base + experts)
+        uses = self.uses_view
+        for e in experts.tolist():
+            uses[base + e] += 1
+        self.recency.touch_layer(base, experts)
+
     def least_used(self, candidates: np.ndarray, n: int) -> np.ndarray:
         """The n candidates with the fewest uses; among equals the least recently used first."""
         order = np.lexsort((self.recency.last_used[candidates], self.uses[candidates]))
         return candidates[order[:n]]
+
+    def order(self) -> VictimOrder:
+        """`least_used` over the cache's occupied slots, kept incrementally: rank (uses, last use) only grows,
+        packed in one int (uses above bit 64, last use + 1 below: clocks stay far below 2**64) to compare fast."""
+        uses, last_used = self.uses_view.__getitem__, self.recency.last_used_view.__getitem__
+        return HeapVictimOrder(lambda key: (uses(key) << 64) + int(last_used(key)) + 1, monotone=True)
 
 
 @register_policy
@@ -38,7 +55,10 @@ class LFUPolicy(Policy):
         self.J = ctx.geometry.num_experts
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.freq.touch(layer * self.J + experts)
+        self.freq.touch_layer(layer * self.J, experts)
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.freq.least_used(candidates, n)
+
+    def victim_order(self) -> VictimOrder:
+        return self.freq.order()

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from finemoe.policies.base import Policy, PolicyContext, register_policy
+from finemoe.policies.base import Policy, PolicyContext, VictimOrder, register_policy
+from finemoe.policies.victim_order import HeapVictimOrder
+
+
+SMALL = 16   # up to this many keys, per-key Python beats numpy's per-call overhead
 
 
 class RecencyTracker:
@@ -11,11 +15,25 @@ class RecencyTracker:
 
     def __init__(self, total: int) -> None:
         self.last_used = np.full(total, -1.0)
+        self.last_used_view = memoryview(self.last_used)   # the same buffer, for scalar reads and writes
         self.clock = 0.0
+
+    def order(self) -> VictimOrder:
+        """`oldest` over the cache's occupied slots, kept incrementally (last-use clocks only grow)."""
+        return HeapVictimOrder(self.last_used_view.__getitem__, monotone=True)
 
     def touch(self, keys: np.ndarray) -> None:
         self.clock += 1.0
         self.last_used[keys] = self.clock
+
+    def touch_layer(self, base: int, experts: np.ndarray) -> None:
+        """`touch(base + experts)`, in plain Python for a layer's few experts."""
+        if experts.size > SMALL:
+            return self.touch(base + experts)
+        self.clock += 1.0
+        last_used, clock = self.last_used_view, self.clock
+        for e in experts.tolist():
+            last_used[base + e] = clock
 
     def oldest(self, candidates: np.ndarray, n: int) -> np.ndarray:
         order = self.last_used[candidates].argsort(kind="stable")
@@ -34,7 +52,10 @@ class LRUPolicy(Policy):
         self.J = ctx.geometry.num_experts
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.recency.touch(layer * self.J + experts)
+        self.recency.touch_layer(layer * self.J, experts)
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.recency.oldest(candidates, n)
+
+    def victim_order(self) -> VictimOrder:
+        return self.recency.order()

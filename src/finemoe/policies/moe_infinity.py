@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from finemoe.errors import ConfigError
 from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
-                                   register_policy)
+                                   VictimOrder, register_policy)
 from finemoe.policies.lfu import FrequencyTracker
 
 COLLECTION_VERSION = 1
@@ -128,14 +128,16 @@ class MoEInfinityPolicy(Policy):
 
     # ---- per layer -----------------------------------------------------------------------------
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.freq.touch(layer * self.J + experts)
+        self.freq.touch_layer(layer * self.J, experts)
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         topk = routing.top_k.cpu().numpy()                                # [T, k] (already synced by the runtime)
-        rows = np.repeat(routing.token_rows, topk.shape[1])               # [T*k]
-        valid = rows >= 0
-        if self.batch_eam.shape[0]:
-            np.add.at(self.batch_eam, (rows[valid], routing.layer * self.J + topk.reshape(-1)[valid]), 1.0)
+        B, J = self.batch_eam.shape[0], self.J
+        if B:
+            rows = np.repeat(routing.token_rows, topk.shape[1])           # [T*k]
+            valid = rows >= 0
+            counts = np.bincount(rows[valid] * J + topk.reshape(-1)[valid], minlength=B * J)   # [B*J] exact ints
+            self.batch_eam[:, routing.layer * J:(routing.layer + 1) * J] += counts.reshape(B, J)
         return self._prefetch_after(routing.layer)
 
     def _prefetch_after(self, layer: int) -> Prefetch:
@@ -158,6 +160,9 @@ class MoEInfinityPolicy(Policy):
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.freq.least_used(candidates, n)
+
+    def victim_order(self) -> VictimOrder:
+        return self.freq.order()
 
     def state_dict(self) -> dict:
         return {"collection": self.collection.unit[:self.collection.size].copy()}

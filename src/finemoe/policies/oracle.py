@@ -7,7 +7,8 @@ import numpy as np
 
 from finemoe.errors import ConfigError
 from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
-                                   register_policy)
+                                   VictimOrder, register_policy)
+from finemoe.policies.victim_order import HeapVictimOrder
 from finemoe.traces.format import Trace, load_trace
 
 
@@ -56,10 +57,34 @@ class FutureIndex:
         key, at = np.divmod(found, self.S1)
         return np.where(key == keys, at - step, np.inf)
 
+    def next_use(self, keys: np.ndarray, step: int) -> np.ndarray:
+        """The step at which each key is next used (strictly after `step`); inf if never."""
+        return self.distance_to_next_use(keys, step) + step
+
+    def next_use_each(self, keys: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """For each (key, step) pair, the step at which that key is next used strictly after it; inf if never."""
+        found = self._by_key_end[self.by_key.searchsorted(keys * self.S1 + steps, side="right")]
+        key, at = np.divmod(found, self.S1)
+        return np.where(key == keys, at, np.inf)
+
     def needs(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys, steps) used in steps first..last inclusive, in need order."""
         codes = self.by_step[self.step_ptr[first]:self.step_ptr[last + 1]]
         return codes % self.K, codes // self.K
+
+
+class IterationNeeds:
+    """What one on-trace row needs in its iteration of steps b .. b+L-1: every key at most once (a key
+    belongs to one layer), in ascending key order (which is layer order), and when each is needed next."""
+
+    def __init__(self, future: FutureIndex, b: int) -> None:
+        codes = future.by_step[future.step_ptr[b]:future.step_ptr[b + future.L]]
+        steps = codes // future.K
+        self.keys = codes % future.K                                          # [n] ascending
+        self.layer = (steps - b).astype(np.float64)                           # [n] layer of each key
+        self.bounds = steps.searchsorted(np.arange(b, b + future.L + 1)).tolist()   # [L+1] first index per layer
+        self.key_list = self.keys.tolist()
+        self.next_use = future.next_use_each(self.keys, steps).tolist()      # [n] next use after this one
 
 
 @register_policy
@@ -95,6 +120,11 @@ class OraclePolicy(Policy):
         self.row_base = np.zeros(0, np.int64)     # [B] step of layer 0 of this iteration per row; -1 off-trace
         self.layer = -1
         self.horizon = np.inf
+        self.single_base: int | None = None     # row_base of a batch of one on-trace row, else None
+        self.needs_now: IterationNeeds | None = None   # that row's needs in this iteration
+        self.order: HeapVictimOrder | None = None
+        self.next_use = [np.inf] * self.future.K  # [K] next trace use of each key after `order_step` (order only)
+        self.order_step: int | None = None
 
     def on_request_start(self, req: RequestInfo) -> None:
         r = self.future.match(req.prompt_ids)
@@ -113,10 +143,14 @@ class OraclePolicy(Policy):
             on_trace = r is not None and step < self.future.iterations[r]
             base.append(self.future.base[r] + step * self.future.L if on_trace else -1)
         self.row_base = np.asarray(base, np.int64)
+        self.single_base = int(base[0]) if len(base) == 1 and base[0] >= 0 else None
+        self.needs_now = None if self.single_base is None else IterationNeeds(self.future, self.single_base)
         return self._prefetch_after(-1)
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         self.layer = layer
+        if self.order is not None:
+            self._sync_order()
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         return self._prefetch_after(routing.layer)
@@ -124,6 +158,8 @@ class OraclePolicy(Policy):
     def _prefetch_after(self, layer: int) -> Prefetch:
         """Keys needed in layers layer+1 .. layer+lookahead of this iteration, soonest first."""
         self.layer = layer
+        if self.order is not None:
+            self._sync_order()
         if not self.prefetch:
             return Prefetch.empty()
         last = min(layer + self.lookahead, self.future.L - 1)
@@ -131,6 +167,13 @@ class OraclePolicy(Policy):
         if not bases:
             self.horizon = 0.0
             return Prefetch.empty()
+        if self.needs_now is not None:     # one row: each key once, at its layer's step
+            need = self.needs_now
+            lo, hi = need.bounds[layer + 1], need.bounds[last + 1]
+            absent = ~self.ctx.cache.resident[need.keys[lo:hi]]
+            keys, dist = need.keys[lo:hi][absent], need.layer[lo:hi][absent] - layer
+            self.horizon = float(dist.max()) if keys.size else 0.0
+            return Prefetch(keys, -dist)
         soonest = np.full(self.future.K, np.inf)
         for b in bases:
             keys, steps = self.future.needs(b + layer + 1, b + last)
@@ -157,3 +200,39 @@ class OraclePolicy(Policy):
         if for_prefetch:
             order = order[dist[order] > self.horizon]
         return candidates[order[:n]]
+
+    def victim_order(self) -> VictimOrder:
+        """Belady's order kept incrementally for a batch of one on-trace row (rank = -next use, pushed again
+        whenever a key is used); any other batch falls back to `select_victims`."""
+        nxt = self.next_use
+        self.order = HeapVictimOrder(lambda key: -nxt[key], monotone=False,
+                                     prefetch_limit=lambda: -(self.order_step + self.horizon))
+        self._sync_order()
+        return self.order
+
+    def _sync_order(self) -> None:
+        """Bring `next_use` (and the order's ranks) to the current step: one step on, only the keys the
+        trace uses at that step change; any other move recomputes every key."""
+        if self.single_base is None:
+            self.order.enabled, self.order_step = False, None
+            return
+        step = self.single_base + self.layer
+        if step == self.order_step:
+            return
+        if self.order_step is not None and step == self.order_step + 1:   # only the keys used at `step` change
+            need, layer = self.needs_now, step - self.single_base
+            if layer >= 0:
+                lo, hi = need.bounds[layer], need.bounds[layer + 1]
+                changed, after = need.key_list[lo:hi], need.next_use[lo:hi]
+            else:
+                keys = self.future.needs(step, step)[0]
+                changed, after = keys.tolist(), self.future.next_use(keys, step).tolist()
+            nxt = self.next_use
+            for k, at in zip(changed, after):
+                nxt[k] = at
+            self.order.touched(changed)
+        else:
+            self.next_use[:] = self.future.next_use(np.arange(self.future.K), step).tolist()
+            self.order.enabled = True
+            self.order.rebuild()
+        self.order_step = step

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -42,15 +43,18 @@ class _Routed:
     topk: np.ndarray           # [N, L, k] int64, router order
     sorted_topk: np.ndarray    # [N, L, k] int64, ascending (a 1-token iteration's np.unique)
     ones: np.ndarray           # [k] int64 counts of a 1-token iteration
+    layer_base: np.ndarray     # [L, 1] int64 first flat key of each layer
 
     @staticmethod
     def of(trace: Trace) -> "_Routed":
         topk = trace.topk.astype(np.int64)
-        return _Routed(topk, np.sort(topk, axis=-1), np.ones(trace.top_k, np.int64))
+        return _Routed(topk, np.sort(topk, axis=-1), np.ones(trace.top_k, np.int64),
+                       (np.arange(trace.num_layers, dtype=np.int64) * trace.num_experts)[:, None])
 
 
-def check_simulatable(trace: Trace, policy: str) -> None:
-    cls = get_policy_class(policy)
+def check_simulatable(trace: Trace, policy: str | type[Policy]) -> None:
+    cls = get_policy_class(policy) if isinstance(policy, str) else policy
+    policy = cls.name
     if cls.needs_hidden_states:
         raise SimulationError(
             f"policy {policy!r} applies later layers' routers to hidden states, which a routing trace does not "
@@ -63,20 +67,21 @@ def check_simulatable(trace: Trace, policy: str) -> None:
 class Replay:
     """One policy and one budget over one trace."""
 
-    def __init__(self, trace: Trace, policy: str, expert_budget, cost: CostModel,
+    def __init__(self, trace: Trace, policy: str | Policy, expert_budget, cost: CostModel,
                  policy_options: dict | None = None, prefetch_inflight: int = 4,
                  routed: _Routed | None = None, embed=None) -> None:
-        """`embed`: the recorded model's input-embedding module, for policies with a token-semantic signal."""
-        check_simulatable(trace, policy)
+        """`policy`: a registered name (built with `policy_options`), or a policy instance not yet bound.
+        `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal."""
+        check_simulatable(trace, policy if isinstance(policy, str) else type(policy))
         options = dict(policy_options or {})
         if policy == "oracle":
             options.setdefault("trace", trace)
         self.trace, self.cost = trace, cost
         self.routed = routed or _Routed.of(trace)
         self.g = ExpertGeometry(trace.num_layers, trace.num_experts, trace.top_k, cost.expert_bytes, {}, torch.float16)
-        cfg = EngineConfig(device="cpu", expert_budget=expert_budget, policy=policy, show_progress=False,
+        self.policy = create_policy(policy, **options) if isinstance(policy, str) else policy
+        cfg = EngineConfig(device="cpu", expert_budget=expert_budget, policy=self.policy.name, show_progress=False,
                            prefetch_inflight=prefetch_inflight)
-        self.policy = create_policy(policy, **options)
         self.all_resident = self.policy.keeps_all_resident
         self.capacity, self.budget_bytes = capacity_for(cfg, self.g, self.all_resident)
         self.transport = TimedTransport(self.capacity, cost)
@@ -89,6 +94,7 @@ class Replay:
             self.transport.now = self.transport.engine_free   # serving starts once every expert is loaded
         # the base class's on_layer_routed returns no prefetch by contract: skip building its argument
         self.reports_routing = type(self.policy).on_layer_routed is not Policy.on_layer_routed
+        self.token_ids = trace.token_ids.astype(np.int64)                       # [N] for IterationInfo.input_ids
         self.iteration = 0
         self.metrics: list[RequestMetrics] = []
 
@@ -109,55 +115,74 @@ class Replay:
     def _request(self, r: int) -> RequestMetrics:
         info = RequestInfo(self.trace.request_ids[r], self.trace.prompt_ids(r), self.trace.prompt_texts[r])
         self.policy.on_request_start(info)
-        m = RequestMetrics(t_submit=self.transport.now)
+        transport = self.transport
+        m = RequestMetrics(t_submit=transport.now)
         for i in range(int(self.trace.iterations[r])):
-            bytes_before = self.transport.bytes_copied
+            bytes_before = transport.bytes_copied
             hits, misses = self._iteration(r, i)
             m.hits += hits
             m.misses += misses
-            m.bytes_copied += self.transport.bytes_copied - bytes_before
-            m.stall_s += self.transport.drain_stall_seconds()
-            m.on_token(self.transport.now)
+            m.bytes_copied += transport.bytes_copied - bytes_before
+            m.stall_s += transport.drain_stall_seconds()
+            m.on_token(transport.now)
         self.policy.on_request_end(info)
         return m
 
     def _iteration(self, r: int, i: int) -> tuple[int, int]:
         a, b = self.trace.iteration_rows(r, i)
-        it = IterationInfo(self.iteration, [self.trace.request_ids[r]], [i],
-                           torch.from_numpy(self.trace.token_ids[a:b].astype(np.int64)).view(1, -1), i == 0)
+        input_ids = torch.from_numpy(self.token_ids[a:b].reshape(1, -1))                         # [1, T]
+        it = IterationInfo(self.iteration, [self.trace.request_ids[r]], [i], input_ids, i == 0)
         self.iteration += 1
-        self.cache.enqueue(self.policy.on_iteration_start(it))
-        self.cache.pump(-1)
-        rows = np.zeros(b - a, np.int64)
-        hits = misses = 0
-        for layer in range(self.g.num_layers):
-            if b - a == 1:
-                experts, counts = self.routed.sorted_topk[a, layer], self.routed.ones
-            else:
-                experts, counts = np.unique(self.routed.topk[a:b, layer], return_counts=True)
-            if self.all_resident:
-                hits += experts.size
-                self.transport.advance(self.cost.layer_time_s)
-                continue
-            n_hit = self._layer(layer, experts, counts)
-            hits += n_hit
-            misses += experts.size - n_hit
-            if self.reports_routing:
-                self.cache.enqueue(self.policy.on_layer_routed(self._routing(layer, a, b, rows)))
-            self.cache.pump(layer)
-            self.transport.advance(self.cost.layer_time_s)
-        self.policy.on_iteration_end(it)
-        self.cache.end_iteration()
+        cache, policy = self.cache, self.policy
+        cache.enqueue(policy.on_iteration_start(it))
+        cache.pump(-1)
+        if b - a == 1:   # decode: one token, its k distinct experts (sorted) once each
+            layers = zip(range(self.g.num_layers), self.routed.sorted_topk[a], repeat(self.routed.ones))
+        else:
+            layers = self._distinct_per_layer(a, b)
+        hits, misses = self._layers(layers, a, b)
+        policy.on_iteration_end(it)
+        cache.end_iteration()
         return hits, misses
 
-    def _layer(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> int:
-        """on_access, then the demand path exactly as OffloadRuntime.run_layer takes it. Returns hits."""
-        self.policy.on_access(layer, experts, counts)
-        cap = self.capacity
-        if experts.size <= cap:
-            return self.cache.acquire_release(layer, experts)
-        return sum(self.cache.acquire_release(layer, experts[start:start + cap])    # waves of `capacity` experts
-                   for start in range(0, experts.size, cap))
+    def _distinct_per_layer(self, a: int, b: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(layer, distinct experts ascending, tokens per expert) of token rows a..b, as np.unique per layer
+        gives them, from one np.unique over flat keys (key order is layer order)."""
+        J = self.g.num_experts
+        keys, counts = np.unique(self.routed.topk[a:b] + self.routed.layer_base, return_counts=True)   # [n]
+        bounds = keys.searchsorted(np.arange(self.g.num_layers + 1) * J).tolist()
+        return [(layer, keys[lo:hi] - layer * J, counts[lo:hi])
+                for layer, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+    def _layers(self, layers, a: int, b: int) -> tuple[int, int]:
+        """Every MoE layer of one iteration: on_access, the demand path exactly as OffloadRuntime.run_layer takes
+        it (waves of `capacity` experts when a layer needs more), on_layer_routed, pump, then the layer's compute
+        time. Returns (hits, misses)."""
+        transport, cache, policy = self.transport, self.cache, self.policy
+        layer_s, cap = self.cost.layer_time_s, self.capacity
+        hits = misses = 0
+        if self.all_resident:
+            for _, experts, _ in layers:
+                hits += experts.size
+                transport.now += layer_s
+            return hits, misses
+        on_access, acquire, pump = policy.on_access, cache.acquire_release, cache.pump
+        routing = self.reports_routing
+        rows = np.zeros(b - a, np.int64) if routing else None
+        for layer, experts, counts in layers:
+            on_access(layer, experts, counts)
+            n = experts.size
+            if n <= cap:
+                n_hit = acquire(layer, experts)
+            else:
+                n_hit = sum(acquire(layer, experts[start:start + cap]) for start in range(0, n, cap))
+            hits += n_hit
+            misses += n - n_hit
+            if routing:
+                cache.enqueue(policy.on_layer_routed(self._routing(layer, a, b, rows)))
+            pump(layer)
+            transport.now += layer_s      # the layer computes
+        return hits, misses
 
     def _routing(self, layer: int, a: int, b: int, rows: np.ndarray) -> LayerRouting:
         probs = None

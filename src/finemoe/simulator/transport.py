@@ -61,7 +61,7 @@ class TimedTransport(Transport):
 
     def wait_compute(self, slots: np.ndarray) -> None:
         if slots.size:
-            ready = max(self.done_at[s] for s in slots.tolist())
+            ready = max(map(self.done_at.__getitem__, slots.tolist()))
             if ready > self.now:
                 self._stall += ready - self.now
                 self.now = ready
