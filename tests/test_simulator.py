@@ -46,6 +46,15 @@ def test_hand_computed_ttft_and_tpot_for_on_demand_and_for_prefetching():
     assert oracle["prefetch_copies"] == 3
 
 
+def test_host_round_trip_delays_every_offloaded_layer_and_its_copies():
+    cost = CostModel(expert_bytes=1, bandwidth_Bps=1.0, layer_time_s=0.5, host_layer_s=0.25)
+    lru, resident = simulate(two_layer_trace(), ["lru", "resident"], ["100%"], cost)
+    # lru (all 8 slots): +0.25 host, miss e0 (1.25) +0.5; +0.25, miss e1 (2.0 -> 3.0) +0.5 -> TTFT 3.5;
+    # +0.25 hit e0 +0.5 (4.25); +0.25 miss e2 (4.5 -> 5.5) +0.5 -> 6.0, TPOT 2.5
+    assert (lru["ttft_s"], lru["tpot_s"]) == (3.5, 2.5)
+    assert (resident["ttft_s"], resident["tpot_s"]) == (1.0, 1.0)   # no routing round trip when all is resident
+
+
 @pytest.mark.parametrize("policy", ["mixtral-offloading", "promoe"])
 def test_policies_that_need_hidden_states_are_refused_with_the_fix(policy):
     with pytest.raises(SimulationError, match="run it in the engine"):

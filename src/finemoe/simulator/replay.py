@@ -159,7 +159,7 @@ class Replay:
         it (waves of `capacity` experts when a layer needs more), on_layer_routed, pump, then the layer's compute
         time. Returns (hits, misses)."""
         transport, cache, policy = self.transport, self.cache, self.policy
-        layer_s, cap = self.cost.layer_time_s, self.capacity
+        layer_s, host_s, cap = self.cost.layer_time_s, self.cost.host_layer_s, self.capacity
         hits = misses = 0
         if self.all_resident:
             for _, experts, _ in layers:
@@ -170,6 +170,7 @@ class Replay:
         routing = self.reports_routing
         rows = np.zeros(b - a, np.int64) if routing else None
         for layer, experts, counts in layers:
+            transport.now += host_s       # the host learns the routing; the layer's copies start after
             on_access(layer, experts, counts)
             n = experts.size
             if n <= cap:

@@ -20,11 +20,15 @@ from finemoe.experts.transport import Transport
 @dataclass(frozen=True)
 class CostModel:
     """expert_bytes: bytes moved per expert copy; bandwidth_Bps: host-to-device bytes/s (inf = free
-    copies, as on the CPU engine); layer_time_s: compute time of one MoE layer per iteration."""
+    copies, as on the CPU engine); layer_time_s: compute time of one MoE layer per iteration;
+    host_layer_s: host round trip before an offloaded layer's experts can run (the engine's named routing
+    sync and its cache work, during which the GPU waits; calibrate it as (TPOT of an all-hit offloading
+    run - resident TPOT) / layers). Resident runs have no such round trip."""
 
     expert_bytes: int
     bandwidth_Bps: float = 25e9
     layer_time_s: float = 0.0
+    host_layer_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.expert_bytes < 1:
@@ -33,6 +37,8 @@ class CostModel:
             raise ConfigError(f"bandwidth must be positive (or inf), got {self.bandwidth_Bps}")
         if self.layer_time_s < 0:
             raise ConfigError(f"layer time must be >= 0, got {self.layer_time_s}")
+        if self.host_layer_s < 0:
+            raise ConfigError(f"host time per layer must be >= 0, got {self.host_layer_s}")
 
     @property
     def copy_s(self) -> float:
