@@ -3,7 +3,8 @@
 The same split, traces and cost model as `finemoe bench --simulate` (docs/RESULTS.md, experiment 2), but
 each history (map store, MoE-Infinity collection) is built once and kept in `--store-dir`, so many
 variants that only change how a store is used are cheap to compare. Variants are written like bench's
-(`finemoe/neighbors=4/window=3`); `--jobs N` replays N variants at a time.
+(`finemoe/neighbors=4/window=3`; `.../inflight=N` sets the engine's prefetch_inflight for that variant);
+`--jobs N` replays N variants at a time.
 
     python3 benchmarks/finemoe_variants.py --prompts ../shared/data/prompts/arena_hard_v01.jsonl --limit 200 \\
         --variants finemoe,finemoe/neighbors=4,moe-infinity,oracle --trace-dir /tmp/eval/traces \\
@@ -30,6 +31,7 @@ from finemoe.eval.workload import load_texts, tokenize
 from finemoe.simulator import CostModel, Replay
 
 TEMPLATE = "User: {prompt}\n\nAssistant:"
+INFLIGHT_OPTION = "inflight"   # `POLICY/.../inflight=N`: the cache's prefetch_inflight for this variant
 _STATE: dict = {}          # the loaded traces and embedding, shared with forked replay workers
 
 
@@ -49,15 +51,16 @@ def history_path(args, variant, build_trace_id: str) -> str | None:
 
 
 def replay_one(job: tuple) -> dict:
-    variant, path, budget, bandwidth, layer_ms, expert_bytes = job
+    variant, path, budget, bandwidth, layer_ms, expert_bytes, inflight = job
     torch.set_num_threads(1)
     opts = dict(variant.options)
+    inflight = opts.pop(INFLIGHT_OPTION, inflight)      # an engine knob, not a policy option
     if path is not None:
         opts.update({HISTORY_OPTION[variant.policy]: path, "learn": False})
     if variant.policy == "finemoe":
         opts["embed"] = _STATE["embed"]
     cost = CostModel(expert_bytes, bandwidth, layer_ms / 1e3)
-    replay = Replay(_STATE["held"], variant.policy, budget, cost, opts)
+    replay = Replay(_STATE["held"], variant.policy, budget, cost, opts, prefetch_inflight=inflight)
     r = replay.run()
     return {"variant": variant.label, "hit_rate": r["hit_rate"], "bytes_per_token": r["bytes_per_token"],
             "tpot_ms": 1e3 * r["tpot_s"], "ttft_ms": 1e3 * r["ttft_s"], "misses": r["misses"],
@@ -90,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--bandwidth", type=float, default=53.0, help="GB/s (inf: free copies)")
     p.add_argument("--layer-time-ms", type=float, default=1.6)
     p.add_argument("--expert-bytes", type=int, default=17301504)
+    p.add_argument("--prefetch-inflight", type=int, default=4,
+                   help="prefetch copies in flight at once (per variant: POLICY/inflight=N)")
     p.add_argument("--variants", default="finemoe,moe-infinity,oracle")
     p.add_argument("--trace-dir", default="/tmp/eval/traces")
     p.add_argument("--store-dir", default="/tmp/finemoe-variant-stores")
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
     load(args)
     variants = parse_variants(args.variants)
     jobs = [(v, history_path(args, v, _STATE["build_id"]), args.budget, args.bandwidth * 1e9, args.layer_time_ms,
-             args.expert_bytes) for v in variants]
+             args.expert_bytes, args.prefetch_inflight) for v in variants]
     if args.jobs > 1:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
             rows = pool.map(replay_one, jobs, chunksize=1)

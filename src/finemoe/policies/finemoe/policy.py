@@ -6,8 +6,8 @@ Batches: every batch row is its own query (own embedding, own trajectory, own be
 prefetch is the union of the rows' selections, each expert with its highest guiding probability.
 Every row's iteration map is learned as its own store entry. A prefill row is represented by the
 mean (default) or the last of its real tokens' router probabilities and embeddings (`prefill`).
-Default `neighbors=4` blends the four best matches (measured better on LMSYS and Arena-Hard, docs/FINEMOE.md);
-`neighbors=1` is the paper's single best map.
+Beyond the paper (docs/FINEMOE.md): `neighbors` (default 4; 1 = the paper), `window`, and the copy-bound admission
+options `max_prefetch`, `cold_p` (admission.py; off by default).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 from finemoe.errors import ConfigError
 from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
                                    register_policy)
+from finemoe.policies.finemoe.admission import PrefetchGate
 from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
 from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
@@ -53,7 +54,7 @@ class FineMoEPolicy(Policy):
                  search: str = "both", prefill: str = "mean", store_dtype: str = "float32",
                  store_device: str = "cpu", async_search: str | bool = "auto", selection: str = "delta",
                  eviction: str = "pfreq", min_prefetch_prob: float = 0.0, neighbors: int = 4, window: int = 0,
-                 embed: Any = None) -> None:
+                 max_prefetch: int = 0, cold_p: float = 0.0, embed: Any = None) -> None:
         self.path = map_store
         self.learn = bool(learn)
         self.fresh = bool(fresh)
@@ -70,6 +71,7 @@ class FineMoEPolicy(Policy):
         if not isinstance(min_prefetch_prob, (int, float)) or not 0.0 <= min_prefetch_prob <= 1.0:
             raise ConfigError(f"finemoe option min_prefetch_prob={min_prefetch_prob!r} must be a number in [0, 1]")
         self.floor = float(min_prefetch_prob)   # 0: faithful delta selection; > 0: skip unlikely extras
+        self.gate = PrefetchGate(max_prefetch, cold_p)   # 0, 0 = the paper: every chosen expert, any victim
         self.embed_fallback = embed       # input-embedding callable for runs whose context has none (simulator)
         for name, v, low in (("capacity", capacity, 1), ("prefetch_distance", prefetch_distance, 1),
                              ("neighbors", neighbors, 1), ("window", window, 0)):
@@ -234,11 +236,13 @@ class FineMoEPolicy(Policy):
                 continue
             self.scores.guide(plan.layer, plan.row_p)
             parts.append(plan.prefetch(layer_now))
-        return merge(parts)
+        return self.gate.limit(merge(parts), self.ctx.cache.resident)
 
     # ---- eviction, state, exit -------------------------------------------------------------------
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         t0 = time.perf_counter()
+        if for_prefetch:
+            candidates = self.gate.displaceable(candidates, self.scores.p)
         out = self.scores.victims(candidates, n)
         self.critical_s += time.perf_counter() - t0
         return out

@@ -1,0 +1,49 @@
+"""Prefetch admission for the copy-bound regime (beyond the paper; the defaults admit every prefetch).
+
+When decode is bound by host-to-device copies, a prefetch that is not used costs a whole expert copy and
+delays the demand misses queued behind it, so fewer, surer prefetches win. Two independent rules:
+  max_per_layer N > 0  per engine callback (iteration start, each routed layer, i.e. per layer of compute),
+                       of the chosen experts not resident yet request only the N of highest priority
+                       (resident ones are free: the cache drops them). N ~ layer time / copy time keeps the
+                       prefetch copies hidden under compute, so demand misses never queue behind them.
+  cold_p q > 0         a prefetch may displace only a resident expert whose latest guiding probability
+                       is below q (a "cold" slot); with none, the prefetch waits (the cache retries it at
+                       the next layer, and drops it once its layer has run). Demand misses still evict
+                       by the eviction rule.
+All host-side numpy over the few keys of one layer plan.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from finemoe.errors import ConfigError
+from finemoe.policies.base import Prefetch
+
+
+class PrefetchGate:
+    def __init__(self, max_per_layer: int = 0, cold_p: float = 0.0) -> None:
+        if not isinstance(max_per_layer, int) or isinstance(max_per_layer, bool) or max_per_layer < 0:
+            raise ConfigError(f"finemoe option max_prefetch={max_per_layer!r} must be an integer >= 0 (0 = no cap)")
+        if not isinstance(cold_p, (int, float)) or isinstance(cold_p, bool) or not 0.0 <= cold_p <= 1.0:
+            raise ConfigError(f"finemoe option cold_p={cold_p!r} must be a number in [0, 1] (0 = off)")
+        self.max_per_layer = max_per_layer
+        self.cold_p = float(cold_p)
+
+    def limit(self, prefetch: Prefetch, resident: np.ndarray) -> Prefetch:
+        """One callback's prefetch -> at most `max_per_layer` non-resident keys, highest priority first
+        (ties: lower key first). `resident` [L*J] bool is the cache's live residency."""
+        if self.max_per_layer == 0:
+            return prefetch
+        absent = ~resident[prefetch.keys]                                          # [n]
+        keys, prio = prefetch.keys[absent], prefetch.priority[absent]
+        if keys.size > self.max_per_layer:
+            best = np.lexsort((keys, -prio))[: self.max_per_layer]
+            keys, prio = keys[best], prio[best]
+        return Prefetch(keys, prio)
+
+    def displaceable(self, candidates: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Eviction candidates a prefetch may take: those whose guiding probability p[key] is below cold_p
+        (every candidate when the rule is off). candidates [n] flat keys, p [L*J]."""
+        if self.cold_p == 0.0:
+            return candidates
+        return candidates[p[candidates] < self.cold_p]
