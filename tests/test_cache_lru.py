@@ -197,10 +197,21 @@ def test_a_prefetch_never_evicts_an_unused_prefetched_expert():
     assert cache.pump(current_layer=0) == 0
     assert resident_keys(cache) == {J + 0, J + 1}
     access(cache, policy, 1, [0])                             # k(J+0) is used: now an ordinary resident
+    access(cache, policy, 1, [1])                             # ... and no longer read by the layer computing now
     cache.enqueue(prefetch([J + 2], [5.0]))
     assert cache.pump(current_layer=0) == 1
     assert resident_keys(cache) == {J + 1, J + 2}
     assert cache.wasted_prefetches == 0
+
+
+def test_a_prefetch_never_evicts_an_expert_the_layer_computing_now_reads():
+    """Its copy would wait on the copy stream for that compute, and every demand copy queued behind it too."""
+    cache, policy, transport = make_cache(capacity=2)
+    access(cache, policy, 0, [0, 1])                          # layer 0 computes with both slots
+    cache.enqueue(prefetch([J + 0], [5.0]))
+    assert cache.pump(current_layer=0) == 0                   # no slot it may take
+    access(cache, policy, 1, [1])                             # demand loads may: J+1 replaces the LRU expert
+    assert resident_keys(cache) == {1, J + 1}
 
 
 def test_a_demand_miss_may_evict_prefetched_experts():

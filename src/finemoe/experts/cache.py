@@ -50,6 +50,7 @@ class ExpertCache:
         self._pinned: set[int] = set()          # slots in use by the layer computing now (acquire .. release)
         self._unused_prefetch: set[int] = set()  # slots loaded by a prefetch, not yet used
         self._prefetching: set[int] = set()     # slots whose prefetch copy may still be in flight
+        self._computing: set[int] = set()       # slots the last released layer's compute may still read
         self._queued = False                    # False: `pending` certainly holds no request
         self._marks_use = type(transport).mark_used is not Transport.mark_used
         self._order: VictimOrder | None = None   # the policy's incremental eviction order (asked at first eviction)
@@ -99,13 +100,15 @@ class ExpertCache:
             if for_prefetch:
                 blocked |= self._unused_prefetch
                 blocked |= self._prefetching
+                blocked |= self._computing
             victims = self._order.victims(n - len(empty), for_prefetch, blocked)
             if victims is not None and (for_prefetch or len(victims) == n - len(empty)):
                 return empty + victims
         evictable = self._all_slots.copy() if self._filled == self.capacity else self.key_of >= 0   # [N]
         if pinned_now:
             evictable[pinned_now] = False
-        blocked = (self._pinned, self._unused_prefetch, self._prefetching) if for_prefetch else (self._pinned,)
+        blocked = ((self._pinned, self._unused_prefetch, self._prefetching, self._computing) if for_prefetch
+                   else (self._pinned,))
         for slots in blocked:  # a demand load may replace any prefetch (copies into one slot are ordered)
             if slots:
                 evictable[list(slots)] = False
@@ -129,8 +132,12 @@ class ExpertCache:
         return DemandResult(np.array(slots, dtype=np.int64), np.array(hit, dtype=bool), loaded)
 
     def release(self, slots: np.ndarray) -> None:
+        """The layer's compute that reads `slots` has been issued. Until the next release a prefetch does not
+        evict them: its copy would wait on the copy stream for that compute, and every copy behind it too."""
         self.transport.mark_used(slots)
-        self._pinned.difference_update(slots.tolist())
+        used = slots.tolist()
+        self._pinned.difference_update(used)
+        self._computing = set(used)
 
     def acquire_release(self, layer: int, experts: np.ndarray) -> int:
         """`acquire` then `release` at once, for a driver that models the layer's compute elsewhere (the
@@ -140,6 +147,7 @@ class ExpertCache:
             self.transport.mark_used(np.array(slots, dtype=np.int64))
         if self._pinned:
             self._pinned.difference_update(slots)
+        self._computing = set(slots)
         return sum(hit)
 
     def _acquire(self, layer: int, experts: np.ndarray) -> tuple[list[int], list[bool], int]:

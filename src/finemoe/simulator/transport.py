@@ -4,7 +4,8 @@ Simulated time `now` (seconds) is the moment the current layer's compute starts.
 copy engine, one after another (like one CUDA copy stream): a copy starts when the engine is free
 and takes expert_bytes / bandwidth. A copy is done once its end time <= now. `wait_compute` is a
 demand stall: the clock jumps to the last awaited copy's end. The replay driver advances the clock
-by the per-layer compute time, so prefetches issued at a layer overlap that layer's compute.
+by the per-layer compute time, so prefetches issued at a layer overlap that layer's compute. As on the
+GPU, a copy into a slot also waits until the compute that last read the slot has finished (`mark_used`).
 """
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ class TimedTransport(Transport):
         self.copy_s = cost.copy_s
         self.expert_bytes = cost.expert_bytes
         self.done_at = [0.0] * num_slots       # [N] simulated end time of each slot's last copy (list: scalar hot path)
+        self.read_until = [0.0] * num_slots    # [N] end of the compute that last read each slot
         self.now = 0.0
         self.engine_free = 0.0                 # when the copy engine finishes its queue
         self.bytes_copied = 0
         self._stall = 0.0
 
     def start_copy(self, slot: int, key: int) -> None:
-        end = (self.now if self.now > self.engine_free else self.engine_free) + self.copy_s
+        end = max(self.now, self.engine_free, self.read_until[slot]) + self.copy_s
         self.done_at[slot] = end
         self.engine_free = end
         self.bytes_copied += self.expert_bytes
@@ -71,6 +73,13 @@ class TimedTransport(Transport):
             if ready > self.now:
                 self._stall += ready - self.now
                 self.now = ready
+
+    def mark_used(self, slots: np.ndarray) -> None:
+        """The layer starting now reads `slots` until now + layer time (called before the clock advances)."""
+        until = self.now + self.cost.layer_time_s
+        read_until = self.read_until
+        for s in slots.tolist():
+            read_until[s] = until
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
