@@ -89,3 +89,15 @@ def test_semantic_memo_skips_repeated_decode_tokens_without_changing_results():
     policy.store.add(torch.rand(L * J), sem[0])                                 # the store changed: memo emptied
     policy.memo.search([4, 5], embed)
     assert len(calls) == 2
+
+
+def test_deferred_worker_hands_each_result_out_one_drain_later():
+    """The simulator's model of the search thread: a search submitted at layer l guides from layer l+1 on."""
+    from finemoe.policies.finemoe.worker import DeferredWorker
+    w = DeferredWorker()
+    w.submit(lambda x: x * 2, 1)
+    assert w.drain() == []                      # layer l: its own search has not landed yet
+    w.submit(lambda x: x * 2, 2)
+    assert w.drain() == [2]                     # layer l+1: layer l's result
+    w.wait_idle()
+    assert w.drain() == [4]                     # idle: everything has landed

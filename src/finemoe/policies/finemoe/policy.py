@@ -28,7 +28,7 @@ from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
 from finemoe.policies.finemoe.search import Guide, SemanticMemo
 from finemoe.policies.finemoe.selection import EVICTION_RULES, EvictionScores, LayerPlan, merge, plan_layers
-from finemoe.policies.finemoe.worker import InlineWorker, SearchWorker, SnapshotRing
+from finemoe.policies.finemoe.worker import DeferredWorker, InlineWorker, SearchWorker, SnapshotRing
 
 PREFILL_MODES = ("mean", "last")
 SELECTION_RULES = ("delta", "topk")
@@ -65,7 +65,7 @@ class FineMoEPolicy(Policy):
         self.prefill = _choice("prefill", prefill, PREFILL_MODES)
         self.store_dtype = DTYPES[_choice("store_dtype", store_dtype, tuple(DTYPES))]
         self.store_device = store_device
-        self.async_search = _choice("async_search", async_search, ("auto", True, False))
+        self.async_search = _choice("async_search", async_search, ("auto", True, False, "deferred"))
         self.selection = _choice("selection", selection, SELECTION_RULES)
         self.eviction = _choice("eviction", eviction, EVICTION_RULES)
         if not isinstance(min_prefetch_prob, (int, float)) or not 0.0 <= min_prefetch_prob <= 1.0:
@@ -93,7 +93,8 @@ class FineMoEPolicy(Policy):
         self.d = self.store.spec.distance
         self.scores = EvictionScores(g.total_experts, self.eviction)
         use_thread = ctx.device.type == "cuda" if self.async_search == "auto" else self.async_search
-        self.worker = SearchWorker() if use_thread else InlineWorker()
+        self.worker = (DeferredWorker() if use_thread == "deferred" else SearchWorker() if use_thread
+                       else InlineWorker())
         self.ring = SnapshotRing(self.L)
         self.memo = SemanticMemo(self.store, self.neighbors)
         self.prompt_lens: dict[str, int] = {}
