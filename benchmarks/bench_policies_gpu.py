@@ -144,7 +144,8 @@ def main() -> None:
             Replay(build_trace, name, args.budget, cost, {**opts, "collection": sim_coll, "learn": True}).run()
             opts = {**opts, "collection": sim_coll, "learn": False}
         sim = Replay(held_trace, name, args.budget, cost, opts, **kw).run()
-        meas = next(r for r in rows if r["policy"] == v.label)
+        engine_label = v.label.replace("/async_search=deferred", "")   # deferred models the engine's thread
+        meas = next(r for r in rows if r["policy"] == engine_label)
         sims.append({"policy": v.label, "sim_tpot_s": sim["tpot_s"], "engine_tpot_s": meas["tpot_s"],
                      "error": sim["tpot_s"] / meas["tpot_s"] - 1, "sim_hit_rate": sim["hit_rate"],
                      "engine_hit_rate": meas["hit_rate"], "sim_ttft_s": sim["ttft_s"], "engine_ttft_s": meas["ttft_s"]})
