@@ -12,49 +12,15 @@ rows computed separately and reduced once at the end, in the same order as the u
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
+from finemoe.engine.stats import IterationStats, LayerStep, RuntimeTotals
 from finemoe.engine.waves import run_in_waves
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.hook import SlotExperts
 from finemoe.models.adapters import ExpertGeometry, MoELayer
 from finemoe.policies.base import IterationInfo, LayerRouting, Policy
-
-
-@dataclass
-class IterationStats:
-    """Per-row (request) counts for one forward pass, plus totals."""
-
-    row_hits: np.ndarray
-    row_misses: np.ndarray
-    bytes_copied: int
-    stall_s: float
-
-
-@dataclass
-class LayerStep:
-    """One MoE layer between `begin_layer` and `finish_layer`: its routing on the host and where its experts sit."""
-
-    layer: int
-    topk: np.ndarray            # [T, k] expert ids
-    experts: np.ndarray         # [n] distinct experts the live tokens need
-    res: object                 # DemandResult (slots, hit) or None
-    lo: int                     # slot window [lo, hi) the compute reads; -1: waves path
-    hi: int
-
-
-@dataclass
-class RuntimeTotals:
-    hits: np.ndarray          # [L]
-    misses: np.ndarray        # [L]
-    bytes_copied: int = 0
-    stall_s: float = 0.0
-    iterations: int = 0
-    critical_policy_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class LayerExecutor:
