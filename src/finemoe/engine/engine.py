@@ -156,10 +156,11 @@ class Engine:
         self.runtime.begin_iteration(it, token_rows)
         for hook_fn in self.iteration_hooks:
             hook_fn(it, token_rows)
+        if self._checked_dispatch:
+            return forward().float()
         before = self.runtime.totals.hits.sum() + self.runtime.totals.misses.sum()
         logits = forward()
-        if not self._checked_dispatch:
-            self._assert_dispatched(before)
+        self._assert_dispatched(before)
         return logits.float()
 
     # ---- decode paths --------------------------------------------------------------------------
