@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         print()
         return 0
     print(f"model: {engine.model_label}   policy: {summary['policy']}   device: {summary['device']}   "
-          f"expert cache: {summary['cache_slots']} slots ({summary['expert_budget_bytes']} bytes)")
+          f"expert cache: {summary['cache_slots']} slots ({summary['expert_budget_bytes']} bytes)   "
+          f"decode: {summary['decode_path']}")
     for row in rows:
         print(f"\n>>> {row['prompt']}\n{row['text']}")
     print(f"\nTTFT {summary['ttft_s'] * 1e3:.1f} ms   TPOT {summary['tpot_s'] * 1e3:.2f} ms   "
