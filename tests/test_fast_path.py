@@ -84,3 +84,22 @@ def test_prefill_lookahead_streams_the_next_layers_predicted_experts_and_keeps_t
     assert run(ahead, [6, 6, 6]) == run(plain, [6, 6, 6])
     assert plain.cache.prefetch_copies == 0
     assert ahead.cache.prefetch_copies > 0
+
+
+def test_resident_loading_waits_for_every_copy_before_the_first_request(qwen):
+    """The resident path never waits per layer, so loading all experts must end with every copy landed
+    (on CUDA the copies run on their own stream; a request right after reconfigure read half-copied slots)."""
+    engine = engine_for(qwen, policy="resident")
+    calls = []
+
+    class Recording(type(engine.cache.transport)):
+        def start_copy(self, slot, key):
+            calls.append("copy")
+            super().start_copy(slot, key)
+
+        def finish_all(self):
+            calls.append("finish")
+
+    engine.cache.transport.__class__ = Recording
+    engine.runtime.mark_resident_all()
+    assert calls.count("copy") == engine.cache.capacity and calls[-1] == "finish"

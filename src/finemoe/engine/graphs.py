@@ -48,6 +48,7 @@ class SegmentedGraph:
         """Record `fn()` (whose tensors must all live at fixed addresses) on `stream`; `self.output` keeps its result."""
         rt = self.runtime
         torch.cuda.synchronize()
+        first = len(rt._resident_topk)   # capture runs inside an iteration: keep its own entries apart
         rt.capture = self
         try:
             with torch.cuda.stream(stream):
@@ -58,8 +59,8 @@ class SegmentedGraph:
                     self.graphs[-1].capture_end()
         finally:
             rt.capture = None
-        self.resident_topk = list(rt._resident_topk)
-        rt._resident_topk.clear()
+            self.resident_topk = rt._resident_topk[first:]   # the graph's own top-k tensors, re-read at every replay
+            del rt._resident_topk[first:]
 
     # ---- replay --------------------------------------------------------------------------------
     def replay(self):

@@ -90,8 +90,10 @@ class OffloadRuntime:
         return torch.softmax(logits.float(), dim=-1)
 
     def mark_resident_all(self) -> None:
-        """Load every expert; key = slot, so layer l's experts occupy slots [l*J, (l+1)*J) (see run_layer)."""
+        """Load every expert; key = slot, so layer l's experts occupy slots [l*J, (l+1)*J) (see run_layer).
+        Waits for the copies: the resident path never waits per layer, so they must have landed first."""
         self.cache.load_all()
+        self.cache.transport.finish_all()
 
     @property
     def current_iteration(self) -> IterationInfo | None:

@@ -40,6 +40,9 @@ class Transport(ABC):
         """Stall time accumulated since the last drain (may synchronize: call at iteration end)."""
         return 0.0
 
+    def finish_all(self) -> None:
+        """Block until every copy issued so far has landed (start-up only: e.g. after loading every expert)."""
+
 
 class SlotPools:
     """Preallocated device tensors, one [N, *shape] per expert tensor name, zero-filled: a slot that was never
@@ -134,6 +137,10 @@ class CudaTransport(Transport):
             compute.wait_event(self.copy_done[s])
         after.record(compute)
         self._stall_pairs.append((before, after))
+
+    def finish_all(self) -> None:
+        self.stream.synchronize()
+        self._known_done[:] = True
 
     def mark_used(self, slots: np.ndarray) -> None:
         ev = torch.cuda.Event()
