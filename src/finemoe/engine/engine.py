@@ -5,16 +5,15 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 
 from finemoe.config import EngineConfig, parse_budget
-from typing import Callable
-
 from finemoe.engine.batch import BatchRunner
-from finemoe.engine.paths import DecodePaths
 from finemoe.engine.metrics import aggregate, peak_device_bytes, peak_host_bytes
+from finemoe.engine.paths import DecodePaths
 from finemoe.engine.request import Request
 from finemoe.engine.runtime import LayerExecutor, OffloadRuntime
 from finemoe.engine.sampling import SamplingParams

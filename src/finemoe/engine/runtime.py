@@ -95,14 +95,6 @@ class OffloadRuntime:
         self.cache.load_all()
         self.cache.transport.finish_all()
 
-    @property
-    def current_iteration(self) -> IterationInfo | None:
-        return self._it
-
-    @property
-    def current_token_rows(self) -> np.ndarray:
-        return self._token_rows
-
     # ---- iteration bracket ---------------------------------------------------------------------
     def begin_iteration(self, it: IterationInfo, token_rows: np.ndarray) -> None:
         self._it = it
@@ -163,7 +155,7 @@ class OffloadRuntime:
         window of the whole pool (slot ids < MAX_GROUPS), which the caller must also check per batch size."""
         return self.all_resident or self.cache.capacity <= self.max_groups
 
-    def begin_layer(self, layer: int, top_k_index: torch.Tensor) -> "LayerStep":
+    def begin_layer(self, layer: int, top_k_index: torch.Tensor) -> LayerStep:
         """Host work before layer `layer`'s experts compute: learn the routing (one named sync), make the
         experts resident (misses copy now, the compute stream waits for them) and point the device slot
         table at them. `lo < 0` in the result: the layer needs the waves path (eager only)."""
@@ -183,7 +175,7 @@ class OffloadRuntime:
             self._lut_dev[layer].copy_(self._lut_host[layer], non_blocking=True)
         return LayerStep(layer, topk, experts, res, lo, hi)
 
-    def finish_layer(self, step: "LayerStep", top_k_index: torch.Tensor, router_out=None) -> None:
+    def finish_layer(self, step: LayerStep, top_k_index: torch.Tensor, router_out=None) -> None:
         """Host work after layer `step.layer`'s experts compute was issued: release its slots (recording
         the last use), count hits, and let the policy see the routing (prefetches queue behind demand)."""
         self.cache.release(step.res.slots)
