@@ -1,76 +1,15 @@
 """MoE-Infinity-style prefetching: request-level expert activation matrices matched against past requests."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
-from finemoe.storage import save_atomic
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from finemoe.errors import ConfigError
 from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
                                    VictimOrder, register_policy)
 from finemoe.policies.lfu import FrequencyTracker
-
-COLLECTION_VERSION = 1
-
-
-class ActivationCollection:
-    """Up to `capacity` expert activation matrices (EAMs) of past requests, flattened to [L*J] counts.
-    Full: the oldest is replaced (ring). Rows are kept unit-normalised so a match is one mat-vec."""
-
-    def __init__(self, num_layers: int, num_experts: int, capacity: int) -> None:
-        self.L, self.J, self.capacity = num_layers, num_experts, capacity
-        self.unit = np.zeros((capacity, num_layers * num_experts), np.float32)   # [C, L*J]
-        self.size = 0
-        self.next = 0
-
-    def add(self, eam: np.ndarray) -> None:
-        norm = float(np.linalg.norm(eam))
-        if norm == 0.0:
-            return
-        self.unit[self.next] = eam / norm
-        self.next = (self.next + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
-
-    def match(self, eams: np.ndarray) -> np.ndarray | None:
-        """eams [B, L*J] -> the most cosine-similar stored matrix per row [B, L*J]; an all-zero row (a new
-        request) gets the collection's mean. None while the collection is empty."""
-        if self.size == 0:
-            return None
-        stored = self.unit[:self.size]
-        best = np.argmax(eams @ stored.T, axis=1)                       # [B]  (norm of eams cancels)
-        out = stored[best]
-        fresh = ~eams.any(axis=1)
-        if fresh.any():
-            out[fresh] = stored.mean(axis=0)
-        return out
-
-    def save(self, path: str) -> None:
-        """Atomic: write a temp file next to `path`, then rename over it."""
-        meta = {"version": COLLECTION_VERSION, "num_layers": self.L, "num_experts": self.J, "next": self.next}
-        unit = np.ascontiguousarray(self.unit[:self.size])
-        save_atomic(lambda tmp: save_file({"unit": unit}, tmp,
-                                          metadata={"finemoe_eam_collection": json.dumps(meta)}), path)
-
-    def load(self, path: str) -> None:
-        try:
-            with safe_open(path, framework="numpy") as f:
-                meta = json.loads((f.metadata() or {})["finemoe_eam_collection"])
-                unit = f.get_tensor("unit")
-        except Exception as e:
-            raise ConfigError(f"moe-infinity: cannot read activation collection {path!r}: {e}; delete it to start "
-                              "an empty one") from None
-        if (meta["num_layers"], meta["num_experts"]) != (self.L, self.J) or meta["version"] != COLLECTION_VERSION:
-            raise ConfigError(f"moe-infinity: collection {path!r} is for {meta['num_layers']} layers x "
-                              f"{meta['num_experts']} experts (version {meta['version']}); this model has {self.L} x "
-                              f"{self.J}: pass another collection path")
-        keep = unit[-self.capacity:]
-        self.size = keep.shape[0]
-        self.unit[:self.size] = keep
-        self.next = meta["next"] % self.capacity if self.size == self.capacity else self.size
+from finemoe.policies.moe_infinity_collection import MEAN, ActivationCollection
 
 
 @register_policy
@@ -102,61 +41,130 @@ class MoEInfinityPolicy(Policy):
         self.collection = ActivationCollection(self.L, self.J, self.capacity)
         if self.path and os.path.exists(self.path):
             self.collection.load(self.path)
-        self.eams: dict[str, np.ndarray] = {}
-        self.batch_eam = np.zeros((0, self.L * self.J), np.float32)     # [B, L*J] rows of this iteration
+        LJ, C = self.L * self.J, self.capacity
+        self.eams: dict[str, np.ndarray] = {}                           # per request [L*J] float32 counts
+        self.dots: dict[str, np.ndarray] = {}                           # per request [C] float64 eam . unit rows
+        self.batch_eam = np.zeros((0, LJ), np.float32)                  # [B, L*J] rows of this iteration
+        self.batch_dots = np.zeros((0, C))                              # [B, C]
+        self.fresh = np.zeros(0, bool)                                  # [B] row's matrix is still all zero
+        self.any_fresh = False
         self.rows: list[str] = []
+        self.eam_row: memoryview | None = None                          # batch_eam[0], for scalar adds
+        self.accessed: tuple | None = None                              # on_access's (layer, experts, counts)
+        self.one_row: tuple[np.ndarray | None, bool] = (None, False)    # (token_rows, all of them row 0)
+        # a one-request batch's prefetch after layer l (index l + 1) from stored row c (index c; MEAN: last)
+        self.prefetch_of: list[list[Prefetch | None]] = [[None] * self.L for _ in range(C + 1)]
 
     # ---- request lifecycle ---------------------------------------------------------------------
     def on_request_start(self, req: RequestInfo) -> None:
         self.eams[req.request_id] = np.zeros(self.L * self.J, np.float32)
+        self.dots[req.request_id] = np.zeros(self.capacity)
 
     def on_request_end(self, req: RequestInfo) -> None:
         eam = self.eams.pop(req.request_id, None)
-        if eam is not None and self.learn:
-            self.collection.add(eam)
+        self.dots.pop(req.request_id, None)
+        row = self.collection.add(eam) if eam is not None and self.learn else None
+        if row is not None:      # row `row` changed: every live product with it, its prefetches and the mean's
+            column = self.collection.by_key[:, row]                         # [L*J] float64
+            for r, e in self.eams.items():
+                self.dots[r][row] = e @ column
+            self.batch_dots[:, row] = self.batch_eam @ column
+            self.prefetch_of[row] = [None] * self.L
+            self.prefetch_of[MEAN] = [None] * self.L
 
     def on_iteration_start(self, it: IterationInfo) -> Prefetch:
         self.rows = list(it.request_ids)
-        zero = np.zeros(self.L * self.J, np.float32)
-        self.batch_eam = np.stack([self.eams.get(r, zero) for r in self.rows]) if self.rows else self.batch_eam[:0]
+        B, LJ, C = len(self.rows), self.L * self.J, self.capacity
+        zero_eam, zero_dots = np.zeros(LJ, np.float32), np.zeros(C)       # a request not started: no counts
+        self.batch_eam = np.stack([self.eams.get(r, zero_eam) for r in self.rows] or [zero_eam])[:B]     # [B, L*J]
+        self.batch_dots = np.stack([self.dots.get(r, zero_dots) for r in self.rows] or [zero_dots])[:B]  # [B, C]
+        self.eam_row = memoryview(self.batch_eam[0]) if B else None
+        self.fresh = ~self.batch_eam.any(axis=1)                          # [B]
+        self.any_fresh = bool(self.fresh.any())
+        self.accessed = None
         return self._prefetch_after(-1)
 
     def on_iteration_end(self, it: IterationInfo) -> None:
         for b, r in enumerate(self.rows):
             if r in self.eams:
-                self.eams[r] = self.batch_eam[b]
+                self.eams[r], self.dots[r] = self.batch_eam[b], self.batch_dots[b]
 
     # ---- per layer -----------------------------------------------------------------------------
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         self.freq.touch_layer(layer * self.J, experts)
+        self.accessed = (layer, experts, counts)
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
-        topk = routing.top_k.cpu().numpy()                                # [T, k] (already synced by the runtime)
+        layer, accessed, self.accessed = routing.layer, self.accessed, None
+        if self.batch_eam.shape[0]:
+            if accessed is not None and accessed[0] == layer and self._only_row_zero(routing.token_rows):
+                self._count_one_row(layer, accessed[1], accessed[2])
+            else:
+                self._count_rows(layer, routing.top_k.cpu().numpy(), routing.token_rows)
+        return self._prefetch_after(layer)
+
+    def _only_row_zero(self, token_rows: np.ndarray) -> bool:
+        """Every token belongs to batch row 0 (no padding): on_access's counts are that row's. Cached per
+        iteration (the runtime hands the same token_rows array to every layer of an iteration)."""
+        if self.one_row[0] is not token_rows:
+            self.one_row = (token_rows, token_rows.size > 0 and not token_rows.any())
+        return self.one_row[1]
+
+    def _count_one_row(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
+        """Row 0 used `experts` (distinct) with `counts` tokens each in `layer`: exact integers in float32."""
+        keys = experts + layer * self.J                                    # [n]
+        eam = self.eam_row
+        for key, count in zip(keys.tolist(), counts.tolist()):
+            eam[key] += count
+        C = self.collection.size            # rows not stored yet get their products when stored
+        self.batch_dots[0, :C] += counts @ self.collection.by_key[keys, :C]             # [n] @ [n, C]
+        if self.any_fresh and experts.size:
+            self.fresh[0] = False
+            self.any_fresh = bool(self.fresh.any())
+
+    def _count_rows(self, layer: int, topk: np.ndarray, token_rows: np.ndarray) -> None:
+        """topk [T, k], token_rows [T] (-1 padding): add each row's per-expert token counts of `layer`."""
         B, J = self.batch_eam.shape[0], self.J
-        if B:
-            rows = np.repeat(routing.token_rows, topk.shape[1])           # [T*k]
-            valid = rows >= 0
-            counts = np.bincount(rows[valid] * J + topk.reshape(-1)[valid], minlength=B * J)   # [B*J] exact ints
-            self.batch_eam[:, routing.layer * J:(routing.layer + 1) * J] += counts.reshape(B, J)
-        return self._prefetch_after(routing.layer)
+        rows = np.repeat(token_rows, topk.shape[1])                       # [T*k]
+        valid = rows >= 0
+        counts = np.bincount(rows[valid] * J + topk.reshape(-1)[valid], minlength=B * J).reshape(B, J)  # exact
+        self.batch_eam[:, layer * J:(layer + 1) * J] += counts
+        C = self.collection.size
+        self.batch_dots[:, :C] += counts.astype(np.float64) @ self.collection.by_key[layer * J:(layer + 1) * J, :C]
+        if self.any_fresh:
+            self.fresh[rows[valid]] = False
+            self.any_fresh = bool(self.fresh.any())
 
     def _prefetch_after(self, layer: int) -> Prefetch:
+        B = self.batch_eam.shape[0]
+        if layer + 1 >= self.L or B == 0:
+            return Prefetch.empty()
+        best = self.collection.best(self.batch_eam, self.batch_dots, self.fresh if self.any_fresh else None)
+        if best is None:
+            return Prefetch.empty()
+        if B > 1:                                                          # union over the batch
+            share = np.stack([self.collection.share_of(c) for c in best]).max(axis=0)   # [L, J]
+            return self._prefetch_from(share, layer)
+        row = best[0]
+        cached = self.prefetch_of[row][layer + 1]
+        if cached is None:
+            cached = self.prefetch_of[row][layer + 1] = self._prefetch_from(self.collection.share_of(row), layer)
+        return cached
+
+    def _prefetch_from(self, share: np.ndarray, layer: int) -> Prefetch:
+        """share [L, J] usage share of the matched matrix -> the top `per_layer` experts of each of the next
+        `prefetch_distance` layers, priority = share / distance (read-only arrays: a cached value is reused)."""
         first, end = layer + 1, min(layer + 1 + self.distance, self.L)
-        if end <= first or self.batch_eam.shape[0] == 0:
-            return Prefetch.empty()
-        matched = self.collection.match(self.batch_eam)                    # [B, L*J] or None
-        if matched is None:
-            return Prefetch.empty()
         targets = np.arange(first, end)
-        use = matched.reshape(-1, self.L, self.J)[:, first:end]            # [B, D, J]
-        share = use / np.maximum(use.sum(axis=2, keepdims=True), 1e-12)    # per-layer usage share
-        share = share[0] if share.shape[0] == 1 else share.max(axis=0)     # [D, J] union over the batch
+        share = share[first:end]                                           # [D, J]
         top = (-share).argsort(axis=1, kind="stable")[:, :self.per_layer]  # [D, n]
-        score = share[targets[:, None] - first, top]
+        score = np.take_along_axis(share, top, axis=1)                     # [D, n]
         dist = (targets - layer)[:, None].astype(np.float64)
         keep = score > 0
-        keys = (targets[:, None] * self.J + top)[keep]
-        return Prefetch(keys.astype(np.int64), (score / dist)[keep])
+        keys = (targets[:, None] * self.J + top)[keep].astype(np.int64)
+        priority = (score / dist)[keep]
+        keys.flags.writeable = priority.flags.writeable = False
+        return Prefetch(keys, priority)
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.freq.least_used(candidates, n)
