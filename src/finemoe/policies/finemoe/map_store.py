@@ -74,6 +74,7 @@ class MapStore:
     def _write(self, rows: slice | int, maps: torch.Tensor, sems: torch.Tensor) -> None:
         """Write maps [N, L*J] / sems [N, E] (or one of each) into `rows`, with their norms."""
         L, J = self.spec.num_layers, self.spec.num_experts
+        maps, sems = maps.detach(), sems.detach()
         self.version += 1
         self.maps[:, rows] = maps.to(self.device, self.maps.dtype).reshape(-1, L, J).transpose(0, 1).reshape(
             self.maps[:, rows].shape)
@@ -83,13 +84,14 @@ class MapStore:
         self.sem_norm[rows] = self.sems[rows].float().norm(dim=-1)
 
     def rdy(self, emap: torch.Tensor, sem: torch.Tensor) -> torch.Tensor:
-        """RDY(x, y) = (d/L) cos(sem_x, sem_y) + ((L-d)/L) cos(map_x, map_y) for every stored y -> [size]."""
-        L, d = self.spec.num_layers, min(self.spec.distance, self.spec.num_layers)
-        n = self.size
-        L_, J = self.spec.num_layers, self.spec.num_experts
-        dots = torch.einsum("lcj,lj->c", self.maps[:, :n].float(), emap.float().view(L_, J))   # [n]
-        cos_map = dots / (
-            self.prefix_sq[:n, -1].sqrt() * emap.float().norm()).clamp_min(EPS)
+        """RDY(x, y) = (d/L) cos(sem_x, sem_y) + ((L-d)/L) cos(map_x, map_y) for every stored y -> [size].
+        The map dot is summed layer by layer: L [n, J] x [J] products on contiguous blocks (one einsum
+        over [L, n, J] copies the store first and was 15x slower on the CPU)."""
+        L, J, n = self.spec.num_layers, self.spec.num_experts, self.size
+        d = min(self.spec.distance, L)
+        e = emap.float().view(L, J)                                             # [L, J]
+        dots = sum(self.maps[l, :n].float() @ e[l] for l in range(L))           # [n]
+        cos_map = dots / (self.prefix_sq[:n, -1].sqrt() * e.norm()).clamp_min(EPS)
         cos_sem = (self.sems[:n].float() @ sem.float()) / (self.sem_norm[:n] * sem.float().norm()).clamp_min(EPS)
         return (d / L) * cos_sem + ((L - d) / L) * cos_map
 

@@ -1,12 +1,14 @@
 """One iteration's search: semantic guides at its start, a trajectory guide after every routed layer,
-and the observed expert maps at its end. Pure torch on the store's device; no engine state."""
+and the observed expert maps at its end. Array math through search.py's backend; no engine state."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from finemoe.policies.finemoe.map_store import MapStore
+from finemoe.policies.finemoe.arrays import HOST
 from finemoe.policies.finemoe.search import Guide, SemanticMemo, TrajectorySearch, blend, semantic_topk
 
 SEARCH_MODES = ("both", "semantic", "trajectory")
@@ -29,12 +31,12 @@ class IterationPlanner:
         self.mode = mode
         self.batch = batch
         self.k = neighbors
-        self.observed = torch.zeros((batch, self.L, self.J), dtype=torch.float32)  # [B, L, J] host
+        self.observed = np.zeros((batch, self.L, self.J), dtype=np.float32)      # [B, L, J] host
         self.seen = 0
         self.empty = store.size == 0
         self.trajectory = None if self.empty or mode == "semantic" else TrajectorySearch(store, batch, window)
 
-    def begin(self, sem: torch.Tensor | Callable[[], torch.Tensor], memo: SemanticMemo | None = None,
+    def begin(self, sem: Any | Callable[[], Any], memo: SemanticMemo | None = None,
               keys: list | None = None) -> list[Guide]:
         """sem [B, E] (or a callable making it, called only if needed) -> guides for the first layers
         (semantic search; through `memo` for rows with `keys`)."""
@@ -45,9 +47,11 @@ class IterationPlanner:
         last = self.L if self.mode == "semantic" else min(self.d, self.L)
         return [blend(self.store, idx, score, layer) for layer in range(last)]           # idx, score [K, B]
 
-    def observe(self, layer: int, probs: torch.Tensor) -> Guide | None:
-        """Layer `layer` routed with per-row probabilities probs [B, J] -> the guide for layer + d."""
-        self.observed[:, layer] = probs.to("cpu", torch.float32)
+    def observe(self, layer: int, probs: Any) -> Guide | None:
+        """Layer `layer` routed with per-row probabilities probs [B, J] (host: torch or numpy) -> the guide
+        for layer + d."""
+        probs = HOST.query(probs)                                                # [B, J] float32 numpy
+        self.observed[:, layer] = probs
         self.seen += 1
         target = layer + self.d
         if self.trajectory is None or target >= self.L:
@@ -56,7 +60,7 @@ class IterationPlanner:
         return blend(self.store, idx, score, target)
 
     def complete_maps(self) -> torch.Tensor | None:
-        """The iteration's maps [B, L*J] once every layer was observed, else None."""
+        """The iteration's maps [B, L*J] (host float32) once every layer was observed, else None."""
         if self.seen < self.L:
             return None
-        return self.observed.reshape(self.batch, self.L * self.J)
+        return torch.from_numpy(self.observed.reshape(self.batch, self.L * self.J))

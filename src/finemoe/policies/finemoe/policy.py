@@ -23,6 +23,7 @@ from finemoe.errors import ConfigError
 from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
                                    register_policy)
 from finemoe.policies.finemoe.admission import PrefetchGate
+from finemoe.policies.finemoe.arrays import to_host
 from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
 from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
@@ -185,15 +186,18 @@ class FineMoEPolicy(Policy):
     def _observe(self, job: tuple) -> LayerPlan | None:
         """Search job (worker thread or inline): layer `layer` routed -> the plan for layer + d, if any."""
         planner, layer, snap = job
-        guide = planner.observe(layer, snap.wait())
+        probs = snap.wait()                                                      # [B, J] host
+        guide = planner.observe(layer, probs)
+        if self.eviction.startswith("ema"):
+            self.scores.observed(layer, planner.observed[:, layer].max(0))
         return None if guide is None else self._plan([guide])[0]
 
     def _plan(self, guides: list[Guide]) -> list[LayerPlan]:
         """Guides -> chosen experts per guided layer (one vectorized selection for all of them)."""
         if not guides:
             return []
-        rows = torch.stack([g.rows for g in guides]).cpu().numpy()             # [G, B, J]
-        scores = torch.stack([g.scores for g in guides]).cpu().numpy()         # [G, B]
+        rows = np.stack([to_host(g.rows) for g in guides])                    # [G, B, J]
+        scores = np.stack([to_host(g.scores) for g in guides])                # [G, B]
         return plan_layers([g.layer for g in guides], rows, scores, self.top_k, self.selection == "delta",
                            self.floor)
 

@@ -1,4 +1,5 @@
-"""Semantic and trajectory search over a map store, in torch on the store's device.
+"""Semantic and trajectory search over a map store: numpy on views of a host store, torch on a device
+store (arrays.py), the math written once.
 
 Semantic search: cosine of each batch row's embedding with every stored embedding; the best entry
 guides layers 0..d-1. Trajectory search: after layer r has routed, the cosine of the row's observed
@@ -14,43 +15,33 @@ Two extensions (options of the policy; the defaults are the paper's method):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-import torch
-
+from finemoe.policies.finemoe.arrays import ops_for
 from finemoe.policies.finemoe.map_store import EPS, MapStore
 
 
 @dataclass
 class Guide:
     """The stored maps chosen for one target layer: `rows` [B, J] guiding probabilities, `scores` [B]
-    (cosine similarity of the match), both float32 on the store's device."""
+    (cosine similarity of the match), both float32 arrays of the store's backend (numpy for a host store)."""
 
     layer: int
-    rows: torch.Tensor
-    scores: torch.Tensor
+    rows: Any
+    scores: Any
 
 
-def _best(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """sim [n, B] -> (entries [K, B] int64, similarities [K, B]), best first; K = min(k, n). K = 1 is `max`
-    (the first index among ties), so one neighbour reproduces the single-best search exactly."""
-    if k == 1:
-        score, idx = sim.max(0)
-        return idx[None], score[None]
-    score, idx = sim.topk(min(k, sim.shape[0]), dim=0)
-    return idx, score
-
-
-def semantic_topk(store: MapStore, query: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def semantic_topk(store: MapStore, query: Any, k: int = 1) -> tuple[Any, Any]:
     """query [B, E] -> (best entries [K, B] int64, cosines [K, B] float32). Store must be non-empty."""
-    n = store.size
-    q = query.to(store.device, torch.float32)
-    dots = store.sems[:n].float() @ q.T                                          # [n, B]
-    cos = dots / (store.sem_norm[:n, None] * q.norm(dim=1)[None, :]).clamp_min(EPS)
-    return _best(cos, k)
+    xp, n = ops_for(store.device), store.size
+    q = xp.query(query)                                                          # [B, E]
+    dots = xp.f32(xp.view(store.sems)[:n]) @ q.T                                 # [n, B]
+    q_norm = xp.sqrt_clip((q * q).sum(1), 0.0)                                   # [B]
+    cos = dots / xp.maximum(xp.view(store.sem_norm)[:n, None] * q_norm[None, :], EPS)
+    return xp.best(cos, k)
 
 
-def semantic_search(store: MapStore, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def semantic_search(store: MapStore, query: Any) -> tuple[Any, Any]:
     """query [B, E] -> (best entry [B] int64, cosine [B] float32). Store must be non-empty."""
     idx, score = semantic_topk(store, query, 1)
     return idx[0], score[0]
@@ -67,7 +58,7 @@ class SemanticMemo:
         self.version = -1
         self.table: dict = {}
 
-    def search(self, keys: list | None, embed: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, keys: list | None, embed: Callable[[], Any]) -> tuple[Any, Any]:
         """keys [B] (or None: no memo) and a callable making the embeddings [B, E] -> like `semantic_topk`."""
         if keys is None:
             return semantic_topk(self.store, embed(), self.k)
@@ -82,26 +73,29 @@ class SemanticMemo:
             for b, i, s in zip(missing, idx.T.tolist(), score.T.tolist()):
                 table[keys[b]] = (i, s)
         found = [table[k] for k in keys]                                         # per row: K entries, K scores
-        return (torch.tensor([i for i, _ in found], dtype=torch.int64, device=self.store.device).T,
-                torch.tensor([s for _, s in found], dtype=torch.float32, device=self.store.device).T)
+        xp = ops_for(self.store.device)
+        return xp.indices([i for i, _ in found]).T, xp.values([s for _, s in found]).T
 
 
-def map_rows(store: MapStore, entries: torch.Tensor, layer: int) -> torch.Tensor:
+def map_rows(store: MapStore, entries: Any, layer: int) -> Any:
     """Layer `layer` of stored maps `entries` [B] -> [B, J] float32."""
-    return store.maps[layer, entries].float()
+    xp = ops_for(store.device)
+    return xp.f32(xp.view(store.maps)[layer][xp.ids(entries)])
 
 
-def blend(store: MapStore, entries: torch.Tensor, scores: torch.Tensor, layer: int) -> Guide:
+def blend(store: MapStore, entries: Any, scores: Any, layer: int) -> Guide:
     """The guide for `layer` from K matches per row, entries/scores [K, B]: rows [B, J] = the matches'
     layer rows averaged with weights max(score, 0) (equal weights if all are <= 0); score = the best
     match's. With K = 1 this is the matched map's row itself."""
+    xp = ops_for(store.device)
     if entries.shape[0] == 1:
-        return Guide(layer, map_rows(store, entries[0], layer), scores[0])
-    rows = store.maps[layer, entries].float()                                    # [K, B, J]
-    w = scores.clamp_min(0.0)                                                    # [K, B]
-    w = torch.where(w.sum(0, keepdim=True) > 0, w, torch.ones_like(w))
-    w = w / w.sum(0, keepdim=True)
-    return Guide(layer, (w[..., None] * rows).sum(0), scores[0])                 # [B, J]
+        return Guide(layer, map_rows(store, entries[0], layer), xp.query(scores[0]))
+    rows = map_rows(store, entries, layer)                                       # [K, B, J]
+    w = xp.maximum(xp.query(scores), 0.0)                                        # [K, B]
+    total = w.sum(0)                                                             # [B]
+    w[:, total <= 0] = 1.0                                                       # no positive match: equal weights
+    w = w / w.sum(0)[None, :]
+    return Guide(layer, (w[..., None] * rows).sum(0), xp.query(scores[0]))       # [B, J]
 
 
 class TrajectorySearch:
@@ -111,33 +105,36 @@ class TrajectorySearch:
 
     def __init__(self, store: MapStore, batch: int, window: int = 0) -> None:
         self.store = store
+        self.xp = ops_for(store.device)
+        self.maps = self.xp.view(store.maps)                                     # [L, C, J]
+        self.prefix_sq = self.xp.view(store.prefix_sq)                           # [C, L]
         self.n = store.size
         self.window = window
-        self.dots = torch.zeros((self.n, batch), dtype=torch.float32, device=store.device)   # [n, B]
-        self.q_sq = torch.zeros(batch, dtype=torch.float32, device=store.device)            # [B]
-        self.recent: list[tuple[torch.Tensor, torch.Tensor]] = []   # window: per layer ([n, B] dots, [B] q_sq)
+        self.dots = self.xp.zeros((self.n, batch))                               # [n, B]
+        self.q_sq = self.xp.zeros((batch,))                                      # [B]
+        self.recent: list = []   # window: per layer ([n, B] dots, [B] q_sq)
 
-    def observe(self, layer: int, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def observe(self, layer: int, probs: Any) -> tuple[Any, Any]:
         """Layer `layer`'s probabilities [B, J] -> (best entry [B], prefix cosine [B]) over layers 0..layer."""
         idx, score = self.observe_topk(layer, probs, 1)
         return idx[0], score[0]
 
-    def observe_topk(self, layer: int, probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def observe_topk(self, layer: int, probs: Any, k: int) -> tuple[Any, Any]:
         """Layer `layer`'s probabilities [B, J] -> (best entries [K, B], cosines [K, B]) over layers 0..layer
         (or the last `window` of them)."""
-        q = probs.to(self.store.device, torch.float32)
-        seg = self.store.maps[layer, : self.n].float()                           # [n, J] contiguous
-        dot, q_sq = seg @ q.T, (q * q).sum(1)                                    # [n, B], [B]
-        stored_sq = self.store.prefix_sq[: self.n, layer]                        # [n]
+        xp = self.xp
+        q = xp.query(probs)                                                      # [B, J]
+        dot, q_sq = xp.f32(self.maps[layer, : self.n]) @ q.T, (q * q).sum(1)     # [n, B], [B]
+        stored_sq = self.prefix_sq[: self.n, layer]                              # [n]
         if self.window > 0:
             self.recent = (self.recent + [(dot, q_sq)])[-self.window:]
-            self.dots = torch.stack([d for d, _ in self.recent]).sum(0)
-            self.q_sq = torch.stack([s for _, s in self.recent]).sum(0)
+            self.dots = sum(d for d, _ in self.recent)
+            self.q_sq = sum(s for _, s in self.recent)
             first = layer - len(self.recent)                                     # last layer outside the window
             if first >= 0:
-                stored_sq = stored_sq - self.store.prefix_sq[: self.n, first]
+                stored_sq = stored_sq - self.prefix_sq[: self.n, first]
         else:
             self.dots += dot
             self.q_sq += q_sq
-        denom = stored_sq.clamp_min(0.0).sqrt()[:, None] * self.q_sq.sqrt()[None, :]
-        return _best(self.dots / denom.clamp_min(EPS), k)
+        denom = xp.sqrt_clip(stored_sq, 0.0)[:, None] * xp.sqrt_clip(self.q_sq, 0.0)[None, :]
+        return xp.best(self.dots / xp.maximum(denom, EPS), k)

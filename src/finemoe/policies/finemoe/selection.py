@@ -20,12 +20,12 @@ def delta_select(rows: np.ndarray, scores: np.ndarray, top_k: int) -> np.ndarray
     B, J = rows.shape
     delta = np.clip(1.0 - scores.astype(np.float64), 0.0, 1.0)                   # [B]
     order = np.argsort(-rows, axis=1, kind="stable")                             # [B, J]
-    csum = np.cumsum(np.take_along_axis(rows, order, axis=1), axis=1)            # [B, J]
+    b = np.arange(B)[:, None]                                                    # [B, 1]
+    csum = np.cumsum(rows[b, order], axis=1)                                     # [B, J] sorted cumulative mass
     need = (csum < delta[:, None]).sum(1) + 1                                    # [B] smallest n with csum >= delta
-    need = np.clip(np.maximum(need, top_k), 0, J)
-    chosen_sorted = np.arange(J)[None, :] < need[:, None]                        # [B, J] in sorted order
+    need = np.minimum(np.maximum(need, top_k), J)
     mask = np.zeros((B, J), dtype=bool)
-    np.put_along_axis(mask, order, chosen_sorted, axis=1)
+    mask[b, order] = np.arange(J)[None, :] < need[:, None]                       # chosen in sorted order -> [B, J]
     return mask
 
 
@@ -81,18 +81,21 @@ def merge(prefetches: list[Prefetch]) -> Prefetch:
     return Prefetch(np.concatenate([p.keys for p in prefetches]), np.concatenate([p.priority for p in prefetches]))
 
 
-EVICTION_RULES = ("pfreq", "lru", "lfu")
+EVICTION_RULES = ("pfreq", "lru", "lfu", "ema", "ema+p")
 
 
 class EvictionScores:
-    """Per-expert p (latest guiding probability) and freq (use count). Victim order by `rule`:
-    pfreq (FineMoE) lowest p*freq; lfu lowest freq; lru least recently used. Ties go to the least
-    recently used."""
+    """Per-expert p (latest guiding probability), freq (use count) and ema (decaying mean of the expert's
+    observed router probability, max over batch rows, updated when its layer routes). Victim order by
+    `rule`: pfreq (FineMoE) lowest p*freq; lfu lowest freq; lru least recently used; ema lowest ema;
+    ema+p lowest ema + p. Ties go to the least recently used."""
 
-    def __init__(self, total: int, rule: str = "pfreq") -> None:
+    def __init__(self, total: int, rule: str = "pfreq", decay: float = 0.5) -> None:
         self.rule = rule
+        self.decay = decay
         self.p = np.zeros(total)
         self.freq = np.zeros(total)
+        self.ema = np.zeros(total)
         self.last_used = np.full(total, -1.0)
         self.clock = 0.0
 
@@ -100,6 +103,13 @@ class EvictionScores:
         """Layer `layer` was guided; row_p [J] is each expert's guiding probability (max over batch rows)."""
         J = row_p.size
         self.p[layer * J:(layer + 1) * J] = row_p
+
+    def observed(self, layer: int, row_p: np.ndarray) -> None:
+        """Layer `layer` routed; row_p [J] is each expert's router probability (max over batch rows)."""
+        J = row_p.size
+        seg = self.ema[layer * J:(layer + 1) * J]
+        seg *= self.decay
+        seg += (1.0 - self.decay) * row_p
 
     def used(self, keys: np.ndarray) -> None:
         self.clock += 1.0
@@ -109,6 +119,7 @@ class EvictionScores:
     def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
         if self.rule == "lru":
             return candidates[np.argsort(self.last_used[candidates], kind="stable")[:n]]
-        score = self.freq[candidates] if self.rule == "lfu" else self.p[candidates] * self.freq[candidates]
+        score = {"lfu": lambda c: self.freq[c], "pfreq": lambda c: self.p[c] * self.freq[c],
+                 "ema": lambda c: self.ema[c], "ema+p": lambda c: self.ema[c] + self.p[c]}[self.rule](candidates)
         order = np.lexsort((self.last_used[candidates], score))                  # primary: score, then recency
         return candidates[order[:n]]
