@@ -3,10 +3,13 @@
 Per layer (the router has already chosen top-k experts on the device):
   1. `_sync_routing_to_host`: the one named host-device sync per layer; the host learns which experts
      the batch needs (skipped entirely when every expert is resident).
-  2. The cache makes them resident: hits are used as they are, misses are copied at once on the copy
-     stream (ahead of every prefetch not yet issued); the compute stream waits only for those copies.
-  3. The layer computes with transformers' own experts function over the slot pools.
-  4. The policy sees the routing and returns prefetches, which queue behind the demand copies.
+  2. The policy sees the routing. Its device work (router probabilities, their host snapshot) is queued
+     before the compute stream waits for any copy, so a search beside inference gets them at once.
+  3. The cache makes the experts resident: hits are used as they are, misses are copied at once on the
+     copy stream (ahead of every prefetch not yet issued); the compute stream waits only for those copies.
+     Then the policy's prefetches queue behind them; they cannot evict this layer's experts, which stay
+     pinned until step 4 releases them.
+  4. The layer computes with transformers' own experts function over the slot pools; its slots are released.
 If a batch needs more distinct experts than the cache has slots, the layer runs in waves, each wave's
 rows computed separately and reduced once at the end, in the same order as the unmodified model.
 """
@@ -143,10 +146,10 @@ class OffloadRuntime:
         if step.lo < 0:
             out, hit = run_in_waves(self, ex, hidden, top_k_index, top_k_weights, step.experts, step.res)
             self._record(layer, step.topk, step.experts, hit)
-            self._after_layer(layer, top_k_index)
+            self._queue(step)
             return out
         out = ex.compute_fn(ex.window(step.lo, step.hi), hidden, self._lut_dev[layer][top_k_index], top_k_weights)
-        self.finish_layer(step, top_k_index)
+        self.finish_layer(step)
         return out
 
     @property
@@ -155,34 +158,39 @@ class OffloadRuntime:
         window of the whole pool (slot ids < MAX_GROUPS), which the caller must also check per batch size."""
         return self.all_resident or self.cache.capacity <= self.max_groups
 
-    def begin_layer(self, layer: int, top_k_index: torch.Tensor) -> LayerStep:
-        """Host work before layer `layer`'s experts compute: learn the routing (one named sync), make the
-        experts resident (misses copy now, the compute stream waits for them) and point the device slot
-        table at them. `lo < 0` in the result: the layer needs the waves path (eager only)."""
+    def begin_layer(self, layer: int, top_k_index: torch.Tensor, router_out=None) -> LayerStep:
+        """Host work before layer `layer`'s experts compute: learn the routing (one named sync), show it to
+        the policy, make the experts resident (misses copy now, the compute stream waits for them), point
+        the device slot table at them, and queue the policy's prefetches behind the demand copies.
+        `lo < 0` in the result: the layer needs the waves path (eager only; its prefetches are queued by
+        `_queue` after the waves). `router_out`: the layer's (logits, router input) where no forward hook
+        recorded them (graph replay)."""
+        if router_out is not None:
+            self._router_out[layer] = router_out
         topk = self._sync_routing_to_host(top_k_index)          # [T, k] numpy
         need = topk if self._live_tokens is None else topk[self._live_tokens]
         experts, counts = np.unique(need, return_counts=True)
         self.policy.on_access(layer, experts, counts)
+        prefetch = self._policy_routed(layer, top_k_index)      # before any copy wait is queued
         cap = self.cache.capacity
         res = self.cache.acquire(layer, experts) if experts.size <= cap else None
         if res is None:
-            return LayerStep(layer, topk, experts, None, -1, -1)
+            return LayerStep(layer, topk, experts, None, -1, -1, prefetch)
         lo, hi = (0, cap) if cap <= self.max_groups else (int(res.slots.min()), int(res.slots.max()) + 1)
         if hi - lo > self.max_groups:
-            return LayerStep(layer, topk, experts, res, -1, -1)
+            return LayerStep(layer, topk, experts, res, -1, -1, prefetch)
         self._lut_np[layer, experts] = res.slots - lo
         if self._lut_dev is not self._lut_host:
             self._lut_dev[layer].copy_(self._lut_host[layer], non_blocking=True)
-        return LayerStep(layer, topk, experts, res, lo, hi)
+        step = LayerStep(layer, topk, experts, res, lo, hi, prefetch)
+        self._queue(step)
+        return step
 
-    def finish_layer(self, step: LayerStep, top_k_index: torch.Tensor, router_out=None) -> None:
+    def finish_layer(self, step: LayerStep) -> None:
         """Host work after layer `step.layer`'s experts compute was issued: release its slots (recording
-        the last use), count hits, and let the policy see the routing (prefetches queue behind demand)."""
+        the last use) and count hits."""
         self.cache.release(step.res.slots)
         self._record(step.layer, step.topk, step.experts, step.res.hit)
-        if router_out is not None:
-            self._router_out[step.layer] = router_out
-        self._after_layer(step.layer, top_k_index)
 
     def _look_ahead(self, layer: int, hidden: torch.Tensor) -> None:
         """Prefill lookahead: while this layer computes, start copying the experts that layer `layer`'s own
@@ -201,7 +209,9 @@ class OffloadRuntime:
         """HOST SYNC (one per layer): copy the top-k expert ids to the host."""
         return top_k_index.to("cpu").numpy()
 
-    def _after_layer(self, layer: int, top_k_index: torch.Tensor) -> None:
+    def _policy_routed(self, layer: int, top_k_index: torch.Tensor):
+        """The policy sees layer `layer`'s routing (with router probabilities / hidden states if it asks)
+        -> its Prefetch. Called before the layer's copy waits are queued on the compute stream."""
         probs = hidden = None
         if layer in self._router_out:
             logits, hidden_in = self._router_out.pop(layer)
@@ -209,9 +219,12 @@ class OffloadRuntime:
                 probs = torch.softmax(logits.float(), dim=-1)
             if self.policy.needs_hidden_states:
                 hidden = hidden_in.reshape(-1, hidden_in.shape[-1])
-        routing = LayerRouting(layer, top_k_index, self._token_rows, probs, hidden)
-        self.cache.enqueue(self.policy.on_layer_routed(routing))
-        self.cache.pump(layer)
+        return self.policy.on_layer_routed(LayerRouting(layer, top_k_index, self._token_rows, probs, hidden))
+
+    def _queue(self, step: LayerStep) -> None:
+        """Queue the policy's prefetches for `step` behind its demand copies and issue what fits."""
+        self.cache.enqueue(step.prefetch)
+        self.cache.pump(step.layer)
 
     # ---- metrics -------------------------------------------------------------------------------
     def _record(self, layer: int, topk: np.ndarray, experts: np.ndarray, hit: np.ndarray) -> None:

@@ -126,7 +126,10 @@ class ExpertCache:
     # ---- demand path -------------------------------------------------------------------------
     def acquire(self, layer: int, experts: np.ndarray) -> DemandResult:
         """Make `experts` of `layer` (distinct, len <= capacity) resident and pin them until `release`.
-        Misses are copied at once, ahead of any prefetch not yet issued."""
+        Misses are copied at once, ahead of any prefetch not yet issued. The caller has learned this
+        layer's routing with a host sync, so the previous layer's compute has finished: its slots are
+        no longer `_computing` (the pinned ones of this layer take that role until `release`)."""
+        self._computing = set()
         slots, hit, loaded = self._acquire(layer, experts)
         self._pinned.update(slots)
         return DemandResult(np.array(slots, dtype=np.int64), np.array(hit, dtype=bool), loaded)

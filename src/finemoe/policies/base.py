@@ -171,8 +171,9 @@ class Policy(ABC):
         tokens each. Called before the layer computes; keep it O(len(experts)) numpy work."""
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
-        """Layer `routing.layer` has routed. Return prefetches for later layers. Must not block on the device
-        unless the policy is documented to (speculative policies)."""
+        """Layer `routing.layer` has routed (after `on_access`, before its experts are made resident). Return
+        prefetches for later layers; they are queued behind this layer's demand copies. Must not block on
+        the device unless the policy is documented to (speculative policies)."""
         return Prefetch.empty()
 
     def on_iteration_end(self, it: IterationInfo) -> None:
