@@ -8,8 +8,8 @@ run (to copy the misses), so the step is recorded as L+1 graphs that share one m
     graph i+1    layer i experts (through the device slot table) .. layer i+1 router, top-k
     graph L      layer L-1 experts .. final norm, lm head
 
-and replayed as `graph 0; for each layer: host work (runtime.begin_layer: one named sync, demand copies,
-slot table, policy and its prefetches); graph i+1; runtime.finish_layer (release, hit counts)`. The graphs are replayed in
+and replayed as `graph 0; for each layer: host work (runtime.begin_layer: one named sync, router snapshot,
+demand copies, slot table); graph i+1; runtime.finish_layer (release, policy, prefetches)`. The graphs are replayed in
 the order they were captured, which is what lets them share a pool. The experts of every layer read one
 fixed window of the whole slot pool through the slot table, so a captured graph serves whatever experts
 are resident at replay time.
@@ -68,7 +68,7 @@ class SegmentedGraph:
         rt = self.runtime
         self.graphs[0].replay()
         for (layer, topk, router_out), graph in zip(self.cuts, self.graphs[1:]):
-            step = rt.begin_layer(layer, topk, router_out)   # HOST SYNC: layer's routing; the policy sees it
+            step = rt.begin_layer(layer, topk, router_out)   # HOST SYNC: layer's routing
             if step.lo != 0:
                 raise RuntimeError(f"layer {layer} needs {step.experts.size} experts at once, more than one graph "
                                    "window holds; this batch size must run eagerly")

@@ -2,14 +2,13 @@
 
 Per layer (the router has already chosen top-k experts on the device):
   1. `_sync_routing_to_host`: the one named host-device sync per layer; the host learns which experts
-     the batch needs (skipped entirely when every expert is resident).
-  2. The policy sees the routing. Its device work (router probabilities, their host snapshot) is queued
-     before the compute stream waits for any copy, so a search beside inference gets them at once.
-  3. The cache makes the experts resident: hits are used as they are, misses are copied at once on the
-     copy stream (ahead of every prefetch not yet issued); the compute stream waits only for those copies.
-     Then the policy's prefetches queue behind them; they cannot evict this layer's experts, which stay
-     pinned until step 4 releases them.
-  4. The layer computes with transformers' own experts function over the slot pools; its slots are released.
+     the batch needs (skipped entirely when every expert is resident). Router probabilities, if the
+     policy reads them, start copying to the host right away (snapshots.py), before any copy wait.
+  2. The cache makes them resident: hits are used as they are, misses are copied at once on the copy
+     stream (ahead of every prefetch not yet issued); the compute stream waits only for those copies.
+  3. The layer computes with transformers' own experts function over the slot pools.
+  4. While it computes, the policy sees the routing and returns prefetches, which queue behind the
+     demand copies.
 If a batch needs more distinct experts than the cache has slots, the layer runs in waves, each wave's
 rows computed separately and reduced once at the end, in the same order as the unmodified model.
 """
@@ -18,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from finemoe.engine.snapshots import RouterSnapshots
 from finemoe.engine.stats import IterationStats, LayerStep, RuntimeTotals
 from finemoe.engine.waves import run_in_waves
 from finemoe.experts.cache import ExpertCache
@@ -67,6 +67,7 @@ class OffloadRuntime:
         self._lut_dev = self._lut_host.to(device) if pin else self._lut_host
         self.totals = RuntimeTotals(np.zeros(L, np.int64), np.zeros(L, np.int64))
         self._router_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._snapshots = RouterSnapshots(L, device)
         self._hooks = []
         if policy.needs_router_probs or policy.needs_hidden_states:
             for layer in layers:
@@ -146,7 +147,7 @@ class OffloadRuntime:
         if step.lo < 0:
             out, hit = run_in_waves(self, ex, hidden, top_k_index, top_k_weights, step.experts, step.res)
             self._record(layer, step.topk, step.experts, hit)
-            self._queue(step)
+            self._policy_step(step)
             return out
         out = ex.compute_fn(ex.window(step.lo, step.hi), hidden, self._lut_dev[layer][top_k_index], top_k_weights)
         self.finish_layer(step)
@@ -159,38 +160,36 @@ class OffloadRuntime:
         return self.all_resident or self.cache.capacity <= self.max_groups
 
     def begin_layer(self, layer: int, top_k_index: torch.Tensor, router_out=None) -> LayerStep:
-        """Host work before layer `layer`'s experts compute: learn the routing (one named sync), show it to
-        the policy, make the experts resident (misses copy now, the compute stream waits for them), point
-        the device slot table at them, and queue the policy's prefetches behind the demand copies.
-        `lo < 0` in the result: the layer needs the waves path (eager only; its prefetches are queued by
-        `_queue` after the waves). `router_out`: the layer's (logits, router input) where no forward hook
-        recorded them (graph replay)."""
+        """Host work before layer `layer`'s experts compute: learn the routing (one named sync), snapshot
+        what the policy reads, make the experts resident (misses copy now, the compute stream waits for
+        them) and point the device slot table at them. `lo < 0` in the result: the layer needs the waves
+        path (eager only). `router_out`: the layer's (logits, router input) where no forward hook recorded
+        them (graph replay)."""
         if router_out is not None:
             self._router_out[layer] = router_out
         topk = self._sync_routing_to_host(top_k_index)          # [T, k] numpy
         need = topk if self._live_tokens is None else topk[self._live_tokens]
         experts, counts = np.unique(need, return_counts=True)
         self.policy.on_access(layer, experts, counts)
-        prefetch = self._policy_routed(layer, top_k_index)      # before any copy wait is queued
+        routing = self._routing(layer, top_k_index)             # queued before any copy wait
         cap = self.cache.capacity
         res = self.cache.acquire(layer, experts) if experts.size <= cap else None
         if res is None:
-            return LayerStep(layer, topk, experts, None, -1, -1, prefetch)
+            return LayerStep(layer, topk, experts, None, -1, -1, routing)
         lo, hi = (0, cap) if cap <= self.max_groups else (int(res.slots.min()), int(res.slots.max()) + 1)
         if hi - lo > self.max_groups:
-            return LayerStep(layer, topk, experts, res, -1, -1, prefetch)
+            return LayerStep(layer, topk, experts, res, -1, -1, routing)
         self._lut_np[layer, experts] = res.slots - lo
         if self._lut_dev is not self._lut_host:
             self._lut_dev[layer].copy_(self._lut_host[layer], non_blocking=True)
-        step = LayerStep(layer, topk, experts, res, lo, hi, prefetch)
-        self._queue(step)
-        return step
+        return LayerStep(layer, topk, experts, res, lo, hi, routing)
 
     def finish_layer(self, step: LayerStep) -> None:
         """Host work after layer `step.layer`'s experts compute was issued: release its slots (recording
-        the last use) and count hits."""
+        the last use), count hits, and let the policy see the routing (prefetches queue behind demand)."""
         self.cache.release(step.res.slots)
         self._record(step.layer, step.topk, step.experts, step.res.hit)
+        self._policy_step(step)
 
     def _look_ahead(self, layer: int, hidden: torch.Tensor) -> None:
         """Prefill lookahead: while this layer computes, start copying the experts that layer `layer`'s own
@@ -209,21 +208,23 @@ class OffloadRuntime:
         """HOST SYNC (one per layer): copy the top-k expert ids to the host."""
         return top_k_index.to("cpu").numpy()
 
-    def _policy_routed(self, layer: int, top_k_index: torch.Tensor):
-        """The policy sees layer `layer`'s routing (with router probabilities / hidden states if it asks)
-        -> its Prefetch. Called before the layer's copy waits are queued on the compute stream."""
+    def _routing(self, layer: int, top_k_index: torch.Tensor) -> LayerRouting:
+        """What the policy will see of layer `layer`: router probabilities start copying to the host now
+        (ready after `_snapshots.wait`), hidden states stay on the device."""
         probs = hidden = None
         if layer in self._router_out:
             logits, hidden_in = self._router_out.pop(layer)
             if self.policy.needs_router_probs:
-                probs = torch.softmax(logits.float(), dim=-1)
+                probs = self._snapshots.take(layer, torch.softmax(logits.float(), dim=-1))   # [T, J] host
             if self.policy.needs_hidden_states:
                 hidden = hidden_in.reshape(-1, hidden_in.shape[-1])
-        return self.policy.on_layer_routed(LayerRouting(layer, top_k_index, self._token_rows, probs, hidden))
+        return LayerRouting(layer, top_k_index, self._token_rows, probs, hidden)
 
-    def _queue(self, step: LayerStep) -> None:
-        """Queue the policy's prefetches for `step` behind its demand copies and issue what fits."""
-        self.cache.enqueue(step.prefetch)
+    def _policy_step(self, step: LayerStep) -> None:
+        """The policy sees the layer's routing; its prefetches queue behind the demand copies."""
+        if step.routing.probs is not None:
+            self._snapshots.wait(step.layer)
+        self.cache.enqueue(self.policy.on_layer_routed(step.routing))
         self.cache.pump(step.layer)
 
     # ---- metrics -------------------------------------------------------------------------------

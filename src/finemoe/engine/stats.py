@@ -26,7 +26,7 @@ class LayerStep:
     res: object                 # DemandResult (slots, hit) or None
     lo: int                     # slot window [lo, hi) the compute reads; -1: waves path
     hi: int
-    prefetch: object = None     # the policy's Prefetch for this layer, queued once the demand copies are issued
+    routing: object = None      # LayerRouting the policy sees once the compute is issued (probs on the host)
 
 
 @dataclass

@@ -78,7 +78,8 @@ class IterationInfo:
 class LayerRouting:
     """Layer `layer`'s routing for the current iteration, as soon as it has routed.
 
-    probs  [T, J] float32: full router softmax over all experts (None unless the policy needs it)
+    probs  [T, J] float32 on the host: full router softmax over all experts (None unless the policy needs
+           it); valid until the same layer routes again (a reused pinned buffer): copy it to keep it
     top_k  [T, k] int64:   chosen experts per token
     hidden [T, H]:         the MoE block's input (None unless the policy needs hidden states)
     token_rows [T] int64 numpy: batch row of each token, -1 for padding.
@@ -137,7 +138,7 @@ class Policy(ABC):
     paper it follows) and register with `@register_policy`.
 
     Capability flags let the engine skip work no policy asked for:
-      needs_router_probs: LayerRouting.probs is filled (a softmax and a device tensor per layer).
+      needs_router_probs: LayerRouting.probs is filled (a softmax and a small host copy per layer).
       needs_hidden_states: LayerRouting.hidden is filled and ctx.route is usable (engine only).
       keeps_all_resident: the cache holds every expert; loaded once at start.
     """
@@ -171,9 +172,9 @@ class Policy(ABC):
         tokens each. Called before the layer computes; keep it O(len(experts)) numpy work."""
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
-        """Layer `routing.layer` has routed (after `on_access`, before its experts are made resident). Return
-        prefetches for later layers; they are queued behind this layer's demand copies. Must not block on
-        the device unless the policy is documented to (speculative policies)."""
+        """Layer `routing.layer` has routed and its experts' compute has been issued (the GPU runs it while
+        this runs). Return prefetches for later layers; they queue behind this layer's demand copies. Must
+        not block on the device unless the policy is documented to (speculative policies)."""
         return Prefetch.empty()
 
     def on_iteration_end(self, it: IterationInfo) -> None:

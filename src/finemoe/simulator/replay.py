@@ -155,9 +155,9 @@ class Replay:
                 for layer, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
     def _layers(self, layers, a: int, b: int) -> tuple[int, int]:
-        """Every MoE layer of one iteration in OffloadRuntime.begin_layer's order: on_access, on_layer_routed,
-        the demand path (waves of `capacity` experts when a layer needs more), the policy's prefetches queued
-        behind it and pumped, then the layer's compute time. Returns (hits, misses)."""
+        """Every MoE layer of one iteration in the engine's order (OffloadRuntime.begin_layer, then finish_layer
+        once the compute is issued): on_access, the demand path (waves of `capacity` experts when a layer needs
+        more), on_layer_routed, pump, then the layer's compute time. Returns (hits, misses)."""
         transport, cache, policy = self.transport, self.cache, self.policy
         layer_s, host_s, cap = self.cost.layer_time_s, self.cost.host_layer_s, self.capacity
         hits = misses = 0
@@ -172,7 +172,6 @@ class Replay:
         for layer, experts, counts in layers:
             transport.now += host_s       # the host learns the routing; the layer's copies start after
             on_access(layer, experts, counts)
-            prefetch = policy.on_layer_routed(self._routing(layer, a, b, rows)) if routing else None
             n = experts.size
             if n <= cap:
                 n_hit = acquire(layer, experts)
@@ -181,7 +180,7 @@ class Replay:
             hits += n_hit
             misses += n - n_hit
             if routing:
-                cache.enqueue(prefetch)   # behind the demand copies, as OffloadRuntime.begin_layer queues it
+                cache.enqueue(policy.on_layer_routed(self._routing(layer, a, b, rows)))
             pump(layer)
             transport.now += layer_s      # the layer computes
         return hits, misses

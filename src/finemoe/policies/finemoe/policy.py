@@ -29,7 +29,7 @@ from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
 from finemoe.policies.finemoe.search import Guide, SemanticMemo
 from finemoe.policies.finemoe.selection import EVICTION_RULES, EvictionScores, LayerPlan, merge, plan_layers
-from finemoe.policies.finemoe.worker import DeferredWorker, InlineWorker, SearchWorker, SnapshotRing
+from finemoe.policies.finemoe.worker import DeferredWorker, InlineWorker, SearchWorker
 
 PREFILL_MODES = ("mean", "last")
 SELECTION_RULES = ("delta", "topk")
@@ -96,7 +96,6 @@ class FineMoEPolicy(Policy):
         use_thread = ctx.device.type == "cuda" if self.async_search == "auto" else self.async_search
         self.worker = (DeferredWorker() if use_thread == "deferred" else SearchWorker() if use_thread
                        else InlineWorker())
-        self.ring = SnapshotRing(self.L)
         self.memo = SemanticMemo(self.store, self.neighbors)
         self.prompt_lens: dict[str, int] = {}
         self.planner: IterationPlanner | None = None
@@ -170,8 +169,7 @@ class FineMoEPolicy(Policy):
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         t0 = time.perf_counter()
         planner, layer = self.planner, routing.layer
-        snap = self.ring.take(layer, self._per_row(routing))                    # [B, J], non-blocking
-        self.worker.submit(self._observe, (planner, layer, snap))
+        self.worker.submit(self._observe, (planner, layer, self._per_row(routing)))   # [B, J] host
         out = self._to_prefetch(self.worker.drain(), layer_now=layer)
         self.critical_s += time.perf_counter() - t0
         return out
@@ -185,8 +183,7 @@ class FineMoEPolicy(Policy):
 
     def _observe(self, job: tuple) -> LayerPlan | None:
         """Search job (worker thread or inline): layer `layer` routed -> the plan for layer + d, if any."""
-        planner, layer, snap = job
-        probs = snap.wait()                                                      # [B, J] host
+        planner, layer, probs = job                                              # probs [B, J] host
         guide = planner.observe(layer, probs)
         if self.eviction.startswith("ema"):
             self.scores.observed(layer, planner.observed[:, layer].max(0))
@@ -208,8 +205,8 @@ class FineMoEPolicy(Policy):
             self.store.add_many(maps, sem)
 
     def _per_row(self, routing: LayerRouting) -> torch.Tensor:
-        """probs [T, J] -> per batch row [B, J] on the device: the row's token at decode, the mean
-        (or last) of its real tokens at prefill."""
+        """probs [T, J] (host) -> per batch row [B, J]: the row's token at decode, the mean (or last) of
+        its real tokens at prefill. A new tensor (the worker may read it after the runtime reuses `probs`)."""
         probs, rows = routing.probs, routing.token_rows
         key, reduce = self._reduce
         if key != self.iterations:
@@ -218,7 +215,7 @@ class FineMoEPolicy(Policy):
             reduce = None if identity else self._reduction_matrix(rows, B).to(probs.device)
             self._reduce = (self.iterations, reduce)
         if reduce is None:
-            return probs
+            return probs.clone()
         return reduce @ probs                                                   # [B, T] @ [T, J]
 
     def _reduction_matrix(self, rows: np.ndarray, B: int) -> torch.Tensor:

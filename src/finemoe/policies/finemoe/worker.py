@@ -1,10 +1,10 @@
-"""Running search beside inference: device snapshots of router outputs and a search worker thread.
+"""Running search beside inference: a search worker thread, or inline and deferred stand-ins.
 
-`SnapshotRing` copies a small per-layer device tensor non-blocking into a pinned host buffer that is
-allocated once per layer and reused every iteration, and records that layer's event; only the worker
-waits on it. `SearchWorker` runs jobs in order on one thread and hands results back to the engine
-thread without blocking it; `InlineWorker` runs them at once (CPU runs, tests, deterministic
-measurements). Both take a job as (function, argument) so the engine thread builds no closure per layer.
+The engine hands the policy each layer's router probabilities already on the host (engine/snapshots.py).
+`SearchWorker` runs jobs in order on one thread and hands results back to the engine thread without
+blocking it; `InlineWorker` runs them at once (CPU runs, tests, deterministic measurements);
+`DeferredWorker` models the thread's delay for the simulator. All take a job as (function, argument) so
+the engine thread builds no closure per layer.
 """
 from __future__ import annotations
 
@@ -14,44 +14,6 @@ from collections import deque
 from typing import Any, Callable
 
 import torch
-
-
-class HostSnapshot:
-    """A host view of a device tensor, ready once `wait()` returns."""
-
-    def __init__(self, host: torch.Tensor, event: Any = None) -> None:
-        self.host, self.event = host, event
-
-    def wait(self) -> torch.Tensor:
-        """Blocks the calling (worker) thread until the copy has landed."""
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host
-
-
-class SnapshotRing:
-    """One reusable pinned buffer [rows, cols] and one event per layer (CUDA); a plain reference on the CPU.
-
-    Reuse is safe because the policy waits for the worker to go idle at every iteration start, so a
-    layer's buffer is never overwritten while the worker may still read the previous iteration's copy."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.buffers: list[torch.Tensor | None] = [None] * num_layers
-        self.events: list[Any] = [None] * num_layers
-
-    def take(self, layer: int, t: torch.Tensor) -> HostSnapshot:
-        """Start copying `t` [B, J] (float32) to the host; no host sync."""
-        if t.device.type != "cuda":
-            return HostSnapshot(t)
-        buf = self.buffers[layer]
-        if buf is None or buf.shape[0] < t.shape[0] or buf.shape[1:] != t.shape[1:] or buf.dtype != t.dtype:
-            buf = torch.empty((max(t.shape[0], 8),) + tuple(t.shape[1:]), dtype=t.dtype, pin_memory=True)
-            self.buffers[layer] = buf
-            self.events[layer] = torch.cuda.Event()
-        host = buf[: t.shape[0]]
-        host.copy_(t, non_blocking=True)
-        self.events[layer].record()
-        return HostSnapshot(host, self.events[layer])
 
 
 class InlineWorker:
