@@ -17,6 +17,7 @@ meaningful under replay and are reported from the reference model on CPU (docs/R
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -47,6 +48,15 @@ def subset(trace: Trace, idx: list[int]) -> Trace:
                  trace.iterations[idx].copy(), trace.token_ids[rows], trace.topk[rows],
                  None if trace.probs is None else trace.probs[rows], trace.expert_bytes, trace.probs_note,
                  trace.source, [trace.request_ids[r] for r in idx], [trace.prompt_texts[r] for r in idx])
+
+
+def policy_time_per_layer(engine: Engine, reqs: list, layers: int) -> float:
+    """The policy's own host time per layer over `reqs` (its critical path: callbacks on the engine thread),
+    for the simulator's `policy_layer_s`; 0 for policies that do not measure it (their work is in the
+    host round trip calibrated from lru)."""
+    policy = engine.policy
+    crit, its = getattr(policy, "critical_s", None), getattr(policy, "iterations", 0)
+    return crit / its / layers if crit is not None and its else 0.0
 
 
 def serve(engine: Engine, replay: RoutingReplay, idx: list[int]) -> list:
@@ -108,7 +118,7 @@ def main() -> None:
     rows.append(measure("resident", serve(engine, replay, held), engine.policy))
     eb = engine.geometry.expert_bytes
     raw = max(raw_pinned_copy_gbps(60 * eb, reps=9), raw_pinned_copy_gbps(60 * eb, chunks=60, reps=9)) if cuda else 25.0
-    stores = {}
+    stores, policy_layer_s = {}, {}
     for v in parse_variants(args.policies):
         name, opts = v.policy, dict(v.options)
         if name == "oracle":
@@ -123,6 +133,8 @@ def main() -> None:
             engine.reconfigure(name, args.budget, {**opts, "collection": stores[v.label], "learn": True})
             serve(engine, replay, build)
             opts = {**opts, "collection": stores[v.label], "learn": False}
+        engine.reconfigure(name, args.budget, opts)
+        policy_layer_s[v.label] = policy_time_per_layer(engine, serve(engine, replay, calib), L)
         engine.reconfigure(name, args.budget, opts)
         rows.append(measure(v.label, serve(engine, replay, held), engine.policy))
     engine.reconfigure("resident", None)
@@ -143,12 +155,18 @@ def main() -> None:
             sim_coll = os.path.join(args.out, f"sim_collection_{len(sims)}.safetensors")
             Replay(build_trace, name, args.budget, cost, {**opts, "collection": sim_coll, "learn": True}).run()
             opts = {**opts, "collection": sim_coll, "learn": False}
-        sim = Replay(held_trace, name, args.budget, cost, opts, **kw).run()
         engine_label = v.label.replace("/async_search=deferred", "")   # deferred models the engine's thread
-        meas = next(r for r in rows if r["policy"] == engine_label)
+        meas = next((r for r in rows if r["policy"] == engine_label), None)
+        if meas is None:
+            print(f"  (simulated {v.label!r} has no engine row to compare with; skipped)")
+            continue
+        p_s = policy_layer_s.get(engine_label, 0.0)
+        sim = Replay(held_trace, name, args.budget, dataclasses.replace(cost, policy_layer_s=p_s), opts, **kw).run()
         sims.append({"policy": v.label, "sim_tpot_s": sim["tpot_s"], "engine_tpot_s": meas["tpot_s"],
                      "error": sim["tpot_s"] / meas["tpot_s"] - 1, "sim_hit_rate": sim["hit_rate"],
-                     "engine_hit_rate": meas["hit_rate"], "sim_ttft_s": sim["ttft_s"], "engine_ttft_s": meas["ttft_s"]})
+                     "engine_hit_rate": meas["hit_rate"], "sim_ttft_s": sim["ttft_s"], "engine_ttft_s": meas["ttft_s"],
+                     "sim_bytes_per_token": sim["bytes_per_token"], "engine_bytes_per_token": meas["bytes_per_token"],
+                     "calibrated_policy_layer_ms": p_s * 1e3})
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "trace": args.trace,
               "trace_model": trace.model, "layers": trace.num_layers, "build_requests": len(build),
               "eval_requests": len(held), "budget": args.budget, "raw_pinned_gbps": raw,

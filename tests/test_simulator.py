@@ -2,6 +2,7 @@
 agreement with the engine's own hit/miss/byte counts on the trained reference model."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -53,6 +54,15 @@ def test_host_round_trip_delays_every_offloaded_layer_and_its_copies():
     # +0.25 hit e0 +0.5 (4.25); +0.25 miss e2 (4.5 -> 5.5) +0.5 -> 6.0, TPOT 2.5
     assert (lru["ttft_s"], lru["tpot_s"]) == (3.5, 2.5)
     assert (resident["ttft_s"], resident["tpot_s"]) == (1.0, 1.0)   # no routing round trip when all is resident
+
+
+def test_policy_host_time_longer_than_the_layer_delays_the_next_layer():
+    cost = CostModel(expert_bytes=1, bandwidth_Bps=float("inf"), layer_time_s=0.5, policy_layer_s=0.75)
+    lru, resident = simulate(two_layer_trace(), ["lru", "resident"], ["100%"], cost)
+    assert (lru["ttft_s"], lru["tpot_s"]) == (1.5, 1.5)            # free copies: 2 layers x max(0.5, 0.75)
+    assert (resident["ttft_s"], resident["tpot_s"]) == (1.0, 1.0)  # no policy work when all is resident
+    shorter = simulate(two_layer_trace(), ["lru"], ["100%"], dataclasses.replace(cost, policy_layer_s=0.25))[0]
+    assert (shorter["ttft_s"], shorter["tpot_s"]) == (1.0, 1.0)    # hidden under the layer's compute
 
 
 @pytest.mark.parametrize("policy", ["mixtral-offloading", "promoe"])

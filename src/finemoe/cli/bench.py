@@ -3,6 +3,7 @@ budget x prefetch distance on the held-out split (engine or simulator), write CS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -48,6 +49,8 @@ def add_parser(sub) -> None:
     p.add_argument("--layer-time-ms", type=float, default=0.0, help="simulator: compute time of one MoE layer")
     p.add_argument("--host-layer-ms", type=float, default=0.0,
                    help="simulator: host round trip before each offloaded layer's experts (routing sync, cache work)")
+    p.add_argument("--policy-layer-ms", type=float, default=0.0,
+                   help="simulator: the policy's own host time per layer, spent while the layer computes")
     p.add_argument("--expert-bytes", type=int, default=None, help="simulator: cost each expert as N bytes")
     p.add_argument("--trace-dir", default=None,
                    help="keep recorded routing traces here and reuse them in later benches over the same prompts")
@@ -89,13 +92,13 @@ def run(args: argparse.Namespace) -> int:
     cost = None
     if args.simulate:
         cost = CostModel(args.expert_bytes or 1, _bandwidth(args.bandwidth), args.layer_time_ms / 1e3,
-                         args.host_layer_ms / 1e3)
+                         args.host_layer_ms / 1e3, args.policy_layer_ms / 1e3)
     texts = load_texts(_split(args.prompts, "--prompts"), args.limit, args.seed)
     build_idx, held_idx = split_indices(len(texts), args.split, args.seed)
     engine = Engine.from_config(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                              show_progress=False, seed=args.seed))
     if cost is not None and args.expert_bytes is None:
-        cost = CostModel(engine.geometry.expert_bytes, cost.bandwidth_Bps, cost.layer_time_s, cost.host_layer_s)
+        cost = dataclasses.replace(cost, expert_bytes=engine.geometry.expert_bytes)
     prompts = tokenize(engine.tokenizer, texts, args.template, args.max_prompt_tokens)
     plan = BenchPlan(variants, budgets, _distances(args.prefetch_distance), args.max_new_tokens, args.build_batch, cost,
                      trace_dir=args.trace_dir)

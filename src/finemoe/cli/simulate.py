@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--layer-time-ms", type=float, default=0.0, help="compute time of one MoE layer per iteration")
     p.add_argument("--host-layer-ms", type=float, default=0.0,
                    help="simulator: host round trip before each offloaded layer's experts (routing sync, cache work)")
+    p.add_argument("--policy-layer-ms", type=float, default=0.0,
+                   help="the policy's own host time per layer, spent while the layer computes (the next layer "
+                        "starts after the longer of the two)")
     p.add_argument("--expert-bytes", type=int, default=None,
                    help="cost every expert as this many bytes (default: the recorded model's expert size)")
     p.add_argument("--prefetch-inflight", type=int, default=4)
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"trace {args.trace!r} does not say how large an expert is: pass --expert-bytes N")
     if args.prefetch_inflight < 1:
         raise ConfigError("--prefetch-inflight must be >= 1")
-    cost = CostModel(int(expert_bytes), _bandwidth(args.bandwidth), args.layer_time_ms / 1e3, args.host_layer_ms / 1e3)
+    cost = CostModel(int(expert_bytes), _bandwidth(args.bandwidth), args.layer_time_ms / 1e3, args.host_layer_ms / 1e3,
+                     args.policy_layer_ms / 1e3)
     rows = simulate(trace, policies, budgets, cost, policy_options(args.policy_option, policies),
                     args.prefetch_inflight)
     if args.json:

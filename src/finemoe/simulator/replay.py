@@ -159,12 +159,13 @@ class Replay:
         once the compute is issued): on_access, the demand path (waves of `capacity` experts when a layer needs
         more), on_layer_routed, pump, then the layer's compute time. Returns (hits, misses)."""
         transport, cache, policy = self.transport, self.cache, self.policy
-        layer_s, host_s, cap = self.cost.layer_time_s, self.cost.host_layer_s, self.capacity
+        host_s, cap = self.cost.host_layer_s, self.capacity
+        layer_s = max(self.cost.layer_time_s, self.cost.policy_layer_s)   # the host's policy work overlaps compute
         hits = misses = 0
         if self.all_resident:
             for _, experts, _ in layers:
                 hits += experts.size
-                transport.now += layer_s
+                transport.now += self.cost.layer_time_s
             return hits, misses
         on_access, acquire, pump = policy.on_access, cache.acquire_release, cache.pump
         routing = self.reports_routing

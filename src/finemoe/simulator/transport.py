@@ -24,12 +24,16 @@ class CostModel:
     copies, as on the CPU engine); layer_time_s: compute time of one MoE layer per iteration;
     host_layer_s: host round trip before an offloaded layer's experts can run (the engine's named routing
     sync and its cache work, during which the GPU waits; calibrate it as (TPOT of an all-hit offloading
-    run - resident TPOT) / layers). Resident runs have no such round trip."""
+    run - resident TPOT) / layers). Resident runs have no such round trip. policy_layer_s: the policy's
+    own host time per layer (its `on_layer_routed` and eviction choices), which the engine spends while
+    the layer computes: the next layer starts after max(layer_time_s, policy_layer_s); calibrate it from
+    the engine's `critical_path_s_per_iteration` / layers on separate requests."""
 
     expert_bytes: int
     bandwidth_Bps: float = 25e9
     layer_time_s: float = 0.0
     host_layer_s: float = 0.0
+    policy_layer_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.expert_bytes < 1:
@@ -40,6 +44,8 @@ class CostModel:
             raise ConfigError(f"layer time must be >= 0, got {self.layer_time_s}")
         if self.host_layer_s < 0:
             raise ConfigError(f"host time per layer must be >= 0, got {self.host_layer_s}")
+        if self.policy_layer_s < 0:
+            raise ConfigError(f"policy time per layer must be >= 0, got {self.policy_layer_s}")
 
     @property
     def copy_s(self) -> float:
