@@ -87,11 +87,22 @@ class HostOps(ArrayOps):
         return np.maximum(x, low)
 
     def best(self, sim, k):
+        n, B = sim.shape
         if k == 1:
             idx = sim.argmax(0)[None]                                             # [1, B]
+        elif k >= n:
+            idx = np.argsort(-sim, axis=0, kind="stable")                         # [n, B]
         else:
-            idx = np.argsort(-sim, axis=0, kind="stable")[:k]                     # [K, B]
-        return idx.astype(np.int64, copy=False), np.take_along_axis(sim, idx, axis=0)
+            idx = np.empty((k, B), dtype=np.int64)
+            for b in range(B):   # per batch row: a 1-D partition is ~6x faster than a sort along axis 0
+                col = np.ascontiguousarray(sim[:, b])                             # [n]
+                top = np.argpartition(-col, k - 1)[:k]                            # the k best, unordered
+                vals = col[top]
+                if np.count_nonzero(col >= vals.min()) > k:                       # a tie at the cut: lower ids win
+                    idx[:, b] = np.argsort(-col, kind="stable")[:k]
+                else:
+                    idx[:, b] = top[np.lexsort((top, -vals))]                     # best first, ties: lower id
+        return idx.astype(np.int64, copy=False), sim[idx, np.arange(B)[None, :]]            # [K, B] each
 
     def zeros(self, shape):
         return np.zeros(shape, dtype=np.float32)
