@@ -93,7 +93,9 @@ class FineMoEPolicy(Policy):
         self.store = self._open_store(self._identity(ctx))
         self.d = self.store.spec.distance
         self.scores = EvictionScores(g.total_experts, self.eviction)
-        use_thread = ctx.device.type == "cuda" if self.async_search == "auto" else self.async_search
+        # auto = inline: the engine calls the policy while the layer computes, so the search already runs beside
+        # inference; a thread added GIL contention and late guides (docs/BENCHMARKS.md, runs 10-12)
+        use_thread = False if self.async_search == "auto" else self.async_search
         self.worker = (DeferredWorker() if use_thread == "deferred" else SearchWorker() if use_thread
                        else InlineWorker())
         self.memo = SemanticMemo(self.store, self.neighbors)
