@@ -62,6 +62,18 @@ def test_eviction_ties_go_to_the_least_recently_used():
     assert s.victims(np.arange(3), 3).tolist() == [2, 0, 1]   # all p=0
 
 
+def test_ema_eviction_keeps_the_experts_the_router_has_favoured_lately():
+    s = EvictionScores(3, "ema", decay=0.5)
+    s.observed(0, np.array([0.8, 0.1, 0.1]))       # ema = 0.4, 0.05, 0.05
+    s.observed(0, np.array([0.0, 0.2, 0.8]))       # ema = 0.2, 0.125, 0.425
+    assert np.allclose(s.ema, [0.2, 0.125, 0.425])
+    assert s.victims(np.arange(3), 3).tolist() == [1, 0, 2]
+    both = EvictionScores(3, "ema+p", decay=0.5)
+    both.observed(0, np.array([0.0, 0.2, 0.8]))    # ema = 0, 0.1, 0.4
+    both.guide(0, np.array([0.5, 0.0, 0.0]))       # + p: 0.5, 0.1, 0.4
+    assert both.victims(np.arange(3), 3).tolist() == [1, 2, 0]
+
+
 def covered(mode, L=6, d=2):
     store = MapStore(StoreSpec("m", L, 3, 2, "token", d, 4))
     store.add(torch.rand(L * 3), torch.rand(2))
