@@ -2,21 +2,11 @@
 
 Small version of benchmarks/finemoe_hitrate.py (40 build prompts, 12 held-out eval prompts of
 Arena-Hard, seed 0, 25% expert budget); docs/FINEMOE.md has the full-size numbers."""
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "finemoe_hitrate.py"
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("finemoe_hitrate", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def test_finemoe_hits_more_than_lru_on_held_out_prompts(ref_moe_dir, arena_hard_prompts):
-    bench = load_benchmark()
+    bench = load_benchmark("finemoe_hitrate")
     args = bench.parse_args(["--model", str(ref_moe_dir), "--prompts", str(arena_hard_prompts), "--build", "40",
                              "--eval", "12", "--new-tokens", "16", "--variants", "lru", "finemoe"])
     results = bench.run(args)

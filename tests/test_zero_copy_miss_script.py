@@ -3,24 +3,19 @@ the CPU in --dry-run: tiny shapes, the same math paths as on the GPU, and the JS
 The GPU numbers themselves come from the device run; these tests pin down the script's arithmetic and checks."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import Qwen2MoeConfig
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zero_copy_miss.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("zero_copy_miss", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("zero_copy_miss")
 
 
 def test_dry_run_measures_every_method_and_writes_the_json(bench, tmp_path):
