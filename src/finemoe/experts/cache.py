@@ -1,11 +1,12 @@
 """The device expert cache: N preallocated slots, a residency table, demand loads and prefetches.
 
-Keys are flat (key = layer * J + expert). Whole-cache work (eviction candidates, the prefetch queue, the
-residency table policies read) is numpy over keys and slots; the per-layer work on the few experts a
-layer routes to is plain Python over int lists and small sets, where numpy's per-call overhead would
-dominate (the simulator replays millions of layer steps through this class). The cache decides what
-occupies which slot; the policy picks victims; the transport copies. The simulator drives this same
-class with a timed transport, so engine and simulator agree on hits, misses and bytes by construction.
+Keys are flat (key = layer * J + expert). Whole-cache work (eviction candidates, the residency table
+policies read) is numpy over keys and slots; the per-layer work on the few experts a layer routes to, and
+the prefetch queue (a few keys per layer plan), is plain Python over int lists, small sets and a dict,
+where numpy's per-call overhead would dominate (the simulator replays millions of layer steps through
+this class). The cache decides what occupies which slot; the policy picks victims; the transport
+copies. The simulator drives this same class with a timed transport, so engine and simulator agree on
+hits, misses and bytes by construction.
 
 Definitions:
   hit    the expert is resident and its copy had finished when the router asked for it.
@@ -13,6 +14,7 @@ Definitions:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +41,7 @@ class ExpertCache:
         self.slot_of = np.full(total_experts, -1, dtype=np.int64)   # [L*J] slot or -1 (read-only outside)
         self.key_of = np.full(capacity, -1, dtype=np.int64)         # [N] key or -1
         self.resident = np.zeros(total_experts, dtype=bool)         # live view handed to policies
-        self.pending = np.full(total_experts, -np.inf)              # queued prefetch priority per key
+        self.queue: dict[int, float] = {}       # queued prefetch: key -> priority (a few keys per layer plan)
         self._slot = [-1] * total_experts       # slot_of as Python ints (scalar hot path)
         self._key = [-1] * capacity             # key_of as Python ints
         # scalar writes into the numpy views go through memoryviews of the same buffers (numpy's own scalar
@@ -51,7 +53,6 @@ class ExpertCache:
         self._unused_prefetch: set[int] = set()  # slots loaded by a prefetch, not yet used
         self._prefetching: set[int] = set()     # slots whose prefetch copy may still be in flight
         self._computing: set[int] = set()       # slots the last released layer's compute may still read
-        self._queued = False                    # False: `pending` certainly holds no request
         self._marks_use = type(transport).mark_used is not Transport.mark_used
         self._order: VictimOrder | None = None   # the policy's incremental eviction order (asked at first eviction)
         self._order_asked = False
@@ -186,43 +187,47 @@ class ExpertCache:
 
     # ---- prefetch path -----------------------------------------------------------------------
     def enqueue(self, prefetch: Prefetch) -> None:
-        if len(prefetch):
-            self.pending[prefetch.keys] = prefetch.priority
-            self._queued = True
+        """Queue `prefetch`: each key at its priority (a key queued again takes the newer priority; -inf
+        withdraws it). Plain Python over the few keys of a layer plan."""
+        if not len(prefetch):
+            return
+        queue = self.queue
+        for key, priority in zip(prefetch.keys.tolist(), prefetch.priority.tolist()):
+            if priority == -math.inf:
+                queue.pop(key, None)
+            else:
+                queue[key] = priority
 
     def pump(self, current_layer: int) -> int:
         """Drop stale requests (layer not ahead of `current_layer`, already resident) and issue the
-        best ones while fewer than `prefetch_inflight` prefetch copies are in flight. Returns copies issued.
-        With nothing queued there is nothing to drop or issue: return at once (which prefetch copies have
-        finished is asked when it matters; a finished copy stays finished)."""
-        if not self._queued:
+        best ones (highest priority, then lowest key) while fewer than `prefetch_inflight` prefetch copies
+        are in flight. Returns copies issued. With nothing queued there is nothing to drop or issue: return
+        at once (which prefetch copies have finished is asked when it matters; a finished copy stays finished)."""
+        queue = self.queue
+        if not queue:
             return 0
-        pending = self.pending
-        pending[: (current_layer + 1) * self.J] = -np.inf
-        pending[self.resident] = -np.inf
+        first, slot_of = (current_layer + 1) * self.J, self._slot
+        for key in [k for k in queue if k < first or slot_of[k] >= 0]:
+            del queue[key]
         if self._prefetching:
             is_done = self.transport.is_done
             self._prefetching.difference_update([s for s in self._prefetching if is_done(s)])
         budget = self.prefetch_inflight - len(self._prefetching)
-        if budget <= 0:
+        if budget <= 0 or not queue:
             return 0
-        queued = (pending > -np.inf).nonzero()[0]
-        if queued.size == 0:
-            self._queued = False
-            return 0
-        best = queued[(-pending[queued]).argsort(kind="stable")[:budget]]
-        return self._start_prefetches(best.tolist())
+        best = sorted(queue, key=lambda k: (-queue[k], k))[:budget]
+        return self._start_prefetches(best)
 
     def _start_prefetches(self, keys: list[int]) -> int:
         """Copy `keys` (not resident) into slots now, as prefetches; returns how many found room."""
         room = self._free_slots(len(keys), for_prefetch=True)
-        pending = self.pending
+        queue = self.queue
         for key, slot in zip(keys, room):
             self._assign(slot, key)
             self.transport.start_copy(slot, key)
             self._prefetching.add(slot)
             self._unused_prefetch.add(slot)
-            pending[key] = -np.inf
+            queue.pop(key, None)
         self.prefetch_copies += len(room)
         return len(room)
 
@@ -234,9 +239,7 @@ class ExpertCache:
         return self._start_prefetches(missing.tolist()) if missing.size else 0
 
     def end_iteration(self) -> None:
-        if self._queued:
-            self.pending[:] = -np.inf
-            self._queued = False
+        self.queue.clear()
 
     def load_all(self) -> None:
         """Fill the cache with every expert (resident policy): capacity must equal L*J."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from finemoe.storage import save_atomic
@@ -59,6 +60,8 @@ class MapStore:
         self.sems = torch.zeros((C, spec.embed_dim), dtype=dtype, device=device)  # [C, E]
         self.sem_norm = torch.zeros(C, dtype=torch.float32, device=device)     # [C]
         self.prefix_sq = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L]
+        self.prefix_norm = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L] sqrt(prefix_sq)
+        self._arrays: dict = {}   # (tensor name, backend type) -> the tensor as that backend's array
         self.size = 0
         self.replaced = 0
         self.version = 0          # bumped by every write: results computed from the store are valid per version
@@ -66,6 +69,14 @@ class MapStore:
     @property
     def device(self) -> torch.device:
         return self.maps.device
+
+    def array(self, name: str, xp: Any) -> Any:
+        """Store tensor `name` as backend `xp`'s array, made once (a host view shares the tensor's memory, so
+        it stays current; making a numpy view costs a few us, which the per-layer search should not pay)."""
+        key = (name, type(xp))
+        if key not in self._arrays:
+            self._arrays[key] = xp.view(getattr(self, name))
+        return self._arrays[key]
 
     @property
     def full(self) -> bool:
@@ -81,6 +92,7 @@ class MapStore:
         self.sems[rows] = sems.to(self.device, self.sems.dtype)
         stored = self.maps[:, rows].float().reshape(L, -1, J).transpose(0, 1)   # [N, L, J]
         self.prefix_sq[rows] = (stored * stored).sum(2).cumsum(1).reshape(self.prefix_sq[rows].shape)
+        self.prefix_norm[rows] = self.prefix_sq[rows].clamp_min(0.0).sqrt()
         self.sem_norm[rows] = self.sems[rows].float().norm(dim=-1)
 
     def rdy(self, emap: torch.Tensor, sem: torch.Tensor) -> torch.Tensor:

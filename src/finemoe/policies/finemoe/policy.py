@@ -23,7 +23,7 @@ from finemoe.errors import ConfigError
 from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
                                    register_policy)
 from finemoe.policies.finemoe.admission import PrefetchGate
-from finemoe.policies.finemoe.arrays import to_host
+from finemoe.policies.finemoe.arrays import HOST, to_host
 from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
 from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
@@ -206,9 +206,9 @@ class FineMoEPolicy(Policy):
         if maps is not None:
             self.store.add_many(maps, sem)
 
-    def _per_row(self, routing: LayerRouting) -> torch.Tensor:
+    def _per_row(self, routing: LayerRouting) -> np.ndarray | torch.Tensor:
         """probs [T, J] (host) -> per batch row [B, J]: the row's token at decode, the mean (or last) of
-        its real tokens at prefill. A new tensor (the worker may read it after the runtime reuses `probs`)."""
+        its real tokens at prefill. A new array (the worker may read it after the runtime reuses `probs`)."""
         probs, rows = routing.probs, routing.token_rows
         key, reduce = self._reduce
         if key != self.iterations:
@@ -217,7 +217,7 @@ class FineMoEPolicy(Policy):
             reduce = None if identity else self._reduction_matrix(rows, B).to(probs.device)
             self._reduce = (self.iterations, reduce)
         if reduce is None:
-            return probs.clone()
+            return HOST.query(probs).copy()                                      # numpy: cheaper than a torch clone
         return reduce @ probs                                                   # [B, T] @ [T, J]
 
     def _reduction_matrix(self, rows: np.ndarray, B: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ Semantic search: cosine of each batch row's embedding with every stored embeddin
 guides layers 0..d-1. Trajectory search: after layer r has routed, the cosine of the row's observed
 probabilities of layers 0..r (flattened) with the same prefix of every stored map; the best entry
 guides layer r+d. The prefix dot products are kept running (one [C, J] x [J, B] product per layer),
-and prefix norms come from the store's `prefix_sq`, so each layer costs O(C*J*B), not O(C*l*J*B).
+and prefix norms come from the store's `prefix_norm` (the root of `prefix_sq`), so each layer costs
+O(C*J*B), not O(C*l*J*B).
 
 Two extensions (options of the policy; the defaults are the paper's method):
   neighbors K > 1  the K best entries guide together: the guiding row is their mean weighted by their
@@ -35,9 +36,9 @@ def semantic_topk(store: MapStore, query: Any, k: int = 1) -> tuple[Any, Any]:
     """query [B, E] -> (best entries [K, B] int64, cosines [K, B] float32). Store must be non-empty."""
     xp, n = ops_for(store.device), store.size
     q = xp.query(query)                                                          # [B, E]
-    dots = xp.f32(xp.view(store.sems)[:n]) @ q.T                                 # [n, B]
+    dots = xp.f32(store.array("sems", xp)[:n]) @ q.T                             # [n, B]
     q_norm = xp.sqrt_clip((q * q).sum(1), 0.0)                                   # [B]
-    cos = dots / xp.maximum(xp.view(store.sem_norm)[:n, None] * q_norm[None, :], EPS)
+    cos = dots / xp.maximum(store.array("sem_norm", xp)[:n, None] * q_norm[None, :], EPS)
     return xp.best(cos, k)
 
 
@@ -80,7 +81,7 @@ class SemanticMemo:
 def map_rows(store: MapStore, entries: Any, layer: int) -> Any:
     """Layer `layer` of stored maps `entries` [B] -> [B, J] float32."""
     xp = ops_for(store.device)
-    return xp.f32(xp.view(store.maps)[layer][xp.ids(entries)])
+    return xp.f32(store.array("maps", xp)[layer][xp.ids(entries)])
 
 
 def blend(store: MapStore, entries: Any, scores: Any, layer: int) -> Guide:
@@ -92,8 +93,7 @@ def blend(store: MapStore, entries: Any, scores: Any, layer: int) -> Guide:
         return Guide(layer, map_rows(store, entries[0], layer), xp.query(scores[0]))
     rows = map_rows(store, entries, layer)                                       # [K, B, J]
     w = xp.maximum(xp.query(scores), 0.0)                                        # [K, B]
-    total = w.sum(0)                                                             # [B]
-    w[:, total <= 0] = 1.0                                                       # no positive match: equal weights
+    w = w + xp.f32(w.sum(0) <= 0)[None, :]              # a row with no positive match: equal weights (all 1)
     w = w / w.sum(0)[None, :]
     return Guide(layer, (w[..., None] * rows).sum(0), xp.query(scores[0]))       # [B, J]
 
@@ -106,8 +106,9 @@ class TrajectorySearch:
     def __init__(self, store: MapStore, batch: int, window: int = 0) -> None:
         self.store = store
         self.xp = ops_for(store.device)
-        self.maps = self.xp.view(store.maps)                                     # [L, C, J]
-        self.prefix_sq = self.xp.view(store.prefix_sq)                           # [C, L]
+        self.maps = store.array("maps", self.xp)                                 # [L, C, J]
+        self.prefix_sq = store.array("prefix_sq", self.xp)                       # [C, L]
+        self.prefix_norm = store.array("prefix_norm", self.xp)                   # [C, L]
         self.n = store.size
         self.window = window
         self.dots = self.xp.zeros((self.n, batch))                               # [n, B]
@@ -125,16 +126,16 @@ class TrajectorySearch:
         xp = self.xp
         q = xp.query(probs)                                                      # [B, J]
         dot, q_sq = xp.f32(self.maps[layer, : self.n]) @ q.T, (q * q).sum(1)     # [n, B], [B]
-        stored_sq = self.prefix_sq[: self.n, layer]                              # [n]
+        stored_norm = self.prefix_norm[: self.n, layer]                          # [n]
         if self.window > 0:
             self.recent = (self.recent + [(dot, q_sq)])[-self.window:]
             self.dots = sum(d for d, _ in self.recent)
             self.q_sq = sum(s for _, s in self.recent)
             first = layer - len(self.recent)                                     # last layer outside the window
             if first >= 0:
-                stored_sq = stored_sq - self.prefix_sq[: self.n, first]
+                stored_norm = xp.sqrt_clip(self.prefix_sq[: self.n, layer] - self.prefix_sq[: self.n, first], 0.0)
         else:
             self.dots += dot
             self.q_sq += q_sq
-        denom = xp.sqrt_clip(stored_sq, 0.0)[:, None] * xp.sqrt_clip(self.q_sq, 0.0)[None, :]
+        denom = stored_norm[:, None] * xp.sqrt_clip(self.q_sq, 0.0)[None, :]
         return xp.best(self.dots / xp.maximum(denom, EPS), k)
