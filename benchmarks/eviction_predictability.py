@@ -15,18 +15,27 @@ MB copied per token and simulated ms per token for:
   cyclic-next-use a=...         evict the largest expected time to next use: layers until the expert's layer
                                 runs again plus L * (1 - q) / q iterations, q its decayed use count
 The three history rules are defined here (experiments, not registered policies). They run through the same
-Replay, ExpertCache and cost model as every registered policy.
+Replay, ExpertCache and cost model as every registered policy. With --embed-from (the recorded model's folder,
+for finemoe's token embeddings), finemoe variants are added, their map store learned from the build split.
 
-    python3 benchmarks/eviction_predictability.py --trace .carry/refmoe_lmsys64.safetensors --out /tmp/evict.json
+    python3 benchmarks/eviction_predictability.py --trace .carry/refmoe_lmsys64.safetensors \
+        --embed-from ../shared/models/ref-moe --out /tmp/evict.json
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import tempfile
 
 import numpy as np
+import torch
+from safetensors import safe_open
 
 from bench_policies_gpu import subset
+from finemoe.eval.history import HistoryBuilder, replay_builder
+from finemoe.eval.variants import parse_variants
 from finemoe.policies.base import Policy, Prefetch, register_policy
 from finemoe.simulator.replay import Replay
 from finemoe.simulator.transport import CostModel
@@ -126,7 +135,17 @@ def decode_row(trace, label: str, policy: str, options: dict, cost: CostModel, b
             "tpot_ms": row["tpot_s"] * 1e3, "hit_rate": row["hit_rate"]}
 
 
-def main() -> None:
+def input_embedding(folder: str) -> torch.nn.Embedding:
+    """The model's input-embedding table from its safetensors files (finemoe's token semantics in a replay)."""
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith("embed_tokens.weight"):
+                    return torch.nn.Embedding.from_pretrained(f.get_tensor(key).float())
+    raise SystemExit(f"no embed_tokens.weight in {folder}/*.safetensors")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", required=True)
     ap.add_argument("--budget", default="25%")
@@ -138,11 +157,16 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=53.3, help="GB/s (H100 pinned, as measured)")
     ap.add_argument("--layer-time-ms", type=float, default=0.335)
     ap.add_argument("--host-layer-ms", type=float, default=0.111)
+    ap.add_argument("--embed-from", default=None, help="recorded model's folder: adds the --finemoe variants")
+    ap.add_argument("--finemoe", default="finemoe,finemoe/eviction=ema+p,finemoe/max_prefetch=1,"
+                                         "finemoe/max_prefetch=1/eviction=ema+p")
+    ap.add_argument("--build-limit", type=int, default=40)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     trace = load_trace(args.trace)
     order = np.random.default_rng(args.seed).permutation(trace.num_requests).tolist()
-    held = subset(trace, order[int(round(args.split * trace.num_requests)):][:args.eval_limit])
+    cut = int(round(args.split * trace.num_requests))
+    build, held = subset(trace, order[:cut][:args.build_limit]), subset(trace, order[cut:][:args.eval_limit])
     cost = CostModel(args.expert_bytes, args.bandwidth * 1e9, args.layer_time_ms / 1e3, args.host_layer_ms / 1e3)
     runs = [("lru", "lru", {}), ("lfu", "lfu", {}), ("oracle/prefetch=false", "oracle", {"prefetch": False}),
             ("oracle", "oracle", {})]
@@ -150,6 +174,11 @@ def main() -> None:
         for name in ("recency-frequency", "router-ema", "cyclic-next-use"):
             runs.append((f"{name} a={a}", name, {"decay": a}))
     rows = []
+    if args.embed_from:
+        embed = input_embedding(args.embed_from)
+        builder = HistoryBuilder(tempfile.mkdtemp(prefix="evict-"), replay_builder(build, embed))
+        for v in parse_variants(args.finemoe):
+            runs.append((v.label, v.policy, {**builder.options_for(v, None), "embed": embed}))
     for label, policy, options in runs:
         rows.append(decode_row(held, label, policy, options, cost, args.budget))
         r = rows[-1]
@@ -159,6 +188,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"trace": args.trace, "model": trace.model, "budget": args.budget,
                        "eval_requests": held.num_requests, "cost": vars(args), "rows": rows}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

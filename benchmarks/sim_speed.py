@@ -7,12 +7,20 @@ The trace's requests are concatenated `--repeat` times (request ids made distinc
 copies in trace order), so a 64-request trace becomes thousands of requests. Prints one line per policy
 (wall and CPU seconds, requests/s, microseconds per MoE layer step) and, with --out, writes the rows as JSON
 together with the machine's load average, so before/after numbers can be compared honestly.
+`--embed-from MODEL_DIR` adds what finemoe's token semantics need (the recorded model's input embedding).
+`--baseline-src DIR` (another version's `src`, e.g. of a `git worktree`) measures before/after: each policy runs
+in a fresh process under each version, alternating, `--rounds` times; the best CPU time of each is compared.
+
+    python3 benchmarks/sim_speed.py --trace T --policy lru,finemoe --embed-from ../shared/models/ref-moe \
+        --baseline-src /tmp/old/src --rounds 3
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -38,6 +46,44 @@ def repeated(trace: Trace, n: int) -> Trace:
                  [f"{rid}#{c}" for c in range(n) for rid in trace.request_ids], trace.prompt_texts * n)
 
 
+def input_embedding(folder: str):
+    from eviction_predictability import input_embedding as load
+    return load(folder)
+
+
+def compare(args) -> None:
+    """Each policy under the baseline source and under this one, in fresh processes, alternating; best CPU s."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+    bench = os.path.dirname(os.path.abspath(__file__))
+    skip = {"--baseline-src", "--rounds", "--out"}
+    argv, i = [], 1
+    while i < len(sys.argv):
+        if sys.argv[i] in skip:
+            i += 2
+            continue
+        argv.append(sys.argv[i])
+        i += 1
+    rows = []
+    for policy in args.policy.split(","):
+        best = {}
+        for r in range(args.rounds):
+            for name in (("baseline", "current") if r % 2 == 0 else ("current", "baseline")):
+                src = args.baseline_src if name == "baseline" else here
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--policy", policy],
+                                     env={**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{bench}"},
+                                     capture_output=True, text=True, check=True).stdout
+                cpu = float(out.split(" s cpu")[0].split()[-1])
+                best[name] = min(best.get(name, float("inf")), cpu)
+        rows.append({"policy": policy, "baseline_cpu_s": best["baseline"], "current_cpu_s": best["current"],
+                     "ratio": best["current"] / best["baseline"]})
+        print(f"  {policy:13s} baseline {best['baseline']:7.2f} s cpu  current {best['current']:7.2f} s cpu  "
+              f"ratio {best['current'] / best['baseline']:.2f}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"trace": args.trace, "repeat": args.repeat, "rounds": args.rounds,
+                       "baseline_src": args.baseline_src, "cpu_count": os.cpu_count(), "rows": rows}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", required=True)
@@ -47,8 +93,13 @@ def main() -> None:
     ap.add_argument("--expert-bytes", type=int, default=17301504)
     ap.add_argument("--bandwidth", type=float, default=25.0, help="GB/s (inf: free copies)")
     ap.add_argument("--layer-time-ms", type=float, default=0.3)
+    ap.add_argument("--embed-from", default=None, help="recorded model's folder (finemoe's token embeddings)")
+    ap.add_argument("--baseline-src", default=None, help="another version's src folder: compare before/after")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline-src: alternations per policy")
     ap.add_argument("--out", default=None, help="write the rows (and the machine's load) as JSON here")
     args = ap.parse_args()
+    if args.baseline_src:
+        return compare(args)
 
     trace = repeated(load_trace(args.trace), args.repeat)
     steps = int(trace.iterations.sum()) * trace.num_layers
@@ -59,7 +110,9 @@ def main() -> None:
     for policy in args.policy.split(","):
         load_before = os.getloadavg()[0]
         t0, c0 = time.perf_counter(), time.process_time()
-        (row,) = simulate(trace, [policy], [args.expert_budget], cost)
+        embed = args.embed_from and policy == "finemoe"
+        options = {policy: {"embed": input_embedding(args.embed_from)}} if embed else None
+        (row,) = simulate(trace, [policy], [args.expert_budget], cost, options)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rows.append({"policy": policy, "requests": trace.num_requests, "layer_steps": steps, "wall_s": wall,
                      "cpu_s": cpu, "requests_per_s": trace.num_requests / wall,

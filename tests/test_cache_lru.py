@@ -165,6 +165,24 @@ def test_the_queue_is_emptied_at_iteration_end():
     assert cache.pump(current_layer=-1) == 0 and transport.copies == []
 
 
+def test_equal_priorities_issue_lowest_key_first_and_a_requeued_key_takes_its_newer_priority():
+    cache, policy, transport = make_cache(capacity=8, prefetch_inflight=1)
+    cache.enqueue(prefetch([J + 3, J + 1, J + 2], [2.0, 2.0, 2.0]))
+    cache.enqueue(prefetch([J + 2], [5.0]))                   # queued again: now the best
+    cache.pump(current_layer=0)
+    transport.finish()
+    cache.pump(current_layer=0)
+    assert transport.copied_keys() == [J + 2, J + 1]          # then the tie: lower key first
+
+
+def test_a_minus_infinity_priority_withdraws_a_queued_prefetch():
+    cache, policy, transport = make_cache(capacity=8)
+    cache.enqueue(prefetch([J + 1, J + 2], [1.0, 2.0]))
+    cache.enqueue(prefetch([J + 2], [-np.inf]))
+    cache.pump(current_layer=0)
+    assert transport.copied_keys() == [J + 1]
+
+
 def test_demand_miss_is_loaded_before_queued_prefetches_and_not_copied_twice():
     cache, policy, transport = make_cache(capacity=8)
     cache.enqueue(prefetch([J + 0, J + 1], [1.0, 2.0]))       # queued, not yet issued

@@ -4,7 +4,8 @@ import torch
 
 from finemoe.policies.finemoe.map_store import MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import IterationPlanner
-from finemoe.policies.finemoe.selection import EvictionScores, delta_select, layer_prefetch
+from finemoe.policies.finemoe.arrays import HOST
+from finemoe.policies.finemoe.selection import EvictionScores, delta_select, layer_prefetch, plan_layer, plan_layers
 
 ROW = np.array([[0.5, 0.3, 0.15, 0.05]])
 
@@ -28,6 +29,35 @@ def test_never_fewer_than_top_k_and_delta_is_clipped():
 def test_rows_are_selected_independently():
     rows = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
     assert chosen([0.6, 0.2], 1, rows) == [[0], [1, 2]]
+
+
+def test_the_single_row_shortcut_plans_exactly_what_the_general_selection_plans():
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        J, k, G = int(rng.choice([8, 60])), int(rng.choice([1, 2, 4])), int(rng.integers(1, 4))
+        rows = rng.dirichlet(np.full(J, float(rng.choice([0.05, 0.3, 1.0]))), size=(G, 1)).astype(np.float32)
+        if rng.random() < 0.3:
+            rows = np.round(rows, 2)                          # ties, also at the top-k cut
+        scores = (rng.random((G, 1)) * 1.2 - 0.1).astype(np.float32)
+        delta = bool(rng.random() < 0.8)
+        got = plan_layers(list(range(G)), rows, scores, k, delta)
+        mask = delta_select(rows[:, 0], scores[:, 0] if delta else np.ones(G), k)
+        for g, plan in enumerate(got):
+            ref = plan_layer(g, rows[g], mask[g:g + 1], J)
+            assert np.array_equal(plan.keys, ref.keys) and np.array_equal(plan.p, ref.p)
+            assert np.array_equal(plan.row_p, ref.row_p)
+
+
+def test_best_k_matches_a_stable_sort_including_ties():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n, B = int(rng.choice([5, 50, 1000])), int(rng.integers(1, 4))
+        sim = rng.random((n, B)).astype(np.float32)
+        if rng.random() < 0.5:
+            sim = np.round(sim, 1)                            # many ties
+        idx, val = HOST.best(sim, 4)
+        ref = np.argsort(-sim, axis=0, kind="stable")[:4]
+        assert np.array_equal(idx, ref) and np.array_equal(val, np.take_along_axis(sim, ref, 0))
 
 
 def test_priority_is_probability_over_layer_distance():

@@ -72,3 +72,21 @@ def test_flame_trace_replays_with_lru_in_seconds():
     (row,) = simulate(trace, ["lru"], ["25%"], CostModel(17301504, 25e9, 0.3e-3))
     assert time.perf_counter() - t0 < 20.0
     assert (row["hits"], row["misses"]) == (21555, 76749)       # the counts the original code gave
+
+
+def test_sim_speed_compares_two_source_trees_in_fresh_processes(tmp_path):
+    """benchmarks/sim_speed.py --baseline-src: before/after CPU seconds, each version in its own process."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    trace = require_shared("data", "traces", "flame_moe_290m.npz")
+    out = tmp_path / "cmp.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "sim_speed.py"), "--trace", f"{trace}#seq", "--repeat", "1",
+                    "--policy", "lru", "--baseline-src", str(root / "src"), "--rounds", "1", "--out", str(out)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["policy"] == "lru" and row["baseline_cpu_s"] > 0 and row["current_cpu_s"] > 0
+    assert row["ratio"] == row["current_cpu_s"] / row["baseline_cpu_s"]
