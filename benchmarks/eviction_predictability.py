@@ -110,25 +110,31 @@ class CyclicNextUse(_History):
         return -(layers_ahead + self.L * (1 - q) / q)
 
 
-def decode_row(trace, label: str, policy: str, options: dict, cost: CostModel, budget: str) -> dict:
-    """Replay `trace`; hit rate, bytes and time of decode iterations only (prefill copies every expert)."""
-    rep = Replay(trace, policy, budget, cost, options)
-    acc = {"s": 0.0, "bytes": 0, "tokens": 0, "hits": 0, "misses": 0}
-    iteration = rep._iteration
+class DecodeReplay(Replay):
+    """A Replay that also totals decode iterations alone (a prefill copies almost every expert)."""
 
-    def timed(r: int, i: int):
-        t0, b0 = rep.transport.now, rep.transport.bytes_copied
-        hits, misses = iteration(r, i)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.decode = {"s": 0.0, "bytes": 0, "tokens": 0, "hits": 0, "misses": 0}
+
+    def _iteration(self, r: int, i: int) -> tuple[int, int]:
+        t0, b0 = self.transport.now, self.transport.bytes_copied
+        hits, misses = super()._iteration(r, i)
         if i > 0:
-            acc["s"] += rep.transport.now - t0
-            acc["bytes"] += rep.transport.bytes_copied - b0
+            acc = self.decode
+            acc["s"] += self.transport.now - t0
+            acc["bytes"] += self.transport.bytes_copied - b0
             acc["tokens"] += 1
             acc["hits"] += hits
             acc["misses"] += misses
         return hits, misses
 
-    rep._iteration = timed
+
+def decode_row(trace, label: str, policy: str, options: dict, cost: CostModel, budget: str) -> dict:
+    """Replay `trace`; hit rate, bytes and time of decode iterations only."""
+    rep = DecodeReplay(trace, policy, budget, cost, options)
     row = rep.run()
+    acc = rep.decode
     n = max(acc["tokens"], 1)
     return {"policy": label, "decode_hit_rate": acc["hits"] / max(acc["hits"] + acc["misses"], 1),
             "decode_mb_per_token": acc["bytes"] / n / 1e6, "decode_ms_per_token": acc["s"] / n * 1e3,
