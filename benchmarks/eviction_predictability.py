@@ -24,16 +24,13 @@ for finemoe's token embeddings), finemoe variants are added, their map store lea
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import tempfile
 
 import numpy as np
-import torch
-from safetensors import safe_open
 
 from bench_policies_gpu import subset
+from benchmarks_common import input_embedding
 from finemoe.eval.history import HistoryBuilder, replay_builder
 from finemoe.eval.variants import parse_variants
 from finemoe.policies.base import Policy, Prefetch, register_policy
@@ -139,16 +136,6 @@ def decode_row(trace, label: str, policy: str, options: dict, cost: CostModel, b
     return {"policy": label, "decode_hit_rate": acc["hits"] / max(acc["hits"] + acc["misses"], 1),
             "decode_mb_per_token": acc["bytes"] / n / 1e6, "decode_ms_per_token": acc["s"] / n * 1e3,
             "tpot_ms": row["tpot_s"] * 1e3, "hit_rate": row["hit_rate"]}
-
-
-def input_embedding(folder: str) -> torch.nn.Embedding:
-    """The model's input-embedding table from its safetensors files (finemoe's token semantics in a replay)."""
-    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                if key.endswith("embed_tokens.weight"):
-                    return torch.nn.Embedding.from_pretrained(f.get_tensor(key).float())
-    raise SystemExit(f"no embed_tokens.weight in {folder}/*.safetensors")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

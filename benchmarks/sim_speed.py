@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from benchmarks_common import input_embedding
 from finemoe.simulator import CostModel, simulate
 from finemoe.traces import load_trace
 from finemoe.traces.format import Trace
@@ -46,23 +47,13 @@ def repeated(trace: Trace, n: int) -> Trace:
                  [f"{rid}#{c}" for c in range(n) for rid in trace.request_ids], trace.prompt_texts * n)
 
 
-def input_embedding(folder: str):
-    from eviction_predictability import input_embedding as load
-    return load(folder)
-
-
 def compare(args) -> None:
     """Each policy under the baseline source and under this one, in fresh processes, alternating; best CPU s."""
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     bench = os.path.dirname(os.path.abspath(__file__))
-    skip = {"--baseline-src", "--rounds", "--out"}
-    argv, i = [], 1
-    while i < len(sys.argv):
-        if sys.argv[i] in skip:
-            i += 2
-            continue
-        argv.append(sys.argv[i])
-        i += 1
+    argv = ["--trace", args.trace, "--repeat", str(args.repeat), "--expert-budget", args.expert_budget,
+            "--expert-bytes", str(args.expert_bytes), "--bandwidth", str(args.bandwidth),
+            "--layer-time-ms", str(args.layer_time_ms)] + (["--embed-from", args.embed_from] if args.embed_from else [])
     rows = []
     for policy in args.policy.split(","):
         best = {}
@@ -106,12 +97,12 @@ def main() -> None:
     cost = CostModel(args.expert_bytes, args.bandwidth * 1e9, args.layer_time_ms / 1e3)
     print(f"{args.trace} x{args.repeat}: {trace.num_requests} requests, {steps} MoE layer steps; "
           f"load average {os.getloadavg()[0]:.2f}")
+    embed = input_embedding(args.embed_from) if args.embed_from else None     # loaded once, outside the timing
     rows = []
     for policy in args.policy.split(","):
+        options = {policy: {"embed": embed}} if embed is not None and policy == "finemoe" else None
         load_before = os.getloadavg()[0]
         t0, c0 = time.perf_counter(), time.process_time()
-        embed = args.embed_from and policy == "finemoe"
-        options = {policy: {"embed": input_embedding(args.embed_from)}} if embed else None
         (row,) = simulate(trace, [policy], [args.expert_budget], cost, options)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         rows.append({"policy": policy, "requests": trace.num_requests, "layer_steps": steps, "wall_s": wall,
