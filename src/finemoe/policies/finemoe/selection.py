@@ -86,7 +86,7 @@ def plan_layers(layers: list[int], rows: np.ndarray, scores: np.ndarray, top_k: 
             experts = top_k_if_enough(rows[g, 0], float(scores[g, 0]) if delta else 1.0, top_k)
             if experts is not None:
                 plans[g] = LayerPlan(layer, layer * J + experts, rows[g, 0, experts].astype(np.float64),
-                                     rows[g, 0].copy())
+                                     rows[g, 0])                # row_p: a view (read once into the scores)
     rest = [g for g in range(G) if plans[g] is None]
     if rest:
         sub = rows[rest]                                                         # [G', B, J]
