@@ -33,8 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--policies", default="finemoe,moe-infinity,lfu,lru,oracle")
     p.add_argument("--expert-budget", default="25%")
     p.add_argument("--utilization", type=float, default=0.8, help="offered load relative to lru's mean service")
-    p.add_argument("--bandwidth", type=float, default=53.0)
-    p.add_argument("--layer-time-ms", type=float, default=1.6)
+    p.add_argument("--bandwidth", type=float, default=48.4, help="GB/s (H100 calibration, docs/BENCHMARKS.md run 15)")
+    p.add_argument("--layer-time-ms", type=float, default=0.343, help="one MoE layer's compute (H100, run 15)")
+    p.add_argument("--host-layer-ms", type=float, default=0.101,
+                   help="host round trip before an offloaded layer's experts (H100, run 15)")
     p.add_argument("--expert-bytes", type=int, default=17301504)
     p.add_argument("--max-prompt-tokens", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     build, _ = split_indices(len(prompts), 0.7, 0)          # the bench's build split: its trace is cached
     trace = cached_trace(args.trace_dir, engine, [prompts[i] for i in build], args.max_new_tokens, 8)
     embed = engine.model.get_input_embeddings()
-    cost = CostModel(args.expert_bytes, args.bandwidth * 1e9, args.layer_time_ms / 1e3)
+    cost = CostModel(args.expert_bytes, args.bandwidth * 1e9, args.layer_time_ms / 1e3, args.host_layer_ms / 1e3)
     served = {}
     for name in args.policies.split(","):
         opts = {"learn": True, "embed": embed} if name == "finemoe" else {}

@@ -54,6 +54,8 @@ def test_bench_simulate_rows_schema_and_files(capsys, prompts, tmp_path):
     assert by[("lru", "25%", None)]["tpot_s"] > 0                  # simulated clock: copies and layer time
     _check_outputs(out, rows, 2)
     assert (out / "tpot_s.png").exists()
+    meta = json.loads((out / "summary.json").read_text())["meta"]   # the cost model is recorded with the rows
+    assert (meta["bandwidth_GBps"], meta["layer_time_ms"], meta["host_layer_ms"]) == ("10", 0.5, 0.0)
 
 
 def test_bench_engine_builds_history_and_reports_the_store(capsys, prompts, tmp_path):

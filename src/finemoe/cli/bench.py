@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             "max_prompt_tokens": args.max_prompt_tokens, "mode": "simulate" if cost else "engine",
             "expert_bytes": cost.expert_bytes if cost else engine.geometry.expert_bytes,
             "bandwidth_GBps": args.bandwidth if cost else None, "layer_time_ms": args.layer_time_ms if cost else None,
-            "commit": _commit()}
+            "host_layer_ms": args.host_layer_ms if cost else None,
+            "policy_layer_ms": args.policy_layer_ms if cost else None, "commit": _commit()}
     write_outputs(args.out, summary, per_request, meta)
     plot_summary(summary, args.out, title=f"{os.path.basename(str(engine.model_name))}, held-out prompts")
     if args.json:
