@@ -21,20 +21,11 @@ from benchmarks_common import build_model  # noqa: E402
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.static_kv import StaticState, bucket_length
+from finemoe.eval.variants import parse_variants
 from finemoe.models.default import default_tokenizer
 from finemoe.models.loader import LoadedModel
 
 POLICIES = "lru,lfu,deepspeed,finemoe,finemoe/neighbors=1,moe-infinity,promoe,mixtral-offloading"
-
-
-def policy_and_options(text: str) -> tuple[str, dict]:
-    """'finemoe/neighbors=1' -> ('finemoe', {'neighbors': 1}) (ints where they parse)."""
-    name, *opts = text.split("/")
-    out = {}
-    for o in opts:
-        k, v = o.split("=", 1)
-        out[k] = int(v) if v.lstrip("-").isdigit() else v
-    return name, out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,15 +50,14 @@ def main(argv: list[str] | None = None) -> dict:
                                 "Qwen1.5-MoE-A2.7B shape, random bf16"),
                     EngineConfig(device=args.device, policy="resident", show_progress=False, max_batch_size=args.batch))
     rows = []
-    for text in ["resident"] + args.policies.split(","):
-        name, options = policy_and_options(text)
-        for budget in ([None] if name == "resident" else args.budgets.split(",")):
+    for v in parse_variants("resident," + args.policies):          # POLICY/KEY=VALUE/..., as in `finemoe bench`
+        for budget in ([None] if v.policy == "resident" else args.budgets.split(",")):
             for b, ids in batches.items():
-                engine.reconfigure(name, budget, policy_options=options)
+                engine.reconfigure(v.policy, budget, policy_options=v.options)
                 reqs = engine.generate(ids.tolist(), SamplingParams(max_new_tokens=n, ignore_eos=True))
                 s = engine.summary(reqs)
                 same = [r.output_ids == ref for r, ref in zip(reqs, refs[b])]
-                rows.append({"policy": text, "budget": budget or "100%", "batch": b, "exact": all(same),
+                rows.append({"policy": v.label, "budget": budget or "100%", "batch": b, "exact": all(same),
                              "rows_exact": sum(same), "hit_rate": s["hit_rate"], "bytes_per_token": s["bytes_per_token"],
                              "decode_path": s.get("decode_path")})
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,

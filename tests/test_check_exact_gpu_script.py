@@ -7,13 +7,6 @@ import json
 from conftest import load_benchmark
 
 
-def test_policy_options_parse_like_the_bench_cli():
-    bench = load_benchmark("check_exact_gpu")
-    assert bench.policy_and_options("finemoe/neighbors=1/eviction=ema+p") == ("finemoe", {"neighbors": 1,
-                                                                                       "eviction": "ema+p"})
-    assert bench.policy_and_options("lru") == ("lru", {})
-
-
 def test_every_policy_row_is_compared_at_batch_1_and_batched(tmp_path):
     bench = load_benchmark("check_exact_gpu")
     out = tmp_path / "exact.json"
