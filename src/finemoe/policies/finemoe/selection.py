@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finemoe.policies.base import Prefetch
+from finemoe.policies.finemoe.arrays import ranked_top_k
 
 
 def delta_select(rows: np.ndarray, scores: np.ndarray, top_k: int) -> np.ndarray:
@@ -57,20 +58,14 @@ def top_k_if_enough(row: np.ndarray, score: float, top_k: int) -> np.ndarray | N
     already hold mass >= delta, the choice is exactly them -> their ids ascending [top_k]; otherwise (or on a
     tie at the cut, which the general path breaks by index) None. The same choice and the same float32
     prefix sums as `delta_select`, in a few scalar steps instead of a sort and a cumsum over J."""
-    J = row.size
-    if top_k >= J:
+    if top_k >= row.size or (best := ranked_top_k(row, top_k)) is None:
         return None
-    part = np.argpartition(row, J - top_k - 1)          # [J - top_k:] the top_k best, [J - top_k - 1] the next
-    top = part[J - top_k:]
-    vals = row[top]
-    if vals.min() == row[part[J - top_k - 1]]:
-        return None
-    ranked = [-v for v, _ in sorted(zip((-vals).tolist(), top.tolist()))]   # best first, ties: lower id
+    top, ranked = best                                  # best first, ties: lower id
     mass = np.float32(ranked[0])
     for v in ranked[1:]:                                # cumsum order, in float32
         mass = np.float32(mass + np.float32(v))
     delta = min(max(1.0 - float(score), 0.0), 1.0)
-    return np.sort(top) if not float(mass) < delta else None
+    return np.sort(np.asarray(top, dtype=np.int64)) if not float(mass) < delta else None
 
 
 def plan_layers(layers: list[int], rows: np.ndarray, scores: np.ndarray, top_k: int, delta: bool,
