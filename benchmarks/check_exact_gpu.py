@@ -16,8 +16,7 @@ import json
 
 import torch
 
-from bench_fast_path import plain_static  # noqa: E402  (same folder)
-from benchmarks_common import build_model  # noqa: E402
+from benchmarks_common import build_model  # noqa: E402  (same folder)
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.static_kv import StaticState, bucket_length
@@ -77,9 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 @torch.inference_mode()
 def _reference(model, ids: torch.Tensor, n: int) -> list[list[int]]:
-    """Greedy tokens [B][n] of the unmodified model through the static-cache step, eager, all rows batched."""
-    if ids.shape[0] == 1:
-        return [plain_static(model, ids, n, graph=False)[0]]
+    """Greedy tokens [B][n] of the unmodified model through the static-cache step finemoe uses (eager; like
+    bench_fast_path.plain_static, for any batch size)."""
     st = StaticState(model, ids.shape[0], bucket_length(ids.shape[1] + n), ids.device)
     mask4, pos = st.prefill_inputs(torch.ones_like(ids))
     out = model(input_ids=ids, attention_mask=mask4, position_ids=pos, past_key_values=st.kv, use_cache=True,
@@ -91,6 +89,7 @@ def _reference(model, ids: torch.Tensor, n: int) -> list[list[int]]:
         tok = st.step().argmax(-1, keepdim=True)
         steps.append(tok)
     return torch.cat(steps, 1).tolist()                                               # [B, n]
+
 
 if __name__ == "__main__":
     main()
