@@ -1,13 +1,15 @@
-"""Incremental eviction orders (Policy.victim_order) are a pure speed-up: with them the simulator and the cache
-give exactly the results the plain `select_victims` path gives, row for row, and the original code's numbers."""
+"""Eviction ranks (Policy.eviction_rank: live arrays the compiled cache reads) are a pure speed-up: with them the
+simulator and the cache give exactly the results the plain `select_victims` path gives, row for row, and the
+original code's numbers."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import require_shared
 from finemoe.policies import get_policy_class
-from finemoe.policies.base import VictimOrder
+from finemoe.policies.base import EvictionRank
 from finemoe.simulator import CostModel, Replay
 from finemoe.traces import Trace, load_trace
 
@@ -24,17 +26,30 @@ def skewed_trace(seed: int = 0, R: int = 10, L: int = 4, J: int = 16, k: int = 2
                  iterations=np.full(R, iters), token_ids=rng.integers(0, 50, N), topk=topk)
 
 
+def skewed_trace_with_probs(seed: int = 0, R: int = 10, L: int = 4, J: int = 16, k: int = 2, P: int = 5,
+                            iters: int = 12) -> Trace:
+    """Like `skewed_trace`, with full router probabilities (finemoe needs them): top-k of noisy popularity."""
+    rng = np.random.default_rng(seed)
+    pop = rng.dirichlet(np.full(J, 0.3), size=L)                                     # [L, J]
+    N = R * (P + iters - 1)
+    probs = np.exp(np.log(pop + 1e-3)[None] + rng.gumbel(size=(N, L, J)))           # [N, L, J]
+    probs /= probs.sum(-1, keepdims=True)
+    return Trace("synthetic", L, J, k, offsets=np.arange(R + 1) * (P + iters - 1), prompt_lens=np.full(R, P),
+                 iterations=np.full(R, iters), token_ids=rng.integers(0, 50, N),
+                 topk=np.argsort(-probs, axis=-1, kind="stable")[..., :k], probs=probs.astype(np.float16))
+
+
 def without_order(name: str, **options):
     """The same policy with the fast path switched off: the cache asks `select_victims` on every eviction."""
     cls = get_policy_class(name)
-    return type(cls.__name__ + "WithoutOrder", (cls,), {"victim_order": lambda self: None})(**options)
+    return type(cls.__name__ + "WithoutRank", (cls,), {"eviction_rank": lambda self: None})(**options)
 
 
 def both_ways(trace: Trace, name: str, options: dict, budget, cost: CostModel, inflight: int) -> tuple[dict, dict]:
     opts = dict(options, trace=trace) if name == "oracle" else dict(options)
     fast = Replay(trace, name, budget, cost, dict(options), inflight)
     fast_row = fast.run()
-    assert isinstance(fast.cache._order, VictimOrder)          # the fast path really ran
+    assert isinstance(fast.cache._rank, EvictionRank) and fast.cache._rank.control[1] == 1.0   # fast path ran
     plain_row = Replay(trace, without_order(name, **opts), budget, cost, {}, inflight).run()
     strip = lambda row: {k: v for k, v in row.items() if k not in TIMING_KEYS}
     return strip(fast_row), strip(plain_row)
@@ -47,7 +62,7 @@ POLICIES = [("lru", {}), ("lfu", {}), ("deepspeed", {}), ("moe-infinity", {}), (
 @pytest.mark.parametrize("name,options", POLICIES)
 @pytest.mark.parametrize("budget", [3, "25%"])
 @pytest.mark.parametrize("bandwidth,inflight", [(float("inf"), 4), (40.0, 1), (100.0, 4)])
-def test_victim_orders_give_the_select_victims_results_on_a_synthetic_trace(name, options, budget, bandwidth, inflight):
+def test_eviction_ranks_give_the_select_victims_results_on_a_synthetic_trace(name, options, budget, bandwidth, inflight):
     """3 slots: prefill layers need more experts than fit (waves); finite bandwidth: prefetches in flight."""
     budget = budget if isinstance(budget, str) else f"{budget * 10}B"
     fast, plain = both_ways(skewed_trace(), name, options, budget, CostModel(10, bandwidth, 0.05), inflight)
@@ -56,13 +71,47 @@ def test_victim_orders_give_the_select_victims_results_on_a_synthetic_trace(name
 
 
 @pytest.mark.parametrize("name,options", POLICIES[:5])
-def test_victim_orders_give_the_select_victims_results_on_flame_routing(name, options):
+def test_eviction_ranks_give_the_select_victims_results_on_flame_routing(name, options):
     trace = load_trace(str(require_shared("data", "traces", "flame_moe_290m.npz")) + "#first10").head(6)
     fast, plain = both_ways(trace, name, options, "25%", CostModel(17301504, 25e9, 0.3e-3), 4)
     assert fast == plain
 
 
-# What the simulator gave before victim orders and the other speed-ups (same trace, budget and cost model):
+def strip(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+@pytest.mark.parametrize("options", [{}, {"eviction": "ema+p", "max_prefetch": 1}, {"eviction": "lru"},
+                                     {"eviction": "lfu"}, {"eviction": "ema"}])
+def test_finemoe_eviction_rank_gives_its_select_victims_results(options):
+    """finemoe keeps its eviction score (p*freq, freq, ema, ema+p, recency) as a live rank; the cache's compiled
+    scan over it picks the victims `select_victims` picks, so the whole replay is the same row for row."""
+    trace, cost = skewed_trace_with_probs(), CostModel(10, 40.0, 0.05)
+    opts = dict(options, fresh=True, embed=torch.nn.Embedding(50, 8))
+    fast = Replay(trace, "finemoe", "60B", cost, dict(opts))
+    fast_row = fast.run()
+    assert fast.cache._rank is fast.policy.scores.rank                       # the rank path really ran
+    plain_row = Replay(trace, without_order("finemoe", **opts), "60B", cost, {}).run()
+    assert strip(fast_row) == strip(plain_row)
+    assert fast_row["prefetch_copies"] > 0 and fast_row["hits"] > 0
+
+
+@pytest.mark.parametrize("name,options", POLICIES + [("finemoe", {})])
+@pytest.mark.parametrize("bandwidth", [float("inf"), 40.0])
+def test_the_compiled_simulator_path_equals_the_engines_generic_path(name, options, bandwidth):
+    """The timed transport's compiled demand and pump (simulator/timed_kernels.py) give what the cache's generic
+    path (the engine's: one Python call into the transport per copy) gives over the same clock."""
+    trace = skewed_trace_with_probs()
+    if name == "finemoe":
+        options = {"fresh": True, "embed": torch.nn.Embedding(50, 8)}
+    cost = CostModel(10, bandwidth, 0.05)
+    compiled = Replay(trace, name, "30B", cost, dict(options), 2).run()
+    generic = Replay(trace, name, "30B", cost, dict(options), 2, compiled=False).run()
+    assert strip(compiled) == strip(generic)
+    assert compiled["misses"] > 0
+
+
+# What the simulator gave before eviction ranks, compiled placement and the other speed-ups (same trace, budget and cost model):
 # FLAME #seq (4 x 512 tokens, 8 layers, 64 experts, top-6), 25% = 128 slots, 25 GB/s, 0.3 ms per layer.
 # The prefetching policies (oracle, moe-infinity) were re-pinned after two deliberate changes: a copy into a
 # slot waits for the compute that last read it (as on the GPU), and a prefetch never evicts the experts of

@@ -20,7 +20,7 @@ def test_copies_run_one_after_another_and_a_wait_stalls_until_the_copy_lands():
     t = TimedTransport(3, CostModel(expert_bytes=4, bandwidth_Bps=2.0))     # 2 s per copy
     t.start_copy(0, 10)
     t.start_copy(1, 11)
-    assert t.done_at[:2] == [2.0, 4.0] and t.bytes_copied == 8
+    assert t.done_at[:2].tolist() == [2.0, 4.0] and t.bytes_copied == 8
     t.advance(3.0)
     assert t.is_done(0) and not t.is_done(1)
     t.wait_compute(np.array([0, 1]))

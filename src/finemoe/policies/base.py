@@ -11,7 +11,7 @@ Call order for one iteration (one forward pass of the batch):
       on_layer_routed(routing)              -> prefetches for later layers (full router probs,
                                               optionally hidden states)
       select_victims(...)                     whenever the cache needs room (or, faster, the policy's
-                                              optional VictimOrder: the same victims, kept incrementally)
+                                              optional EvictionRank: the same victims, from live arrays)
   on_iteration_end(it)
 Requests are bracketed by on_request_start / on_request_end. The simulator calls the same
 methods in the same order, with tensors on the CPU.
@@ -111,26 +111,37 @@ class Prefetch:
 _NO_PREFETCH = Prefetch(np.empty(0, np.int64), np.empty(0, np.float64))
 
 
-class VictimOrder(ABC):
-    """Optional fast path of `Policy.select_victims`: an eviction order the policy keeps current as experts
-    are used and placed, so the cache takes victims without building a candidate array on every miss.
+@dataclass(frozen=True)
+class EvictionRank:
+    """Optional fast path of `Policy.select_victims`: the policy's eviction order as live arrays that the cache
+    reads on every eviction (a compiled scan over the occupied slots, no call into the policy).
 
-    Contract: `victims(n, for_prefetch, blocked)` returns the slots holding exactly the keys, in the same
-    order, that the owning policy's `select_victims(candidates, n, for_prefetch)` returns for candidates =
-    the key of every occupied slot not in `blocked`, in slot order; or None when it cannot tell now (the
-    cache then asks `select_victims`). The cache calls `attach(key_of, slot_of)` once, before its first
-    `victims`, with its live occupancy lists (key per slot, slot per key, -1 = none; read them, never write),
-    then `placed(slot, key, old)` after every placement (`old`: the key evicted from the slot, or -1), and
-    reassigns every slot `victims` returned."""
+    Contract: victims are the evictable occupied slots in ascending (primary[key], secondary[key], slot) order,
+    and for a prefetch only keys with primary[key] < control[0]; they are exactly, in the same order, what the
+    owning policy's `select_victims(candidates, n, for_prefetch)` returns for candidates = the key of every
+    evictable occupied slot, in slot order. The policy keeps the arrays current (writes in place, never
+    rebinds them); while control[1] == 0 the order is not valid and the cache asks `select_victims`.
+    primary, secondary [L*J] float64; control [2] float64: (prefetch limit, valid)."""
 
-    @abstractmethod
-    def attach(self, key_of: list[int], slot_of: list[int]) -> None: ...
+    primary: np.ndarray
+    secondary: np.ndarray
+    control: np.ndarray
 
-    @abstractmethod
-    def placed(self, slot: int, key: int, old: int) -> None: ...
+    @staticmethod
+    def of(primary: np.ndarray, secondary: np.ndarray | None = None) -> "EvictionRank":
+        """Order by `primary`, then `secondary` (default: none, i.e. slot order), any prefetch limit off."""
+        if secondary is None:
+            secondary = np.zeros_like(primary)
+        for a in (primary, secondary):
+            if a.dtype != np.float64 or a.ndim != 1 or not a.flags.c_contiguous:
+                raise TypeError("EvictionRank arrays must be contiguous 1-d float64 arrays over flat keys")
+        return EvictionRank(primary, secondary, np.array([np.inf, 1.0]))
 
-    @abstractmethod
-    def victims(self, n: int, for_prefetch: bool, blocked: set[int]) -> list[int] | None: ...
+    def set_prefetch_limit(self, limit: float) -> None:
+        self.control[0] = limit
+
+    def set_valid(self, valid: bool) -> None:
+        self.control[1] = 1.0 if valid else 0.0
 
 
 class Policy(ABC):
@@ -186,8 +197,8 @@ class Policy(ABC):
         best victim first. For a prefetch the policy may return fewer (declining to evict); for a
         demand miss it must return `n` (the engine falls back to the first candidates otherwise)."""
 
-    def victim_order(self) -> VictimOrder | None:
-        """The policy's incremental eviction order (see VictimOrder), asked once by the cache at its
+    def eviction_rank(self) -> EvictionRank | None:
+        """The policy's eviction order as live rank arrays (see EvictionRank), asked once by the cache at its
         first eviction, after `bind`. Default None: the cache calls `select_victims`."""
         return None
 

@@ -1,45 +1,9 @@
 """DeepSpeed-style expert-agnostic offloading: layer-wise on-demand loads, a layer-granular LRU cache."""
 from __future__ import annotations
 
-from bisect import insort
-
 import numpy as np
 
-from finemoe.policies.base import Policy, PolicyContext, VictimOrder, register_policy
-
-
-class LayerRecencyOrder(VictimOrder):
-    """deepspeed's victims kept incrementally: layers from least to most recently used (never-used layers
-    first, lowest index first), and within a layer its occupied keys, lowest first."""
-
-    def __init__(self, num_layers: int, num_experts: int, layers_by_recency: list[int]) -> None:
-        self.J = num_experts
-        self.layers = layers_by_recency                      # live list the policy reorders on access
-        self.keys: list[list[int]] = [[] for _ in range(num_layers)]   # [L] sorted occupied keys per layer
-        self.slot_of: list[int] = []
-
-    def attach(self, key_of: list[int], slot_of: list[int]) -> None:
-        self.slot_of = slot_of
-        for key in key_of:
-            if key >= 0:
-                insort(self.keys[key // self.J], key)
-
-    def placed(self, slot: int, key: int, old: int) -> None:
-        if old >= 0:
-            self.keys[old // self.J].remove(old)
-        insort(self.keys[key // self.J], key)
-
-    def victims(self, n: int, for_prefetch: bool, blocked: set[int]) -> list[int]:
-        out: list[int] = []
-        slot_of = self.slot_of
-        for layer in self.layers:
-            for key in self.keys[layer]:
-                slot = slot_of[key]
-                if slot not in blocked:
-                    out.append(slot)
-                    if len(out) == n:
-                        return out
-        return out
+from finemoe.policies.base import EvictionRank, Policy, PolicyContext, register_policy
 
 
 @register_policy
@@ -55,21 +19,22 @@ class DeepSpeedPolicy(Policy):
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
-        self.layer_last_used = np.full(ctx.geometry.num_layers, -1.0)
-        self.layers_by_recency = list(range(ctx.geometry.num_layers))   # least recently used first
+        g = ctx.geometry
+        self.layer_last_used = np.full(g.num_layers, -1.0)
+        self.key_clock = np.full(g.total_experts, -1.0)      # [L*J] its layer's last use (the eviction rank)
         self.clock = 0.0
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         self.clock += 1.0
         self.layer_last_used[layer] = self.clock
-        self.layers_by_recency.remove(layer)
-        self.layers_by_recency.append(layer)
+        J = self.ctx.geometry.num_experts
+        self.key_clock[layer * J:(layer + 1) * J] = self.clock
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         layer_of = candidates // self.ctx.geometry.num_experts
         order = np.lexsort((candidates, self.layer_last_used[layer_of]))
         return candidates[order[:n]]
 
-    def victim_order(self) -> VictimOrder:
-        g = self.ctx.geometry
-        return LayerRecencyOrder(g.num_layers, g.num_experts, self.layers_by_recency)
+    def eviction_rank(self) -> EvictionRank:
+        """`select_victims` as live arrays: the key's layer's last use, then the key."""
+        return EvictionRank.of(self.key_clock, np.arange(self.key_clock.size, dtype=np.float64))

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from finemoe.policies.base import Policy, PolicyContext, VictimOrder, register_policy
+from finemoe.policies.base import EvictionRank, Policy, PolicyContext, register_policy
 from finemoe.policies.lru import SMALL, RecencyTracker
-from finemoe.policies.victim_order import HeapVictimOrder
 
 
 class FrequencyTracker:
@@ -13,7 +12,7 @@ class FrequencyTracker:
     with recency as the tie-break; shared by every LFU-evicting policy."""
 
     def __init__(self, total: int) -> None:
-        self.uses = np.zeros(total, np.int64)
+        self.uses = np.zeros(total)                       # float64: exact for any count below 2**53
         self.uses_view = memoryview(self.uses)            # the same buffer, for scalar reads and writes
         self.recency = RecencyTracker(total)
 
@@ -35,11 +34,9 @@ class FrequencyTracker:
         order = np.lexsort((self.recency.last_used[candidates], self.uses[candidates]))
         return candidates[order[:n]]
 
-    def order(self) -> VictimOrder:
-        """`least_used` over the cache's occupied slots, kept incrementally: rank (uses, last use) only grows,
-        packed in one int (uses above bit 64, last use + 1 below: clocks stay far below 2**64) to compare fast."""
-        uses, last_used = self.uses_view.__getitem__, self.recency.last_used_view.__getitem__
-        return HeapVictimOrder(lambda key: (uses(key) << 64) + int(last_used(key)) + 1, monotone=True)
+    def rank(self) -> EvictionRank:
+        """`least_used` as the cache's live eviction rank: uses, then last use, then slot."""
+        return EvictionRank.of(self.uses, self.recency.last_used)
 
 
 @register_policy
@@ -60,5 +57,5 @@ class LFUPolicy(Policy):
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.freq.least_used(candidates, n)
 
-    def victim_order(self) -> VictimOrder:
-        return self.freq.order()
+    def eviction_rank(self) -> EvictionRank:
+        return self.freq.rank()

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from finemoe.policies.base import Policy, PolicyContext, VictimOrder, register_policy
-from finemoe.policies.victim_order import HeapVictimOrder
+from finemoe.policies.base import EvictionRank, Policy, PolicyContext, register_policy
 
 
 SMALL = 16   # up to this many keys, per-key Python beats numpy's per-call overhead
@@ -18,9 +17,9 @@ class RecencyTracker:
         self.last_used_view = memoryview(self.last_used)   # the same buffer, for scalar reads and writes
         self.clock = 0.0
 
-    def order(self) -> VictimOrder:
-        """`oldest` over the cache's occupied slots, kept incrementally (last-use clocks only grow)."""
-        return HeapVictimOrder(self.last_used_view.__getitem__, monotone=True)
+    def rank(self) -> EvictionRank:
+        """`oldest` as the cache's live eviction rank: last-use clock, then slot."""
+        return EvictionRank.of(self.last_used)
 
     def touch(self, keys: np.ndarray) -> None:
         self.clock += 1.0
@@ -57,5 +56,5 @@ class LRUPolicy(Policy):
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.recency.oldest(candidates, n)
 
-    def victim_order(self) -> VictimOrder:
-        return self.recency.order()
+    def eviction_rank(self) -> EvictionRank:
+        return self.recency.rank()

@@ -6,8 +6,8 @@ import os
 import numpy as np
 
 from finemoe.errors import ConfigError
-from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
-                                   VictimOrder, register_policy)
+from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
+                                   RequestInfo, register_policy)
 from finemoe.policies.lfu import FrequencyTracker
 from finemoe.policies.moe_infinity_collection import MEAN, ActivationCollection
 
@@ -169,8 +169,8 @@ class MoEInfinityPolicy(Policy):
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.freq.least_used(candidates, n)
 
-    def victim_order(self) -> VictimOrder:
-        return self.freq.order()
+    def eviction_rank(self) -> EvictionRank:
+        return self.freq.rank()
 
     def state_dict(self) -> dict:
         return {"collection": self.collection.unit[:self.collection.size].copy()}

@@ -6,9 +6,8 @@ from collections import defaultdict, deque
 import numpy as np
 
 from finemoe.errors import ConfigError
-from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
-                                   VictimOrder, register_policy)
-from finemoe.policies.victim_order import HeapVictimOrder
+from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
+                                   RequestInfo, register_policy)
 from finemoe.traces.format import Trace, load_trace
 
 
@@ -122,8 +121,9 @@ class OraclePolicy(Policy):
         self.horizon = np.inf
         self.single_base: int | None = None     # row_base of a batch of one on-trace row, else None
         self.needs_now: IterationNeeds | None = None   # that row's needs in this iteration
-        self.order: HeapVictimOrder | None = None
-        self.next_use = [np.inf] * self.future.K  # [K] next trace use of each key after `order_step` (order only)
+        self.rank: EvictionRank | None = None
+        self.neg_next = np.full(self.future.K, -np.inf)   # [K] -(next trace use of each key after `order_step`)
+        self._neg_next = memoryview(self.neg_next)       # the same buffer, for scalar writes
         self.order_step: int | None = None
 
     def on_request_start(self, req: RequestInfo) -> None:
@@ -149,7 +149,7 @@ class OraclePolicy(Policy):
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         self.layer = layer
-        if self.order is not None:
+        if self.rank is not None:
             self._sync_order()
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
@@ -158,8 +158,15 @@ class OraclePolicy(Policy):
     def _prefetch_after(self, layer: int) -> Prefetch:
         """Keys needed in layers layer+1 .. layer+lookahead of this iteration, soonest first."""
         self.layer = layer
-        if self.order is not None:
+        if self.rank is not None:
             self._sync_order()
+        prefetch = self._needed_after(layer)
+        if self.rank is not None and self.order_step is not None:   # a prefetch never evicts what is needed
+            self.rank.set_prefetch_limit(-(self.order_step + self.horizon))   # sooner than what it fetches
+        return prefetch
+
+    def _needed_after(self, layer: int) -> Prefetch:
+        """The prefetch of `_prefetch_after`; sets `horizon` (steps to the farthest key it fetches)."""
         if not self.prefetch:
             return Prefetch.empty()
         last = min(layer + self.lookahead, self.future.L - 1)
@@ -201,20 +208,21 @@ class OraclePolicy(Policy):
             order = order[dist[order] > self.horizon]
         return candidates[order[:n]]
 
-    def victim_order(self) -> VictimOrder:
-        """Belady's order kept incrementally for a batch of one on-trace row (rank = -next use, pushed again
-        whenever a key is used); any other batch falls back to `select_victims`."""
-        nxt = self.next_use
-        self.order = HeapVictimOrder(lambda key: -nxt[key], monotone=False,
-                                     prefetch_limit=lambda: -(self.order_step + self.horizon))
+    def eviction_rank(self) -> EvictionRank:
+        """Belady's order as a live rank for a batch of one on-trace row (rank = -next use, updated as keys are
+        used); any other batch marks it invalid and the cache falls back to `select_victims`."""
+        self.rank = EvictionRank.of(self.neg_next)
         self._sync_order()
-        return self.order
+        if self.order_step is not None:
+            self.rank.set_prefetch_limit(-(self.order_step + self.horizon))
+        return self.rank
 
     def _sync_order(self) -> None:
-        """Bring `next_use` (and the order's ranks) to the current step: one step on, only the keys the
-        trace uses at that step change; any other move recomputes every key."""
+        """Bring `neg_next` to the current step: one step on, only the keys the trace uses at that step change;
+        any other move recomputes every key."""
         if self.single_base is None:
-            self.order.enabled, self.order_step = False, None
+            self.rank.set_valid(False)
+            self.order_step = None
             return
         step = self.single_base + self.layer
         if step == self.order_step:
@@ -227,12 +235,10 @@ class OraclePolicy(Policy):
             else:
                 keys = self.future.needs(step, step)[0]
                 changed, after = keys.tolist(), self.future.next_use(keys, step).tolist()
-            nxt = self.next_use
+            neg_next = self._neg_next
             for k, at in zip(changed, after):
-                nxt[k] = at
-            self.order.touched(changed)
+                neg_next[k] = -at
         else:
-            self.next_use[:] = self.future.next_use(np.arange(self.future.K), step).tolist()
-            self.order.enabled = True
-            self.order.rebuild()
+            self.neg_next[:] = -self.future.next_use(np.arange(self.future.K), step)
+            self.rank.set_valid(True)
         self.order_step = step

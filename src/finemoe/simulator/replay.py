@@ -28,7 +28,7 @@ from finemoe.experts.cache import ExpertCache
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import IterationInfo, LayerRouting, Policy, PolicyContext, RequestInfo
-from finemoe.simulator.transport import CostModel, TimedTransport
+from finemoe.simulator.transport import CostModel, GenericTimedTransport, TimedTransport
 from finemoe.traces.format import Trace
 
 
@@ -69,9 +69,11 @@ class Replay:
 
     def __init__(self, trace: Trace, policy: str | Policy, expert_budget, cost: CostModel,
                  policy_options: dict | None = None, prefetch_inflight: int = 4,
-                 routed: _Routed | None = None, embed=None) -> None:
+                 routed: _Routed | None = None, embed=None, compiled: bool = True) -> None:
         """`policy`: a registered name (built with `policy_options`), or a policy instance not yet bound.
-        `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal."""
+        `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal.
+        `compiled=False` drives the cache through its generic path (the engine's: Python calls into the timed
+        transport per copy) instead of the transport's compiled demand and pump: slower, same results."""
         check_simulatable(trace, policy if isinstance(policy, str) else type(policy))
         options = dict(policy_options or {})
         if policy == "oracle":
@@ -84,7 +86,7 @@ class Replay:
                            prefetch_inflight=prefetch_inflight)
         self.all_resident = self.policy.keeps_all_resident
         self.capacity, self.budget_bytes = capacity_for(cfg, self.g, self.all_resident)
-        self.transport = TimedTransport(self.capacity, cost)
+        self.transport = (TimedTransport if compiled else GenericTimedTransport)(self.capacity, cost)
         self.cache = ExpertCache(self.g.total_experts, self.g.num_experts, self.capacity, self.transport,
                                  self.policy, prefetch_inflight)
         self.policy.bind(PolicyContext(self.g, self.cache.view(), torch.device("cpu"), embed=embed, options=options))

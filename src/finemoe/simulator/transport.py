@@ -16,6 +16,7 @@ import numpy as np
 
 from finemoe.errors import ConfigError
 from finemoe.experts.transport import Transport
+from finemoe.simulator.timed_kernels import demand_timed, pump_timed
 
 
 @dataclass(frozen=True)
@@ -53,43 +54,61 @@ class CostModel:
 
 
 class TimedTransport(Transport):
+    """State in numpy arrays (read by the compiled `demand_timed`): clock [now, engine_free, stall, bytes]
+    (bytes as float64: exact below 2**53), done_at [N] (end of each slot's last copy), read_until [N] (end of
+    the compute that last read each slot). The methods below are the generic transport over the same state."""
+
+    fused_demand = staticmethod(demand_timed)   # ExpertCache runs these instead of the generic path
+    fused_pump = staticmethod(pump_timed)
+
     def __init__(self, num_slots: int, cost: CostModel) -> None:
         self.cost = cost
         self.copy_s = cost.copy_s
         self.expert_bytes = cost.expert_bytes
-        self.done_at = [0.0] * num_slots       # [N] simulated end time of each slot's last copy (list: scalar hot path)
-        self.read_until = [0.0] * num_slots    # [N] end of the compute that last read each slot
-        self.now = 0.0
-        self.engine_free = 0.0                 # when the copy engine finishes its queue
-        self.bytes_copied = 0
-        self._stall = 0.0
+        self.clock = np.zeros(4)
+        self.done_at = np.zeros(num_slots)
+        self.read_until = np.zeros(num_slots)
+        self._done, self._clock = memoryview(self.done_at), memoryview(self.clock)   # fast scalar access
+        self.kernel_state = (self.clock, self.done_at, self.read_until, self.copy_s, float(self.expert_bytes),
+                             cost.layer_time_s)
+
+    now = property(lambda self: self._clock[0], lambda self, v: self._clock.__setitem__(0, v))
+    engine_free = property(lambda self: self._clock[1])
+    bytes_copied = property(lambda self: int(self._clock[3]),
+                            lambda self, v: self._clock.__setitem__(3, float(v)))
 
     def start_copy(self, slot: int, key: int) -> None:
-        end = max(self.now, self.engine_free, self.read_until[slot]) + self.copy_s
-        self.done_at[slot] = end
-        self.engine_free = end
-        self.bytes_copied += self.expert_bytes
+        clock = self._clock
+        end = max(clock[0], clock[1], self.read_until[slot]) + self.copy_s
+        self._done[slot] = end
+        clock[1] = end
+        clock[3] += self.expert_bytes
 
     def is_done(self, slot: int) -> bool:
-        return self.done_at[slot] <= self.now
+        return self._done[slot] <= self._clock[0]
 
     def wait_compute(self, slots: np.ndarray) -> None:
         if slots.size:
-            ready = max(map(self.done_at.__getitem__, slots.tolist()))
-            if ready > self.now:
-                self._stall += ready - self.now
-                self.now = ready
+            ready = max(map(self._done.__getitem__, slots.tolist()))
+            clock = self._clock
+            if ready > clock[0]:
+                clock[2] += ready - clock[0]
+                clock[0] = ready
 
     def mark_used(self, slots: np.ndarray) -> None:
         """The layer starting now reads `slots` until now + layer time (called before the clock advances)."""
-        until = self.now + self.cost.layer_time_s
-        read_until = self.read_until
-        for s in slots.tolist():
-            read_until[s] = until
+        self.read_until[slots] = self._clock[0] + self.cost.layer_time_s
 
     def advance(self, seconds: float) -> None:
-        self.now += seconds
+        self._clock[0] += seconds
 
     def drain_stall_seconds(self) -> float:
-        s, self._stall = self._stall, 0.0
+        s, self._clock[2] = self._clock[2], 0.0
         return s
+
+
+class GenericTimedTransport(TimedTransport):
+    """The same clock without the compiled fused paths: ExpertCache runs its generic (engine) path over it."""
+
+    fused_demand = None
+    fused_pump = None

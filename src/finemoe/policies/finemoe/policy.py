@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from finemoe.errors import ConfigError
-from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
-                                   register_policy)
+from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
+                                   RequestInfo, register_policy)
 from finemoe.policies.finemoe.admission import PrefetchGate
 from finemoe.policies.finemoe.arrays import HOST, to_host
 from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
@@ -250,6 +250,11 @@ class FineMoEPolicy(Policy):
         out = self.scores.victims(candidates, n)
         self.critical_s += time.perf_counter() - t0
         return out
+
+    def eviction_rank(self) -> EvictionRank | None:
+        """The eviction rule as live arrays; with cold_p a prefetch's victims also need p < cold_p, which a rank
+        cannot say: then `select_victims` decides."""
+        return self.scores.rank if self.gate.cold_p == 0.0 else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"store_size": self.store.size, "store_capacity": self.store.spec.capacity,

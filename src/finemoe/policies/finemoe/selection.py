@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finemoe.policies.base import Prefetch
+from finemoe.policies.base import EvictionRank, Prefetch
 from finemoe.policies.finemoe.arrays import ranked_top_k
 
 
@@ -117,7 +117,8 @@ class EvictionScores:
     """Per-expert p (latest guiding probability), freq (use count) and ema (decaying mean of the expert's
     observed router probability, max over batch rows, updated when its layer routes). Victim order by
     `rule`: pfreq (FineMoE) lowest p*freq; lfu lowest freq; lru least recently used; ema lowest ema;
-    ema+p lowest ema + p. Ties go to the least recently used."""
+    ema+p lowest ema + p. Ties go to the least recently used. `score` [L*J] holds each key's rule value,
+    updated where its inputs change, so `rank` (score, then last use) is the cache's live eviction order."""
 
     def __init__(self, total: int, rule: str = "pfreq", decay: float = 0.5) -> None:
         self.rule = rule
@@ -127,23 +128,44 @@ class EvictionScores:
         self.ema = np.zeros(total)
         self.last_used = np.full(total, -1.0)
         self.clock = 0.0
+        self.score = self.last_used if rule == "lru" else np.zeros(total)
+        self.rank = EvictionRank.of(self.score, None if rule == "lru" else self.last_used)
+
+    def _rescore(self, at: slice | np.ndarray) -> None:
+        """score[at] = the rule's value of those keys (elementwise: the same floats `victims` computes)."""
+        if self.rule == "pfreq":
+            self.score[at] = self.p[at] * self.freq[at]
+        elif self.rule == "lfu":
+            self.score[at] = self.freq[at]
+        elif self.rule == "ema":
+            self.score[at] = self.ema[at]
+        elif self.rule == "ema+p":
+            self.score[at] = self.ema[at] + self.p[at]
 
     def guide(self, layer: int, row_p: np.ndarray) -> None:
         """Layer `layer` was guided; row_p [J] is each expert's guiding probability (max over batch rows)."""
         J = row_p.size
-        self.p[layer * J:(layer + 1) * J] = row_p
+        at = slice(layer * J, (layer + 1) * J)
+        self.p[at] = row_p
+        if self.rule in ("pfreq", "ema+p"):
+            self._rescore(at)
 
     def observed(self, layer: int, row_p: np.ndarray) -> None:
         """Layer `layer` routed; row_p [J] is each expert's router probability (max over batch rows)."""
         J = row_p.size
-        seg = self.ema[layer * J:(layer + 1) * J]
+        at = slice(layer * J, (layer + 1) * J)
+        seg = self.ema[at]
         seg *= self.decay
         seg += (1.0 - self.decay) * row_p
+        if self.rule.startswith("ema"):
+            self._rescore(at)
 
     def used(self, keys: np.ndarray) -> None:
         self.clock += 1.0
         self.freq[keys] += 1.0
         self.last_used[keys] = self.clock
+        if self.rule in ("pfreq", "lfu"):
+            self._rescore(keys)
 
     def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
         if self.rule == "lru":

@@ -1,0 +1,19 @@
+"""`njit`: numba's compiler where numba imports, else the identity.
+
+The compiled kernels (experts/slot_kernels.py) are plain Python over numpy arrays and scalars, so the same
+source runs interpreted (much slower, same results) where numba is missing or disabled: numba's own switch
+NUMBA_DISABLE_JIT=1 runs them interpreted too, which is how the tests check the two agree.
+"""
+from __future__ import annotations
+
+try:
+    from numba import njit as _numba_njit
+except ImportError:   # pragma: no cover - numba is a dependency; this keeps an odd platform working
+    _numba_njit = None
+
+
+def njit(fn):
+    """Compile `fn` in nopython mode with an on-disk cache (first use in a fresh checkout compiles, ~1 s)."""
+    if _numba_njit is None:
+        return fn
+    return _numba_njit(cache=True)(fn)
