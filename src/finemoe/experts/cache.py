@@ -35,6 +35,7 @@ class DemandResult:
 class ExpertCache:
     def __init__(self, total_experts: int, num_experts: int, capacity: int, transport: Transport,
                  policy: Policy, prefetch_inflight: int = 4) -> None:
+        sk.warm_up()
         self.J = num_experts
         self.K = total_experts
         self.capacity = capacity

@@ -22,6 +22,8 @@ Slots [0, filled) are occupied (empty slots fill lowest first and a slot never e
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from finemoe.jit import njit
@@ -276,3 +278,26 @@ def prefetching_slots(flags, out):
             out[m] = s
             m += 1
     return m
+
+
+@functools.cache
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) every kernel for the argument types the cache passes, once
+    per process, so the first request does not pay for it (a fresh checkout compiles for about 10 s)."""
+    K, N = 4, 2
+    table = np.full(K + N + 3, -1, np.int64)
+    table[K + N:] = 0
+    flags, resident, rank = np.zeros(N, np.uint8), np.zeros(K, bool), np.zeros(K)
+    control, none, slots = np.array([np.inf, 1.0]), np.empty(0, np.int64), np.zeros(N, np.int64)
+    qprio, qkeys, new = np.full(K, np.nan), np.zeros(K, np.int64), np.zeros(N, bool)
+    demand(0, np.array([0], np.int64), MODE_PIN, table, K, flags, resident, rank, rank, control, none, slots, new)
+    release(slots, 1, flags)
+    for writeable in (True, False):   # policies may hand out read-only prefetch arrays (cached plans)
+        keys, prio = np.array([2], np.int64), np.array([1.0])
+        keys.flags.writeable = prio.flags.writeable = writeable
+        enqueue(keys, prio, table, qprio, qkeys)
+    drop_stale(0, table, qprio, qkeys)
+    best_queued(1, table, qprio, qkeys, qkeys.copy())
+    prefetch(np.array([3], np.int64), table, K, flags, resident, rank, rank, control, none, slots, qprio, qkeys)
+    prefetching_slots(flags, slots)
+    clear_queue(table, qprio, qkeys)

@@ -7,6 +7,10 @@ tests/test_simulator_speed.py checks it against the generic path, call for call.
 """
 from __future__ import annotations
 
+import functools
+
+import numpy as np
+
 from finemoe.experts import slot_kernels as sk
 from finemoe.jit import njit
 
@@ -70,3 +74,19 @@ def pump_timed(first, inflight, table, K, flags, resident, primary, secondary, c
         clock[1] = end
         clock[3] += expert_bytes
     return m
+
+
+@functools.cache
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) both fused kernels once per process (see slot_kernels)."""
+    K, N = 4, 2
+    table = np.full(K + N + 3, -1, np.int64)
+    table[K + N:] = 0
+    flags, resident, rank = np.zeros(N, np.uint8), np.zeros(K, bool), np.zeros(K)
+    control, none, slots = np.array([np.inf, 1.0]), np.empty(0, np.int64), np.zeros(N, np.int64)
+    clock, done_at, read_until = np.zeros(4), np.zeros(N), np.zeros(N)
+    timing = (clock, done_at, read_until, 0.5, 10.0, 1.0)
+    demand_timed(0, np.array([0], np.int64), table, K, flags, resident, rank, rank, control, none, slots,
+                 np.zeros(N, bool), *timing)
+    pump_timed(0, 1, table, K, flags, resident, rank, rank, control, np.full(K, np.nan), np.zeros(K, np.int64),
+               np.zeros(K, np.int64), slots, *timing)

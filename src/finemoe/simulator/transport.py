@@ -16,6 +16,7 @@ import numpy as np
 
 from finemoe.errors import ConfigError
 from finemoe.experts.transport import Transport
+from finemoe.simulator import timed_kernels
 from finemoe.simulator.timed_kernels import demand_timed, pump_timed
 
 
@@ -62,6 +63,8 @@ class TimedTransport(Transport):
     fused_pump = staticmethod(pump_timed)
 
     def __init__(self, num_slots: int, cost: CostModel) -> None:
+        if self.fused_demand is not None:
+            timed_kernels.warm_up()
         self.cost = cost
         self.copy_s = cost.copy_s
         self.expert_bytes = cost.expert_bytes
@@ -69,8 +72,8 @@ class TimedTransport(Transport):
         self.done_at = np.zeros(num_slots)
         self.read_until = np.zeros(num_slots)
         self._done, self._clock = memoryview(self.done_at), memoryview(self.clock)   # fast scalar access
-        self.kernel_state = (self.clock, self.done_at, self.read_until, self.copy_s, float(self.expert_bytes),
-                             cost.layer_time_s)
+        self.kernel_state = (self.clock, self.done_at, self.read_until, float(self.copy_s), float(self.expert_bytes),
+                             float(cost.layer_time_s))
 
     now = property(lambda self: self._clock[0], lambda self, v: self._clock.__setitem__(0, v))
     engine_free = property(lambda self: self._clock[1])
