@@ -6,10 +6,14 @@ NUMBA_DISABLE_JIT=1 runs them interpreted too, which is how the tests check the 
 """
 from __future__ import annotations
 
+import warnings
+
 try:
     from numba import njit as _numba_njit
 except ImportError:   # pragma: no cover - numba is a dependency; this keeps an odd platform working
     _numba_njit = None
+    warnings.warn("numba cannot be imported: the expert cache's kernels run as plain Python, more than 10x slower "
+                  "(results are the same); install it with `pip install numba`", RuntimeWarning, stacklevel=2)
 
 
 def njit(fn):
