@@ -280,16 +280,22 @@ def prefetching_slots(flags, out):
     return m
 
 
+def tiny_state() -> tuple[int, tuple]:
+    """K and an empty cache's kernel arguments, 4 keys over 2 slots, in the dtypes ExpertCache passes (warm-ups):
+    (table, flags, resident, rank, control, no victims, slots, new, qprio, qkeys)."""
+    K, N = 4, 2
+    table = np.full(K + N + 3, -1, np.int64)
+    table[K + N:] = 0
+    return K, (table, np.zeros(N, np.uint8), np.zeros(K, bool), np.zeros(K), np.array([np.inf, 1.0]),
+               np.empty(0, np.int64), np.zeros(N, np.int64), np.zeros(N, bool), np.full(K, np.nan),
+               np.zeros(K, np.int64))
+
+
 @functools.cache
 def warm_up() -> None:
     """Compile (or load from numba's disk cache) every kernel for the argument types the cache passes, once
     per process, so the first request does not pay for it (a fresh checkout compiles for about 10 s)."""
-    K, N = 4, 2
-    table = np.full(K + N + 3, -1, np.int64)
-    table[K + N:] = 0
-    flags, resident, rank = np.zeros(N, np.uint8), np.zeros(K, bool), np.zeros(K)
-    control, none, slots = np.array([np.inf, 1.0]), np.empty(0, np.int64), np.zeros(N, np.int64)
-    qprio, qkeys, new = np.full(K, np.nan), np.zeros(K, np.int64), np.zeros(N, bool)
+    K, (table, flags, resident, rank, control, none, slots, new, qprio, qkeys) = tiny_state()
     demand(0, np.array([0], np.int64), MODE_PIN, table, K, flags, resident, rank, rank, control, none, slots, new)
     release(slots, 1, flags)
     for writeable in (True, False):   # policies may hand out read-only prefetch arrays (cached plans)

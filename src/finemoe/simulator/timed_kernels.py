@@ -79,14 +79,8 @@ def pump_timed(first, inflight, table, K, flags, resident, primary, secondary, c
 @functools.cache
 def warm_up() -> None:
     """Compile (or load from numba's disk cache) both fused kernels once per process (see slot_kernels)."""
-    K, N = 4, 2
-    table = np.full(K + N + 3, -1, np.int64)
-    table[K + N:] = 0
-    flags, resident, rank = np.zeros(N, np.uint8), np.zeros(K, bool), np.zeros(K)
-    control, none, slots = np.array([np.inf, 1.0]), np.empty(0, np.int64), np.zeros(N, np.int64)
-    clock, done_at, read_until = np.zeros(4), np.zeros(N), np.zeros(N)
-    timing = (clock, done_at, read_until, 0.5, 10.0, 1.0)
-    demand_timed(0, np.array([0], np.int64), table, K, flags, resident, rank, rank, control, none, slots,
-                 np.zeros(N, bool), *timing)
-    pump_timed(0, 1, table, K, flags, resident, rank, rank, control, np.full(K, np.nan), np.zeros(K, np.int64),
-               np.zeros(K, np.int64), slots, *timing)
+    K, (table, flags, resident, rank, control, none, slots, new, qprio, qkeys) = sk.tiny_state()
+    timing = (np.zeros(4), np.zeros(flags.size), np.zeros(flags.size), 0.5, 10.0, 1.0)   # clock, done_at, read_until
+    demand_timed(0, np.array([0], np.int64), table, K, flags, resident, rank, rank, control, none, slots, new,
+                 *timing)
+    pump_timed(0, 1, table, K, flags, resident, rank, rank, control, qprio, qkeys, qkeys.copy(), slots, *timing)
