@@ -161,9 +161,14 @@ class OraclePolicy(Policy):
         if self.rank is not None:
             self._sync_order()
         prefetch = self._needed_after(layer)
-        if self.rank is not None and self.order_step is not None:   # a prefetch never evicts what is needed
-            self.rank.set_prefetch_limit(-(self.order_step + self.horizon))   # sooner than what it fetches
+        self._refresh_limit()
         return prefetch
+
+    def _refresh_limit(self) -> None:
+        """A prefetch never evicts what is needed sooner than the farthest key it fetches: only keys whose next
+        use lies beyond `order_step + horizon` (read at every eviction, so kept current with both)."""
+        if self.rank is not None and self.order_step is not None:
+            self.rank.set_prefetch_limit(-(self.order_step + self.horizon))
 
     def _needed_after(self, layer: int) -> Prefetch:
         """The prefetch of `_prefetch_after`; sets `horizon` (steps to the farthest key it fetches)."""
@@ -213,8 +218,6 @@ class OraclePolicy(Policy):
         used); any other batch marks it invalid and the cache falls back to `select_victims`."""
         self.rank = EvictionRank.of(self.neg_next)
         self._sync_order()
-        if self.order_step is not None:
-            self.rank.set_prefetch_limit(-(self.order_step + self.horizon))
         return self.rank
 
     def _sync_order(self) -> None:
@@ -242,3 +245,4 @@ class OraclePolicy(Policy):
             self.neg_next[:] = -self.future.next_use(np.arange(self.future.K), step)
             self.rank.set_valid(True)
         self.order_step = step
+        self._refresh_limit()
