@@ -178,12 +178,6 @@ class ExpertCache:
             sk.enqueue(prefetch.keys.astype(np.int64, copy=False), prefetch.priority.astype(np.float64, copy=False),
                        self.table, self.qprio, self.qkeys)
 
-    @property
-    def queued(self) -> dict[int, float]:
-        """The prefetch queue as {key: priority} (a copy; for inspection)."""
-        keys = self.qkeys[:self.counts[2]].tolist()
-        return {k: float(self.qprio[k]) for k in keys}
-
     def pump(self, current_layer: int) -> int:
         """Drop stale requests (layer not ahead of `current_layer`, already resident) and issue the
         best ones (highest priority, then lowest key) while fewer than `prefetch_inflight` prefetch copies
