@@ -1,6 +1,7 @@
 """FineMoE map store: RDY replacement, search, persistence and its error cases (hand-computed)."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,7 @@ def test_rdy_replaces_the_most_redundant_entry():
     # vs y0: 0.5*1 + 0.5*(1/2) = 0.75; vs y1: 0.5*0 + 0.5*(1/2) = 0.25  -> y0 is replaced
     store = filled_store()
     x_map, x_sem = t(1, 0, 0, 1), t(1, 0)
-    assert torch.allclose(store.rdy(x_map, x_sem), t(0.75, 0.25))
+    assert np.allclose(store.rdy(x_map, x_sem), [0.75, 0.25])
     assert store.add(x_map, x_sem) == 0
     assert torch.equal(store.entry_maps(slice(0, 1))[0], x_map) and store.replaced == 1 and store.size == 2
 
@@ -118,3 +119,26 @@ def test_a_safetensors_file_that_is_not_a_store_is_refused(tmp_path):
     save_file({"weight": torch.zeros(2)}, path)
     with pytest.raises(MapStoreError, match="not a finemoe map store"):
         MapStore.load(path)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_rdy_reads_the_full_map_products_the_trajectory_search_summed(compiled):
+    from finemoe.policies.finemoe.planner import IterationPlanner
+    from finemoe.policies.finemoe.selection import Selection
+    rng = np.random.default_rng(0)
+    L, J, C = 4, 6, 20
+    store = MapStore(StoreSpec("m", L, J, 3, "token", 1, C))
+    for m, s in zip(rng.random((C, L * J), dtype=np.float32), rng.random((C, 3), dtype=np.float32)):
+        store.add(torch.from_numpy(m), torch.from_numpy(s))
+    planner = IterationPlanner(store, 1, 1, "both", keep_map_dots=True)
+    planner.one_row = compiled
+    x, sem = rng.random((L, J), dtype=np.float32), torch.from_numpy(rng.random(3, dtype=np.float32))
+    for layer in range(L):
+        assert planner.map_dots() is None                      # not before every layer was observed
+        planner.observe_plan(layer, x[layer][None], Selection(2))
+    dots = planner.map_dots()[:, 0]                            # [C]
+    assert np.allclose(dots, store.entry_maps(slice(0, C)).numpy() @ x.reshape(-1), rtol=1e-5)
+    assert np.allclose(store.rdy(torch.from_numpy(x.reshape(-1)), sem, dots),
+                       store.rdy(torch.from_numpy(x.reshape(-1)), sem), rtol=1e-5)
+    store.add(torch.from_numpy(x.reshape(-1)), sem)
+    assert planner.map_dots() is None                          # the store changed: the products are stale

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+
+from finemoe.policies.finemoe.arrays import ops_for
 from finemoe.storage import save_atomic
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -82,40 +84,51 @@ class MapStore:
     def full(self) -> bool:
         return self.size >= self.spec.capacity
 
-    def _write(self, rows: slice | int, maps: torch.Tensor, sems: torch.Tensor) -> None:
-        """Write maps [N, L*J] / sems [N, E] (or one of each) into `rows`, with their norms."""
-        L, J = self.spec.num_layers, self.spec.num_experts
-        maps, sems = maps.detach(), sems.detach()
+    def _write(self, rows: slice | int, maps: Any, sems: Any) -> None:
+        """Write maps [N, L*J] / sems [N, E] (or one of each) into `rows`, with their norms (numpy on a host
+        store's views: a torch CPU op costs 5-10 us, a numpy op about 1)."""
+        L, J, E = self.spec.num_layers, self.spec.num_experts, self.spec.embed_dim
+        xp = ops_for(self.device)
         self.version += 1
-        self.maps[:, rows] = maps.to(self.device, self.maps.dtype).reshape(-1, L, J).transpose(0, 1).reshape(
-            self.maps[:, rows].shape)
-        self.sems[rows] = sems.to(self.device, self.sems.dtype)
-        stored = self.maps[:, rows].float().reshape(L, -1, J).transpose(0, 1)   # [N, L, J]
-        self.prefix_sq[rows] = (stored * stored).sum(2).cumsum(1).reshape(self.prefix_sq[rows].shape)
-        self.prefix_norm[rows] = self.prefix_sq[rows].clamp_min(0.0).sqrt()
-        self.sem_norm[rows] = self.sems[rows].float().norm(dim=-1)
+        stored_maps, stored_sems = self.array("maps", xp), self.array("sems", xp)
+        stored_maps[:, rows] = xp.query(maps).reshape(-1, L, J).swapaxes(0, 1).reshape(stored_maps[:, rows].shape)
+        stored_sems[rows] = xp.query(sems).reshape(stored_sems[rows].shape)
+        m = xp.f32(stored_maps[:, rows]).reshape(L, -1, J).swapaxes(0, 1)         # [N, L, J] as stored
+        prefix_sq = (m * m).sum(2).cumsum(1)                                      # [N, L]
+        shape = self.array("prefix_sq", xp)[rows].shape
+        self.array("prefix_sq", xp)[rows] = prefix_sq.reshape(shape)
+        self.array("prefix_norm", xp)[rows] = xp.sqrt_clip(prefix_sq, 0.0).reshape(shape)
+        sem = xp.f32(stored_sems[rows]).reshape(-1, E)                            # [N, E] as stored
+        self.array("sem_norm", xp)[rows] = xp.sqrt_clip((sem * sem).sum(1), 0.0).reshape(
+            self.array("sem_norm", xp)[rows].shape)
 
-    def rdy(self, emap: torch.Tensor, sem: torch.Tensor) -> torch.Tensor:
-        """RDY(x, y) = (d/L) cos(sem_x, sem_y) + ((L-d)/L) cos(map_x, map_y) for every stored y -> [size].
-        The map dot is summed layer by layer: L [n, J] x [J] products on contiguous blocks (one einsum
-        over [L, n, J] copies the store first and was 15x slower on the CPU)."""
+    def rdy(self, emap: Any, sem: Any, map_dots: Any = None) -> Any:
+        """RDY(x, y) = (d/L) cos(sem_x, sem_y) + ((L-d)/L) cos(map_x, map_y) for every stored y -> [size] (the
+        store's backend: numpy on the host). map_dots [size]: map_x . map_y when the caller has them (the
+        trajectory search sums them layer by layer); else summed here, layer by layer on contiguous blocks
+        (one einsum over [L, n, J] copies the store first and was 15x slower on the CPU)."""
         L, J, n = self.spec.num_layers, self.spec.num_experts, self.size
         d = min(self.spec.distance, L)
-        e = emap.float().view(L, J)                                             # [L, J]
-        dots = sum(self.maps[l, :n].float() @ e[l] for l in range(L))           # [n]
-        cos_map = dots / (self.prefix_sq[:n, -1].sqrt() * e.norm()).clamp_min(EPS)
-        cos_sem = (self.sems[:n].float() @ sem.float()) / (self.sem_norm[:n] * sem.float().norm()).clamp_min(EPS)
+        xp = ops_for(self.device)
+        e, s = xp.query(emap).reshape(L, J), xp.query(sem).reshape(-1)            # [L, J], [E]
+        if map_dots is None:
+            maps = self.array("maps", xp)
+            map_dots = xp.f32(maps[0, :n]) @ e[0]                                 # [n]
+            for layer in range(1, L):
+                map_dots = map_dots + xp.f32(maps[layer, :n]) @ e[layer]
+        e_norm, s_norm = xp.sqrt_clip((e * e).sum(), 0.0), xp.sqrt_clip((s * s).sum(), 0.0)
+        cos_map = xp.query(map_dots) / xp.maximum(self.array("prefix_norm", xp)[:n, -1] * e_norm, EPS)
+        cos_sem = (xp.f32(self.array("sems", xp)[:n]) @ s) / xp.maximum(self.array("sem_norm", xp)[:n] * s_norm, EPS)
         return (d / L) * cos_sem + ((L - d) / L) * cos_map
 
-    def add(self, emap: torch.Tensor, sem: torch.Tensor) -> int:
+    def add(self, emap: Any, sem: Any, map_dots: Any = None) -> int:
         """Insert one map [L*J] with its embedding [E]; append while not full, else replace the entry
-        with the highest RDY. Returns the slot written."""
-        emap, sem = emap.to(self.device), sem.to(self.device)
+        with the highest RDY (map_dots: see `rdy`). Returns the slot written."""
         if not self.full:
             slot = self.size
             self.size += 1
         else:
-            slot = int(torch.argmax(self.rdy(emap, sem)))
+            slot = int(self.rdy(emap, sem, map_dots).argmax())
             self.replaced += 1
         self._write(slot, emap, sem)
         return slot
@@ -125,10 +138,12 @@ class MapStore:
         m = self.maps[:, rows]                                                  # [L, N, J]
         return m.transpose(0, 1).reshape(m.shape[1], -1)
 
-    def add_many(self, maps: torch.Tensor, sems: torch.Tensor) -> None:
-        """maps [N, L*J], sems [N, E]: added one after another (each replacement sees the previous ones)."""
-        for emap, sem in zip(maps, sems):
-            self.add(emap, sem)
+    def add_many(self, maps: Any, sems: Any, map_dots: Any = None) -> None:
+        """maps [N, L*J], sems [N, E]: added one after another (each replacement sees the previous ones).
+        map_dots [size, N]: each map's products with the stored maps as they are now (only the first
+        map's are still valid once it is added)."""
+        for i, (emap, sem) in enumerate(zip(maps, sems)):
+            self.add(emap, sem, map_dots[:, i] if map_dots is not None and i == 0 else None)
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, path: str) -> None:

@@ -1,5 +1,7 @@
 """One iteration's search: semantic guides at its start, a trajectory guide after every routed layer,
-and the observed expert maps at its end. Array math through search.py's backend; no engine state."""
+and the observed expert maps at its end. Array math through search.py's backend; no engine state.
+A batch of one row on a host float32 store (the decode case) takes compiled kernels (row_kernels.py) that
+make the same plans as the array path in one call per guide."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -7,9 +9,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from finemoe.policies.finemoe import row_kernels as rk
 from finemoe.policies.finemoe.map_store import MapStore
 from finemoe.policies.finemoe.arrays import HOST
 from finemoe.policies.finemoe.search import Guide, SemanticMemo, TrajectorySearch, blend, semantic_topk
+from finemoe.policies.finemoe.selection import LayerPlan, Selection
 
 SEARCH_MODES = ("both", "semantic", "trajectory")
 
@@ -24,7 +28,7 @@ class IterationPlanner:
     """
 
     def __init__(self, store: MapStore, batch: int, distance: int, mode: str, neighbors: int = 1,
-                 window: int = 0) -> None:
+                 window: int = 0, keep_map_dots: bool = False) -> None:
         self.store = store
         self.L, self.J = store.spec.num_layers, store.spec.num_experts
         self.d = distance
@@ -35,6 +39,13 @@ class IterationPlanner:
         self.seen = 0
         self.empty = store.size == 0
         self.trajectory = None if self.empty or mode == "semantic" else TrajectorySearch(store, batch, window)
+        # the full maps' products with the stored ones, for the RDY of a store that will replace an entry
+        self.keep_dots = keep_map_dots and self.trajectory is not None and window == 0 and store.full
+        self.version = store.version
+        self.one_row = (batch == 1 and window == 0 and store.device.type == "cpu" and store.maps.dtype == torch.float32
+                        and max(self.J, neighbors) <= rk.MAX_PAIRWISE)           # the compiled path applies
+        self._idx, self._val = np.zeros(neighbors, np.int64), np.zeros(neighbors, np.float32)    # [K] matches
+        self._experts = np.zeros(self.J, np.int64)                              # [J] a plan's chosen experts
 
     def begin(self, sem: Any | Callable[[], Any], memo: SemanticMemo | None = None,
               keys: list | None = None) -> list[Guide]:
@@ -55,9 +66,58 @@ class IterationPlanner:
         self.seen += 1
         target = layer + self.d
         if self.trajectory is None or target >= self.L:
+            if self.keep_dots:
+                self.trajectory.accumulate(layer, probs)
             return None
         idx, score = self.trajectory.observe_topk(layer, probs, self.k)                 # [K, B] each
         return blend(self.store, idx, score, target)
+
+    def begin_plans(self, sem: Any | Callable[[], Any], select: Selection, memo: SemanticMemo | None = None,
+                    keys: list | None = None) -> list[LayerPlan]:
+        """`begin`'s guides as plans (`select`)."""
+        if not (self.one_row and select.floor == 0.0):
+            return select.plan(self.begin(sem, memo, keys))
+        if self.empty or self.mode == "trajectory":
+            return []
+        embed = sem if callable(sem) else (lambda: sem)
+        idx, score = memo.search(keys, embed) if memo is not None else semantic_topk(self.store, embed(), self.k)
+        K = idx.shape[0]                                                          # idx, score [K, 1]
+        self._idx[:K], self._val[:K] = idx[:, 0], score[:, 0]
+        last = self.L if self.mode == "semantic" else min(self.d, self.L)
+        return [self._plan_row(layer, K, select) for layer in range(last)]
+
+    def observe_plan(self, layer: int, probs: Any, select: Selection) -> LayerPlan | None:
+        """`observe`'s guide as a plan (`select`)."""
+        if not (self.one_row and select.floor == 0.0):
+            guide = self.observe(layer, probs)
+            return None if guide is None else select.plan([guide])[0]
+        q = HOST.query(probs)                                                    # [1, J] float32 numpy
+        self.observed[:, layer] = q
+        self.seen += 1
+        target, tr = layer + self.d, self.trajectory
+        if tr is None or target >= self.L:
+            if self.keep_dots:
+                tr.accumulate(layer, q)
+            return None
+        dot = tr.maps[layer, : tr.n] @ q.T                                       # [n, 1]: the array path's product
+        K = rk.trajectory_step(dot[:, 0], tr.dots[:, 0], q[0], tr.q_sq, tr.prefix_norm[:, layer], self.k,
+                               self._idx, self._val)
+        return self._plan_row(target, K, select)
+
+    def _plan_row(self, layer: int, K: int, select: Selection) -> LayerPlan:
+        """The plan for `layer` from the K matches in _idx / _val (one row: blend, then delta choice)."""
+        row = np.empty(self.J, np.float32)                   # [J] new: a deferred plan may be read later
+        rk.blend_row(self.store.array("maps", HOST), layer, self._idx, self._val, K, row)
+        n = rk.delta_choice(row, self._val[0], select.top_k, select.delta, self._experts)
+        experts = self._experts[:n].copy()
+        return LayerPlan(layer, layer * self.J + experts, row[experts].astype(np.float64), row)
+
+    def map_dots(self) -> Any | None:
+        """[n, B] each row's full map . every stored map, when kept (`keep_map_dots`), every layer was observed
+        and the store has not changed since the iteration began; else None."""
+        if not self.keep_dots or self.seen < self.L or self.store.version != self.version:
+            return None
+        return self.trajectory.dots
 
     def complete_maps(self) -> torch.Tensor | None:
         """The iteration's maps [B, L*J] (host float32) once every layer was observed, else None."""

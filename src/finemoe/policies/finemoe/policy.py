@@ -22,13 +22,14 @@ import torch
 from finemoe.errors import ConfigError
 from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
                                    RequestInfo, register_policy)
+from finemoe.policies.finemoe import row_kernels
 from finemoe.policies.finemoe.admission import PrefetchGate
-from finemoe.policies.finemoe.arrays import HOST, to_host
+from finemoe.policies.finemoe.arrays import HOST
 from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
 from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
-from finemoe.policies.finemoe.search import Guide, SemanticMemo
-from finemoe.policies.finemoe.selection import EVICTION_RULES, EvictionScores, LayerPlan, merge, plan_layers
+from finemoe.policies.finemoe.search import SemanticMemo
+from finemoe.policies.finemoe.selection import EVICTION_RULES, EvictionScores, LayerPlan, Selection, merge
 from finemoe.policies.finemoe.worker import DeferredWorker, InlineWorker, SearchWorker
 
 PREFILL_MODES = ("mean", "last")
@@ -72,6 +73,7 @@ class FineMoEPolicy(Policy):
         if not isinstance(min_prefetch_prob, (int, float)) or not 0.0 <= min_prefetch_prob <= 1.0:
             raise ConfigError(f"finemoe option min_prefetch_prob={min_prefetch_prob!r} must be a number in [0, 1]")
         self.floor = float(min_prefetch_prob)   # 0: faithful delta selection; > 0: skip unlikely extras
+        self.select: Selection | None = None
         self.gate = PrefetchGate(max_prefetch, cold_p)   # 0, 0 = the paper: every chosen expert, any victim
         self.embed_fallback = embed       # input-embedding callable for runs whose context has none (simulator)
         for name, v, low in (("capacity", capacity, 1), ("prefetch_distance", prefetch_distance, 1),
@@ -89,6 +91,7 @@ class FineMoEPolicy(Policy):
         super().bind(ctx)
         g = ctx.geometry
         self.L, self.J, self.top_k = g.num_layers, g.num_experts, g.top_k
+        self.select = Selection(g.top_k, self.selection == "delta", self.floor)
         self.embedder = make_embedder(self.semantic, ctx)
         self.store = self._open_store(self._identity(ctx))
         self.d = self.store.spec.distance
@@ -99,6 +102,7 @@ class FineMoEPolicy(Policy):
         self.worker = (DeferredWorker() if use_thread == "deferred" else SearchWorker() if use_thread
                        else InlineWorker())
         self.memo = SemanticMemo(self.store, self.neighbors)
+        row_kernels.warm_up()                     # compiled (or loaded) now, not in the first request
         self.prompt_lens: dict[str, int] = {}
         self.planner: IterationPlanner | None = None
         self._reduce: tuple[int, torch.Tensor | None] = (-1, None)
@@ -143,9 +147,9 @@ class FineMoEPolicy(Policy):
         if self.learn:
             self._embed()                                                       # [B, E] host, stored at the end
         self.planner = IterationPlanner(self.store, len(it.request_ids), self.d, self.search, self.neighbors,
-                                       self.window)
+                                       self.window, keep_map_dots=self.learn)
         keys = self._decode_token_ids_to_host(it) if self.semantic == "token" else None
-        out = self._to_prefetch(self._plan(self.planner.begin(self._embed, self.memo, keys)), layer_now=-1)
+        out = self._to_prefetch(self.planner.begin_plans(self._embed, self.select, self.memo, keys), layer_now=-1)
         self.critical_s += time.perf_counter() - t0
         return out
 
@@ -186,25 +190,16 @@ class FineMoEPolicy(Policy):
     def _observe(self, job: tuple) -> LayerPlan | None:
         """Search job (worker thread or inline): layer `layer` routed -> the plan for layer + d, if any."""
         planner, layer, probs = job                                              # probs [B, J] host
-        guide = planner.observe(layer, probs)
+        plan = planner.observe_plan(layer, probs, self.select)
         if self.eviction.startswith("ema"):
             self.scores.observed(layer, planner.observed[:, layer].max(0))
-        return None if guide is None else self._plan([guide])[0]
-
-    def _plan(self, guides: list[Guide]) -> list[LayerPlan]:
-        """Guides -> chosen experts per guided layer (one vectorized selection for all of them)."""
-        if not guides:
-            return []
-        rows = np.stack([to_host(g.rows) for g in guides])                    # [G, B, J]
-        scores = np.stack([to_host(g.scores) for g in guides])                # [G, B]
-        return plan_layers([g.layer for g in guides], rows, scores, self.top_k, self.selection == "delta",
-                           self.floor)
+        return plan
 
     def _learn(self, job: tuple) -> None:
         planner, sem = job
         maps = planner.complete_maps()
         if maps is not None:
-            self.store.add_many(maps, sem)
+            self.store.add_many(maps, sem, planner.map_dots())
 
     def _per_row(self, routing: LayerRouting) -> np.ndarray | torch.Tensor:
         """probs [T, J] (host) -> per batch row [B, J]: the row's token at decode, the mean (or last) of

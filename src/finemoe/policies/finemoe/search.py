@@ -18,7 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from finemoe.policies.finemoe.arrays import ops_for
+import numpy as np
+
+from finemoe.policies.finemoe import row_kernels as rk
+from finemoe.policies.finemoe.arrays import HOST, ops_for
 from finemoe.policies.finemoe.map_store import EPS, MapStore
 
 
@@ -37,6 +40,10 @@ def semantic_topk(store: MapStore, query: Any, k: int = 1) -> tuple[Any, Any]:
     xp, n = ops_for(store.device), store.size
     q = xp.query(query)                                                          # [B, E]
     dots = xp.f32(store.array("sems", xp)[:n]) @ q.T                             # [n, B]
+    if xp is HOST and q.shape[0] == 1:                                           # one row: compiled, same result
+        idx, val = np.zeros(k, np.int64), np.zeros(k, np.float32)
+        K = rk.semantic_step(dots[:, 0], q[0], store.array("sem_norm", xp)[:n], k, idx, val)
+        return idx[:K, None], val[:K, None]
     q_norm = xp.sqrt_clip((q * q).sum(1), 0.0)                                   # [B]
     cos = dots / xp.maximum(store.array("sem_norm", xp)[:n, None] * q_norm[None, :], EPS)
     return xp.best(cos, k)
@@ -114,6 +121,11 @@ class TrajectorySearch:
         self.dots = self.xp.zeros((self.n, batch))                               # [n, B]
         self.q_sq = self.xp.zeros((batch,))                                      # [B]
         self.recent: list = []   # window: per layer ([n, B] dots, [B] q_sq)
+
+    def accumulate(self, layer: int, probs: Any) -> None:
+        """Layer `layer` routed with probabilities [B, J] but guides no later layer (window 0): only the running
+        products grow, so that after the last layer `dots` holds the full maps' products (the store's RDY)."""
+        self.dots += self.xp.f32(self.maps[layer, : self.n]) @ self.xp.query(probs).T     # [n, B]
 
     def observe(self, layer: int, probs: Any) -> tuple[Any, Any]:
         """Layer `layer`'s probabilities [B, J] -> (best entry [B], prefix cosine [B]) over layers 0..layer."""

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from finemoe.policies.base import EvictionRank, Prefetch
-from finemoe.policies.finemoe.arrays import ranked_top_k
+from finemoe.policies.finemoe.arrays import ranked_top_k, to_host
+from finemoe.policies.finemoe.search import Guide
 
 
 def delta_select(rows: np.ndarray, scores: np.ndarray, top_k: int) -> np.ndarray:
@@ -94,6 +95,24 @@ def plan_layers(layers: list[int], rows: np.ndarray, scores: np.ndarray, top_k: 
         for i, g in enumerate(rest):
             plans[g] = plan_layer(layers[g], rows[g], mask[i], J)
     return plans
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a guide becomes a plan: delta selection (or exactly top-k when `delta` is False), never fewer than
+    `top_k` experts; `floor` > 0 drops the experts beyond each row's top-k guided below it."""
+
+    top_k: int
+    delta: bool = True
+    floor: float = 0.0
+
+    def plan(self, guides: list[Guide]) -> list[LayerPlan]:
+        """Guides -> chosen experts per guided layer (one vectorized selection for all of them)."""
+        if not guides:
+            return []
+        rows = np.stack([to_host(g.rows) for g in guides])                    # [G, B, J]
+        scores = np.stack([to_host(g.scores) for g in guides])                # [G, B]
+        return plan_layers([g.layer for g in guides], rows, scores, self.top_k, self.delta, self.floor)
 
 
 def layer_prefetch(layer: int, layer_now: int, rows: np.ndarray, mask: np.ndarray, num_experts: int) -> Prefetch:

@@ -1,0 +1,192 @@
+"""Compiled one-row search and selection: the decode case (batch of one, host float32 store) of search.py's
+trajectory step, `blend` and selection.py's delta choice, one call each instead of ~20 numpy calls.
+
+They do the numpy path's float32 operations in its order (numpy's pairwise sum included), so both paths make
+the same plans to the last bit; tests/test_finemoe_row_kernels.py checks that. The store's [n, J] x [J]
+product stays a numpy (BLAS) call in the caller, as on the numpy path. Shapes: n stored maps, J experts,
+K neighbours.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from finemoe.jit import njit
+from finemoe.policies.finemoe.map_store import EPS
+
+EPS32 = np.float32(EPS)
+MAX_PAIRWISE = 1024   # the longest vector `pairwise_sum` sums as numpy does
+
+
+@njit
+def _block_sum(x, lo, n):
+    """x[lo:lo+n] (n <= 128) float32 summed as numpy's add.reduce sums a block: eight accumulators, from 0."""
+    if n < 8:
+        res = np.float32(0.0)
+        for i in range(lo, lo + n):
+            res += x[i]
+        return res
+    r0, r1, r2, r3 = x[lo], x[lo + 1], x[lo + 2], x[lo + 3]
+    r4, r5, r6, r7 = x[lo + 4], x[lo + 5], x[lo + 6], x[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        j = lo + i
+        r0 += x[j]
+        r1 += x[j + 1]
+        r2 += x[j + 2]
+        r3 += x[j + 3]
+        r4 += x[j + 4]
+        r5 += x[j + 5]
+        r6 += x[j + 6]
+        r7 += x[j + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += x[lo + i]
+        i += 1
+    return res
+
+
+@njit
+def _halves(n):
+    """numpy's split of a vector longer than one block: the first part's length (a multiple of 8)."""
+    half = n // 2
+    return half - half % 8
+
+
+@njit
+def _sum_upto_256(x, lo, n):
+    if n <= 128:
+        return _block_sum(x, lo, n)
+    h = _halves(n)
+    return _block_sum(x, lo, h) + _block_sum(x, lo + h, n - h)
+
+
+@njit
+def _sum_upto_512(x, lo, n):
+    if n <= 128:
+        return _block_sum(x, lo, n)
+    h = _halves(n)
+    return _sum_upto_256(x, lo, h) + _sum_upto_256(x, lo + h, n - h)
+
+
+@njit
+def pairwise_sum(x, lo, n):
+    """x[lo:lo+n] float32 (n <= MAX_PAIRWISE) summed as numpy's add.reduce sums a contiguous vector: blocks
+    of up to 128 with eight accumulators, split in halves above that (unrolled: numba's cached recursion
+    is not reliable)."""
+    if n <= 128:
+        return _block_sum(x, lo, n)
+    h = _halves(n)
+    return _sum_upto_512(x, lo, h) + _sum_upto_512(x, lo + h, n - h)
+
+
+@njit
+def norm_of(q):
+    """sqrt(max(sum(q * q), 0)) of q [E] float32, as numpy computes it."""
+    sq = q * q
+    return np.float32(np.sqrt(max(pairwise_sum(sq, 0, sq.size), np.float32(0.0))))
+
+
+@njit
+def top_entries(dots, norm, q_norm, k, idx, val):
+    """cos[c] = dots[c] / max(norm[c] * q_norm, EPS) for the n = dots.size stored entries -> the K = min(k, n)
+    best into idx [K] int64 / val [K] float32, best first, ties to the lower entry. Returns K."""
+    n = dots.shape[0]
+    K = min(k, n)
+    m = 0
+    for c in range(n):
+        d = norm[c] * q_norm
+        if d < EPS32:
+            d = EPS32
+        v = dots[c] / d
+        if m < K or v > val[m - 1]:
+            pos = m if m < K else K - 1
+            while pos > 0 and val[pos - 1] < v:
+                val[pos] = val[pos - 1]
+                idx[pos] = idx[pos - 1]
+                pos -= 1
+            val[pos] = v
+            idx[pos] = c
+            if m < K:
+                m += 1
+    return K
+
+
+@njit
+def semantic_step(dots, q, norm, k, idx, val):
+    """Embedding q [E] float32, dots [n] = (stored embeddings) @ q, norm [n] theirs -> the K best entries by
+    cosine into idx / val (as `top_entries`). Returns K."""
+    return top_entries(dots, norm, norm_of(q), k, idx, val)
+
+
+@njit
+def trajectory_step(dot, dots, q, q_sq, prefix_norm, k, idx, val):
+    """Layer l routed with probabilities q [J]: dot [n] = (stored maps of layer l) @ q, prefix_norm [n] the
+    stored maps' norms over layers 0..l. Adds to the running prefix products dots [n] and squared norm q_sq [1]
+    (both float32, kept by the caller) -> the K best entries by prefix cosine into idx / val (as
+    `top_entries`). Returns K."""
+    for c in range(dots.shape[0]):
+        dots[c] += dot[c]
+    sq = q * q                                                                   # [J] float32
+    q_sq[0] += pairwise_sum(sq, 0, sq.size)
+    q_norm = np.float32(np.sqrt(max(q_sq[0], np.float32(0.0))))
+    return top_entries(dots, prefix_norm, q_norm, k, idx, val)
+
+
+@njit
+def blend_row(maps, layer, idx, val, K, row):
+    """Guiding row [J] of `layer` from the K matches idx / val: the matches' rows weighted by max(score, 0)
+    (equal weights when none is positive); K = 1 is the matched row itself. maps [L, C, J] float32."""
+    J = row.size
+    if K == 1:
+        for j in range(J):
+            row[j] = maps[layer, idx[0], j]
+        return
+    w = np.empty(K, np.float32)
+    for i in range(K):
+        w[i] = max(val[i], np.float32(0.0))
+    if pairwise_sum(w, 0, K) <= 0:
+        for i in range(K):
+            w[i] += np.float32(1.0)
+    total = pairwise_sum(w, 0, K)
+    for i in range(K):
+        w[i] = w[i] / total
+    for j in range(J):
+        acc = np.float32(0.0)
+        for i in range(K):
+            acc += w[i] * maps[layer, idx[i], j]
+        row[j] = acc
+
+
+@njit
+def delta_choice(row, score, top_k, use_delta, experts):
+    """The smallest set of row's most probable experts (ties: lower id) whose float32 running mass reaches
+    delta = clip(1 - score, 0, 1) (0 without `use_delta`), never fewer than top_k -> their ids ascending in
+    experts [J]; returns how many."""
+    J = row.size
+    delta = min(max(1.0 - np.float64(score), 0.0), 1.0) if use_delta else 0.0
+    order = np.argsort(-row, kind="mergesort")                                   # [J] stable: ties to lower id
+    mass = np.float32(0.0)
+    below = 0
+    for i in range(J):
+        mass = row[order[i]] if i == 0 else mass + row[order[i]]
+        if mass < delta:
+            below += 1
+    need = min(max(below + 1, top_k), J)
+    chosen = np.sort(order[:need])
+    for i in range(need):
+        experts[i] = chosen[i]
+    return need
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) every kernel with the types the policy passes."""
+    maps = np.ones((2, 2, 3), np.float32)
+    norm = np.ones((2, 2), np.float32)
+    idx, val = np.zeros(2, np.int64), np.zeros(2, np.float32)
+    row, experts = np.zeros(3, np.float32), np.zeros(3, np.int64)
+    k = trajectory_step(np.ones(2, np.float32), np.zeros(2, np.float32), np.ones(3, np.float32),
+                        np.zeros(1, np.float32), norm[:, 0], 2, idx, val)
+    semantic_step(np.ones(2, np.float32), np.ones(3, np.float32), norm[0], 2, idx, val)
+    blend_row(maps, 1, idx, val, k, row)
+    delta_choice(row, np.float32(0.5), 1, True, experts)

@@ -1,0 +1,107 @@
+"""The compiled one-row search (row_kernels.py) makes the same plans as the numpy array path, to the last bit."""
+import numpy as np
+import pytest
+import torch
+
+from finemoe.policies.finemoe import row_kernels as rk
+from finemoe.policies.finemoe.map_store import MapStore, StoreSpec
+from finemoe.policies.finemoe.planner import IterationPlanner
+from finemoe.policies.finemoe.search import SemanticMemo
+from finemoe.policies.finemoe.selection import Selection
+
+
+def softmax_rows(rng, shape, sharp):
+    x = rng.standard_normal(shape).astype(np.float32) * sharp
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def filled_store(rng, L, J, n, capacity=None, E=5):
+    store = MapStore(StoreSpec("m", L, J, E, "token", 2, capacity or n))
+    maps = softmax_rows(rng, (n, L, J), 3.0)
+    maps[n // 2:n // 2 + 2, :L // 2] = maps[0, :L // 2]    # same early layers: exact ties in the trajectory
+    maps[n // 2:n // 2 + 2, L // 2:] = maps[n - 1, L // 2:]   # (but not later), broken by the lower entry
+    for m, s in zip(maps, rng.standard_normal((n, E)).astype(np.float32)):
+        store.add(torch.from_numpy(m.reshape(-1)), torch.from_numpy(s))
+    return store
+
+
+def assert_same_plans(a, b):
+    assert [p.layer for p in a] == [p.layer for p in b]
+    for x, y in zip(a, b):
+        assert np.array_equal(x.keys, y.keys)
+        assert x.p.tobytes() == y.p.tobytes()
+        assert np.asarray(x.row_p).tobytes() == np.asarray(y.row_p).tobytes()
+
+
+@pytest.mark.parametrize("J", [8, 60, 130])
+@pytest.mark.parametrize("neighbors", [1, 2, 4, 9])
+@pytest.mark.parametrize("n", [1, 3, 200])
+def test_compiled_and_array_paths_plan_alike(J, neighbors, n):
+    rng = np.random.default_rng(J * 100 + neighbors * 10 + n)
+    L, d = 6, 2
+    store = filled_store(rng, L, J, n)
+    for select in (Selection(top_k=2), Selection(top_k=3, delta=False)):
+        fast = IterationPlanner(store, 1, d, "both", neighbors)
+        slow = IterationPlanner(store, 1, d, "both", neighbors)
+        slow.one_row = False
+        assert fast.one_row
+        sem = torch.from_numpy(rng.standard_normal((1, 5)).astype(np.float32))
+        assert_same_plans(fast.begin_plans(sem, select), slow.begin_plans(sem, select))
+        for layer in range(L):
+            # a real map (the search finds an exact match), a sharp one, a flat one (delta needs many experts)
+            probs = [store.maps[layer, 0].numpy()[None], softmax_rows(rng, (1, J), 4.0),
+                     softmax_rows(rng, (1, J), 0.1)][layer % 3]
+            a, b = fast.observe_plan(layer, probs, select), slow.observe_plan(layer, probs, select)
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert_same_plans([a], [b])
+        assert np.array_equal(fast.observed, slow.observed)
+
+
+def test_memo_path_plans_alike():
+    rng = np.random.default_rng(3)
+    store = filled_store(rng, 4, 16, 40)
+    sem = torch.from_numpy(rng.standard_normal((1, 5)).astype(np.float32))
+    fast, slow = IterationPlanner(store, 1, 3, "semantic", 4), IterationPlanner(store, 1, 3, "semantic", 4)
+    slow.one_row = False
+    plans = [p.begin_plans(sem, Selection(top_k=2), SemanticMemo(store, 4), [7]) for p in (fast, slow)]
+    assert len(plans[0]) == 4
+    assert_same_plans(*plans)
+
+
+def test_pairwise_sum_is_numpys_float32_sum():
+    rng = np.random.default_rng(0)
+    for n in [1, 7, 8, 9, 60, 128, 129, 256, 257, 300, 513, 1000, rk.MAX_PAIRWISE]:
+        x = (rng.random(n).astype(np.float32) * 3) ** 3
+        assert rk.pairwise_sum(x, 0, n) == x.sum(dtype=np.float32)
+
+
+def test_delta_choice_takes_the_smallest_covering_set_with_ties_to_the_lower_id():
+    row = np.array([0.1, 0.3, 0.3, 0.2, 0.1], np.float32)
+    experts = np.zeros(5, np.int64)
+    assert rk.delta_choice(row, np.float32(0.5), 1, True, experts) == 2        # 0.3 + 0.3 >= 0.5
+    assert experts[:2].tolist() == [1, 2]
+    assert rk.delta_choice(row, np.float32(0.5), 3, True, experts) == 3        # never fewer than top_k
+    assert experts[:3].tolist() == [1, 2, 3]
+    assert rk.delta_choice(row, np.float32(0.1), 1, True, experts) == 4        # 0.9: ties at 0.1 go to id 0
+    assert experts[:4].tolist() == [0, 1, 2, 3]
+    assert rk.delta_choice(row, np.float32(0.1), 2, False, experts) == 2       # top-k only
+
+
+@pytest.mark.parametrize("k", [1, 4, 50])
+def test_semantic_search_of_one_row_is_the_array_formula(k):
+    from finemoe.policies.finemoe.arrays import HOST
+    from finemoe.policies.finemoe.map_store import EPS
+    from finemoe.policies.finemoe.search import semantic_topk
+    rng = np.random.default_rng(k)
+    store = filled_store(rng, 2, 4, 30, E=16)
+    store.sems[7] = store.sems[3]                              # an exact tie: the lower entry first
+    store._write(7, store.entry_maps(7), store.sems[7])
+    q = torch.from_numpy(store.sems[3].numpy()[None] * 2)
+    sems, qn = store.sems.numpy(), q.numpy()
+    cos = (sems @ qn.T) / np.maximum(store.sem_norm.numpy()[:, None] * np.sqrt(np.maximum((qn * qn).sum(1), 0.0)), EPS)
+    want_idx, want_val = HOST.best(cos, k)
+    idx, val = semantic_topk(store, q, k)
+    assert idx[:2, 0].tolist() == [3, 7][:k]
+    assert np.array_equal(idx, want_idx) and val.tobytes() == want_val.tobytes()
