@@ -8,6 +8,7 @@ import numpy as np
 from finemoe.errors import ConfigError
 from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
                                    RequestInfo, register_policy)
+from finemoe.policies import moe_infinity_kernels as kernels
 from finemoe.policies.lfu import FrequencyTracker
 from finemoe.policies.moe_infinity_collection import MEAN, ActivationCollection
 
@@ -39,6 +40,7 @@ class MoEInfinityPolicy(Policy):
         self.per_layer = self.per_layer or g.top_k
         self.freq = FrequencyTracker(g.total_experts)
         self.collection = ActivationCollection(self.L, self.J, self.capacity)
+        kernels.warm_up()                         # compiled (or loaded) now, not in the first request
         if self.path and os.path.exists(self.path):
             self.collection.load(self.path)
         LJ, C = self.L * self.J, self.capacity
@@ -49,7 +51,6 @@ class MoEInfinityPolicy(Policy):
         self.fresh = np.zeros(0, bool)                                  # [B] row's matrix is still all zero
         self.any_fresh = False
         self.rows: list[str] = []
-        self.eam_row: memoryview | None = None                          # batch_eam[0], for scalar adds
         self.accessed: tuple | None = None                              # on_access's (layer, experts, counts)
         self.one_row: tuple[np.ndarray | None, bool] = (None, False)    # (token_rows, all of them row 0)
         # a one-request batch's prefetch after layer l (index l + 1) from stored row c (index c; MEAN: last)
@@ -78,7 +79,6 @@ class MoEInfinityPolicy(Policy):
         zero_eam, zero_dots = np.zeros(LJ, np.float32), np.zeros(C)       # a request not started: no counts
         self.batch_eam = np.stack([self.eams.get(r, zero_eam) for r in self.rows] or [zero_eam])[:B]     # [B, L*J]
         self.batch_dots = np.stack([self.dots.get(r, zero_dots) for r in self.rows] or [zero_dots])[:B]  # [B, C]
-        self.eam_row = memoryview(self.batch_eam[0]) if B else None
         self.fresh = ~self.batch_eam.any(axis=1)                          # [B]
         self.any_fresh = bool(self.fresh.any())
         self.accessed = None
@@ -112,13 +112,9 @@ class MoEInfinityPolicy(Policy):
 
     def _count_one_row(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         """Row 0 used `experts` (distinct) with `counts` tokens each in `layer`: exact integers in float32."""
-        keys = experts + layer * self.J                                    # [n]
-        eam = self.eam_row
-        for key, count in zip(keys.tolist(), counts.tolist()):
-            eam[key] += count
-        C = self.collection.size            # rows not stored yet get their products when stored
-        self.batch_dots[0, :C] += counts @ self.collection.by_key[keys, :C]             # [n] @ [n, C]
-        if self.any_fresh and experts.size:
+        kernels.add_counts(experts + layer * self.J, counts.astype(np.int64, copy=False), self.batch_eam[0],
+                           self.batch_dots[0], self.collection.by_key, self.collection.size)
+        if self.any_fresh and experts.size:   # rows not stored yet get their products when stored
             self.fresh[0] = False
             self.any_fresh = bool(self.fresh.any())
 

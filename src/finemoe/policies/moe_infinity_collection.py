@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from finemoe.errors import ConfigError
+from finemoe.policies import moe_infinity_kernels as kernels
 from finemoe.storage import save_atomic
 
 COLLECTION_VERSION = 1
@@ -41,6 +42,7 @@ class ActivationCollection:
         self._mean_share: np.ndarray | None = None                                # [L, J], None = not computed
         self.size = 0
         self.next = 0
+        self._near = np.zeros(capacity, np.int64)                                 # [C] rows near the best match
 
     def add(self, eam: np.ndarray) -> int | None:
         """Store `eam` [L*J]; returns the row it replaced or filled (None: an all-zero matrix is not stored)."""
@@ -65,11 +67,12 @@ class ActivationCollection:
         if fresh is not None and fresh.all():
             return [MEAN] * fresh.size
         live = dots[:, :self.size]                                                  # [B, C']
-        if fresh is None and live.shape[0] == 1:                                    # one request: on scalars
-            best = int(live[0].argmax())
-            if np.count_nonzero(live[0] >= live.item(best) * (1 - self.tol)) == 1:
-                return [best]
-            return np.argmax(eams @ self.unit[:self.size].T, axis=1).tolist()
+        if fresh is None and live.shape[0] == 1:    # one request: compiled; a near tie: the near rows' products
+            best, m = kernels.near_best(live[0], 1 - self.tol, self._near)
+            if m == 1:
+                return [int(best)]
+            rows = self._near[:m]                                                   # ascending: ties as argmax
+            return [int(rows[np.argmax(eams[0] @ self.unit[rows].T)])]
         best = live.argmax(axis=1)                                                  # [B]
         near = np.count_nonzero(live >= live.max(axis=1, keepdims=True) * (1 - self.tol), axis=1)   # [B]
         if fresh is not None:

@@ -1,0 +1,46 @@
+"""Compiled steps of moe-infinity's per-layer work (numba; plain Python without it): one request's count and
+dot-product update, and its best match with the rows near it. Shapes: C stored rows, n experts of a layer."""
+from __future__ import annotations
+
+import numpy as np
+
+from finemoe.jit import njit
+
+
+@njit
+def add_counts(keys, counts, eam, dots, by_key, size):
+    """One request used experts `keys` [n] (flat, distinct) with `counts` [n] tokens each: eam [L*J] float32 +=
+    counts; dots [C] float64 += counts . by_key[keys, :size] (each column's terms summed in key order; the
+    products of small integer counts and float32 values are exact in float64)."""
+    n = keys.size
+    for i in range(n):
+        eam[keys[i]] += counts[i]
+    for c in range(size):
+        acc = 0.0
+        for i in range(n):
+            acc += counts[i] * by_key[keys[i], c]
+        dots[c] += acc
+
+
+@njit
+def near_best(dots, keep, near):
+    """dots [C'] -> (first argmax, how many rows are >= its value * keep); their rows ascending in near [C']."""
+    best = 0
+    for c in range(1, dots.size):
+        if dots[c] > dots[best]:
+            best = c
+    bar = dots[best] * keep
+    m = 0
+    for c in range(dots.size):
+        if dots[c] >= bar:
+            near[m] = c
+            m += 1
+    return best, m
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's disk cache) both kernels with the types the policy passes."""
+    near = np.zeros(2, np.int64)
+    add_counts(np.zeros(1, np.int64), np.ones(1, np.int64), np.zeros(2, np.float32), np.zeros(2),
+               np.ones((2, 2)), 2)
+    near_best(np.ones(2), 0.5, near)
