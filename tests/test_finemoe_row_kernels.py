@@ -105,3 +105,20 @@ def test_semantic_search_of_one_row_is_the_array_formula(k):
     idx, val = semantic_topk(store, q, k)
     assert idx[:2, 0].tolist() == [3, 7][:k]
     assert np.array_equal(idx, want_idx) and val.tobytes() == want_val.tobytes()
+
+
+def test_a_host_embedding_table_gives_the_modules_vectors():
+    from finemoe.models.adapters import ExpertGeometry
+    from finemoe.policies.base import CacheView, IterationInfo, PolicyContext
+    from finemoe.policies.finemoe.embedding import TokenEmbedder
+    emb = torch.nn.Embedding(50, 8)
+    ctx = PolicyContext(ExpertGeometry(2, 4, 1, 1, {}, torch.float32), CacheView(np.zeros(8, bool), 2),
+                        torch.device("cpu"), embed=emb)
+    fast, module = TokenEmbedder(ctx), TokenEmbedder(ctx)
+    module.table = None
+    assert fast.table is not None
+    decode = IterationInfo(0, ["a", "b"], [3, 1], torch.tensor([[4], [9]]), False)
+    with torch.inference_mode():
+        want = emb(torch.tensor([4, 9]))
+    assert torch.equal(fast.embed(decode, [5, 5], False), want)
+    assert torch.equal(module.embed(decode, [5, 5], False), want)

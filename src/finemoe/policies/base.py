@@ -78,8 +78,9 @@ class IterationInfo:
 class LayerRouting:
     """Layer `layer`'s routing for the current iteration, as soon as it has routed.
 
-    probs  [T, J] float32 on the host: full router softmax over all experts (None unless the policy needs
-           it); valid until the same layer routes again (a reused pinned buffer): copy it to keep it
+    probs  [T, J] float32 on the host, a torch tensor (the engine) or a numpy array (the simulator): full
+           router softmax over all experts (None unless the policy needs it); valid until the same layer
+           routes again (a reused pinned buffer): copy it to keep it
     top_k  [T, k] int64:   chosen experts per token
     hidden [T, H]:         the MoE block's input (None unless the policy needs hidden states)
     token_rows [T] int64 numpy: batch row of each token, -1 for padding.
@@ -88,7 +89,7 @@ class LayerRouting:
     layer: int
     top_k: torch.Tensor
     token_rows: np.ndarray
-    probs: torch.Tensor | None = None
+    probs: torch.Tensor | np.ndarray | None = None
     hidden: torch.Tensor | None = None
 
 

@@ -191,7 +191,7 @@ class Replay:
     def _routing(self, layer: int, a: int, b: int, rows: np.ndarray) -> LayerRouting:
         probs = None
         if self.policy.needs_router_probs:
-            probs = torch.from_numpy(self.trace.probs[a:b, layer].astype(np.float32))      # [T, J]
+            probs = self.trace.probs[a:b, layer].astype(np.float32)                          # [T, J] numpy
         return LayerRouting(layer, torch.from_numpy(self.routed.topk[a:b, layer]), rows, probs)   # top_k [T, k]
 
 

@@ -209,11 +209,11 @@ class FineMoEPolicy(Policy):
         if key != self.iterations:
             B = self.planner.batch
             identity = probs.shape[0] == B and np.array_equal(rows, np.arange(B))
-            reduce = None if identity else self._reduction_matrix(rows, B).to(probs.device)
+            reduce = None if identity else self._reduction_matrix(rows, B)
             self._reduce = (self.iterations, reduce)
         if reduce is None:
             return HOST.query(probs).copy()                                      # numpy: cheaper than a torch clone
-        return reduce @ probs                                                   # [B, T] @ [T, J]
+        return reduce @ torch.as_tensor(probs)                                  # [B, T] @ [T, J]
 
     def _reduction_matrix(self, rows: np.ndarray, B: int) -> torch.Tensor:
         R = np.zeros((B, rows.size), dtype=np.float32)                          # [B, T]
