@@ -8,7 +8,7 @@ import numpy as np
 from finemoe.errors import ConfigError
 from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
                                    RequestInfo, register_policy)
-from finemoe.policies import moe_infinity_kernels as kernels
+from finemoe.policies import kernels
 from finemoe.policies.lfu import FrequencyTracker
 from finemoe.policies.moe_infinity_collection import MEAN, ActivationCollection
 

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from finemoe.errors import ConfigError
-from finemoe.policies import moe_infinity_kernels as kernels
+from finemoe.policies import kernels
 from finemoe.storage import save_atomic
 
 COLLECTION_VERSION = 1

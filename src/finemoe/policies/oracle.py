@@ -6,6 +6,7 @@ from collections import defaultdict, deque
 import numpy as np
 
 from finemoe.errors import ConfigError
+from finemoe.policies import kernels
 from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
                                    RequestInfo, register_policy)
 from finemoe.traces.format import Trace, load_trace
@@ -125,6 +126,8 @@ class OraclePolicy(Policy):
         self.neg_next = np.full(self.future.K, -np.inf)   # [K] -(next trace use of each key after `order_step`)
         self._neg_next = memoryview(self.neg_next)       # the same buffer, for scalar writes
         self.order_step: int | None = None
+        self._keys, self._prio = np.zeros(self.future.K, np.int64), np.zeros(self.future.K)   # a prefetch's buffers
+        kernels.warm_up()                         # compiled (or loaded) now, not in the first request
 
     def on_request_start(self, req: RequestInfo) -> None:
         r = self.future.match(req.prompt_ids)
@@ -175,17 +178,15 @@ class OraclePolicy(Policy):
         if not self.prefetch:
             return Prefetch.empty()
         last = min(layer + self.lookahead, self.future.L - 1)
+        need = self.needs_now
+        if need is not None and last > layer:     # one row: each key once, at its layer's step (compiled)
+            m, self.horizon = kernels.absent_needs(need.keys, need.layer, need.bounds[layer + 1], need.bounds[last + 1],
+                                                   self.ctx.cache.resident, layer, self._keys, self._prio)
+            return Prefetch(self._keys[:m].copy(), self._prio[:m].copy())
         bases = self.row_base[self.row_base >= 0].tolist() if last > layer else []
         if not bases:
             self.horizon = 0.0
             return Prefetch.empty()
-        if self.needs_now is not None:     # one row: each key once, at its layer's step
-            need = self.needs_now
-            lo, hi = need.bounds[layer + 1], need.bounds[last + 1]
-            absent = ~self.ctx.cache.resident[need.keys[lo:hi]]
-            keys, dist = need.keys[lo:hi][absent], need.layer[lo:hi][absent] - layer
-            self.horizon = float(dist.max()) if keys.size else 0.0
-            return Prefetch(keys, -dist)
         soonest = np.full(self.future.K, np.inf)
         for b in bases:
             keys, steps = self.future.needs(b + layer + 1, b + last)

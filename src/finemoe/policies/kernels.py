@@ -1,5 +1,6 @@
-"""Compiled steps of moe-infinity's per-layer work (numba; plain Python without it): one request's count and
-dot-product update, and its best match with the rows near it. Shapes: C stored rows, n experts of a layer."""
+"""Compiled per-layer steps of the baseline policies (numba; plain Python without it): moe-infinity's count
+and dot-product update and best match, and the oracle's prefetch of the rest of an iteration.
+Shapes: C stored rows, n experts of a layer, K flat expert keys."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,9 +39,27 @@ def near_best(dots, keep, near):
     return best, m
 
 
+@njit
+def absent_needs(keys, layer_of, lo, hi, resident, layer, out_keys, out_prio):
+    """The keys[lo:hi] (needed at layers layer_of[lo:hi], float64) not resident [K] bool -> out_keys / out_prio
+    (-(layer_of - layer): the sooner, the higher), in order. Returns (how many, the farthest distance or 0)."""
+    m = 0
+    horizon = 0.0
+    for i in range(lo, hi):
+        if not resident[keys[i]]:
+            dist = layer_of[i] - layer
+            out_keys[m] = keys[i]
+            out_prio[m] = -dist
+            horizon = max(horizon, dist)
+            m += 1
+    return m, horizon
+
+
 def warm_up() -> None:
-    """Compile (or load from numba's disk cache) both kernels with the types the policy passes."""
+    """Compile (or load from numba's disk cache) every kernel with the types the policies pass."""
     near = np.zeros(2, np.int64)
     add_counts(np.zeros(1, np.int64), np.ones(1, np.int64), np.zeros(2, np.float32), np.zeros(2),
                np.ones((2, 2)), 2)
     near_best(np.ones(2), 0.5, near)
+    absent_needs(np.zeros(1, np.int64), np.zeros(1), 0, 1, np.zeros(2, np.bool_), 0, np.zeros(1, np.int64),
+                 np.zeros(1))
