@@ -45,7 +45,8 @@ class IterationPlanner:
         self.one_row = (batch == 1 and window == 0 and store.device.type == "cpu" and store.maps.dtype == torch.float32
                         and max(self.J, neighbors) <= rk.MAX_PAIRWISE)           # the compiled path applies
         self._idx, self._val = np.zeros(neighbors, np.int64), np.zeros(neighbors, np.float32)    # [K] matches
-        self._experts = np.zeros(self.J, np.int64)                              # [J] a plan's chosen experts
+        self._experts, self._keys = np.zeros(self.J, np.int64), np.zeros(self.J, np.int64)   # [J] a plan's choice
+        self._p = np.zeros(self.J)                                              # [J] and its probabilities
 
     def begin(self, sem: Any | Callable[[], Any], memo: SemanticMemo | None = None,
               keys: list | None = None) -> list[Guide]:
@@ -107,10 +108,9 @@ class IterationPlanner:
     def _plan_row(self, layer: int, K: int, select: Selection) -> LayerPlan:
         """The plan for `layer` from the K matches in _idx / _val (one row: blend, then delta choice)."""
         row = np.empty(self.J, np.float32)                   # [J] new: a deferred plan may be read later
-        rk.blend_row(self.store.array("maps", HOST), layer, self._idx, self._val, K, row)
-        n = rk.delta_choice(row, self._val[0], select.top_k, select.delta, self._experts)
-        experts = self._experts[:n].copy()
-        return LayerPlan(layer, layer * self.J + experts, row[experts].astype(np.float64), row)
+        n = rk.plan_row(self.store.array("maps", HOST), layer, self._idx, self._val, K, select.top_k, select.delta,
+                        row, self._experts, self._keys, self._p)
+        return LayerPlan(layer, self._keys[:n].copy(), self._p[:n].copy(), row)
 
     def map_dots(self) -> Any | None:
         """[n, B] each row's full map . every stored map, when kept (`keep_map_dots`), every layer was observed

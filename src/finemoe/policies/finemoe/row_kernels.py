@@ -179,6 +179,33 @@ def delta_choice(row, score, top_k, use_delta, experts):
     return need
 
 
+@njit
+def plan_row(maps, layer, idx, val, K, top_k, use_delta, row, experts, keys, p):
+    """`blend_row` into row [J], then `delta_choice`: the chosen experts' flat keys (layer * J + expert) into
+    keys [J] int64 and their guiding probabilities into p [J] float64. Returns how many."""
+    blend_row(maps, layer, idx, val, K, row)
+    n = delta_choice(row, val[0], top_k, use_delta, experts)
+    J = row.size
+    for i in range(n):
+        keys[i] = layer * J + experts[i]
+        p[i] = row[experts[i]]
+    return n
+
+
+@njit
+def use_keys(keys, clock, freq, last_used, p, score, rescore):
+    """Keys [n] (distinct) were used at `clock`: freq += 1, last_used = clock, and score = p * freq (rescore 1,
+    pfreq) or freq (rescore 2, lfu); rescore 0 leaves score. All [L*J] float64."""
+    for i in range(keys.size):
+        k = keys[i]
+        freq[k] += 1.0
+        last_used[k] = clock
+        if rescore == 1:
+            score[k] = p[k] * freq[k]
+        elif rescore == 2:
+            score[k] = freq[k]
+
+
 def warm_up() -> None:
     """Compile (or load from numba's disk cache) every kernel with the types the policy passes."""
     maps = np.ones((2, 2, 3), np.float32)
@@ -188,5 +215,5 @@ def warm_up() -> None:
     k = trajectory_step(np.ones(2, np.float32), np.zeros(2, np.float32), np.ones(3, np.float32),
                         np.zeros(1, np.float32), norm[:, 0], 2, idx, val)
     semantic_step(np.ones(2, np.float32), np.ones(3, np.float32), norm[0], 2, idx, val)
-    blend_row(maps, 1, idx, val, k, row)
-    delta_choice(row, np.float32(0.5), 1, True, experts)
+    plan_row(maps, 1, idx, val, k, 1, True, row, experts, np.zeros(3, np.int64), np.zeros(3))
+    use_keys(np.zeros(1, np.int64), 1.0, np.zeros(2), np.zeros(2), np.zeros(2), np.zeros(2), 1)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finemoe.policies.base import EvictionRank, Prefetch
+from finemoe.policies.finemoe import row_kernels
 from finemoe.policies.finemoe.arrays import ranked_top_k, to_host
 from finemoe.policies.finemoe.search import Guide
 
@@ -148,6 +149,7 @@ class EvictionScores:
         self.last_used = np.full(total, -1.0)
         self.clock = 0.0
         self.score = self.last_used if rule == "lru" else np.zeros(total)
+        self._rescore_used = {"pfreq": 1, "lfu": 2}.get(rule, 0)      # what a use changes in `score`
         self.rank = EvictionRank.of(self.score, None if rule == "lru" else self.last_used)
 
     def _rescore(self, at: slice | np.ndarray) -> None:
@@ -180,11 +182,9 @@ class EvictionScores:
             self._rescore(at)
 
     def used(self, keys: np.ndarray) -> None:
+        """keys [n] int64, distinct (one compiled call)."""
         self.clock += 1.0
-        self.freq[keys] += 1.0
-        self.last_used[keys] = self.clock
-        if self.rule in ("pfreq", "lfu"):
-            self._rescore(keys)
+        row_kernels.use_keys(keys, self.clock, self.freq, self.last_used, self.p, self.score, self._rescore_used)
 
     def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
         if self.rule == "lru":
