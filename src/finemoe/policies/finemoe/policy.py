@@ -105,7 +105,7 @@ class FineMoEPolicy(Policy):
         row_kernels.warm_up()                     # compiled (or loaded) now, not in the first request
         self.prompt_lens: dict[str, int] = {}
         self.planner: IterationPlanner | None = None
-        self._reduce: tuple[int, torch.Tensor | None] = (-1, None)
+        self._reduce: tuple[int, np.ndarray | None] = (-1, None)
 
     @staticmethod
     def _identity(ctx: PolicyContext) -> str:
@@ -201,7 +201,7 @@ class FineMoEPolicy(Policy):
         if maps is not None:
             self.store.add_many(maps, sem, planner.map_dots())
 
-    def _per_row(self, routing: LayerRouting) -> np.ndarray | torch.Tensor:
+    def _per_row(self, routing: LayerRouting) -> np.ndarray:
         """probs [T, J] (host) -> per batch row [B, J]: the row's token at decode, the mean (or last) of
         its real tokens at prefill. A new array (the worker may read it after the runtime reuses `probs`)."""
         probs, rows = routing.probs, routing.token_rows
@@ -213,9 +213,9 @@ class FineMoEPolicy(Policy):
             self._reduce = (self.iterations, reduce)
         if reduce is None:
             return HOST.query(probs).copy()                                      # numpy: cheaper than a torch clone
-        return reduce @ torch.as_tensor(probs)                                  # [B, T] @ [T, J]
+        return reduce @ HOST.query(probs)          # [B, T] @ [T, J] numpy (a torch CPU matmul took ms at times)
 
-    def _reduction_matrix(self, rows: np.ndarray, B: int) -> torch.Tensor:
+    def _reduction_matrix(self, rows: np.ndarray, B: int) -> np.ndarray:
         R = np.zeros((B, rows.size), dtype=np.float32)                          # [B, T]
         for b in range(B):
             idx = np.flatnonzero(rows == b)
@@ -225,7 +225,7 @@ class FineMoEPolicy(Policy):
                 R[b, idx[-1]] = 1.0
             else:
                 R[b, idx] = 1.0 / idx.size
-        return torch.from_numpy(R)
+        return R
 
     def _to_prefetch(self, plans: list[LayerPlan], layer_now: int) -> Prefetch:
         """Plans still ahead of `layer_now` -> prefetches; their layers' eviction p is updated."""
