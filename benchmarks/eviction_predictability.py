@@ -68,7 +68,7 @@ class _History(Policy):
     def on_layer_routed(self, routing) -> Prefetch:
         seg = self.soft[routing.layer * self.J:(routing.layer + 1) * self.J]
         seg *= self.decay
-        seg += (1 - self.decay) * routing.probs.numpy().max(0)
+        seg += (1 - self.decay) * np.asarray(routing.probs).max(0)     # host: torch (engine) or numpy (simulator)
         return Prefetch.empty()
 
     def score(self, c: np.ndarray) -> np.ndarray:

@@ -72,7 +72,7 @@ class RecordingPolicy(Policy):
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         self._topk[routing.layer] = routing.top_k.cpu().numpy()
         if self.keep_probs and routing.probs is not None:
-            self._probs[routing.layer] = routing.probs.cpu().numpy().astype(np.float16)
+            self._probs[routing.layer] = np.asarray(routing.probs).astype(np.float16)   # host: torch or numpy
         self._rows = routing.token_rows
         return self.inner.on_layer_routed(routing if self.inner.needs_router_probs else
                                           LayerRouting(routing.layer, routing.top_k, routing.token_rows, None,
