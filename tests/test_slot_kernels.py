@@ -74,7 +74,7 @@ sys.path.insert(0, {tests!r})
 from test_sim_speed_orders import skewed_trace_with_probs
 from finemoe.simulator import CostModel, Replay
 trace, rows = skewed_trace_with_probs(), {{}}
-for name in ("lru", "deepspeed", "oracle", "finemoe"):
+for name in ("lru", "deepspeed", "oracle", "moe-infinity", "finemoe"):
     torch.manual_seed(0)
     opts = {{"fresh": True, "embed": torch.nn.Embedding(50, 8)}} if name == "finemoe" else {{}}
     row = Replay(trace, name, "100B", CostModel(10, 40.0, 0.05), opts, 2).run()
