@@ -52,23 +52,14 @@ class IterationPlanner:
               keys: list | None = None) -> list[Guide]:
         """sem [B, E] (or a callable making it, called only if needed) -> guides for the first layers
         (semantic search; through `memo` for rows with `keys`)."""
-        if self.empty or self.mode == "trajectory":
-            return []
-        embed = sem if callable(sem) else (lambda: sem)
-        idx, score = memo.search(keys, embed) if memo is not None else semantic_topk(self.store, embed(), self.k)
-        last = self.L if self.mode == "semantic" else min(self.d, self.L)
+        idx, score, last = self._semantic(sem, memo, keys)
         return [blend(self.store, idx, score, layer) for layer in range(last)]           # idx, score [K, B]
 
     def observe(self, layer: int, probs: Any) -> Guide | None:
         """Layer `layer` routed with per-row probabilities probs [B, J] (host: torch or numpy) -> the guide
         for layer + d."""
-        probs = HOST.query(probs)                                                # [B, J] float32 numpy
-        self.observed[:, layer] = probs
-        self.seen += 1
-        target = layer + self.d
-        if self.trajectory is None or target >= self.L:
-            if self.keep_dots:
-                self.trajectory.accumulate(layer, probs)
+        probs, target = self._routed(layer, probs)
+        if target is None:
             return None
         idx, score = self.trajectory.observe_topk(layer, probs, self.k)                 # [K, B] each
         return blend(self.store, idx, score, target)
@@ -76,34 +67,54 @@ class IterationPlanner:
     def begin_plans(self, sem: Any | Callable[[], Any], select: Selection, memo: SemanticMemo | None = None,
                     keys: list | None = None) -> list[LayerPlan]:
         """`begin`'s guides as plans (`select`)."""
-        if not (self.one_row and select.floor == 0.0):
+        if not self._compiled(select):
             return select.plan(self.begin(sem, memo, keys))
-        if self.empty or self.mode == "trajectory":
+        idx, score, last = self._semantic(sem, memo, keys)
+        if last == 0:
             return []
-        embed = sem if callable(sem) else (lambda: sem)
-        idx, score = memo.search(keys, embed) if memo is not None else semantic_topk(self.store, embed(), self.k)
         K = idx.shape[0]                                                          # idx, score [K, 1]
         self._idx[:K], self._val[:K] = idx[:, 0], score[:, 0]
-        last = self.L if self.mode == "semantic" else min(self.d, self.L)
         return [self._plan_row(layer, K, select) for layer in range(last)]
 
     def observe_plan(self, layer: int, probs: Any, select: Selection) -> LayerPlan | None:
         """`observe`'s guide as a plan (`select`)."""
-        if not (self.one_row and select.floor == 0.0):
+        if not self._compiled(select):
             guide = self.observe(layer, probs)
             return None if guide is None else select.plan([guide])[0]
-        q = HOST.query(probs)                                                    # [1, J] float32 numpy
-        self.observed[:, layer] = q
-        self.seen += 1
-        target, tr = layer + self.d, self.trajectory
-        if tr is None or target >= self.L:
-            if self.keep_dots:
-                tr.accumulate(layer, q)
+        q, target = self._routed(layer, probs)                                   # q [1, J]
+        if target is None:
             return None
+        tr = self.trajectory
         dot = tr.maps[layer, : tr.n] @ q.T                                       # [n, 1]: the array path's product
         K = rk.trajectory_step(dot[:, 0], tr.dots[:, 0], q[0], tr.q_sq, tr.prefix_norm[:, layer], self.k,
                                self._idx, self._val)
         return self._plan_row(target, K, select)
+
+    def _compiled(self, select: Selection) -> bool:
+        """One row on a host float32 store, no floor: the compiled kernels make this guide's plan."""
+        return self.one_row and select.floor == 0.0
+
+    def _semantic(self, sem: Any | Callable[[], Any], memo: SemanticMemo | None,
+                  keys: list | None) -> tuple[Any, Any, int]:
+        """The semantic search -> (entries [K, B], scores [K, B], how many first layers it guides: 0 if none)."""
+        if self.empty or self.mode == "trajectory":
+            return None, None, 0
+        embed = sem if callable(sem) else (lambda: sem)
+        idx, score = memo.search(keys, embed) if memo is not None else semantic_topk(self.store, embed(), self.k)
+        return idx, score, (self.L if self.mode == "semantic" else min(self.d, self.L))
+
+    def _routed(self, layer: int, probs: Any) -> tuple[np.ndarray, int | None]:
+        """Record layer `layer`'s probabilities [B, J] -> (them as float32 numpy, the layer they guide, or None
+        when none: then only the running products grow, if kept)."""
+        probs = HOST.query(probs)                                                # [B, J] float32 numpy
+        self.observed[:, layer] = probs
+        self.seen += 1
+        target = layer + self.d
+        if self.trajectory is None or target >= self.L:
+            if self.keep_dots:
+                self.trajectory.accumulate(layer, probs)
+            return probs, None
+        return probs, target
 
     def _plan_row(self, layer: int, K: int, select: Selection) -> LayerPlan:
         """The plan for `layer` from the K matches in _idx / _val (one row: blend, then delta choice)."""
