@@ -85,7 +85,7 @@ class IterationPlanner:
         if target is None:
             return None
         tr = self.trajectory
-        dot = tr.maps[layer, : tr.n] @ q.T                                       # [n, 1]: the array path's product
+        dot = tr.product(layer, q)                                               # [n, 1]
         K = rk.trajectory_step(dot[:, 0], tr.dots[:, 0], q[0], tr.q_sq, tr.prefix_norm[:, layer], self.k,
                                self._idx, self._val)
         return self._plan_row(target, K, select)

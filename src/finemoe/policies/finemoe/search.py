@@ -122,10 +122,15 @@ class TrajectorySearch:
         self.q_sq = self.xp.zeros((batch,))                                      # [B]
         self.recent: list = []   # window: per layer ([n, B] dots, [B] q_sq)
 
+    def product(self, layer: int, q: Any) -> Any:
+        """The stored maps' layer `layer` . q [B, J] float32 -> [n, B]: one BLAS product, the one every path
+        (array, compiled, accumulate) takes, so their sums agree to the last bit."""
+        return self.xp.f32(self.maps[layer, : self.n]) @ q.T
+
     def accumulate(self, layer: int, probs: Any) -> None:
         """Layer `layer` routed with probabilities [B, J] but guides no later layer (window 0): only the running
         products grow, so that after the last layer `dots` holds the full maps' products (the store's RDY)."""
-        self.dots += self.xp.f32(self.maps[layer, : self.n]) @ self.xp.query(probs).T     # [n, B]
+        self.dots += self.product(layer, self.xp.query(probs))                      # [n, B]
 
     def observe(self, layer: int, probs: Any) -> tuple[Any, Any]:
         """Layer `layer`'s probabilities [B, J] -> (best entry [B], prefix cosine [B]) over layers 0..layer."""
@@ -137,7 +142,7 @@ class TrajectorySearch:
         (or the last `window` of them)."""
         xp = self.xp
         q = xp.query(probs)                                                      # [B, J]
-        dot, q_sq = xp.f32(self.maps[layer, : self.n]) @ q.T, (q * q).sum(1)     # [n, B], [B]
+        dot, q_sq = self.product(layer, q), (q * q).sum(1)                       # [n, B], [B]
         stored_norm = self.prefix_norm[: self.n, layer]                          # [n]
         if self.window > 0:
             self.recent = (self.recent + [(dot, q_sq)])[-self.window:]
