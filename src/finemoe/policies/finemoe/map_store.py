@@ -94,13 +94,11 @@ class MapStore:
         stored_maps[:, rows] = xp.query(maps).reshape(-1, L, J).swapaxes(0, 1).reshape(stored_maps[:, rows].shape)
         stored_sems[rows] = xp.query(sems).reshape(stored_sems[rows].shape)
         m = xp.f32(stored_maps[:, rows]).reshape(L, -1, J).swapaxes(0, 1)         # [N, L, J] as stored
-        prefix_sq = (m * m).sum(2).cumsum(1)                                      # [N, L]
-        shape = self.array("prefix_sq", xp)[rows].shape
-        self.array("prefix_sq", xp)[rows] = prefix_sq.reshape(shape)
-        self.array("prefix_norm", xp)[rows] = xp.sqrt_clip(prefix_sq, 0.0).reshape(shape)
-        sem = xp.f32(stored_sems[rows]).reshape(-1, E)                            # [N, E] as stored
-        self.array("sem_norm", xp)[rows] = xp.sqrt_clip((sem * sem).sum(1), 0.0).reshape(
-            self.array("sem_norm", xp)[rows].shape)
+        prefix_sq, prefix_norm = self.array("prefix_sq", xp), self.array("prefix_norm", xp)
+        squares = (m * m).sum(2).cumsum(1).reshape(prefix_sq[rows].shape)          # [N, L]
+        prefix_sq[rows], prefix_norm[rows] = squares, xp.sqrt_clip(squares, 0.0)
+        sem, sem_norm = xp.f32(stored_sems[rows]).reshape(-1, E), self.array("sem_norm", xp)   # [N, E] as stored
+        sem_norm[rows] = xp.sqrt_clip((sem * sem).sum(1), 0.0).reshape(sem_norm[rows].shape)
 
     def rdy(self, emap: Any, sem: Any, map_dots: Any = None) -> Any:
         """RDY(x, y) = (d/L) cos(sem_x, sem_y) + ((L-d)/L) cos(map_x, map_y) for every stored y -> [size] (the
