@@ -72,7 +72,7 @@ def test_memo_path_plans_alike():
 
 def test_pairwise_sum_is_numpys_float32_sum():
     rng = np.random.default_rng(0)
-    for n in [1, 7, 8, 9, 60, 128, 129, 256, 257, 300, 513, 1000, rk.MAX_PAIRWISE]:
+    for n in [1, 7, 8, 9, 60, 128, 129, 256, 257, 300, 513, 1000, 1025, 2049, 3000, rk.MAX_PAIRWISE]:
         x = (rng.random(n).astype(np.float32) * 3) ** 3
         assert rk.pairwise_sum(x, 0, n) == x.sum(dtype=np.float32)
 
@@ -120,5 +120,55 @@ def test_a_host_embedding_table_gives_the_modules_vectors():
     decode = IterationInfo(0, ["a", "b"], [3, 1], torch.tensor([[4], [9]]), False)
     with torch.inference_mode():
         want = emb(torch.tensor([4, 9]))
-    assert torch.equal(fast.embed(decode, [5, 5], False), want)
+    assert torch.equal(torch.as_tensor(fast.embed(decode, [5, 5], False)), want)
     assert torch.equal(module.embed(decode, [5, 5], False), want)
+
+
+def topic_trace(seed=0, R=8, L=6, J=16, k=2, prompt=3, iters=10):
+    """R requests on 3 topics (each topic prefers its own experts per layer), full router probabilities."""
+    from finemoe.traces.format import Trace
+    rng = np.random.default_rng(seed)
+    prefs = rng.standard_normal((3, L, J)).astype(np.float32) * 2.0
+    rows = prompt + iters - 1
+    topics = rng.integers(0, 3, R)
+    logits = prefs[np.repeat(topics, rows)] + rng.standard_normal((R * rows, L, J)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    topk = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    return Trace("topics", L, J, k, offsets=np.arange(R + 1) * rows, prompt_lens=np.full(R, prompt),
+                 iterations=np.full(R, iters), token_ids=rng.integers(0, 50, R * rows), topk=topk,
+                 probs=probs.astype(np.float16), expert_bytes=1000)
+
+
+@pytest.mark.parametrize("options", [{}, {"neighbors": 1}, {"eviction": "lfu"}, {"search": "semantic"},
+                                     {"selection": "topk", "eviction": "lru"}])
+def test_compiled_plans_and_store_upkeep_replay_like_the_array_path(options):
+    """The one-row decode path (plans made, guided and prefetched in one compiled call; the store's RDY and
+    writes compiled) against the array path (plans, then _to_prefetch; numpy store upkeep), through the
+    simulator with a store small enough to replace entries: the same hits, copies and times, and the same
+    eviction scores and store contents at the end."""
+    from finemoe.policies.finemoe import FineMoEPolicy
+    from finemoe.simulator import CostModel
+    from finemoe.simulator.replay import Replay
+
+    class ArrayPath(FineMoEPolicy):
+        def bind(self, ctx):
+            super().bind(ctx)
+            self.guide = None               # the plans go through LayerPlan and _to_prefetch
+            self.store._compiled = False    # the store through rdy() and _write
+
+    trace, embed = topic_trace(), torch.nn.Embedding(50, 8)
+    runs = []
+    for cls in (FineMoEPolicy, ArrayPath):
+        policy = cls(capacity=20, prefetch_distance=2, embed=embed, **options)
+        replay = Replay(trace, policy, "40%", CostModel(1000, 1e6, 1e-3, 1e-4))
+        row = replay.run()
+        runs.append((row, policy))
+    (a, fast), (b, slow) = runs
+    assert fast.store.replaced > 0 and fast.iterations == 80
+    assert fast.applied and fast.store._compiled and not slow.applied   # each took its own path
+    for key in ("hits", "misses", "bytes_copied", "prefetch_copies", "ttft_s", "tpot_s"):
+        assert a[key] == b[key], key
+    for name in ("p", "freq", "score", "last_used"):
+        assert getattr(fast.scores, name).tobytes() == getattr(slow.scores, name).tobytes(), name
+    for name in ("maps", "sems", "prefix_sq", "prefix_norm", "sem_norm"):
+        assert getattr(fast.store, name).numpy().tobytes() == getattr(slow.store, name).numpy().tobytes(), name

@@ -142,3 +142,38 @@ def test_rdy_reads_the_full_map_products_the_trajectory_search_summed(compiled):
                        store.rdy(torch.from_numpy(x.reshape(-1)), sem), rtol=1e-5)
     store.add(torch.from_numpy(x.reshape(-1)), sem)
     assert planner.map_dots() is None                          # the store changed: the products are stale
+
+
+def _store_arrays(store):
+    return {name: getattr(store, name)[:, : store.size].numpy().tobytes() if name == "maps"
+            else getattr(store, name)[: store.size].numpy().tobytes()
+            for name in ("maps", "sems", "prefix_sq", "prefix_norm", "sem_norm")}
+
+
+@pytest.mark.parametrize("L,J,E", [(4, 6, 3), (12, 60, 128), (24, 60, 200)])
+def test_compiled_upkeep_replaces_the_same_entry_and_stores_the_same_bits_as_numpy(L, J, E):
+    """A host float32 store adds entries through store_kernels (RDY choice, write with norms); the numpy path
+    (`rdy(...).argmax()`, `_write`) must pick every replaced slot and store every value identically, with
+    and without the trajectory's full-map products, and on exact RDY ties (duplicate entries: the first wins)."""
+    rng = np.random.default_rng(L)
+    C, n = 16, 40
+    compiled, plain = (MapStore(StoreSpec("m", L, J, E, "token", 3, C)) for _ in range(2))
+    plain._compiled = False
+    assert compiled._compiled
+    maps = rng.random((n, L * J), dtype=np.float32) ** 4
+    sems = rng.standard_normal((n, E)).astype(np.float32)
+    maps[5], sems[5] = maps[2], sems[2]                       # duplicates: exact RDY ties once the store is full
+    maps[30], sems[30] = maps[2], sems[2]
+    for i, (m, s) in enumerate(zip(maps, sems)):
+        dots = compiled.entry_maps(slice(0, compiled.size)).numpy() @ m if i % 2 and compiled.size else None
+        assert compiled.add(m, s, dots) == plain.add(torch.from_numpy(m), torch.from_numpy(s), dots)
+        assert compiled.version == plain.version
+    assert compiled.replaced == plain.replaced == n - C
+    assert _store_arrays(compiled) == _store_arrays(plain)
+
+
+def test_rdy_best_takes_the_first_of_equal_scores():
+    from finemoe.policies.finemoe import store_kernels as sk
+    f = np.ones(4, np.float32)
+    dots = np.array([1, 3, 3, 2], np.float32)
+    assert sk.rdy_best(dots, dots, np.ones(6, np.float32), f[:3], f, f, np.float32(0.5), np.float32(0.5)) == 1

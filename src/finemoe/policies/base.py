@@ -81,16 +81,21 @@ class LayerRouting:
     probs  [T, J] float32 on the host, a torch tensor (the engine) or a numpy array (the simulator): full
            router softmax over all experts (None unless the policy needs it); valid until the same layer
            routes again (a reused pinned buffer): copy it to keep it
-    top_k  [T, k] int64:   chosen experts per token
+    top_k  [T, k] int64:   chosen experts per token, a torch tensor (the engine, maybe on the device) or a
+           numpy array (the simulator); `top_k_on_host()` gives numpy either way
     hidden [T, H]:         the MoE block's input (None unless the policy needs hidden states)
     token_rows [T] int64 numpy: batch row of each token, -1 for padding.
     """
 
     layer: int
-    top_k: torch.Tensor
+    top_k: torch.Tensor | np.ndarray
     token_rows: np.ndarray
     probs: torch.Tensor | np.ndarray | None = None
     hidden: torch.Tensor | None = None
+
+    def top_k_on_host(self) -> np.ndarray:
+        """top_k as a host numpy array [T, k] (HOST SYNC when the engine's tensor is on the device)."""
+        return self.top_k.cpu().numpy() if isinstance(self.top_k, torch.Tensor) else np.asarray(self.top_k)
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ class MoEInfinityPolicy(Policy):
             if accessed is not None and accessed[0] == layer and self._only_row_zero(routing.token_rows):
                 self._count_one_row(layer, accessed[1], accessed[2])
             else:
-                self._count_rows(layer, routing.top_k.cpu().numpy(), routing.token_rows)
+                self._count_rows(layer, routing.top_k_on_host(), routing.token_rows)
         return self._prefetch_after(layer)
 
     def _only_row_zero(self, token_rows: np.ndarray) -> bool:

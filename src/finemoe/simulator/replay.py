@@ -171,9 +171,12 @@ class Replay:
             return hits, misses
         on_access, acquire, pump = policy.on_access, cache.acquire_release, cache.pump
         routing = self.reports_routing
-        rows = np.zeros(b - a, np.int64) if routing else None
+        rows = np.zeros(b - a, np.int64) if routing else None                 # [T] every token is batch row 0
+        topk = self.routed.topk[a:b]                                          # [T, L, k]
+        probs = self.trace.probs[a:b].astype(np.float32) if routing and self.policy.needs_router_probs else None
+        clock = transport.clock_view                                          # [now, ...] (float64)
         for layer, experts, counts in layers:
-            transport.now += host_s       # the host learns the routing; the layer's copies start after
+            clock[0] += host_s            # the host learns the routing; the layer's copies start after
             on_access(layer, experts, counts)
             n = experts.size
             if n <= cap:
@@ -182,17 +185,12 @@ class Replay:
                 n_hit = sum(acquire(layer, experts[start:start + cap]) for start in range(0, n, cap))
             hits += n_hit
             misses += n - n_hit
-            if routing:
-                cache.enqueue(policy.on_layer_routed(self._routing(layer, a, b, rows)))
+            if routing:                   # top_k [T, k], probs [T, J] numpy views
+                cache.enqueue(policy.on_layer_routed(
+                    LayerRouting(layer, topk[:, layer], rows, None if probs is None else probs[:, layer])))
             pump(layer)
-            transport.now += layer_s      # the layer computes
+            clock[0] += layer_s           # the layer computes
         return hits, misses
-
-    def _routing(self, layer: int, a: int, b: int, rows: np.ndarray) -> LayerRouting:
-        probs = None
-        if self.policy.needs_router_probs:
-            probs = self.trace.probs[a:b, layer].astype(np.float32)                          # [T, J] numpy
-        return LayerRouting(layer, torch.from_numpy(self.routed.topk[a:b, layer]), rows, probs)   # top_k [T, k]
 
 
 def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,

@@ -72,6 +72,7 @@ class TimedTransport(Transport):
         self.done_at = np.zeros(num_slots)
         self.read_until = np.zeros(num_slots)
         self._done, self._clock = memoryview(self.done_at), memoryview(self.clock)   # fast scalar access
+        self.clock_view = self._clock             # clock as a memoryview, for a driver that advances `now` often
         self.kernel_state = (self.clock, self.done_at, self.read_until, float(self.copy_s), float(self.expert_bytes),
                              float(cost.layer_time_s))
 

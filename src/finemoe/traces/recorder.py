@@ -70,7 +70,7 @@ class RecordingPolicy(Policy):
         self.inner.on_access(layer, experts, counts)
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
-        self._topk[routing.layer] = routing.top_k.cpu().numpy()
+        self._topk[routing.layer] = routing.top_k_on_host()
         if self.keep_probs and routing.probs is not None:
             self._probs[routing.layer] = np.asarray(routing.probs).astype(np.float16)   # host: torch or numpy
         self._rows = routing.token_rows

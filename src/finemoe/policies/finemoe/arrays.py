@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+EPS = 1e-12   # the floor of every cosine's denominator (search and RDY)
+
 
 class ArrayOps(ABC):
     """Backend of the search math. Arrays are numpy (host) or torch (device); indices are int64."""

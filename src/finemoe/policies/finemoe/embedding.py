@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 
 from finemoe.errors import ConfigError
@@ -30,8 +31,9 @@ class SemanticEmbedder(ABC):
         """A request left."""
 
     @abstractmethod
-    def embed(self, it: IterationInfo, prompt_lens: list[int], last_only: bool) -> torch.Tensor:
-        """-> [B, E] float32 on the CPU. `prompt_lens[b]`: real (unpadded) prompt tokens of row b."""
+    def embed(self, it: IterationInfo, prompt_lens: list[int], last_only: bool) -> torch.Tensor | np.ndarray:
+        """-> [B, E] float32 on the CPU (a torch tensor or a numpy array). `prompt_lens[b]`: real (unpadded)
+        prompt tokens of row b."""
 
 
 class TokenEmbedder(SemanticEmbedder):
@@ -49,11 +51,11 @@ class TokenEmbedder(SemanticEmbedder):
         self.table = (weight.detach().numpy() if plain and weight.device.type == "cpu" and weight.dtype == torch.float32
                       else None)                                                   # [V, H] or None
 
-    def embed(self, it: IterationInfo, prompt_lens: list[int], last_only: bool) -> torch.Tensor:
+    def embed(self, it: IterationInfo, prompt_lens: list[int], last_only: bool) -> torch.Tensor | np.ndarray:
         ids = it.input_ids
         if not it.is_prefill or last_only:
             if self.table is not None and ids.device.type == "cpu":
-                return torch.from_numpy(self.table[ids[:, -1].numpy()])            # [B, H]
+                return self.table[ids.numpy()[:, -1]]                              # [B, H] numpy
             return self._embed_to_host(ids[:, -1:]).mean(1)
         T = ids.shape[1]
         mask = torch.zeros(ids.shape, dtype=torch.float32)                        # [B, T] real prompt tokens
@@ -110,7 +112,8 @@ class CombinedEmbedder(SemanticEmbedder):
             p.request_end(req)
 
     def embed(self, it: IterationInfo, prompt_lens: list[int], last_only: bool) -> torch.Tensor:
-        vecs = [torch.nn.functional.normalize(p.embed(it, prompt_lens, last_only), dim=1) for p in self.parts]
+        vecs = [torch.nn.functional.normalize(torch.as_tensor(p.embed(it, prompt_lens, last_only)), dim=1)
+                for p in self.parts]
         return torch.cat(vecs, dim=1)
 
 

@@ -12,17 +12,18 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
-
-from finemoe.policies.finemoe.arrays import ops_for
-from finemoe.storage import save_atomic
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finemoe.errors import FineMoEError
+from finemoe.policies.finemoe import row_kernels as rk
+from finemoe.policies.finemoe import store_kernels as sk
+from finemoe.policies.finemoe.arrays import EPS, HOST, ops_for
+from finemoe.storage import save_atomic
 
 FORMAT_VERSION = 1
-EPS = 1e-12
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -64,6 +65,9 @@ class MapStore:
         self.prefix_sq = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L]
         self.prefix_norm = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L] sqrt(prefix_sq)
         self._arrays: dict = {}   # (tensor name, backend type) -> the tensor as that backend's array
+        # a host float32 store whose sums the kernels do as numpy does (row_kernels.MAX_PAIRWISE): compiled upkeep
+        self.host_float32 = self.maps.device.type == "cpu" and dtype == torch.float32
+        self._compiled = self.host_float32 and max(L * J, spec.embed_dim) <= rk.MAX_PAIRWISE
         self.size = 0
         self.replaced = 0
         self.version = 0          # bumped by every write: results computed from the store are valid per version
@@ -121,15 +125,42 @@ class MapStore:
 
     def add(self, emap: Any, sem: Any, map_dots: Any = None) -> int:
         """Insert one map [L*J] with its embedding [E]; append while not full, else replace the entry
-        with the highest RDY (map_dots: see `rdy`). Returns the slot written."""
+        with the highest RDY (map_dots: see `rdy`). Returns the slot written. A host float32 store takes the
+        compiled kernels (store_kernels.py): the same slot and the same stored values, in two calls."""
+        compiled = self._compiled
+        if compiled:
+            emap, sem = HOST.query(emap).reshape(-1), HOST.query(sem).reshape(-1)             # [L*J], [E]
         if not self.full:
             slot = self.size
             self.size += 1
         else:
-            slot = int(self.rdy(emap, sem, map_dots).argmax())
+            slot = self._replaced_slot(emap, sem, map_dots) if compiled else int(self.rdy(emap, sem, map_dots).argmax())
             self.replaced += 1
-        self._write(slot, emap, sem)
+        if compiled:
+            self.version += 1
+            sk.write_entry(slot, emap.reshape(self.spec.num_layers, -1), sem, *self._host_arrays)
+        else:
+            self._write(slot, emap, sem)
         return slot
+
+    def _replaced_slot(self, emap: np.ndarray, sem: np.ndarray, map_dots: Any) -> int:
+        """`rdy(...).argmax()` of a full host float32 store: one BLAS product (the embeddings), one kernel."""
+        L, n = self.spec.num_layers, self.size
+        d = min(self.spec.distance, L)
+        maps, sems, prefix_sq, prefix_norm, sem_norm = self._host_arrays
+        if map_dots is None:
+            e = emap.reshape(L, -1)
+            map_dots = maps[0, :n] @ e[0]                                          # [n]
+            for layer in range(1, L):
+                map_dots = map_dots + maps[layer, :n] @ e[layer]
+        return int(sk.rdy_best(HOST.query(map_dots).reshape(-1), sems[:n] @ sem, emap, sem, prefix_norm[:n, -1],
+                               sem_norm[:n], np.float32(d / L), np.float32((L - d) / L)))
+
+
+    @property
+    def _host_arrays(self) -> tuple:
+        """maps [L, C, J], sems [C, E], prefix_sq [C, L], prefix_norm [C, L], sem_norm [C]: the host views."""
+        return tuple(self.array(name, HOST) for name in ("maps", "sems", "prefix_sq", "prefix_norm", "sem_norm"))
 
     def entry_maps(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """Stored maps of entries `rows`, flattened -> [N, L*J] (storage dtype)."""

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
+from finemoe.policies.base import Prefetch
 from finemoe.policies.finemoe import row_kernels as rk
 from finemoe.policies.finemoe.map_store import MapStore
 from finemoe.policies.finemoe.arrays import HOST
@@ -42,11 +42,14 @@ class IterationPlanner:
         # the full maps' products with the stored ones, for the RDY of a store that will replace an entry
         self.keep_dots = keep_map_dots and self.trajectory is not None and window == 0 and store.full
         self.version = store.version
-        self.one_row = (batch == 1 and window == 0 and store.device.type == "cpu" and store.maps.dtype == torch.float32
+        self.one_row = (batch == 1 and window == 0 and store.host_float32
                         and max(self.J, neighbors) <= rk.MAX_PAIRWISE)           # the compiled path applies
         self._idx, self._val = np.zeros(neighbors, np.int64), np.zeros(neighbors, np.float32)    # [K] matches
         self._experts, self._keys = np.zeros(self.J, np.int64), np.zeros(self.J, np.int64)   # [J] a plan's choice
         self._p = np.zeros(self.J)                                              # [J] and its probabilities
+        self._row = np.zeros(self.J, np.float32)                                # [J] an applied plan's guiding row
+        self._out_keys = np.zeros(self.L * self.J, np.int64)                    # [L*J] applied plans' prefetch
+        self._out_prio = np.zeros(self.L * self.J)
 
     def begin(self, sem: Any | Callable[[], Any], memo: SemanticMemo | None = None,
               keys: list | None = None) -> list[Guide]:
@@ -67,7 +70,7 @@ class IterationPlanner:
     def begin_plans(self, sem: Any | Callable[[], Any], select: Selection, memo: SemanticMemo | None = None,
                     keys: list | None = None) -> list[LayerPlan]:
         """`begin`'s guides as plans (`select`)."""
-        if not self._compiled(select):
+        if not self.compiled(select):
             return select.plan(self.begin(sem, memo, keys))
         idx, score, last = self._semantic(sem, memo, keys)
         if last == 0:
@@ -78,7 +81,7 @@ class IterationPlanner:
 
     def observe_plan(self, layer: int, probs: Any, select: Selection) -> LayerPlan | None:
         """`observe`'s guide as a plan (`select`)."""
-        if not self._compiled(select):
+        if not self.compiled(select):
             guide = self.observe(layer, probs)
             return None if guide is None else select.plan([guide])[0]
         q, target = self._routed(layer, probs)                                   # q [1, J]
@@ -90,7 +93,39 @@ class IterationPlanner:
                                self._idx, self._val)
         return self._plan_row(target, K, select)
 
-    def _compiled(self, select: Selection) -> bool:
+    def begin_applied(self, sem: Any | Callable[[], Any], select: Selection, guide: tuple,
+                      memo: SemanticMemo | None = None, keys: list | None = None) -> Prefetch:
+        """`begin_plans` applied at once, in one compiled call (needs `compiled(select)`): each plan's layer gets
+        its eviction p (`guide` = EvictionScores.guide_arrays()), and the result is the plans' prefetch
+        (priority p / (layer + 1)), in layer order."""
+        idx, score, last = self._semantic(sem, memo, keys)
+        if last == 0:
+            return Prefetch.empty()
+        K = idx.shape[0]                                                          # idx, score [K, 1]
+        self._idx[:K], self._val[:K] = idx[:, 0], score[:, 0]
+        n = rk.guided_rows(self.store.array("maps", HOST), last, self._idx, self._val, K, select.top_k, select.delta,
+                           self._row, self._experts, self._out_keys, self._out_prio, *guide)
+        return self._prefetch(n)
+
+    def observe_applied(self, layer: int, probs: Any, select: Selection, guide: tuple) -> Prefetch:
+        """`observe_plan`'s plan applied at once, in one compiled call after the store product (needs
+        `compiled(select)`): the guided layer's eviction p set (`guide`, as in `begin_applied`), and its
+        prefetch (priority p / (target - layer)) returned; empty when this layer guides none."""
+        q, target = self._routed(layer, probs)                                   # q [1, J]
+        if target is None:
+            return Prefetch.empty()
+        tr = self.trajectory
+        dot = tr.product(layer, q)                                               # [n, 1]
+        n = rk.routed_row(dot[:, 0], tr.dots[:, 0], q[0], tr.q_sq, tr.prefix_norm[:, layer], self.k, self._idx,
+                          self._val, self.store.array("maps", HOST), target, select.top_k, select.delta, layer,
+                          self._row, self._experts, self._out_keys, self._out_prio, *guide)
+        return self._prefetch(n)
+
+    def _prefetch(self, n: int) -> Prefetch:
+        """The first n applied keys and priorities, copied (the buffers are reused by the next call)."""
+        return Prefetch(self._out_keys[:n].copy(), self._out_prio[:n].copy()) if n else Prefetch.empty()
+
+    def compiled(self, select: Selection) -> bool:
         """One row on a host float32 store, no floor: the compiled kernels make this guide's plan."""
         return self.one_row and select.floor == 0.0
 
@@ -130,8 +165,8 @@ class IterationPlanner:
             return None
         return self.trajectory.dots
 
-    def complete_maps(self) -> torch.Tensor | None:
-        """The iteration's maps [B, L*J] (host float32) once every layer was observed, else None."""
+    def complete_maps(self) -> np.ndarray | None:
+        """The iteration's maps [B, L*J] (host float32 numpy) once every layer was observed, else None."""
         if self.seen < self.L:
             return None
-        return torch.from_numpy(self.observed.reshape(self.batch, self.L * self.J))
+        return self.observed.reshape(self.batch, self.L * self.J)

@@ -22,7 +22,7 @@ import torch
 from finemoe.errors import ConfigError
 from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
                                    RequestInfo, register_policy)
-from finemoe.policies.finemoe import row_kernels
+from finemoe.policies.finemoe import row_kernels, store_kernels
 from finemoe.policies.finemoe.admission import PrefetchGate
 from finemoe.policies.finemoe.arrays import HOST
 from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
@@ -96,6 +96,8 @@ class FineMoEPolicy(Policy):
         self.store = self._open_store(self._identity(ctx))
         self.d = self.store.spec.distance
         self.scores = EvictionScores(g.total_experts, self.eviction)
+        self.guide = self.scores.guide_arrays()   # the eviction p arrays for compiled plans (None: not compiled)
+        self.applied = False                      # this iteration's plans are made and applied in compiled calls
         # auto = inline: the engine calls the policy while the layer computes, so the search already runs beside
         # inference; a thread added GIL contention and late guides (docs/BENCHMARKS.md, runs 10-12)
         use_thread = False if self.async_search == "auto" else self.async_search
@@ -103,6 +105,7 @@ class FineMoEPolicy(Policy):
                        else InlineWorker())
         self.memo = SemanticMemo(self.store, self.neighbors)
         row_kernels.warm_up()                     # compiled (or loaded) now, not in the first request
+        store_kernels.warm_up()
         self.prompt_lens: dict[str, int] = {}
         self.planner: IterationPlanner | None = None
         self._reduce: tuple[int, np.ndarray | None] = (-1, None)
@@ -149,7 +152,12 @@ class FineMoEPolicy(Policy):
         self.planner = IterationPlanner(self.store, len(it.request_ids), self.d, self.search, self.neighbors,
                                        self.window, keep_map_dots=self.learn)
         keys = self._decode_token_ids_to_host(it) if self.semantic == "token" else None
-        out = self._to_prefetch(self.planner.begin_plans(self._embed, self.select, self.memo, keys), layer_now=-1)
+        self.applied = (self.planner.compiled(self.select) and type(self.worker) is InlineWorker
+                        and self.guide is not None and self.gate.max_per_layer == 0)
+        if self.applied:   # one compiled call makes, guides and prefetches the plans (the same as _to_prefetch)
+            out = self.planner.begin_applied(self._embed, self.select, self.guide, self.memo, keys)
+        else:
+            out = self._to_prefetch(self.planner.begin_plans(self._embed, self.select, self.memo, keys), layer_now=-1)
         self.critical_s += time.perf_counter() - t0
         return out
 
@@ -165,7 +173,10 @@ class FineMoEPolicy(Policy):
     def _decode_token_ids_to_host(it: IterationInfo) -> list[int] | None:
         """HOST SYNC (decode only, [B] ids, the device idle between iterations): each row's token id, the
         memo key of its semantic search; None at prefill (rows are reduced over many tokens)."""
-        return None if it.is_prefill else it.input_ids[:, -1].tolist()
+        if it.is_prefill:
+            return None
+        ids = it.input_ids
+        return (ids.numpy()[:, -1] if ids.device.type == "cpu" else ids[:, -1]).tolist()
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -175,8 +186,11 @@ class FineMoEPolicy(Policy):
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         t0 = time.perf_counter()
         planner, layer = self.planner, routing.layer
-        self.worker.submit(self._observe, (planner, layer, self._per_row(routing)))   # [B, J] host
-        out = self._to_prefetch(self.worker.drain(), layer_now=layer)
+        if self.applied:
+            out = planner.observe_applied(layer, self._per_row(routing, copy=False), self.select, self.guide)
+        else:
+            self.worker.submit(self._observe, (planner, layer, self._per_row(routing)))   # [B, J] host
+            out = self._to_prefetch(self.worker.drain(), layer_now=layer)
         self.critical_s += time.perf_counter() - t0
         return out
 
@@ -201,9 +215,10 @@ class FineMoEPolicy(Policy):
         if maps is not None:
             self.store.add_many(maps, sem, planner.map_dots())
 
-    def _per_row(self, routing: LayerRouting) -> np.ndarray:
+    def _per_row(self, routing: LayerRouting, copy: bool = True) -> np.ndarray:
         """probs [T, J] (host) -> per batch row [B, J]: the row's token at decode, the mean (or last) of
-        its real tokens at prefill. A new array (the worker may read it after the runtime reuses `probs`)."""
+        its real tokens at prefill. A new array (the worker may read it after the runtime reuses `probs`), or
+        without `copy` possibly a view of `probs` (for a caller done with it before the callback returns)."""
         probs, rows = routing.probs, routing.token_rows
         key, reduce = self._reduce
         if key != self.iterations:
@@ -212,7 +227,8 @@ class FineMoEPolicy(Policy):
             reduce = None if identity else self._reduction_matrix(rows, B)
             self._reduce = (self.iterations, reduce)
         if reduce is None:
-            return HOST.query(probs).copy()                                      # numpy: cheaper than a torch clone
+            q = HOST.query(probs)
+            return q.copy() if copy else q                                       # numpy: cheaper than a torch clone
         return reduce @ HOST.query(probs)          # [B, T] @ [T, J] numpy (a torch CPU matmul took ms at times)
 
     def _reduction_matrix(self, rows: np.ndarray, B: int) -> np.ndarray:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from finemoe.jit import njit
-from finemoe.policies.finemoe.map_store import EPS
+from finemoe.policies.finemoe.arrays import EPS
 
 EPS32 = np.float32(EPS)
-MAX_PAIRWISE = 1024   # the longest vector `pairwise_sum` sums as numpy does
+MAX_PAIRWISE = 4096   # the longest vector `pairwise_sum` sums as numpy does
 
 
 @njit
@@ -70,6 +70,22 @@ def _sum_upto_512(x, lo, n):
 
 
 @njit
+def _sum_upto_1024(x, lo, n):
+    if n <= 128:
+        return _block_sum(x, lo, n)
+    h = _halves(n)
+    return _sum_upto_512(x, lo, h) + _sum_upto_512(x, lo + h, n - h)
+
+
+@njit
+def _sum_upto_2048(x, lo, n):
+    if n <= 128:
+        return _block_sum(x, lo, n)
+    h = _halves(n)
+    return _sum_upto_1024(x, lo, h) + _sum_upto_1024(x, lo + h, n - h)
+
+
+@njit
 def pairwise_sum(x, lo, n):
     """x[lo:lo+n] float32 (n <= MAX_PAIRWISE) summed as numpy's add.reduce sums a contiguous vector: blocks
     of up to 128 with eight accumulators, split in halves above that (unrolled: numba's cached recursion
@@ -77,7 +93,7 @@ def pairwise_sum(x, lo, n):
     if n <= 128:
         return _block_sum(x, lo, n)
     h = _halves(n)
-    return _sum_upto_512(x, lo, h) + _sum_upto_512(x, lo + h, n - h)
+    return _sum_upto_2048(x, lo, h) + _sum_upto_2048(x, lo + h, n - h)
 
 
 @njit
@@ -206,6 +222,48 @@ def use_keys(keys, clock, freq, last_used, p, score, rescore):
             score[k] = freq[k]
 
 
+@njit
+def guided_row(maps, layer, idx, val, K, top_k, use_delta, layer_now, row, experts, keys, prio, p, score, freq,
+               rescore):
+    """One plan applied at once (a policy's `_to_prefetch` of `plan_row`'s plan): plan_row into row / experts /
+    keys; the eviction's guiding probability p[layer * J + j] = row[j] for every expert j, and score = p * freq
+    where rescore is 1 (pfreq); the chosen experts' prefetch priorities row[e] / max(layer - layer_now, 1) into
+    prio [J] float64. p, score, freq [L*J] float64. Returns how many experts were chosen."""
+    n = plan_row(maps, layer, idx, val, K, top_k, use_delta, row, experts, keys, prio)
+    J = row.size
+    base = layer * J
+    for j in range(J):
+        p[base + j] = row[j]
+        if rescore == 1:
+            score[base + j] = p[base + j] * freq[base + j]
+    dist = np.float64(max(layer - layer_now, 1))
+    for i in range(n):
+        prio[i] = prio[i] / dist
+    return n
+
+
+@njit
+def guided_rows(maps, last, idx, val, K, top_k, use_delta, row, experts, keys, prio, p, score, freq, rescore):
+    """`guided_row` for layers 0..last-1 from one match (the semantic guides, before layer 0: layer_now -1),
+    their keys and priorities one after another in keys / prio [last * J]. Returns how many in all."""
+    J = row.size
+    m = 0
+    for layer in range(last):
+        n = guided_row(maps, layer, idx, val, K, top_k, use_delta, -1, row, experts, keys[m:m + J], prio[m:m + J],
+                       p, score, freq, rescore)
+        m += n
+    return m
+
+
+@njit
+def routed_row(dot, dots, q, q_sq, prefix_norm, k, idx, val, maps, target, top_k, use_delta, layer_now, row,
+               experts, keys, prio, p, score, freq, rescore):
+    """A routed layer's whole step for one row: `trajectory_step`, then `guided_row` for layer `target`."""
+    K = trajectory_step(dot, dots, q, q_sq, prefix_norm, k, idx, val)
+    return guided_row(maps, target, idx, val, K, top_k, use_delta, layer_now, row, experts, keys, prio, p, score,
+                      freq, rescore)
+
+
 def warm_up() -> None:
     """Compile (or load from numba's disk cache) every kernel with the types the policy passes."""
     maps = np.ones((2, 2, 3), np.float32)
@@ -217,3 +275,8 @@ def warm_up() -> None:
     semantic_step(np.ones(2, np.float32), np.ones(3, np.float32), norm[0], 2, idx, val)
     plan_row(maps, 1, idx, val, k, 1, True, row, experts, np.zeros(3, np.int64), np.zeros(3))
     use_keys(np.zeros(1, np.int64), 1.0, np.zeros(2), np.zeros(2), np.zeros(2), np.zeros(2), 1)
+    ev = (np.zeros(6), np.zeros(6), np.zeros(6), 1)                               # p, score, freq [L*J], rescore
+    keys, prio = np.zeros(6, np.int64), np.zeros(6)
+    routed_row(np.ones(2, np.float32), np.zeros(2, np.float32), np.ones(3, np.float32), np.zeros(1, np.float32),
+               norm[:, 0], 2, idx, val, maps, 1, 1, True, 0, row, experts, keys, prio, *ev)
+    guided_rows(maps, 2, idx, val, k, 1, True, row, experts, keys, prio, *ev)

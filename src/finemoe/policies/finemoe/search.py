@@ -80,6 +80,8 @@ class SemanticMemo:
             idx, score = semantic_topk(self.store, sem if len(missing) == len(keys) else sem[missing], self.k)
             for b, i, s in zip(missing, idx.T.tolist(), score.T.tolist()):
                 table[keys[b]] = (i, s)
+            if len(missing) == len(keys):   # every row searched now: the result as it is (the same values)
+                return idx, score
         found = [table[k] for k in keys]                                         # per row: K entries, K scores
         xp = ops_for(self.store.device)
         return xp.indices([i for i, _ in found]).T, xp.values([s for _, s in found]).T

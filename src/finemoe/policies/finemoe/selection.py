@@ -181,6 +181,13 @@ class EvictionScores:
         if self.rule.startswith("ema"):
             self._rescore(at)
 
+    def guide_arrays(self) -> tuple | None:
+        """`guide` for compiled callers (row_kernels.guided_row): (p, score, freq, rescore), rescore 1 when a guide
+        rescores (pfreq), 0 when it does not (lru, lfu); None for the ema rules (their `observed` is not compiled)."""
+        if self.rule.startswith("ema"):
+            return None
+        return self.p, self.score, self.freq, int(self.rule == "pfreq")
+
     def used(self, keys: np.ndarray) -> None:
         """keys [n] int64, distinct (one compiled call)."""
         self.clock += 1.0
