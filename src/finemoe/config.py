@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from finemoe.errors import ConfigError
+from finemoe.errors import BudgetTooSmallError, ConfigError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -115,3 +115,30 @@ class EngineConfig:
         if self.dtype != "auto":
             return _DTYPES[self.dtype]
         return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def capacity_for(cfg: EngineConfig, geometry: Any, keeps_all_resident: bool) -> tuple[int, int]:
+    """(slots, budget bytes) for this config; a clear error when the budget cannot work."""
+    total = geometry.total_bytes
+    budget = parse_budget(cfg.expert_budget, total)
+    if keeps_all_resident:
+        if budget < total:
+            raise ConfigError(f"policy {cfg.policy!r} keeps every expert on the device and needs the whole "
+                              f"{_fmt_bytes(total)} ({total} bytes); drop --expert-budget or pass 100%")
+        return geometry.total_experts, total
+    slots = min(budget // geometry.expert_bytes, geometry.total_experts)
+    if slots < geometry.top_k:
+        need = geometry.min_budget_bytes
+        raise BudgetTooSmallError(
+            f"expert budget {_fmt_bytes(budget)} ({budget} bytes) holds {slots} experts, but one layer's top-k "
+            f"needs {geometry.top_k} experts of {geometry.expert_bytes} bytes: pass --expert-budget {need} "
+            f"({_fmt_bytes(need)}) or more")
+    return int(slots), int(budget)

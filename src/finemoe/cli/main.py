@@ -1,5 +1,7 @@
-"""`finemoe` command line: one subcommand per module in this package, each exposing
-`add_parser(subparsers)` (which sets `func`). User errors print one line and exit 2, never a traceback."""
+"""`finemoe` command line: serve, trace and simulate MoE models with experts offloaded to host memory.
+
+One subcommand per module in this package, each exposing `add_parser(subparsers)` (which sets `func`). User
+errors print one line and exit 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -8,26 +10,31 @@ import sys
 
 from finemoe.errors import FineMoEError
 
-COMMANDS = [
-    "finemoe.cli.generate",
-    "finemoe.cli.trace",
-    "finemoe.cli.simulate",
-    "finemoe.cli.serve",
-    "finemoe.cli.maps",
-    "finemoe.cli.bench",
-]
+COMMANDS = {   # subcommand -> its module, in `finemoe --help` order
+    "generate": "finemoe.cli.generate",
+    "trace": "finemoe.cli.trace",
+    "simulate": "finemoe.cli.simulate",
+    "serve": "finemoe.cli.serve",
+    "maps": "finemoe.cli.maps",
+    "bench": "finemoe.cli.bench",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser. When `argv` names a subcommand only that module is imported: the others import the engine
+    and transformers, seconds that `finemoe simulate` (numpy and the policies) does not need. Otherwise every
+    subcommand is added, for the full help and argparse's own errors."""
     parser = argparse.ArgumentParser(prog="finemoe", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        importlib.import_module(name).add_parser(sub)
+    first = next((a for a in argv or [] if not a.startswith("-")), None)
+    for name in [first] if first in COMMANDS else COMMANDS:
+        importlib.import_module(COMMANDS[name]).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except FineMoEError as e:

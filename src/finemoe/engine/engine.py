@@ -10,14 +10,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from finemoe.config import EngineConfig, parse_budget
+from finemoe.config import EngineConfig, capacity_for
 from finemoe.engine.batch import BatchRunner
 from finemoe.engine.metrics import aggregate, peak_device_bytes, peak_host_bytes
 from finemoe.engine.paths import DecodePaths
 from finemoe.engine.request import Request
 from finemoe.engine.runtime import LayerExecutor, OffloadRuntime
 from finemoe.engine.sampling import SamplingParams
-from finemoe.errors import BudgetTooSmallError, ConfigError
+from finemoe.errors import ConfigError
 from finemoe.experts import hook
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.host_store import HostExpertStore
@@ -27,33 +27,6 @@ from finemoe.models.compile import compile_small_modules
 from finemoe.models.loader import LoadedModel, load_model
 from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import PolicyContext
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def capacity_for(cfg: EngineConfig, geometry, keeps_all_resident: bool) -> tuple[int, int]:
-    """(slots, budget bytes) for this config; a clear error when the budget cannot work."""
-    total = geometry.total_bytes
-    budget = parse_budget(cfg.expert_budget, total)
-    if keeps_all_resident:
-        if budget < total:
-            raise ConfigError(f"policy {cfg.policy!r} keeps every expert on the device and needs the whole "
-                              f"{_fmt_bytes(total)} ({total} bytes); drop --expert-budget or pass 100%")
-        return geometry.total_experts, total
-    slots = min(budget // geometry.expert_bytes, geometry.total_experts)
-    if slots < geometry.top_k:
-        need = geometry.min_budget_bytes
-        raise BudgetTooSmallError(
-            f"expert budget {_fmt_bytes(budget)} ({budget} bytes) holds {slots} experts, but one layer's top-k "
-            f"needs {geometry.top_k} experts of {geometry.expert_bytes} bytes: pass --expert-budget {need} "
-            f"({_fmt_bytes(need)}) or more")
-    return int(slots), int(budget)
 
 
 class Engine:

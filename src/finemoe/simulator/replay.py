@@ -20,8 +20,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from finemoe.config import EngineConfig
-from finemoe.engine.engine import capacity_for
+from finemoe.config import EngineConfig, capacity_for
 from finemoe.engine.metrics import RequestMetrics, aggregate
 from finemoe.errors import FineMoEError
 from finemoe.experts.cache import ExpertCache
