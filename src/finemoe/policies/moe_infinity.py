@@ -76,9 +76,13 @@ class MoEInfinityPolicy(Policy):
     def on_iteration_start(self, it: IterationInfo) -> Prefetch:
         self.rows = list(it.request_ids)
         B, LJ, C = len(self.rows), self.L * self.J, self.capacity
-        zero_eam, zero_dots = np.zeros(LJ, np.float32), np.zeros(C)       # a request not started: no counts
-        self.batch_eam = np.stack([self.eams.get(r, zero_eam) for r in self.rows] or [zero_eam])[:B]     # [B, L*J]
-        self.batch_dots = np.stack([self.dots.get(r, zero_dots) for r in self.rows] or [zero_dots])[:B]  # [B, C]
+        if B == 1 and self.rows[0] in self.eams:      # one started request: its own arrays, counted in place
+            r = self.rows[0]
+            self.batch_eam, self.batch_dots = self.eams[r][None], self.dots[r][None]        # [1, L*J], [1, C] views
+        else:
+            zero_eam, zero_dots = np.zeros(LJ, np.float32), np.zeros(C)   # a request not started: no counts
+            self.batch_eam = np.stack([self.eams.get(r, zero_eam) for r in self.rows] or [zero_eam])[:B]  # [B, L*J]
+            self.batch_dots = np.stack([self.dots.get(r, zero_dots) for r in self.rows] or [zero_dots])[:B]  # [B, C]
         self.fresh = ~self.batch_eam.any(axis=1)                          # [B]
         self.any_fresh = bool(self.fresh.any())
         self.accessed = None

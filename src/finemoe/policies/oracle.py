@@ -16,7 +16,8 @@ class FutureIndex:
     """The trace as one timeline of steps, step = (request, iteration, layer) in trace order:
     step(r, i, l) = base[r] + i * L + l. Two sorted code arrays answer the oracle's questions:
       by_key  = key * S1 + step   -> next use of any key after a step (one searchsorted, vectorised)
-      by_step = step * K + key    -> the keys a range of steps needs, in need order."""
+      by_step = step * K + key    -> the keys a range of steps needs, in need order (next_by_step: when each of
+                                     those uses' key is used next)."""
 
     def __init__(self, trace: Trace) -> None:
         L, J = trace.num_layers, trace.num_experts
@@ -33,9 +34,16 @@ class FutureIndex:
         steps = step0[:, None, None] + np.arange(L)[None, :, None]            # [N, L, 1]
         keys = np.arange(L)[None, :, None] * J + trace.topk.astype(np.int64)  # [N, L, k]
         steps, keys = np.broadcast_arrays(steps, keys)
-        self.by_key = np.unique(keys.ravel() * self.S1 + steps.ravel())
+        self.by_key = np.unique(keys.ravel() * self.S1 + steps.ravel())        # [E] every use once, key-major
         self._by_key_end = np.append(self.by_key, self.K * self.S1)           # + a sentinel no key matches
-        self.by_step = np.unique(steps.ravel() * self.K + keys.ravel())
+        key_of, step_of = np.divmod(self.by_key, self.S1)                     # [E]
+        after = np.full(self.by_key.size, np.inf)                             # [E] the same key's next use
+        same = key_of[1:] == key_of[:-1]
+        after[:-1][same] = step_of[1:][same]
+        codes = step_of * self.K + key_of                                     # [E] the same uses, step-major codes
+        order = np.argsort(codes)
+        self.by_step = codes[order]
+        self.next_by_step = after[order]                                      # [E] next use after each by_step use
         self.step_ptr = np.searchsorted(self.by_step // self.K, np.arange(self.S1 + 1))
         self.requests: dict[tuple, deque] = defaultdict(deque)
         self._trace = trace
@@ -61,12 +69,6 @@ class FutureIndex:
         """The step at which each key is next used (strictly after `step`); inf if never."""
         return self.distance_to_next_use(keys, step) + step
 
-    def next_use_each(self, keys: np.ndarray, steps: np.ndarray) -> np.ndarray:
-        """For each (key, step) pair, the step at which that key is next used strictly after it; inf if never."""
-        found = self._by_key_end[self.by_key.searchsorted(keys * self.S1 + steps, side="right")]
-        key, at = np.divmod(found, self.S1)
-        return np.where(key == keys, at, np.inf)
-
     def needs(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys, steps) used in steps first..last inclusive, in need order."""
         codes = self.by_step[self.step_ptr[first]:self.step_ptr[last + 1]]
@@ -78,13 +80,14 @@ class IterationNeeds:
     belongs to one layer), in ascending key order (which is layer order), and when each is needed next."""
 
     def __init__(self, future: FutureIndex, b: int) -> None:
-        codes = future.by_step[future.step_ptr[b]:future.step_ptr[b + future.L]]
+        lo, hi = future.step_ptr[b], future.step_ptr[b + future.L]
+        codes = future.by_step[lo:hi]
         steps = codes // future.K
         self.keys = codes % future.K                                          # [n] ascending
         self.layer = (steps - b).astype(np.float64)                           # [n] layer of each key
         self.bounds = steps.searchsorted(np.arange(b, b + future.L + 1)).tolist()   # [L+1] first index per layer
         self.key_list = self.keys.tolist()
-        self.next_use = future.next_use_each(self.keys, steps).tolist()      # [n] next use after this one
+        self.next_use = future.next_by_step[lo:hi].tolist()                   # [n] next use after this one
 
 
 @register_policy

@@ -24,10 +24,10 @@ from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Po
                                    RequestInfo, register_policy)
 from finemoe.policies.finemoe import row_kernels, store_kernels
 from finemoe.policies.finemoe.admission import PrefetchGate
-from finemoe.policies.finemoe.arrays import HOST
 from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
 from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
+from finemoe.policies.finemoe.rows import RowQueries
 from finemoe.policies.finemoe.search import SemanticMemo
 from finemoe.policies.finemoe.selection import EVICTION_RULES, EvictionScores, LayerPlan, Selection, merge
 from finemoe.policies.finemoe.worker import DeferredWorker, InlineWorker, SearchWorker
@@ -108,7 +108,7 @@ class FineMoEPolicy(Policy):
         store_kernels.warm_up()
         self.prompt_lens: dict[str, int] = {}
         self.planner: IterationPlanner | None = None
-        self._reduce: tuple[int, np.ndarray | None] = (-1, None)
+        self.queries = RowQueries(self.prefill)
 
     @staticmethod
     def _identity(ctx: PolicyContext) -> str:
@@ -186,10 +186,12 @@ class FineMoEPolicy(Policy):
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         t0 = time.perf_counter()
         planner, layer = self.planner, routing.layer
-        if self.applied:
-            out = planner.observe_applied(layer, self._per_row(routing, copy=False), self.select, self.guide)
+        if self.applied:   # the query is read before this call returns: no copy
+            q = self.queries.of(routing, planner.batch, self.iterations, copy=False)                  # [1, J] host
+            out = planner.observe_applied(layer, q, self.select, self.guide)
         else:
-            self.worker.submit(self._observe, (planner, layer, self._per_row(routing)))   # [B, J] host
+            q = self.queries.of(routing, planner.batch, self.iterations)                              # [B, J] host
+            self.worker.submit(self._observe, (planner, layer, q))
             out = self._to_prefetch(self.worker.drain(), layer_now=layer)
         self.critical_s += time.perf_counter() - t0
         return out
@@ -214,34 +216,6 @@ class FineMoEPolicy(Policy):
         maps = planner.complete_maps()
         if maps is not None:
             self.store.add_many(maps, sem, planner.map_dots())
-
-    def _per_row(self, routing: LayerRouting, copy: bool = True) -> np.ndarray:
-        """probs [T, J] (host) -> per batch row [B, J]: the row's token at decode, the mean (or last) of
-        its real tokens at prefill. A new array (the worker may read it after the runtime reuses `probs`), or
-        without `copy` possibly a view of `probs` (for a caller done with it before the callback returns)."""
-        probs, rows = routing.probs, routing.token_rows
-        key, reduce = self._reduce
-        if key != self.iterations:
-            B = self.planner.batch
-            identity = probs.shape[0] == B and np.array_equal(rows, np.arange(B))
-            reduce = None if identity else self._reduction_matrix(rows, B)
-            self._reduce = (self.iterations, reduce)
-        if reduce is None:
-            q = HOST.query(probs)
-            return q.copy() if copy else q                                       # numpy: cheaper than a torch clone
-        return reduce @ HOST.query(probs)          # [B, T] @ [T, J] numpy (a torch CPU matmul took ms at times)
-
-    def _reduction_matrix(self, rows: np.ndarray, B: int) -> np.ndarray:
-        R = np.zeros((B, rows.size), dtype=np.float32)                          # [B, T]
-        for b in range(B):
-            idx = np.flatnonzero(rows == b)
-            if idx.size == 0:
-                continue
-            if self.prefill == "last":
-                R[b, idx[-1]] = 1.0
-            else:
-                R[b, idx] = 1.0 / idx.size
-        return R
 
     def _to_prefetch(self, plans: list[LayerPlan], layer_now: int) -> Prefetch:
         """Plans still ahead of `layer_now` -> prefetches; their layers' eviction p is updated."""

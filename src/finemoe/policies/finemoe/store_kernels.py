@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from finemoe.jit import njit
-from finemoe.policies.finemoe.row_kernels import EPS32, norm_of, pairwise_sum
+from finemoe.policies.finemoe.pairwise import EPS32, norm_of, pairwise_sum
 
 
 @njit
