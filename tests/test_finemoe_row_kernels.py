@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from finemoe.policies.finemoe import row_kernels as rk
-from finemoe.policies.finemoe.pairwise import MAX_PAIRWISE, pairwise_sum
+from finemoe.policies.finemoe.pairwise import pairwise_sum
 from finemoe.policies.finemoe.map_store import MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import IterationPlanner
 from finemoe.policies.finemoe.search import SemanticMemo
@@ -73,9 +73,10 @@ def test_memo_path_plans_alike():
 
 def test_pairwise_sum_is_numpys_float32_sum():
     rng = np.random.default_rng(0)
-    for n in [1, 7, 8, 9, 60, 128, 129, 256, 257, 300, 513, 1000, 1025, 2049, 3000, MAX_PAIRWISE]:
+    for n in [1, 7, 8, 9, 60, 128, 129, 256, 257, 300, 513, 1000, 1025, 2049, 3000, 4096, 65537, 1_000_003]:
         x = (rng.random(n).astype(np.float32) * 3) ** 3
         assert pairwise_sum(x, 0, n) == x.sum(dtype=np.float32)
+        assert pairwise_sum(x, 3, n - 3) == x[3:].sum(dtype=np.float32)      # from an offset
 
 
 def test_delta_choice_takes_the_smallest_covering_set_with_ties_to_the_lower_id():

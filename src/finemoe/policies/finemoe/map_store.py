@@ -18,7 +18,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finemoe.errors import FineMoEError
-from finemoe.policies.finemoe.pairwise import MAX_PAIRWISE
 from finemoe.policies.finemoe import store_kernels as sk
 from finemoe.policies.finemoe.arrays import EPS, HOST, ops_for
 from finemoe.storage import save_atomic
@@ -65,9 +64,8 @@ class MapStore:
         self.prefix_sq = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L]
         self.prefix_norm = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L] sqrt(prefix_sq)
         self._arrays: dict = {}   # (tensor name, backend type) -> the tensor as that backend's array
-        # a host float32 store whose sums the kernels do as numpy does (pairwise.MAX_PAIRWISE): compiled upkeep
         self.host_float32 = self.maps.device.type == "cpu" and dtype == torch.float32
-        self._compiled = self.host_float32 and max(L * J, spec.embed_dim) <= MAX_PAIRWISE
+        self._compiled = self.host_float32        # the upkeep runs compiled (store_kernels.py)
         self.size = 0
         self.replaced = 0
         self.version = 0          # bumped by every write: results computed from the store are valid per version

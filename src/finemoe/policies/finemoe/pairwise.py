@@ -1,7 +1,7 @@
 """numpy's float32 sum, compiled: the pairwise summation numpy's add.reduce does over a contiguous vector
 (blocks of up to 128 elements with eight accumulators, halves above that), so a compiled kernel that sums as
 numpy does gets the same bits (row_kernels.py, store_kernels.py). tests/test_finemoe_row_kernels.py checks it
-against numpy up to MAX_PAIRWISE."""
+against numpy."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,6 @@ from finemoe.jit import njit
 from finemoe.policies.finemoe.arrays import EPS
 
 EPS32 = np.float32(EPS)
-MAX_PAIRWISE = 4096   # the longest vector `pairwise_sum` sums as numpy does
 
 
 @njit
@@ -43,53 +42,40 @@ def _block_sum(x, lo, n):
 
 
 @njit
-def _halves(n):
-    """numpy's split of a vector longer than one block: the first part's length (a multiple of 8)."""
-    half = n // 2
-    return half - half % 8
-
-
-@njit
-def _sum_upto_256(x, lo, n):
-    if n <= 128:
-        return _block_sum(x, lo, n)
-    h = _halves(n)
-    return _block_sum(x, lo, h) + _block_sum(x, lo + h, n - h)
-
-
-@njit
-def _sum_upto_512(x, lo, n):
-    if n <= 128:
-        return _block_sum(x, lo, n)
-    h = _halves(n)
-    return _sum_upto_256(x, lo, h) + _sum_upto_256(x, lo + h, n - h)
-
-
-@njit
-def _sum_upto_1024(x, lo, n):
-    if n <= 128:
-        return _block_sum(x, lo, n)
-    h = _halves(n)
-    return _sum_upto_512(x, lo, h) + _sum_upto_512(x, lo + h, n - h)
-
-
-@njit
-def _sum_upto_2048(x, lo, n):
-    if n <= 128:
-        return _block_sum(x, lo, n)
-    h = _halves(n)
-    return _sum_upto_1024(x, lo, h) + _sum_upto_1024(x, lo + h, n - h)
-
-
-@njit
 def pairwise_sum(x, lo, n):
-    """x[lo:lo+n] float32 (n <= MAX_PAIRWISE) summed as numpy's add.reduce sums a contiguous vector: blocks
-    of up to 128 with eight accumulators, split in halves above that (unrolled: numba's cached recursion
-    is not reliable)."""
+    """x[lo:lo+n] float32 summed as numpy's add.reduce sums a contiguous vector: a block of up to 128 elements
+    with eight accumulators, else sum(first part) + sum(rest), the first part n // 2 rounded down to a multiple
+    of 8. The split tree is walked iteratively (numba's on-disk cache of a self-recursive function is not
+    reliable): post-order, so the additions happen in the recursion's order. Any length."""
     if n <= 128:
         return _block_sum(x, lo, n)
-    h = _halves(n)
-    return _sum_upto_2048(x, lo, h) + _sum_upto_2048(x, lo + h, n - h)
+    seg_lo, seg_n = np.empty(64, np.int64), np.empty(64, np.int64)   # segments still open (depth < log2(n) + 1)
+    seg_side = np.zeros(64, np.int64)                                 # 0: split next, 1: left summed, 2: both
+    sums = np.empty(64, np.float32)                                   # partial sums, innermost last
+    depth, m = 1, 0
+    seg_lo[0], seg_n[0] = lo, n
+    while depth:
+        top = depth - 1
+        s_lo, s_n = seg_lo[top], seg_n[top]
+        if s_n <= 128:                                                # a block: its sum, done
+            sums[m] = _block_sum(x, s_lo, s_n)
+            m += 1
+            depth -= 1
+            continue
+        half = s_n // 2
+        half -= half % 8
+        side = seg_side[top]
+        if side == 2:                                                 # both halves summed: left + right
+            sums[m - 2] = sums[m - 2] + sums[m - 1]
+            m -= 1
+            depth -= 1
+            continue
+        seg_side[top] = side + 1
+        seg_lo[depth] = s_lo if side == 0 else s_lo + half
+        seg_n[depth] = half if side == 0 else s_n - half
+        seg_side[depth] = 0
+        depth += 1
+    return sums[0]
 
 
 @njit
