@@ -156,7 +156,7 @@ def test_compiled_plans_and_store_upkeep_replay_like_the_array_path(options):
         def bind(self, ctx):
             super().bind(ctx)
             self.guide = None               # the plans go through LayerPlan and _to_prefetch
-            self.store._compiled = False    # the store through rdy() and _write
+            self.store.compiled = False     # the planner's array path, the store through rdy() and _write
 
     trace, embed = topic_trace(), torch.nn.Embedding(50, 8)
     runs = []
@@ -167,7 +167,7 @@ def test_compiled_plans_and_store_upkeep_replay_like_the_array_path(options):
         runs.append((row, policy))
     (a, fast), (b, slow) = runs
     assert fast.store.replaced > 0 and fast.iterations == 80
-    assert fast.applied and fast.store._compiled and not slow.applied   # each took its own path
+    assert fast.applied and fast.store.compiled and not slow.applied   # each took its own path
     for key in ("hits", "misses", "bytes_copied", "prefetch_copies", "ttft_s", "tpot_s"):
         assert a[key] == b[key], key
     for name in ("p", "freq", "score", "last_used"):

@@ -158,8 +158,8 @@ def test_compiled_upkeep_replaces_the_same_entry_and_stores_the_same_bits_as_num
     rng = np.random.default_rng(L)
     C, n = 16, 40
     compiled, plain = (MapStore(StoreSpec("m", L, J, E, "token", 3, C)) for _ in range(2))
-    plain._compiled = False
-    assert compiled._compiled
+    plain.compiled = False
+    assert compiled.compiled
     maps = rng.random((n, L * J), dtype=np.float32) ** 4
     sems = rng.standard_normal((n, E)).astype(np.float32)
     maps[5], sems[5] = maps[2], sems[2]                       # duplicates: exact RDY ties once the store is full

@@ -64,8 +64,9 @@ class MapStore:
         self.prefix_sq = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L]
         self.prefix_norm = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L] sqrt(prefix_sq)
         self._arrays: dict = {}   # (tensor name, backend type) -> the tensor as that backend's array
-        self.host_float32 = self.maps.device.type == "cpu" and dtype == torch.float32
-        self._compiled = self.host_float32        # the upkeep runs compiled (store_kernels.py)
+        # a host float32 store: its upkeep (store_kernels.py) and one-row searches (row_kernels.py) run compiled;
+        # False takes the numpy/torch paths
+        self.compiled = self.maps.device.type == "cpu" and dtype == torch.float32
         self.size = 0
         self.replaced = 0
         self.version = 0          # bumped by every write: results computed from the store are valid per version
@@ -125,7 +126,7 @@ class MapStore:
         """Insert one map [L*J] with its embedding [E]; append while not full, else replace the entry
         with the highest RDY (map_dots: see `rdy`). Returns the slot written. A host float32 store takes the
         compiled kernels (store_kernels.py): the same slot and the same stored values, in two calls."""
-        compiled = self._compiled
+        compiled = self.compiled
         if compiled:
             emap, sem = HOST.query(emap).reshape(-1), HOST.query(sem).reshape(-1)             # [L*J], [E]
         if not self.full:

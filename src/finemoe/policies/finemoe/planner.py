@@ -42,7 +42,7 @@ class IterationPlanner:
         # the full maps' products with the stored ones, for the RDY of a store that will replace an entry
         self.keep_dots = keep_map_dots and self.trajectory is not None and window == 0 and store.full
         self.version = store.version
-        self.one_row = batch == 1 and window == 0 and store.host_float32     # the compiled path applies
+        self.one_row = batch == 1 and window == 0 and store.compiled         # the compiled path applies
         self._idx, self._val = np.zeros(neighbors, np.int64), np.zeros(neighbors, np.float32)    # [K] matches
         self._experts, self._keys = np.zeros(self.J, np.int64), np.zeros(self.J, np.int64)   # [J] a plan's choice
         self._p = np.zeros(self.J)                                              # [J] and its probabilities
