@@ -106,21 +106,26 @@ class MapStore:
     def rdy(self, emap: Any, sem: Any, map_dots: Any = None) -> Any:
         """RDY(x, y) = (d/L) cos(sem_x, sem_y) + ((L-d)/L) cos(map_x, map_y) for every stored y -> [size] (the
         store's backend: numpy on the host). map_dots [size]: map_x . map_y when the caller has them (the
-        trajectory search sums them layer by layer); else summed here, layer by layer on contiguous blocks
-        (one einsum over [L, n, J] copies the store first and was 15x slower on the CPU)."""
+        trajectory search sums them layer by layer); else summed here (`_map_dots`)."""
         L, J, n = self.spec.num_layers, self.spec.num_experts, self.size
         d = min(self.spec.distance, L)
         xp = ops_for(self.device)
         e, s = xp.query(emap).reshape(L, J), xp.query(sem).reshape(-1)            # [L, J], [E]
         if map_dots is None:
-            maps = self.array("maps", xp)
-            map_dots = xp.f32(maps[0, :n]) @ e[0]                                 # [n]
-            for layer in range(1, L):
-                map_dots = map_dots + xp.f32(maps[layer, :n]) @ e[layer]
+            map_dots = self._map_dots(e, xp)                                      # [n]
         e_norm, s_norm = xp.sqrt_clip((e * e).sum(), 0.0), xp.sqrt_clip((s * s).sum(), 0.0)
         cos_map = xp.query(map_dots) / xp.maximum(self.array("prefix_norm", xp)[:n, -1] * e_norm, EPS)
         cos_sem = (xp.f32(self.array("sems", xp)[:n]) @ s) / xp.maximum(self.array("sem_norm", xp)[:n] * s_norm, EPS)
         return (d / L) * cos_sem + ((L - d) / L) * cos_map
+
+    def _map_dots(self, e: Any, xp: Any) -> Any:
+        """map e [L, J] . every stored map -> [size], summed layer by layer on contiguous blocks (one einsum over
+        [L, n, J] copies the store first and was 15x slower on the CPU)."""
+        maps, n = self.array("maps", xp), self.size
+        dots = xp.f32(maps[0, :n]) @ e[0]                                         # [n]
+        for layer in range(1, e.shape[0]):
+            dots = dots + xp.f32(maps[layer, :n]) @ e[layer]
+        return dots
 
     def add(self, emap: Any, sem: Any, map_dots: Any = None) -> int:
         """Insert one map [L*J] with its embedding [E]; append while not full, else replace the entry
@@ -146,15 +151,11 @@ class MapStore:
         """`rdy(...).argmax()` of a full host float32 store: one BLAS product (the embeddings), one kernel."""
         L, n = self.spec.num_layers, self.size
         d = min(self.spec.distance, L)
-        maps, sems, prefix_sq, prefix_norm, sem_norm = self._host_arrays
+        _, sems, _, prefix_norm, sem_norm = self._host_arrays
         if map_dots is None:
-            e = emap.reshape(L, -1)
-            map_dots = maps[0, :n] @ e[0]                                          # [n]
-            for layer in range(1, L):
-                map_dots = map_dots + maps[layer, :n] @ e[layer]
+            map_dots = self._map_dots(emap.reshape(L, -1), HOST)                  # [n]
         return int(sk.rdy_best(HOST.query(map_dots).reshape(-1), sems[:n] @ sem, emap, sem, prefix_norm[:n, -1],
                                sem_norm[:n], np.float32(d / L), np.float32((L - d) / L)))
-
 
     @property
     def _host_arrays(self) -> tuple:
