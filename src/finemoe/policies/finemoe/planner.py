@@ -71,11 +71,7 @@ class IterationPlanner:
         """`begin`'s guides as plans (`select`)."""
         if not self.compiled(select):
             return select.plan(self.begin(sem, memo, keys))
-        idx, score, last = self._semantic(sem, memo, keys)
-        if last == 0:
-            return []
-        K = idx.shape[0]                                                          # idx, score [K, 1]
-        self._idx[:K], self._val[:K] = idx[:, 0], score[:, 0]
+        K, last = self._semantic_match(sem, memo, keys)
         return [self._plan_row(layer, K, select) for layer in range(last)]
 
     def observe_plan(self, layer: int, probs: Any, select: Selection) -> LayerPlan | None:
@@ -97,11 +93,9 @@ class IterationPlanner:
         """`begin_plans` applied at once, in one compiled call (needs `compiled(select)`): each plan's layer gets
         its eviction p (`guide` = EvictionScores.guide_arrays()), and the result is the plans' prefetch
         (priority p / (layer + 1)), in layer order."""
-        idx, score, last = self._semantic(sem, memo, keys)
+        K, last = self._semantic_match(sem, memo, keys)
         if last == 0:
             return Prefetch.empty()
-        K = idx.shape[0]                                                          # idx, score [K, 1]
-        self._idx[:K], self._val[:K] = idx[:, 0], score[:, 0]
         n = rk.guided_rows(self.store.array("maps", HOST), last, self._idx, self._val, K, select.top_k, select.delta,
                            self._row, self._experts, self._out_keys, self._out_prio, *guide)
         return self._prefetch(n)
@@ -136,6 +130,16 @@ class IterationPlanner:
         embed = sem if callable(sem) else (lambda: sem)
         idx, score = memo.search(keys, embed) if memo is not None else semantic_topk(self.store, embed(), self.k)
         return idx, score, (self.L if self.mode == "semantic" else min(self.d, self.L))
+
+    def _semantic_match(self, sem: Any | Callable[[], Any], memo: SemanticMemo | None,
+                        keys: list | None) -> tuple[int, int]:
+        """One row's semantic search into _idx / _val -> (K matches, how many first layers they guide: 0 if none)."""
+        idx, score, last = self._semantic(sem, memo, keys)
+        if last == 0:
+            return 0, 0
+        K = idx.shape[0]                                                          # idx, score [K, 1]
+        self._idx[:K], self._val[:K] = idx[:, 0], score[:, 0]
+        return K, last
 
     def _routed(self, layer: int, probs: Any) -> tuple[np.ndarray, int | None]:
         """Record layer `layer`'s probabilities [B, J] -> (them as float32 numpy, the layer they guide, or None
