@@ -71,43 +71,43 @@ class TimedTransport(Transport):
         self.clock = np.zeros(4)
         self.done_at = np.zeros(num_slots)
         self.read_until = np.zeros(num_slots)
-        self._done, self._clock = memoryview(self.done_at), memoryview(self.clock)   # fast scalar access
-        self.clock_view = self._clock             # clock as a memoryview, for a driver that advances `now` often
+        self._done = memoryview(self.done_at)                   # fast scalar access
+        self.clock_view = memoryview(self.clock)                # also for a driver that advances `now` per layer
         self.kernel_state = (self.clock, self.done_at, self.read_until, float(self.copy_s), float(self.expert_bytes),
                              float(cost.layer_time_s))
 
-    now = property(lambda self: self._clock[0], lambda self, v: self._clock.__setitem__(0, v))
-    engine_free = property(lambda self: self._clock[1])
-    bytes_copied = property(lambda self: int(self._clock[3]),
-                            lambda self, v: self._clock.__setitem__(3, float(v)))
+    now = property(lambda self: self.clock_view[0], lambda self, v: self.clock_view.__setitem__(0, v))
+    engine_free = property(lambda self: self.clock_view[1])
+    bytes_copied = property(lambda self: int(self.clock_view[3]),
+                            lambda self, v: self.clock_view.__setitem__(3, float(v)))
 
     def start_copy(self, slot: int, key: int) -> None:
-        clock = self._clock
+        clock = self.clock_view
         end = max(clock[0], clock[1], self.read_until[slot]) + self.copy_s
         self._done[slot] = end
         clock[1] = end
         clock[3] += self.expert_bytes
 
     def is_done(self, slot: int) -> bool:
-        return self._done[slot] <= self._clock[0]
+        return self._done[slot] <= self.clock_view[0]
 
     def wait_compute(self, slots: np.ndarray) -> None:
         if slots.size:
             ready = max(map(self._done.__getitem__, slots.tolist()))
-            clock = self._clock
+            clock = self.clock_view
             if ready > clock[0]:
                 clock[2] += ready - clock[0]
                 clock[0] = ready
 
     def mark_used(self, slots: np.ndarray) -> None:
         """The layer starting now reads `slots` until now + layer time (called before the clock advances)."""
-        self.read_until[slots] = self._clock[0] + self.cost.layer_time_s
+        self.read_until[slots] = self.clock_view[0] + self.cost.layer_time_s
 
     def advance(self, seconds: float) -> None:
-        self._clock[0] += seconds
+        self.clock_view[0] += seconds
 
     def drain_stall_seconds(self) -> float:
-        s, self._clock[2] = self._clock[2], 0.0
+        s, self.clock_view[2] = self.clock_view[2], 0.0
         return s
 
 
