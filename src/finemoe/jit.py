@@ -21,3 +21,11 @@ def njit(fn):
     if _numba_njit is None:
         return fn
     return _numba_njit(cache=True)(fn)
+
+
+def njit_in_memory(fn):
+    """`njit` without the on-disk cache: for a kernel that takes other compiled functions as arguments, whose types
+    numba keys by the function objects of the process (a disk cache would only grow)."""
+    if _numba_njit is None:
+        return fn
+    return _numba_njit(cache=False)(fn)

@@ -52,11 +52,11 @@ class ExpertCache:
         self.resident = np.zeros(total_experts, dtype=bool)          # live view handed to policies
         self.qprio = np.full(K, np.nan)                       # [L*J] queued prefetch priority, NaN = not queued
         self.qkeys = np.zeros(K, np.int64)                    # [L*J] the queued keys in qkeys[:counts[2]]
-        self._slots = np.empty(max(capacity, 1), np.int64)    # kernel outputs, reused
-        self._keys = np.empty(K, np.int64)
+        self.scratch_slots = np.empty(max(capacity, 1), np.int64)    # kernel outputs, reused (by compiled drivers too)
+        self.scratch_keys = np.empty(K, np.int64)
         self._flying = np.empty(max(capacity, 1), np.int64)
         self._flags = memoryview(self.flags)                  # scalar writes
-        self._new = np.empty(max(capacity, 1), bool)
+        self.scratch_new = np.empty(max(capacity, 1), bool)
         self._marks_use = type(transport).mark_used is not Transport.mark_used
         self._fused = getattr(transport, "fused_demand", None)       # the simulator's compiled demand + copies
         self._fused_pump = getattr(transport, "fused_pump", None)    # ... and prefetch issue + copies
@@ -72,8 +72,9 @@ class ExpertCache:
         return CacheView(self.resident, self.capacity)
 
     # ---- victims -----------------------------------------------------------------------------
-    def _current_rank(self) -> EvictionRank:
-        """The policy's rank, asked once the cache is full (before that, victims are rare: select_victims)."""
+    def current_rank(self) -> EvictionRank:
+        """The policy's rank, asked once the cache is full (before that, victims are rare: select_victims). A
+        compiled driver passes its arrays to the kernels (invalid: they return NEED_VICTIMS and change nothing)."""
         if self._rank is None:
             if self.counts[0] < self.capacity:
                 return _NO_RANK
@@ -98,9 +99,9 @@ class ExpertCache:
         return self.slot_of[victims[:n]]
 
     def _demand_victims(self, n: int) -> np.ndarray:
-        """After `demand` returned NEED_VICTIMS for n experts (self._slots holds the present ones' slots): the
+        """After `demand` returned NEED_VICTIMS for n experts (self.scratch_slots holds the present ones' slots): the
         policy's victims for the missing ones beyond the empty slots (raises if too few slots are evictable)."""
-        held = [s for s in self._slots[:n].tolist() if s >= 0]
+        held = [s for s in self.scratch_slots[:n].tolist() if s >= 0]
         need = n - len(held) - (self.capacity - int(self.counts[0]))
         victims = self._policy_victims(need, False, held)
         if victims.size < need:
@@ -132,12 +133,12 @@ class ExpertCache:
             if self._marks_use:
                 self.transport.mark_used(np.array(slots, dtype=np.int64))
             return sum(hit)
-        rank = self._current_rank()
+        rank = self.current_rank()
         args = (layer * self.J, experts, self.table, self.K, self.flags, self.resident, rank.primary,
                 rank.secondary, rank.control)
-        hits = int(self._fused(*args, _NONE, self._slots, self._new, *self.transport.kernel_state))
+        hits = int(self._fused(*args, _NONE, self.scratch_slots, self.scratch_new, *self.transport.kernel_state))
         if hits == sk.NEED_VICTIMS:
-            hits = int(self._fused(*args, self._demand_victims(experts.size), self._slots, self._new,
+            hits = int(self._fused(*args, self._demand_victims(experts.size), self.scratch_slots, self.scratch_new,
                                    *self.transport.kernel_state))
         if hits == sk.NO_ROOM:
             raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {experts.size} experts at once")
@@ -146,19 +147,19 @@ class ExpertCache:
     def _acquire(self, layer: int, experts: np.ndarray, mode: int) -> tuple[list[int], list[bool], int]:
         """The demand path -> (slot of each expert, hit of each expert, experts copied on demand). One kernel
         call places every miss; Python only over the misses' copies and the present ones' copy state."""
-        rank = self._current_rank()
+        rank = self.current_rank()
         args = (layer * self.J, experts, mode, self.table, self.K, self.flags, self.resident,
                 rank.primary, rank.secondary, rank.control)
         n = experts.size
-        loaded = int(sk.demand(*args, _NONE, self._slots, self._new))
+        loaded = int(sk.demand(*args, _NONE, self.scratch_slots, self.scratch_new))
         if loaded == sk.NEED_VICTIMS:
-            loaded = int(sk.demand(*args, self._demand_victims(n), self._slots, self._new))
+            loaded = int(sk.demand(*args, self._demand_victims(n), self.scratch_slots, self.scratch_new))
         if loaded == sk.NO_ROOM:
             raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {n} experts at once")
-        slots = self._slots[:n].tolist()
+        slots = self.scratch_slots[:n].tolist()
         is_done = self.transport.is_done
         if loaded:
-            new = self._new[:n].tolist()
+            new = self.scratch_new[:n].tolist()
             hit = [not w and is_done(s) for s, w in zip(slots, new)]
             start_copy, base = self.transport.start_copy, layer * self.J
             for e, s, w in zip(experts.tolist(), slots, new):
@@ -186,10 +187,10 @@ class ExpertCache:
         if not self.counts[2]:
             return 0
         if self._fused_pump is not None:
-            rank = self._current_rank()
+            rank = self.current_rank()
             m = self._fused_pump((current_layer + 1) * self.J, self.prefetch_inflight, self.table, self.K, self.flags,
                                  self.resident, rank.primary, rank.secondary, rank.control, self.qprio, self.qkeys,
-                                 self._keys, self._slots, *self.transport.kernel_state)
+                                 self.scratch_keys, self.scratch_slots, *self.transport.kernel_state)
             m = int(m)
             if m != sk.NEED_VICTIMS:
                 self.prefetch_copies += m
@@ -198,8 +199,8 @@ class ExpertCache:
         budget = self.prefetch_inflight - self._in_flight()
         if budget <= 0 or not self.counts[2]:
             return 0
-        m = int(sk.best_queued(budget, self.table, self.qprio, self.qkeys, self._keys))
-        return self._start_prefetches(self._keys[:m].copy())
+        m = int(sk.best_queued(budget, self.table, self.qprio, self.qkeys, self.scratch_keys))
+        return self._start_prefetches(self.scratch_keys[:m].copy())
 
     def _in_flight(self) -> int:
         """Prefetch copies still in flight; finished ones lose their mark (a finished copy stays finished)."""
@@ -216,17 +217,17 @@ class ExpertCache:
     def _start_prefetches(self, keys: np.ndarray) -> int:
         """Copy `keys` (int64, not resident) into slots now, as prefetches (they leave the queue); returns how
         many found room."""
-        rank = self._current_rank()
+        rank = self.current_rank()
         args = (keys, self.table, self.K, self.flags, self.resident, rank.primary, rank.secondary, rank.control)
-        m = int(sk.prefetch(*args, _NONE, self._slots, self.qprio, self.qkeys))
+        m = int(sk.prefetch(*args, _NONE, self.scratch_slots, self.qprio, self.qkeys))
         if m == sk.NEED_VICTIMS:   # the policy's victims (none: only the empty slots)
             empty = self.capacity - int(self.counts[0])
             victims = self._policy_victims(keys.size - empty, True)
             none = self._admit_none
             m = int(sk.prefetch(keys, self.table, self.K, self.flags, self.resident, none.primary, none.secondary,
-                                none.control, victims, self._slots, self.qprio, self.qkeys))
+                                none.control, victims, self.scratch_slots, self.qprio, self.qkeys))
         start_copy = self.transport.start_copy
-        for key, slot in zip(keys[:m].tolist(), self._slots[:m].tolist()):
+        for key, slot in zip(keys[:m].tolist(), self.scratch_slots[:m].tolist()):
             start_copy(slot, key)
         self.prefetch_copies += m
         return m

@@ -150,6 +150,27 @@ class EvictionRank:
         self.control[1] = 1.0 if valid else 0.0
 
 
+@dataclass(frozen=True)
+class LayerKernels:
+    """Optional fast path of a decode iteration (one batch row, one token) for a driver that knows the iteration's
+    routing when it begins (the simulator): the policy's `on_access` and `on_layer_routed` as compiled functions
+    (numba) over its own arrays, which the driver calls from its own compiled loop over the layers.
+
+    access(layer, experts [n] int64, counts [n] int64, access_state) does exactly what `on_access` does.
+    routed(layer, top_k [k] int64, probs [J] float32, aux [X] float32, routed_state, keys [L*J] int64,
+        prio [L*J] float64) -> n does exactly what `on_layer_routed` does with that token's routing (token_rows
+        [0]), and writes the prefetch it would return into keys[:n] / prio[:n].
+    aux [L, X] float32: per layer, what the policy computed in advance from the iteration's routing alone (and
+        from state the iteration does not change), e.g. a product with a store that is fixed until the iteration
+        ends; X may be 0. The policy's own callbacks call these same functions, so both paths decide alike."""
+
+    access: Any
+    access_state: tuple
+    routed: Any
+    routed_state: tuple
+    aux: np.ndarray
+
+
 class Policy(ABC):
     """A prefetch + eviction policy. Subclasses set `name` and `description` (what it assumes, which
     paper it follows) and register with `@register_policy`.
@@ -196,6 +217,13 @@ class Policy(ABC):
 
     def on_iteration_end(self, it: IterationInfo) -> None:
         """The forward pass finished."""
+
+    def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels | None:
+        """Called after `on_iteration_start` of a decode iteration of one row by a driver that knows its routing:
+        probs [L, J] float32, the token's router probabilities per layer (None unless `needs_router_probs`).
+        Return this iteration's callbacks as compiled functions (LayerKernels), or None (default): the driver
+        then calls `on_access` and `on_layer_routed`."""
+        return None
 
     @abstractmethod
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:

@@ -27,6 +27,7 @@ from finemoe.experts.cache import ExpertCache
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import IterationInfo, LayerRouting, Policy, PolicyContext, RequestInfo
+from finemoe.simulator.decode_loop import decode_layers
 from finemoe.simulator.transport import CostModel, GenericTimedTransport, TimedTransport
 from finemoe.traces.format import Trace
 
@@ -96,6 +97,11 @@ class Replay:
         # the base class's on_layer_routed returns no prefetch by contract: skip building its argument
         self.reports_routing = type(self.policy).on_layer_routed is not Policy.on_layer_routed
         self.token_ids = trace.token_ids.astype(np.int64)                       # [N] for IterationInfo.input_ids
+        # a decode iteration's layers in one compiled call where the policy offers its callbacks compiled
+        self.compiled = compiled and not self.all_resident
+        L, J = trace.num_layers, trace.num_experts
+        self.no_probs = np.zeros((L, 0), np.float32)                            # [L, 0] for a policy reading none
+        self.prefetch_out = (np.zeros(L * J, np.int64), np.zeros(L * J))        # a compiled `routed`'s prefetch
         self.iteration = 0
         self.metrics: list[RequestMetrics] = []
 
@@ -137,14 +143,29 @@ class Replay:
         cache, policy = self.cache, self.policy
         cache.enqueue(policy.on_iteration_start(it))
         cache.pump(-1)
-        if b - a == 1:   # decode: one token, its k distinct experts (sorted) once each
-            layers = zip(range(self.g.num_layers), self.routed.sorted_topk[a], repeat(self.routed.ones))
+        probs = (self.trace.probs[a:b].astype(np.float32)                                     # [T, L, J]
+                 if self.reports_routing and policy.needs_router_probs else None)
+        token = None if probs is None else probs[0]                                            # [L, J]
+        kernels = policy.decode_kernels(token) if self.compiled and b - a == 1 else None
+        if kernels is not None:
+            routed = self.routed
+            hits, misses = decode_layers(cache, self.transport, kernels, routed.sorted_topk[a], routed.topk[a],
+                                         self.no_probs if token is None else token, routed.ones,
+                                         self.cost.host_layer_s, self._step_s, self.prefetch_out)
         else:
-            layers = self._distinct_per_layer(a, b)
-        hits, misses = self._layers(layers, a, b)
+            if b - a == 1:   # decode: one token, its k distinct experts (sorted) once each
+                layers = zip(range(self.g.num_layers), self.routed.sorted_topk[a], repeat(self.routed.ones))
+            else:
+                layers = self._distinct_per_layer(a, b)
+            hits, misses = self._layers(layers, a, b, probs)
         policy.on_iteration_end(it)
         cache.end_iteration()
         return hits, misses
+
+    @property
+    def _step_s(self) -> float:
+        """Simulated time from a layer's compute start to the next layer's: the host's policy work overlaps it."""
+        return max(self.cost.layer_time_s, self.cost.policy_layer_s)
 
     def _distinct_per_layer(self, a: int, b: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """(layer, distinct experts ascending, tokens per expert) of token rows a..b, as np.unique per layer
@@ -155,13 +176,12 @@ class Replay:
         return [(layer, keys[lo:hi] - layer * J, counts[lo:hi])
                 for layer, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
-    def _layers(self, layers, a: int, b: int) -> tuple[int, int]:
+    def _layers(self, layers, a: int, b: int, probs: np.ndarray | None) -> tuple[int, int]:
         """Every MoE layer of one iteration in the engine's order (OffloadRuntime.begin_layer, then finish_layer
         once the compute is issued): on_access, the demand path (waves of `capacity` experts when a layer needs
         more), on_layer_routed, pump, then the layer's compute time. Returns (hits, misses)."""
         transport, cache, policy = self.transport, self.cache, self.policy
-        host_s, cap = self.cost.host_layer_s, self.capacity
-        layer_s = max(self.cost.layer_time_s, self.cost.policy_layer_s)   # the host's policy work overlaps compute
+        host_s, cap, layer_s = self.cost.host_layer_s, self.capacity, self._step_s
         hits = misses = 0
         if self.all_resident:
             for _, experts, _ in layers:
@@ -172,7 +192,6 @@ class Replay:
         routing = self.reports_routing
         rows = np.zeros(b - a, np.int64) if routing else None                 # [T] every token is batch row 0
         topk = self.routed.topk[a:b]                                          # [T, L, k]
-        probs = self.trace.probs[a:b].astype(np.float32) if routing and self.policy.needs_router_probs else None
         clock = transport.clock_view                                          # [now, ...] (float64)
         for layer, experts, counts in layers:
             clock[0] += host_s            # the host learns the routing; the layer's copies start after

@@ -9,6 +9,7 @@ store keeps `prefix_sq` [C, L]: the cumulative squared norm of each map up to an
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +25,14 @@ from finemoe.storage import save_atomic
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def model_identity(geometry: Any, model_name: str | None) -> str:
+    """The served model as a store records it (name, layers, experts, top-k, expert tensor shapes): a store is
+    only reused by the same model."""
+    g = geometry
+    shapes = ",".join(f"{k}{list(v)}" for k, v in sorted(g.param_shapes.items()))
+    return f"{model_name or 'unknown-model'}|L={g.num_layers}|J={g.num_experts}|top_k={g.top_k}|{shapes}"
 
 
 class MapStoreError(FineMoEError):
@@ -181,6 +190,20 @@ class MapStore:
         meta["dtype"] = {torch.float32: "float32", torch.float16: "float16"}[self.maps.dtype]
         tensors = {"maps": self.entry_maps(slice(0, self.size)).cpu().contiguous(), "sems": self.sems[: self.size].cpu().contiguous()}
         save_atomic(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
+
+    @classmethod
+    def open(cls, path: str | None, spec: "StoreSpec", file_distance: bool, file_capacity: bool,
+             device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "MapStore":
+        """The store at `path` if that file exists (with `file_distance` / `file_capacity` the file's prefetch
+        distance / capacity replace `spec`'s), else a new empty one for `spec`."""
+        if not (path and os.path.exists(path)):
+            return cls(spec, dtype or torch.float32, device)
+        store = cls.load(path, None, device, dtype)
+        if file_distance:
+            spec = StoreSpec(**{**spec.__dict__, "distance": store.spec.distance})
+        if file_capacity:
+            spec = StoreSpec(**{**spec.__dict__, "capacity": store.spec.capacity})
+        return cls.load(path, spec, device, dtype) if spec != store.spec else store
 
     @classmethod
     def load(cls, path: str, expect: StoreSpec | None = None, device: str | torch.device = "cpu",

@@ -10,12 +10,15 @@ import numpy as np
 
 from finemoe.policies.base import Prefetch
 from finemoe.policies.finemoe import row_kernels as rk
+from finemoe.policies.finemoe import step_kernels as sk
 from finemoe.policies.finemoe.map_store import MapStore
 from finemoe.policies.finemoe.arrays import HOST
 from finemoe.policies.finemoe.search import Guide, SemanticMemo, TrajectorySearch, blend, semantic_topk
 from finemoe.policies.finemoe.selection import LayerPlan, Selection
 
 SEARCH_MODES = ("both", "semantic", "trajectory")
+_NO_DOT = np.zeros(0, np.float32)                  # [0] a layer that multiplies nothing
+_NO_IDS = np.zeros(0, np.int64)                    # [0] routed_step does not read top-k ids
 
 
 class IterationPlanner:
@@ -36,7 +39,7 @@ class IterationPlanner:
         self.batch = batch
         self.k = neighbors
         self.observed = np.zeros((batch, self.L, self.J), dtype=np.float32)      # [B, L, J] host
-        self.seen = 0
+        self._seen = np.zeros(1, np.int64)                                      # [1] layers observed (kernels add)
         self.empty = store.size == 0
         self.trajectory = None if self.empty or mode == "semantic" else TrajectorySearch(store, batch, window)
         # the full maps' products with the stored ones, for the RDY of a store that will replace an entry
@@ -49,6 +52,11 @@ class IterationPlanner:
         self._row = np.zeros(self.J, np.float32)                                # [J] an applied plan's guiding row
         self._out_keys = np.zeros(self.L * self.J, np.int64)                    # [L*J] applied plans' prefetch
         self._out_prio = np.zeros(self.L * self.J)
+        self._state: tuple | None = None                                        # routed_state, built once
+
+    @property
+    def seen(self) -> int:
+        return int(self._seen[0])
 
     def begin(self, sem: Any | Callable[[], Any], memo: SemanticMemo | None = None,
               keys: list | None = None) -> list[Guide]:
@@ -104,15 +112,37 @@ class IterationPlanner:
         """`observe_plan`'s plan applied at once, in one compiled call after the store product (needs
         `compiled(select)`): the guided layer's eviction p set (`guide`, as in `begin_applied`), and its
         prefetch (priority p / (target - layer)) returned; empty when this layer guides none."""
-        q, target = self._routed(layer, probs)                                   # q [1, J]
-        if target is None:
-            return Prefetch.empty()
-        tr = self.trajectory
-        dot = tr.product(layer, q)                                               # [n, 1]
-        n = rk.routed_row(dot[:, 0], tr.dots[:, 0], q[0], tr.q_sq, tr.prefix_norm[:, layer], self.k, self._idx,
-                          self._val, self.store.array("maps", HOST), target, select.top_k, select.delta, layer,
-                          self._row, self._experts, self._out_keys, self._out_prio, *guide)
+        q = HOST.query(probs)                                                    # [1, J]
+        dot = self.trajectory.product(layer, q)[:, 0] if self._multiplies(layer) else _NO_DOT      # [n]
+        n = sk.routed_step(layer, _NO_IDS, q[0], dot, self.routed_state(select, guide), self._out_keys,
+                           self._out_prio)
         return self._prefetch(n)
+
+    def _multiplies(self, layer: int) -> bool:
+        """Whether layer `layer`'s routing is multiplied with the store (a trajectory guide, or the kept products)."""
+        return self.trajectory is not None and (layer + self.d < self.L or self.keep_dots)
+
+    def products(self, probs: np.ndarray) -> np.ndarray:
+        """probs [L, J] float32, one row's routing of a whole iteration -> [L, n] float32: every layer's
+        `trajectory.product` in one call (TrajectorySearch.products: the same bits), for `routed_step`'s dot
+        ([L, 0] without a trajectory)."""
+        if self.trajectory is None:
+            return np.zeros((self.L, 0), np.float32)
+        return self.trajectory.products(0, probs[:, None, :])[:, :, 0]                  # [L, n]
+
+    def routed_state(self, select: Selection, guide: tuple) -> tuple:
+        """step_kernels.routed_step's state for this iteration's one row (needs `compiled(select)`): (observed
+        [L, J], seen [1], d, L, tracking, keep_dots, dots [n], q_sq [1], prefix_norm [C, L], K, idx, val, maps
+        [L, C, J], top_k, delta, row [J], experts [J], p, score, freq, rescore)."""
+        if self._state is None:
+            tr = self.trajectory
+            tracking = tr is not None
+            dots, q_sq = (tr.dots[:, 0], tr.q_sq) if tracking else (_NO_DOT, np.zeros(1, np.float32))
+            self._state = (self.observed[0], self._seen, self.d, self.L, tracking, bool(self.keep_dots), dots, q_sq,
+                           self.store.array("prefix_norm", HOST), self.k, self._idx, self._val,
+                           self.store.array("maps", HOST), select.top_k, bool(select.delta), self._row, self._experts,
+                           *guide)
+        return self._state
 
     def _prefetch(self, n: int) -> Prefetch:
         """The first n applied keys and priorities, copied (the buffers are reused by the next call)."""
@@ -146,7 +176,7 @@ class IterationPlanner:
         when none: then only the running products grow, if kept)."""
         probs = HOST.query(probs)                                                # [B, J] float32 numpy
         self.observed[:, layer] = probs
-        self.seen += 1
+        self._seen[0] += 1
         target = layer + self.d
         if self.trajectory is None or target >= self.L:
             if self.keep_dots:

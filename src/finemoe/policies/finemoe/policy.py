@@ -12,7 +12,6 @@ options `max_prefetch`, `cold_p` (admission.py; off by default).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -20,12 +19,12 @@ import numpy as np
 import torch
 
 from finemoe.errors import ConfigError
-from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
-                                   RequestInfo, register_policy)
-from finemoe.policies.finemoe import row_kernels, store_kernels
+from finemoe.policies.base import (EvictionRank, IterationInfo, LayerKernels, LayerRouting, Policy, PolicyContext,
+                                   Prefetch, RequestInfo, register_policy)
+from finemoe.policies.finemoe import row_kernels, step_kernels, store_kernels
 from finemoe.policies.finemoe.admission import PrefetchGate
 from finemoe.policies.finemoe.embedding import SEMANTIC_MODES, make_embedder
-from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec
+from finemoe.policies.finemoe.map_store import DTYPES, MapStore, StoreSpec, model_identity
 from finemoe.policies.finemoe.planner import SEARCH_MODES, IterationPlanner
 from finemoe.policies.finemoe.rows import RowQueries
 from finemoe.policies.finemoe.search import SemanticMemo
@@ -93,10 +92,11 @@ class FineMoEPolicy(Policy):
         self.L, self.J, self.top_k = g.num_layers, g.num_experts, g.top_k
         self.select = Selection(g.top_k, self.selection == "delta", self.floor)
         self.embedder = make_embedder(self.semantic, ctx)
-        self.store = self._open_store(self._identity(ctx))
+        self.store = self._open_store(ctx)
         self.d = self.store.spec.distance
         self.scores = EvictionScores(g.total_experts, self.eviction)
         self.guide = self.scores.guide_arrays()   # the eviction p arrays for compiled plans (None: not compiled)
+        self.access_state = self.scores.access_state(self.J)
         self.applied = False                      # this iteration's plans are made and applied in compiled calls
         # auto = inline: the engine calls the policy while the layer computes, so the search already runs beside
         # inference; a thread added GIL contention and late guides (docs/BENCHMARKS.md, runs 10-12)
@@ -106,28 +106,16 @@ class FineMoEPolicy(Policy):
         self.memo = SemanticMemo(self.store, self.neighbors)
         row_kernels.warm_up()                     # compiled (or loaded) now, not in the first request
         store_kernels.warm_up()
+        step_kernels.warm_up()
         self.prompt_lens: dict[str, int] = {}
         self.planner: IterationPlanner | None = None
         self.queries = RowQueries(self.prefill)
 
-    @staticmethod
-    def _identity(ctx: PolicyContext) -> str:
-        g = ctx.geometry
-        shapes = ",".join(f"{k}{list(v)}" for k, v in sorted(g.param_shapes.items()))
-        name = getattr(ctx, "model_name", None) or "unknown-model"
-        return f"{name}|L={g.num_layers}|J={g.num_experts}|top_k={g.top_k}|{shapes}"
-
-    def _open_store(self, identity: str) -> MapStore:
-        spec = StoreSpec(identity, self.L, self.J, self.embedder.dim, self.semantic,
-                         self.distance if self.distance is not None else 3, self.capacity or 1000)
-        if self.path and os.path.exists(self.path) and not self.fresh:
-            store = MapStore.load(self.path, None, self.store_device, self.store_dtype)
-            if self.distance is None:
-                spec = StoreSpec(**{**spec.__dict__, "distance": store.spec.distance})
-            if self.capacity is None:
-                spec = StoreSpec(**{**spec.__dict__, "capacity": store.spec.capacity})
-            return MapStore.load(self.path, spec, self.store_device, self.store_dtype) if spec != store.spec else store
-        return MapStore(spec, self.store_dtype, self.store_device)
+    def _open_store(self, ctx: PolicyContext) -> MapStore:
+        spec = StoreSpec(model_identity(ctx.geometry, ctx.model_name), self.L, self.J, self.embedder.dim,
+                         self.semantic, self.distance if self.distance is not None else 3, self.capacity or 1000)
+        return MapStore.open(self.path if not self.fresh else None, spec, self.distance is None, self.capacity is None,
+                             self.store_device, self.store_dtype)
 
     # ---- requests --------------------------------------------------------------------------------
     def on_request_start(self, req: RequestInfo) -> None:
@@ -180,7 +168,7 @@ class FineMoEPolicy(Policy):
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         t0 = time.perf_counter()
-        self.scores.used(layer * self.J + experts)
+        step_kernels.use_layer(layer, experts, counts, self.access_state)
         self.critical_s += time.perf_counter() - t0
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
@@ -195,6 +183,16 @@ class FineMoEPolicy(Policy):
             out = self._to_prefetch(self.worker.drain(), layer_now=layer)
         self.critical_s += time.perf_counter() - t0
         return out
+
+    def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels | None:
+        """On the compiled path (`applied`): `on_access` and `on_layer_routed` as step_kernels' functions, with the
+        store products of the iteration's routing probs [L, J] made in advance (the store is fixed until the
+        iteration ends). Their host time is not counted in `critical_path_s`."""
+        if not self.applied or probs is None:
+            return None
+        planner = self.planner
+        return LayerKernels(step_kernels.use_layer, self.access_state, step_kernels.routed_step,
+                            planner.routed_state(self.select, self.guide), planner.products(probs))
 
     def on_iteration_end(self, it: IterationInfo) -> None:
         t0 = time.perf_counter()

@@ -17,15 +17,19 @@ from finemoe.policies.finemoe.pairwise import EPS32, norm_of, pairwise_sum
 @njit
 def top_entries(dots, norm, q_norm, k, idx, val):
     """cos[c] = dots[c] / max(norm[c] * q_norm, EPS) for the n = dots.size stored entries -> the K = min(k, n)
-    best into idx [K] int64 / val [K] float32, best first, ties to the lower entry. Returns K."""
+    best into idx [K] int64 / val [K] float32, best first, ties to the lower entry. Returns K. The cosines are
+    computed first, in a loop of their own (its divisions pipeline), then ranked."""
     n = dots.shape[0]
     K = min(k, n)
-    m = 0
+    cos = np.empty(n, np.float32)                                                # [n]
     for c in range(n):
         d = norm[c] * q_norm
         if d < EPS32:
             d = EPS32
-        v = dots[c] / d
+        cos[c] = dots[c] / d
+    m = 0
+    for c in range(n):
+        v = cos[c]
         if m < K or v > val[m - 1]:
             pos = m if m < K else K - 1
             while pos > 0 and val[pos - 1] < v:
@@ -89,7 +93,37 @@ def blend_row(maps, layer, idx, val, K, row):
 def delta_choice(row, score, top_k, use_delta, experts):
     """The smallest set of row's most probable experts (ties: lower id) whose float32 running mass reaches
     delta = clip(1 - score, 0, 1) (0 without `use_delta`), never fewer than top_k -> their ids ascending in
-    experts [J]; returns how many."""
+    experts [J]; returns how many. A row of non-negative numbers (every probability row) is ranked only as far
+    as the set reaches (its running mass never falls); any other row is sorted whole (`_delta_choice_sorted`)."""
+    J = row.size
+    for j in range(J):
+        if not row[j] >= 0:                                                      # negative or NaN
+            return _delta_choice_sorted(row, score, top_k, use_delta, experts)
+    delta = min(max(1.0 - np.float64(score), 0.0), 1.0) if use_delta else 0.0
+    taken = np.zeros(J, np.bool_)                                                # [J]
+    mass = np.float32(0.0)
+    need = 0
+    while need < J:
+        best = -1
+        for j in range(J):                                                       # the most probable left, lower id
+            if not taken[j] and (best < 0 or row[j] > row[best]):
+                best = j
+        taken[best] = True
+        mass = row[best] if need == 0 else mass + row[best]
+        need += 1
+        if mass >= delta and need >= top_k:
+            break
+    m = 0
+    for j in range(J):
+        if taken[j]:
+            experts[m] = j
+            m += 1
+    return need
+
+
+@njit
+def _delta_choice_sorted(row, score, top_k, use_delta, experts):
+    """`delta_choice` by a full stable sort: count the running masses below delta over every position."""
     J = row.size
     delta = min(max(1.0 - np.float64(score), 0.0), 1.0) if use_delta else 0.0
     order = np.argsort(-row, kind="mergesort")                                   # [J] stable: ties to lower id
@@ -121,12 +155,14 @@ def plan_row(maps, layer, idx, val, K, top_k, use_delta, row, experts, keys, p):
 
 @njit
 def use_keys(keys, clock, freq, last_used, p, score, rescore):
-    """Keys [n] (distinct) were used at `clock`: freq += 1, last_used = clock, and score = p * freq (rescore 1,
-    pfreq) or freq (rescore 2, lfu); rescore 0 leaves score. All [L*J] float64."""
+    """Keys [n] (distinct) were used: clock [1] += 1, then freq += 1, last_used = clock, and score = p * freq
+    (rescore 1, pfreq) or freq (rescore 2, lfu); rescore 0 leaves score. All [L*J] float64."""
+    clock[0] += 1.0
+    now = clock[0]
     for i in range(keys.size):
         k = keys[i]
         freq[k] += 1.0
-        last_used[k] = clock
+        last_used[k] = now
         if rescore == 1:
             score[k] = p[k] * freq[k]
         elif rescore == 2:
@@ -185,7 +221,7 @@ def warm_up() -> None:
                         np.zeros(1, np.float32), norm[:, 0], 2, idx, val)
     semantic_step(np.ones(2, np.float32), np.ones(3, np.float32), norm[0], 2, idx, val)
     plan_row(maps, 1, idx, val, k, 1, True, row, experts, np.zeros(3, np.int64), np.zeros(3))
-    use_keys(np.zeros(1, np.int64), 1.0, np.zeros(2), np.zeros(2), np.zeros(2), np.zeros(2), 1)
+    use_keys(np.zeros(1, np.int64), np.zeros(1), np.zeros(2), np.zeros(2), np.zeros(2), np.zeros(2), 1)
     ev = (np.zeros(6), np.zeros(6), np.zeros(6), 1)                               # p, score, freq [L*J], rescore
     keys, prio = np.zeros(6, np.int64), np.zeros(6)
     routed_row(np.ones(2, np.float32), np.zeros(2, np.float32), np.ones(3, np.float32), np.zeros(1, np.float32),

@@ -125,9 +125,16 @@ class TrajectorySearch:
         self.recent: list = []   # window: per layer ([n, B] dots, [B] q_sq)
 
     def product(self, layer: int, q: Any) -> Any:
-        """The stored maps' layer `layer` . q [B, J] float32 -> [n, B]: one BLAS product, the one every path
-        (array, compiled, accumulate) takes, so their sums agree to the last bit."""
-        return self.xp.f32(self.maps[layer, : self.n]) @ q.T
+        """The stored maps' layer `layer` . q [B, J] float32 -> [n, B]: `products` of that one layer, the call every
+        path (array, compiled, accumulate, a whole iteration's in advance) makes, so their sums agree to the last
+        bit."""
+        return self.products(layer, q[None])[0]
+
+    def products(self, first: int, qs: Any) -> Any:
+        """Layers first..first+D-1 of the stored maps . qs [D, B, J] float32 -> [D, n, B]: one batched BLAS
+        product, per layer the same matrix product with the same strides whatever D is."""
+        D = qs.shape[0]
+        return self.xp.f32(self.maps[first:first + D, : self.n]) @ qs.swapaxes(1, 2)   # [D, n, J] @ [D, J, B]
 
     def accumulate(self, layer: int, probs: Any) -> None:
         """Layer `layer` routed with probabilities [B, J] but guides no later layer (window 0): only the running

@@ -147,7 +147,7 @@ class EvictionScores:
         self.freq = np.zeros(total)
         self.ema = np.zeros(total)
         self.last_used = np.full(total, -1.0)
-        self.clock = 0.0
+        self._clock = np.zeros(1)                  # [1] uses so far (an array: compiled callers advance it)
         self.score = self.last_used if rule == "lru" else np.zeros(total)
         self._rescore_used = {"pfreq": 1, "lfu": 2}.get(rule, 0)      # what a use changes in `score`
         self.rank = EvictionRank.of(self.score, None if rule == "lru" else self.last_used)
@@ -188,10 +188,17 @@ class EvictionScores:
             return None
         return self.p, self.score, self.freq, int(self.rule == "pfreq")
 
+    @property
+    def clock(self) -> float:
+        return float(self._clock[0])
+
     def used(self, keys: np.ndarray) -> None:
         """keys [n] int64, distinct (one compiled call)."""
-        self.clock += 1.0
-        row_kernels.use_keys(keys, self.clock, self.freq, self.last_used, self.p, self.score, self._rescore_used)
+        row_kernels.use_keys(keys, self._clock, self.freq, self.last_used, self.p, self.score, self._rescore_used)
+
+    def access_state(self, num_experts: int) -> tuple:
+        """`used` for compiled callers (step_kernels.use_layer): (J, clock, freq, last_used, p, score, rescore)."""
+        return num_experts, self._clock, self.freq, self.last_used, self.p, self.score, self._rescore_used
 
     def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
         if self.rule == "lru":

@@ -1,0 +1,126 @@
+"""The simulator's compiled decode loop (simulator/decode_loop.py): a policy that offers its per-layer callbacks as
+compiled functions (Policy.decode_kernels) replays exactly as when the replay calls those callbacks layer by layer:
+the same hits, copies, times and policy state, including the steps the loop hands back to the cache's Python path
+(victims from `select_victims`, the rank asked when the cache fills)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from finemoe.jit import njit
+from finemoe.policies.base import EvictionRank, LayerKernels, Policy, Prefetch, register_policy
+from finemoe.policies.finemoe import FineMoEPolicy
+from finemoe.simulator import CostModel
+from finemoe.simulator.replay import Replay
+from test_finemoe_row_kernels import topic_trace
+
+FIELDS = ("hits", "misses", "bytes_copied", "prefetch_copies", "wasted_prefetches", "ttft_s", "tpot_s", "simulated_s")
+
+
+def counting(cls):
+    """`cls` counting the decode iterations it handed to the compiled loop; `per_layer=True` hands none."""
+    class Counted(cls):
+        def __init__(self, *a, per_layer=False, **kw):
+            super().__init__(*a, **kw)
+            self.per_layer, self.looped = per_layer, 0
+
+        def decode_kernels(self, probs):
+            kernels = None if self.per_layer else super().decode_kernels(probs)
+            self.looped += kernels is not None
+            return kernels
+    return Counted
+
+
+def replay_both(cls, trace, budget, cost, **options):
+    rows, policies = [], []
+    for per_layer in (False, True):
+        policy = counting(cls)(per_layer=per_layer, **options)
+        rows.append(Replay(trace, policy, budget, cost).run())
+        policies.append(policy)
+    return rows, policies
+
+
+@pytest.mark.parametrize("budget", ["15%", "40%"])
+@pytest.mark.parametrize("options", [{}, {"neighbors": 1, "eviction": "lfu"}, {"search": "semantic"}])
+def test_finemoe_decode_loop_replays_like_its_per_layer_callbacks(options, budget):
+    trace, embed = topic_trace(), torch.nn.Embedding(50, 8)
+    (a, b), (looped, per_layer) = replay_both(FineMoEPolicy, trace, budget, CostModel(1000, 1e6, 1e-3, 1e-4),
+                                              capacity=20, prefetch_distance=2, embed=embed, **options)
+    assert looped.looped > 60 and per_layer.looped == 0       # decode iterations of a non-empty store
+    for key in FIELDS:
+        assert a[key] == b[key], key
+    for name in ("p", "freq", "score", "last_used"):
+        assert getattr(looped.scores, name).tobytes() == getattr(per_layer.scores, name).tobytes(), name
+    for name in ("maps", "sems", "prefix_norm"):
+        assert getattr(looped.store, name).numpy().tobytes() == getattr(per_layer.store, name).numpy().tobytes()
+
+
+# ---- any policy: a small one with its own kernels, run by the loop's in-memory (not pre-specialised) form ----
+@njit
+def touch(layer, experts, counts, state):
+    """LRU clock: state = (J, clock [1], last_used [L*J])."""
+    J, clock, last_used = state
+    clock[0] += 1.0
+    for e in experts:
+        last_used[layer * J + e] = clock[0]
+
+
+@njit
+def same_experts_next_layer(layer, top_k, probs, aux, state, keys, prio):
+    """Prefetch this token's experts in the next layer, in router order; state = (L, J)."""
+    L, J = state
+    if layer + 1 >= L:
+        return 0
+    for i in range(top_k.size):
+        keys[i] = (layer + 1) * J + top_k[i]
+        prio[i] = float(top_k.size - i)
+    return top_k.size
+
+
+@register_policy
+class NextLayerGuess(Policy):
+    name = "test-next-layer-guess"
+
+    def __init__(self, ranked: bool = True) -> None:
+        self.ranked = ranked
+
+    def bind(self, ctx):
+        super().bind(ctx)
+        g = ctx.geometry
+        self.state = (g.num_experts, np.zeros(1), np.full(g.total_experts, -1.0))
+        self.shape = (g.num_layers, g.num_experts)
+        self.keys, self.prio = np.zeros(g.total_experts, np.int64), np.zeros(g.total_experts)
+
+    def on_access(self, layer, experts, counts):
+        touch(layer, experts, counts, self.state)
+
+    def on_layer_routed(self, routing):
+        n = same_experts_next_layer(routing.layer, routing.top_k_on_host()[0], np.zeros(0, np.float32),
+                                    np.zeros(0, np.float32), self.shape, self.keys, self.prio)
+        return Prefetch(self.keys[:n].copy(), self.prio[:n].copy())
+
+    def decode_kernels(self, probs):
+        L = self.shape[0]
+        return LayerKernels(touch, self.state, same_experts_next_layer, self.shape, np.zeros((L, 0), np.float32))
+
+    def select_victims(self, candidates, n, for_prefetch):
+        return candidates[np.argsort(self.state[2][candidates], kind="stable")[:n]]
+
+    def eviction_rank(self):
+        return EvictionRank.of(self.state[2]) if self.ranked else None
+
+
+@pytest.mark.parametrize("ranked", [True, False])
+@pytest.mark.parametrize("budget", ["10%", "50%"])
+def test_a_policys_own_kernels_replay_like_its_callbacks_with_or_without_a_rank(ranked, budget):
+    """Without a rank every eviction leaves the loop for `select_victims`; with one, only those before the
+    cache has filled."""
+    trace = topic_trace(seed=3)
+    (a, b), (looped, per_layer) = replay_both(NextLayerGuess, trace, budget, CostModel(1000, 2e5, 1e-3, 1e-4),
+                                              ranked=ranked)
+    assert looped.looped == trace.iterations.sum() - trace.num_requests and per_layer.looped == 0
+    assert a["prefetch_copies"] > 0 and a["misses"] > 0
+    for key in FIELDS:
+        assert a[key] == b[key], key
+    assert looped.state[2].tobytes() == per_layer.state[2].tobytes()
