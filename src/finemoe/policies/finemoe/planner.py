@@ -124,11 +124,17 @@ class IterationPlanner:
 
     def products(self, probs: np.ndarray) -> np.ndarray:
         """probs [L, J] float32, one row's routing of a whole iteration -> [L, n] float32: every layer's
-        `trajectory.product` in one call (TrajectorySearch.products: the same bits), for `routed_step`'s dot
-        ([L, 0] without a trajectory)."""
+        `trajectory.product` in one call (TrajectorySearch.products: the same bits), for `routed_step`'s dot;
+        the rows of layers that multiply nothing (`_multiplies`) stay zero ([L, 0] without a trajectory)."""
         if self.trajectory is None:
             return np.zeros((self.L, 0), np.float32)
-        return self.trajectory.products(0, probs[:, None, :])[:, :, 0]                  # [L, n]
+        used = self.L if self.keep_dots else max(self.L - self.d, 0)                  # layers that multiply
+        if used == self.L:
+            return self.trajectory.products(0, probs[:, None, :])[:, :, 0]            # [L, n]
+        out = np.zeros((self.L, self.trajectory.n), np.float32)
+        if used:
+            out[:used] = self.trajectory.products(0, probs[:used, None, :])[:, :, 0]   # [used, n]
+        return out
 
     def routed_state(self, select: Selection, guide: tuple) -> tuple:
         """step_kernels.routed_step's state for this iteration's one row (needs `compiled(select)`): (observed
