@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from benchmarks_common import input_embedding
+from finemoe.cli.simulate import _bandwidth as gbps
 from finemoe.simulator import CostModel, simulate
 from finemoe.traces import load_trace
 from finemoe.traces.format import Trace
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--policy", default="lru,lfu,deepspeed,oracle,moe-infinity")
     ap.add_argument("--expert-budget", default="25%")
     ap.add_argument("--expert-bytes", type=int, default=17301504)
-    ap.add_argument("--bandwidth", type=float, default=25.0, help="GB/s (inf: free copies)")
+    ap.add_argument("--bandwidth", default="25", help="GB/s (inf: free copies)")
     ap.add_argument("--layer-time-ms", type=float, default=0.3)
     ap.add_argument("--embed-from", default=None, help="recorded model's folder (finemoe's token embeddings)")
     ap.add_argument("--baseline-src", default=None, help="another version's src folder: compare before/after")
@@ -94,7 +95,7 @@ def main() -> None:
 
     trace = repeated(load_trace(args.trace), args.repeat)
     steps = int(trace.iterations.sum()) * trace.num_layers
-    cost = CostModel(args.expert_bytes, args.bandwidth * 1e9, args.layer_time_ms / 1e3)
+    cost = CostModel(args.expert_bytes, gbps(args.bandwidth), args.layer_time_ms / 1e3)
     print(f"{args.trace} x{args.repeat}: {trace.num_requests} requests, {steps} MoE layer steps; "
           f"load average {os.getloadavg()[0]:.2f}")
     embed = input_embedding(args.embed_from) if args.embed_from else None     # loaded once, outside the timing
@@ -116,7 +117,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"trace": args.trace, "repeat": args.repeat, "expert_budget": args.expert_budget,
-                       "bandwidth_GBps": args.bandwidth, "layer_time_ms": args.layer_time_ms,
+                       "bandwidth_GBps": float(args.bandwidth), "layer_time_ms": args.layer_time_ms,
                        "cpu_count": os.cpu_count(), "rows": rows}, f, indent=1)
 
 

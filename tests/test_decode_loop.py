@@ -23,10 +23,10 @@ def counting(cls):
     class Counted(cls):
         def __init__(self, *a, per_layer=False, **kw):
             super().__init__(*a, **kw)
-            self.per_layer, self.looped = per_layer, 0
+            self.callbacks_only, self.looped = per_layer, 0
 
         def decode_kernels(self, probs):
-            kernels = None if self.per_layer else super().decode_kernels(probs)
+            kernels = None if self.callbacks_only else super().decode_kernels(probs)
             self.looped += kernels is not None
             return kernels
     return Counted
@@ -124,3 +124,55 @@ def test_a_policys_own_kernels_replay_like_its_callbacks_with_or_without_a_rank(
     for key in FIELDS:
         assert a[key] == b[key], key
     assert looped.state[2].tobytes() == per_layer.state[2].tobytes()
+
+
+# ---- the built-in routing-only baselines: their layer_kernels / oracle_kernels through the pre-specialised loops ----
+def repeated_topic_trace():
+    """topic_trace's requests each twice in a row, then once more (new request ids, same prompts): moe-infinity's
+    collection then holds pairs of equal matrices, so the third copy's best match ties exactly (kernels.exact_best
+    decides)."""
+    from dataclasses import replace
+    t = topic_trace(seed=5, R=6)
+    order = [r for r in range(t.num_requests) for _ in range(2)] + list(range(t.num_requests))
+    spans = [np.arange(t.offsets[r], t.offsets[r + 1]) for r in order]
+    rows = np.concatenate(spans)
+    return replace(t, offsets=np.concatenate([[0], np.cumsum([s.size for s in spans])]),
+                   prompt_lens=t.prompt_lens[order], iterations=t.iterations[order], token_ids=t.token_ids[rows],
+                   topk=t.topk[rows], probs=t.probs[rows], request_ids=[f"r{r}#{c}" for c, r in enumerate(order)],
+                   prompt_texts=None)
+
+
+def baseline_state(name, policy):
+    """The arrays each policy decides from, as bytes."""
+    arrays = {"lru": lambda p: [p.recency.last_used, p.recency.clock],
+              "lfu": lambda p: [p.freq.uses, p.freq.recency.last_used],
+              "deepspeed": lambda p: [p.layer_last_used, p.key_clock],
+              "oracle": lambda p: [p.neg_next, p.pos, p.horizon, p.control],
+              "moe-infinity": lambda p: [p.freq.uses, p.freq.recency.last_used, p.collection.unit,
+                                         *[p.eams[r] for r in sorted(p.eams)]]}[name](policy)
+    return [a.tobytes() for a in arrays]
+
+
+@pytest.mark.parametrize("budget", ["10%", "40%"])
+@pytest.mark.parametrize("name,options", [("lru", {}), ("lfu", {}), ("deepspeed", {}), ("oracle", {}),
+                                          ("oracle", {"prefetch": False}), ("oracle", {"lookahead": 2}),
+                                          ("moe-infinity", {}), ("moe-infinity", {"capacity": 3})])
+def test_baseline_policies_replay_in_the_loop_like_their_callbacks(name, options, budget):
+    from finemoe.policies import get_policy_class
+    trace = repeated_topic_trace()
+    if name == "oracle":
+        options = {**options, "trace": trace}
+    cls = get_policy_class(name)
+    cls = counting(cls)
+    rows, policies = [], []
+    for per_layer in (False, True):
+        policy = cls(per_layer=per_layer, **options)
+        rows.append(Replay(trace, policy, budget, CostModel(1000, 2e5, 1e-3, 1e-4)).run())
+        policies.append(policy)
+    (a, b), (looped, per_layer) = rows, policies
+    decode = int(trace.iterations.sum()) - trace.num_requests
+    assert per_layer.looped == 0 and looped.looped >= (decode if name != "moe-infinity" else decode // 2)
+    assert a["misses"] > 0
+    for key in FIELDS:
+        assert a[key] == b[key], key
+    assert baseline_state(name, looped) == baseline_state(name, per_layer)

@@ -1,6 +1,6 @@
 """moe-infinity keeps running match scores and cached prefetches for speed; its decisions must stay exactly
-those of the plain rule, written out here: match = argmax of the float32 product of the requests' activation
-matrices with the stored unit rows (a fresh request takes the stored mean), prefetch = the match's top
+those of the plain rule, written out here: match = argmax of the float64 product of the requests' activation
+matrices with the stored (float32) unit rows (a fresh request takes the stored mean), prefetch = the match's top
 experts by per-layer usage share in the next layers, priority = share / distance."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def plain_prefetch(units: np.ndarray, eams: np.ndarray, layer: int, distance: in
     first, end = layer + 1, min(layer + 1 + distance, L)
     if end <= first or eams.shape[0] == 0 or units.shape[0] == 0:
         return np.empty(0, np.int64), np.empty(0)
-    matched = units[np.argmax(eams @ units.T, axis=1)]                    # [B, L*J]
+    matched = units[np.argmax(eams.astype(np.float64) @ units.T.astype(np.float64), axis=1)]   # [B, L*J]
     fresh = ~eams.any(axis=1)
     matched[fresh] = units.mean(axis=0)
     use = matched.reshape(-1, L, J)[:, first:end]                          # [B, D, J]

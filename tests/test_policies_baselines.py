@@ -96,6 +96,28 @@ def test_moe_infinity_prefetches_the_matched_requests_experts_with_decaying_prio
     np.testing.assert_allclose(pf.priority, [1.0, 0.5])
 
 
+def test_moe_infinity_match_on_a_near_tie_is_the_exact_product_then_the_lowest_row():
+    """Rows whose running products are within the collection's tolerance are decided by the defining product
+    (float64 terms, key order); equal rows by the lower index. One request and a batch decide alike."""
+    from finemoe.policies.moe_infinity_collection import ActivationCollection
+    c = ActivationCollection(2, 3, capacity=4)
+    base = np.array([3, 1, 0, 2, 0, 1], np.float32)
+    c.add(base)                                  # row 0
+    c.add(base * 1.0000001)                      # row 1: the same unit row up to float32 rounding
+    close = base.copy()
+    close[0] += 2e-6                             # row 2: a hair closer to an eam that favours expert 0
+    c.add(close)
+    c.add(base)                                  # row 3: equal to row 0
+    eam = np.array([[3, 1, 0, 2, 0, 1], [5, 0, 0, 0, 0, 0]], np.float32)   # [B, L*J]
+    exact = eam.astype(np.float64) @ c.unit.T.astype(np.float64)              # [B, C]
+    want = [int(np.flatnonzero(row == row.max())[0]) for row in exact]
+    dots = eam.astype(np.float64) @ c.by_key                                  # the running products
+    assert np.ptp(dots[1]) / dots[1].max() < c.tol                            # a near tie: all 4 rows
+    assert c.best(eam, dots, None) == want
+    assert [c.best(eam[b:b + 1], dots[b:b + 1], None)[0] for b in range(2)] == want
+    assert want[1] == 2
+
+
 def test_moe_infinity_collection_is_saved_atomically_and_checked_on_load(tmp_path):
     path = tmp_path / "eam.safetensors"
     p = bound("moe-infinity", L=3, J=4, collection=str(path))

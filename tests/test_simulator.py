@@ -95,6 +95,9 @@ def test_simulate_cli_errors_are_one_line(tmp_path, capsys):
     assert "cannot be simulated" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(path), "--policy", "lru"]) == 2     # trace has no expert size
     assert "--expert-bytes" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(path), "--policy", "lru", "--expert-bytes", "1",
+                 "--bandwidth", "48.4e9"]) == 2                                 # B/s passed as GB/s
+    assert "not B/s" in capsys.readouterr().err
 
 
 # ---- agreement with the engine on the trained reference model ----------------------------------------

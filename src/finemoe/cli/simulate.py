@@ -43,6 +43,9 @@ def _split(text: str, what: str) -> list[str]:
     return items
 
 
+MAX_GBPS = 1e5   # 100 TB/s: a larger --bandwidth is a value in B/s passed as GB/s
+
+
 def _bandwidth(text: str) -> float:
     try:
         gbps = float(text)
@@ -50,6 +53,9 @@ def _bandwidth(text: str) -> float:
         raise ConfigError(f"--bandwidth {text!r} is not a number of GB/s (or inf)") from None
     if not gbps > 0:
         raise ConfigError("--bandwidth must be positive")
+    if MAX_GBPS <= gbps < float("inf"):
+        raise ConfigError(f"--bandwidth {text} GB/s is beyond any host link: the unit is GB/s, not B/s (pass e.g. 48.4 "
+                          "for 48.4 GB/s, or inf for free copies)")
     return gbps * 1e9
 
 

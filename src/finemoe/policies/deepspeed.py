@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from finemoe.policies.base import EvictionRank, Policy, PolicyContext, register_policy
+from finemoe.policies import layer_kernels as lk
+from finemoe.policies.base import EvictionRank, LayerKernels, Policy, PolicyContext, register_policy
 
 
 @register_policy
@@ -22,13 +23,17 @@ class DeepSpeedPolicy(Policy):
         g = ctx.geometry
         self.layer_last_used = np.full(g.num_layers, -1.0)
         self.key_clock = np.full(g.total_experts, -1.0)      # [L*J] its layer's last use (the eviction rank)
-        self.clock = 0.0
+        self.clock = np.zeros(1)                               # [1] ticks once per layer
+        self.state = (g.num_experts, self.clock, self.layer_last_used, self.key_clock)   # layer_kernels.touch_layer
+        self.kernels = LayerKernels(lk.touch_layer, self.state, lk.no_prefetch, (),
+                                    np.zeros((g.num_layers, 0), np.float32))
+        lk.warm_up()                                           # compiled (or loaded) now, not in the first request
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.clock += 1.0
-        self.layer_last_used[layer] = self.clock
-        J = self.ctx.geometry.num_experts
-        self.key_clock[layer * J:(layer + 1) * J] = self.clock
+        lk.touch_layer(layer, experts, counts, self.state)
+
+    def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels:
+        return self.kernels
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         layer_of = candidates // self.ctx.geometry.num_experts

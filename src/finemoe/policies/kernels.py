@@ -1,5 +1,5 @@
 """Compiled per-layer steps of the baseline policies (numba; plain Python without it): moe-infinity's count
-and dot-product update and best match, and the oracle's prefetch of the rest of an iteration.
+and dot-product update and best match (exact on a near tie), and the oracle's prefetch of the rest of an iteration.
 Shapes: C stored rows, n experts of a layer, K flat expert keys."""
 from __future__ import annotations
 
@@ -40,6 +40,25 @@ def near_best(dots, keep, near):
 
 
 @njit
+def exact_best(eam, unit, rows, m):
+    """eam [L*J] float32 counts, unit [C, L*J] float32 stored rows -> the row among rows[:m] whose product with eam
+    is largest, each product computed in float64 (every term exact) summed in key order; the first among equals.
+    The m sums advance together, key by key (independent chains), skipping keys the request has not used (their
+    terms are +0.0 and leave a non-negative sum unchanged)."""
+    acc = np.zeros(m)
+    for key in range(eam.size):
+        count = np.float64(eam[key])
+        if count != 0.0:
+            for i in range(m):
+                acc[i] += count * np.float64(unit[rows[i], key])
+    best = 0
+    for i in range(1, m):
+        if acc[i] > acc[best]:
+            best = i
+    return rows[best]
+
+
+@njit
 def absent_needs(keys, layer_of, lo, hi, resident, layer, out_keys, out_prio):
     """The keys[lo:hi] (needed at layers layer_of[lo:hi], float64) not resident [K] bool -> out_keys / out_prio
     (-(layer_of - layer): the sooner, the higher), in order. Returns (how many, the farthest distance or 0)."""
@@ -61,5 +80,6 @@ def warm_up() -> None:
     add_counts(np.zeros(1, np.int64), np.ones(1, np.int64), np.zeros(2, np.float32), np.zeros(2),
                np.ones((2, 2)), 2)
     near_best(np.ones(2), 0.5, near)
+    exact_best(np.ones(2, np.float32), np.ones((2, 2), np.float32), near, 2)
     absent_needs(np.zeros(1, np.int64), np.zeros(1), 0, 1, np.zeros(2, np.bool_), 0, np.zeros(1, np.int64),
                  np.zeros(1))

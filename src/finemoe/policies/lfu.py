@@ -3,31 +3,28 @@ from __future__ import annotations
 
 import numpy as np
 
-from finemoe.policies.base import EvictionRank, Policy, PolicyContext, register_policy
-from finemoe.policies.lru import SMALL, RecencyTracker
+from finemoe.policies import layer_kernels as lk
+from finemoe.policies.base import EvictionRank, LayerKernels, Policy, PolicyContext, register_policy
+from finemoe.policies.lru import RecencyTracker
 
 
 class FrequencyTracker:
     """Per-expert use counts over flat keys (one count per layer-iteration that used the expert),
-    with recency as the tie-break; shared by every LFU-evicting policy."""
+    with recency as the tie-break; shared by every LFU-evicting policy. `touch_layer` is the compiled
+    layer_kernels.touch_frequency over `state`."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, num_experts: int) -> None:
         self.uses = np.zeros(total)                       # float64: exact for any count below 2**53
-        self.uses_view = memoryview(self.uses)            # the same buffer, for scalar reads and writes
-        self.recency = RecencyTracker(total)
+        self.recency = RecencyTracker(total, num_experts)
+        self.state = (*self.recency.state, self.uses)
 
     def touch(self, keys: np.ndarray) -> None:
         self.uses[keys] += 1
         self.recency.touch(keys)
 
-    def touch_layer(self, base: int, experts: np.ndarray) -> None:
-        """`touch(base + experts)`, in plain Python for a layer's few experts."""
-        if experts.size > SMALL:
-            return self.touch(base + experts)
-        uses = self.uses_view
-        for e in experts.tolist():
-            uses[base + e] += 1
-        self.recency.touch_layer(base, experts)
+    def touch_layer(self, layer: int, experts: np.ndarray) -> None:
+        """`experts` [n] int64 (distinct ids within `layer`) used once more, now."""
+        lk.touch_frequency(layer, experts, experts, self.state)
 
     def least_used(self, candidates: np.ndarray, n: int) -> np.ndarray:
         """The n candidates with the fewest uses; among equals the least recently used first."""
@@ -48,11 +45,15 @@ class LFUPolicy(Policy):
 
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
-        self.freq = FrequencyTracker(ctx.geometry.total_experts)
-        self.J = ctx.geometry.num_experts
+        self.freq = FrequencyTracker(ctx.geometry.total_experts, ctx.geometry.num_experts)
+        self.kernels = LayerKernels(lk.touch_frequency, self.freq.state, lk.no_prefetch, (),
+                                    np.zeros((ctx.geometry.num_layers, 0), np.float32))
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.freq.touch_layer(layer * self.J, experts)
+        self.freq.touch_layer(layer, experts)
+
+    def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels:
+        return self.kernels
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.freq.least_used(candidates, n)

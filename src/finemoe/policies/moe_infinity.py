@@ -6,11 +6,11 @@ import os
 import numpy as np
 
 from finemoe.errors import ConfigError
-from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
-                                   RequestInfo, register_policy)
-from finemoe.policies import kernels
+from finemoe.policies.base import (EvictionRank, IterationInfo, LayerKernels, LayerRouting, Policy, PolicyContext,
+                                   Prefetch, RequestInfo, register_policy)
+from finemoe.policies import kernels, layer_kernels as lk
 from finemoe.policies.lfu import FrequencyTracker
-from finemoe.policies.moe_infinity_collection import MEAN, ActivationCollection
+from finemoe.policies.moe_infinity_collection import ActivationCollection
 
 
 @register_policy
@@ -38,7 +38,7 @@ class MoEInfinityPolicy(Policy):
         g = ctx.geometry
         self.L, self.J = g.num_layers, g.num_experts
         self.per_layer = self.per_layer or g.top_k
-        self.freq = FrequencyTracker(g.total_experts)
+        self.freq = FrequencyTracker(g.total_experts, g.num_experts)
         self.collection = ActivationCollection(self.L, self.J, self.capacity)
         kernels.warm_up()                         # compiled (or loaded) now, not in the first request
         if self.path and os.path.exists(self.path):
@@ -51,10 +51,15 @@ class MoEInfinityPolicy(Policy):
         self.fresh = np.zeros(0, bool)                                  # [B] row's matrix is still all zero
         self.any_fresh = False
         self.rows: list[str] = []
-        self.accessed: tuple | None = None                              # on_access's (layer, experts, counts)
         self.one_row: tuple[np.ndarray | None, bool] = (None, False)    # (token_rows, all of them row 0)
-        # a one-request batch's prefetch after layer l (index l + 1) from stored row c (index c; MEAN: last)
-        self.prefetch_of: list[list[Prefetch | None]] = [[None] * self.L for _ in range(C + 1)]
+        # what on_access saw, for on_layer_routed (layer_kernels.eam_access): experts, their token counts, and
+        # (layer, how many); layer -1: nothing since the last routed layer
+        self.accessed = (np.zeros(self.J, np.int64), np.zeros(self.J, np.int64), np.array([-1, 0], np.int64))
+        self.access_state = (self.freq.state, self.accessed)
+        self.routed_state: tuple | None = None                          # a one-row iteration's eam_routed state
+        self.taken = np.zeros(self.J, bool)                             # share_prefetch's scratch
+        self._keys, self._prio = np.zeros(LJ, np.int64), np.zeros(LJ)   # a prefetch's buffers
+        self._no_probs, self._no_aux = np.zeros(0, np.float32), np.zeros((self.L, 0), np.float32)
 
     # ---- request lifecycle ---------------------------------------------------------------------
     def on_request_start(self, req: RequestInfo) -> None:
@@ -65,13 +70,11 @@ class MoEInfinityPolicy(Policy):
         eam = self.eams.pop(req.request_id, None)
         self.dots.pop(req.request_id, None)
         row = self.collection.add(eam) if eam is not None and self.learn else None
-        if row is not None:      # row `row` changed: every live product with it, its prefetches and the mean's
+        if row is not None:      # row `row` changed: every live product with it
             column = self.collection.by_key[:, row]                         # [L*J] float64
             for r, e in self.eams.items():
                 self.dots[r][row] = e @ column
             self.batch_dots[:, row] = self.batch_eam @ column
-            self.prefetch_of[row] = [None] * self.L
-            self.prefetch_of[MEAN] = [None] * self.L
 
     def on_iteration_start(self, it: IterationInfo) -> Prefetch:
         self.rows = list(it.request_ids)
@@ -85,7 +88,12 @@ class MoEInfinityPolicy(Policy):
             self.batch_dots = np.stack([self.dots.get(r, zero_dots) for r in self.rows] or [zero_dots])[:B]  # [B, C]
         self.fresh = ~self.batch_eam.any(axis=1)                          # [B]
         self.any_fresh = bool(self.fresh.any())
-        self.accessed = None
+        self.accessed[2][0] = -1
+        self.routed_state = None
+        if B == 1:
+            c = self.collection
+            self.routed_state = (self.accessed, self.J, self.batch_eam[0], self.batch_dots[0], c.by_key, c.unit,
+                                 c.size, 1 - c.tol, c.near, c.share, self.distance, self.per_layer, self.taken)
         return self._prefetch_after(-1)
 
     def on_iteration_end(self, it: IterationInfo) -> None:
@@ -95,17 +103,28 @@ class MoEInfinityPolicy(Policy):
 
     # ---- per layer -----------------------------------------------------------------------------
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.freq.touch_layer(layer * self.J, experts)
-        self.accessed = (layer, experts, counts)
+        lk.eam_access(layer, experts, counts.astype(np.int64, copy=False), self.access_state)
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
-        layer, accessed, self.accessed = routing.layer, self.accessed, None
+        layer, (experts, counts, meta) = routing.layer, self.accessed
+        accessed = meta[0] == layer
         if self.batch_eam.shape[0]:
-            if accessed is not None and accessed[0] == layer and self._only_row_zero(routing.token_rows):
-                self._count_one_row(layer, accessed[1], accessed[2])
+            if accessed and self._only_row_zero(routing.token_rows):
+                if self.routed_state is not None and not self.any_fresh:     # one request with counts: compiled
+                    n = lk.eam_routed(layer, experts, self._no_probs, self._no_probs, self.routed_state, self._keys,
+                                      self._prio)
+                    return Prefetch(self._keys[:n].copy(), self._prio[:n].copy())
+                self._count_one_row(layer, experts[:meta[1]], counts[:meta[1]])
             else:
                 self._count_rows(layer, routing.top_k_on_host(), routing.token_rows)
+        meta[0] = -1
         return self._prefetch_after(layer)
+
+    def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels | None:
+        """A one-request iteration whose matrix has counts: layer_kernels.eam_access / eam_routed."""
+        if self.routed_state is None or self.any_fresh:
+            return None
+        return LayerKernels(lk.eam_access, self.access_state, lk.eam_routed, self.routed_state, self._no_aux)
 
     def _only_row_zero(self, token_rows: np.ndarray) -> bool:
         """Every token belongs to batch row 0 (no padding): on_access's counts are that row's. Cached per
@@ -116,8 +135,8 @@ class MoEInfinityPolicy(Policy):
 
     def _count_one_row(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         """Row 0 used `experts` (distinct) with `counts` tokens each in `layer`: exact integers in float32."""
-        kernels.add_counts(experts + layer * self.J, counts.astype(np.int64, copy=False), self.batch_eam[0],
-                           self.batch_dots[0], self.collection.by_key, self.collection.size)
+        kernels.add_counts(experts + layer * self.J, counts, self.batch_eam[0], self.batch_dots[0],
+                           self.collection.by_key, self.collection.size)
         if self.any_fresh and experts.size:   # rows not stored yet get their products when stored
             self.fresh[0] = False
             self.any_fresh = bool(self.fresh.any())
@@ -144,27 +163,10 @@ class MoEInfinityPolicy(Policy):
             return Prefetch.empty()
         if B > 1:                                                          # union over the batch
             share = np.stack([self.collection.share_of(c) for c in best]).max(axis=0)   # [L, J]
-            return self._prefetch_from(share, layer)
-        row = best[0]
-        cached = self.prefetch_of[row][layer + 1]
-        if cached is None:
-            cached = self.prefetch_of[row][layer + 1] = self._prefetch_from(self.collection.share_of(row), layer)
-        return cached
-
-    def _prefetch_from(self, share: np.ndarray, layer: int) -> Prefetch:
-        """share [L, J] usage share of the matched matrix -> the top `per_layer` experts of each of the next
-        `prefetch_distance` layers, priority = share / distance (read-only arrays: a cached value is reused)."""
-        first, end = layer + 1, min(layer + 1 + self.distance, self.L)
-        targets = np.arange(first, end)
-        share = share[first:end]                                           # [D, J]
-        top = (-share).argsort(axis=1, kind="stable")[:, :self.per_layer]  # [D, n]
-        score = np.take_along_axis(share, top, axis=1)                     # [D, n]
-        dist = (targets - layer)[:, None].astype(np.float64)
-        keep = score > 0
-        keys = (targets[:, None] * self.J + top)[keep].astype(np.int64)
-        priority = (score / dist)[keep]
-        keys.flags.writeable = priority.flags.writeable = False
-        return Prefetch(keys, priority)
+        else:
+            share = self.collection.share_of(best[0])
+        n = lk.share_prefetch(share, layer, self.distance, self.per_layer, self.taken, self._keys, self._prio)
+        return Prefetch(self._keys[:n].copy(), self._prio[:n].copy())
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.freq.least_used(candidates, n)

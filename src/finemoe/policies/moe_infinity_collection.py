@@ -13,7 +13,10 @@ from finemoe.storage import save_atomic
 
 COLLECTION_VERSION = 1
 MEAN = -1   # the row index `best` gives a fresh request (no tokens routed yet): the collection's mean matrix
-EPS32 = 2.0 ** -24
+# Relative gap below which two products may be ordered differently by the running sums and by the defining one:
+# a float64 sum of N non-negative terms is within N * 2**-53 of the true value, so 1e-6 holds for N up to ~4e9
+# increments (tokens x layers x top-k of one request).
+TOL = 1e-6
 
 
 def usage_share(unit: np.ndarray) -> np.ndarray:
@@ -26,23 +29,23 @@ class ActivationCollection:
     Full: the oldest is replaced (ring). Rows are kept unit-normalised (float32), and each row's per-layer
     usage share is computed once, when the row is stored (a prefetch only reads it).
 
-    Matching is defined as the argmax of the float32 product `eams @ unit.T`. Callers keep each request's
-    dot products with every row up to date as its counts grow (float64, `by_key`): those differ from the
-    float32 product by at most `tol` relative (n = L*J non-negative terms: |error| <= gamma_n * dot), so
-    when no other row is within `tol` of the best the argmax is certain; otherwise the float32 product is
-    computed and decides, as it always would."""
+    Matching is defined as the argmax of the product of a request's matrix with each stored unit row, each
+    product computed in float64 from the float32 values (every term exact) summed in key order, the lowest row
+    among equals (kernels.exact_best). Callers keep each request's products with every row up to date as its
+    counts grow (float64, `by_key`, summed in arrival order): those differ from the defining sum by less than
+    `tol` relative (TOL), so when no other row is within `tol` of the best the argmax is certain;
+    otherwise the defining products of the rows within `tol` are computed and decide."""
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int) -> None:
         self.L, self.J, self.capacity = num_layers, num_experts, capacity
         self.unit = np.zeros((capacity, num_layers * num_experts), np.float32)    # [C, L*J]
         self.by_key = np.zeros((num_layers * num_experts, capacity))              # [L*J, C] float64 unit.T
-        n = num_layers * num_experts * EPS32
-        self.tol = min(1.0, 3 * n / (1 - n) + 1e-9) if n < 0.5 else 1.0           # 3 gamma_n + float64 slack
+        self.tol = TOL
         self.share = np.zeros((capacity, num_layers, num_experts), np.float32)    # [C, L, J]
         self._mean_share: np.ndarray | None = None                                # [L, J], None = not computed
         self.size = 0
         self.next = 0
-        self._near = np.zeros(capacity, np.int64)                                 # [C] rows near the best match
+        self.near = np.zeros(capacity, np.int64)                                  # [C] rows near the best match
 
     def add(self, eam: np.ndarray) -> int | None:
         """Store `eam` [L*J]; returns the row it replaced or filled (None: an all-zero matrix is not stored)."""
@@ -67,18 +70,16 @@ class ActivationCollection:
         if fresh is not None and fresh.all():
             return [MEAN] * fresh.size
         live = dots[:, :self.size]                                                  # [B, C']
-        if fresh is None and live.shape[0] == 1:    # one request: compiled; a near tie: the near rows' products
-            best, m = kernels.near_best(live[0], 1 - self.tol, self._near)
-            if m == 1:
-                return [int(best)]
-            rows = self._near[:m]                                                   # ascending: ties as argmax
-            return [int(rows[np.argmax(eams[0] @ self.unit[rows].T)])]
+        if fresh is None and live.shape[0] == 1:    # one request: compiled
+            best, m = kernels.near_best(live[0], 1 - self.tol, self.near)
+            return [int(best if m == 1 else kernels.exact_best(eams[0], self.unit, self.near, m))]
         best = live.argmax(axis=1)                                                  # [B]
         near = np.count_nonzero(live >= live.max(axis=1, keepdims=True) * (1 - self.tol), axis=1)   # [B]
         if fresh is not None:
             near[fresh] = 1
-        if near.max() > 1:    # a near tie: the float32 product decides (the norm of eams cancels)
-            best = np.argmax(eams @ self.unit[:self.size].T, axis=1)
+        for b in np.flatnonzero(near > 1).tolist():   # a near tie: the defining products of the near rows decide
+            _, m = kernels.near_best(live[b], 1 - self.tol, self.near)
+            best[b] = kernels.exact_best(eams[b], self.unit, self.near, m)
         if fresh is not None:
             best[fresh] = MEAN
         return best.tolist()

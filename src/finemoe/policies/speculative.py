@@ -26,7 +26,7 @@ class SpeculativePolicy(Policy):
         super().bind(ctx)
         g = ctx.geometry
         self.L, self.J, self.k = g.num_layers, g.num_experts, g.top_k
-        self.recency = RecencyTracker(g.total_experts)
+        self.recency = RecencyTracker(g.total_experts, g.num_experts)
 
     def targets(self, layer: int) -> list[int]:
         """Layers predicted after `layer`: layer + stride, plus the ones no earlier layer covers."""

@@ -10,7 +10,7 @@ cache's own Python path, then goes on (`decode_layers`).
 
 The policy's functions are arguments of `layer_loop`. Numba types a compiled function by its object, so a loop
 called from Python with them would compile in every process (about 2 s): each built-in pair has a compiled wrapper
-(`_finemoe_loop`) that passes them from compiled code and is cached on disk; any other pair compiles in memory.
+(`_SPECIALIZED`) that passes them from compiled code and is cached on disk; any other pair compiles in memory.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import numpy as np
 
 from finemoe.experts import slot_kernels as sk
 from finemoe.jit import njit, njit_in_memory
+from finemoe.policies import layer_kernels as lk
+from finemoe.policies import oracle_kernels as ok
 from finemoe.policies.base import LayerKernels
 from finemoe.policies.finemoe import step_kernels
 from finemoe.simulator.timed_kernels import demand_timed, pump_timed
@@ -64,14 +66,49 @@ def layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access, 
 _layer_loop_in_memory = njit_in_memory(getattr(layer_loop, "py_func", layer_loop))   # for any other pair
 
 
+# One compiled wrapper per built-in pair (numba caches each on disk): the pair is fixed inside, not an argument.
 @njit
 def _finemoe_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
-    """`layer_loop` with FineMoE's functions."""
     return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, step_kernels.use_layer, access_state,
                       step_kernels.routed_step, routed_state, *rest)
 
 
-_SPECIALIZED = {(step_kernels.use_layer, step_kernels.routed_step): _finemoe_loop}
+@njit
+def _lru_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, lk.touch_recency, access_state,
+                      lk.no_prefetch, routed_state, *rest)
+
+
+@njit
+def _lfu_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, lk.touch_frequency, access_state,
+                      lk.no_prefetch, routed_state, *rest)
+
+
+@njit
+def _layer_lru_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, lk.touch_layer, access_state,
+                      lk.no_prefetch, routed_state, *rest)
+
+
+@njit
+def _eam_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, lk.eam_access, access_state,
+                      lk.eam_routed, routed_state, *rest)
+
+
+@njit
+def _oracle_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, ok.oracle_access, access_state,
+                      ok.oracle_routed, routed_state, *rest)
+
+
+_SPECIALIZED = {(step_kernels.use_layer, step_kernels.routed_step): _finemoe_loop,
+                (lk.touch_recency, lk.no_prefetch): _lru_loop,
+                (lk.touch_frequency, lk.no_prefetch): _lfu_loop,
+                (lk.touch_layer, lk.no_prefetch): _layer_lru_loop,
+                (lk.eam_access, lk.eam_routed): _eam_loop,
+                (ok.oracle_access, ok.oracle_routed): _oracle_loop}
 
 
 def decode_layers(cache, transport, kernels: LayerKernels, sorted_topk: np.ndarray, topk: np.ndarray,
