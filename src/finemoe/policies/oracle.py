@@ -52,7 +52,6 @@ class OraclePolicy(Policy):
         self.horizon = np.array([np.inf])          # [1] steps to the farthest key of the last prefetch
         self.neg_next = np.full(K, -np.inf)        # [K] -(next trace use of each key after the order step)
         self.control = np.array([np.inf, 1.0])     # the rank's (prefetch limit, valid)
-        self.rank: EvictionRank | None = None
         self.step_state: tuple | None = None       # oracle_kernels' state for a one-row on-trace iteration
         self.plan = (ctx.cache.resident, g.num_layers, self.lookahead, self.prefetch)
         self._keys, self._prio = np.zeros(K, np.int64), np.zeros(K)   # a prefetch's buffers
@@ -83,15 +82,15 @@ class OraclePolicy(Policy):
             order = (self.pos, self.horizon, self.neg_next, self.control)
             needs = iteration_needs(self.future, self.single_base, with_previous=bool(self.pos[RANKED]))
             self.step_state = (order, needs, self.future.kernel_view, self.plan)
+        else:
+            self._sync_order()                    # a batch or an off-trace row: no valid Belady order
         return self._prefetch_after(-1)
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         if self.step_state is not None:
             ok.oracle_access(layer, experts, counts, self.step_state)
-            return
-        self.pos[LAYER] = layer
-        if self.rank is not None:
-            self._sync_order()
+        else:
+            self.pos[LAYER] = layer
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         return self._prefetch_after(routing.layer)
@@ -108,8 +107,6 @@ class OraclePolicy(Policy):
                                  self._prio)
             return Prefetch(self._keys[:m].copy(), self._prio[:m].copy())
         self.pos[LAYER] = layer
-        if self.rank is not None:
-            self._sync_order()
         return self._needed_after(layer)
 
     def _needed_after(self, layer: int) -> Prefetch:
@@ -152,10 +149,9 @@ class OraclePolicy(Policy):
     def eviction_rank(self) -> EvictionRank:
         """Belady's order as a live rank for a batch of one on-trace row (rank = -next use, updated as keys are
         used); any other batch marks it invalid and the cache falls back to `select_victims`."""
-        self.rank = EvictionRank(self.neg_next, np.zeros_like(self.neg_next), self.control)
         self.pos[RANKED] = 1
         self._sync_order()
-        return self.rank
+        return EvictionRank(self.neg_next, np.zeros_like(self.neg_next), self.control)
 
     def _sync_order(self) -> None:
         """Bring `neg_next` to the current step (oracle_kernels.sync_order); off the trace or in a batch the rank is
