@@ -32,7 +32,7 @@ def counting(cls):
     return Counted
 
 
-def replay_both(cls, trace, budget, cost, **options):
+def replay_both(cls, trace, budget, cost, /, **options):
     rows, policies = [], []
     for per_layer in (False, True):
         policy = counting(cls)(per_layer=per_layer, **options)
@@ -162,17 +162,14 @@ def test_baseline_policies_replay_in_the_loop_like_their_callbacks(name, options
     trace = repeated_topic_trace()
     if name == "oracle":
         options = {**options, "trace": trace}
-    cls = get_policy_class(name)
-    cls = counting(cls)
-    rows, policies = [], []
-    for per_layer in (False, True):
-        policy = cls(per_layer=per_layer, **options)
-        rows.append(Replay(trace, policy, budget, CostModel(1000, 2e5, 1e-3, 1e-4)).run())
-        policies.append(policy)
-    (a, b), (looped, per_layer) = rows, policies
+    (a, b), (looped, per_layer) = replay_both(get_policy_class(name), trace, budget, CostModel(1000, 2e5, 1e-3, 1e-4),
+                                              **options)
     decode = int(trace.iterations.sum()) - trace.num_requests
     assert per_layer.looped == 0 and looped.looped >= (decode if name != "moe-infinity" else decode // 2)
     assert a["misses"] > 0
     for key in FIELDS:
         assert a[key] == b[key], key
     assert baseline_state(name, looped) == baseline_state(name, per_layer)
+    if name == "moe-infinity" and not options:       # equal stored matrices: the matches tie exactly
+        stored = looped.collection.unit[:looped.collection.size]
+        assert len({row.tobytes() for row in stored}) < stored.shape[0]
