@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finemoe.cli.common import read_prompts
+from finemoe.prompts import read_prompts
 from finemoe.errors import ConfigError
 
 
