@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
                 s = engine.summary(reqs)
                 same = [r.output_ids == ref for r, ref in zip(reqs, refs[b])]
                 rows.append({"policy": v.label, "budget": budget or "100%", "batch": b, "exact": all(same),
-                             "rows_exact": sum(same), "hit_rate": s["hit_rate"], "bytes_per_token": s["bytes_per_token"],
+                             "rows_exact": sum(same), "hit_rate": s["hit_rate"],
+                             "bytes_per_token": s["bytes_per_token"],
                              "decode_path": s.get("decode_path")})
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
               "layers": args.layers, "prompt_len": args.prompt_len, "new_tokens": n, "rows": rows,

@@ -38,7 +38,8 @@ def main() -> None:
                 out[graphs] = run(engine, prompts, 12)
             same = out[False] == out[True]
             ok &= same
-            print(f"  tokens equal: {out[False][0] == out[True][0]}; eager {out[False][0][0][:12]} graphs {out[True][0][0][:12]}")
+            print(f"  tokens equal: {out[False][0] == out[True][0]}; "
+                  f"eager {out[False][0][0][:12]} graphs {out[True][0][0][:12]}")
             print(f"{policy:8s} batch {len(prompts)}: eager {out[False][1]} bytes {out[False][2]} | graphs "
                   f"{out[True][1]} bytes {out[True][2]} | same tokens and counts: {same}  [{engine.decode_path}]")
     print("ALL SAME" if ok else "DIFFERENT")

@@ -6,9 +6,9 @@ import json
 import sys
 
 from finemoe.cli.common import add_engine_args, engine_config
-from finemoe.prompts import read_prompts
 from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
+from finemoe.prompts import read_prompts
 
 
 def add_parser(sub) -> None:

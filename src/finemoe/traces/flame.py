@@ -39,7 +39,9 @@ def _part(data, prefix: str, seqs: slice) -> tuple[np.ndarray, np.ndarray, np.nd
     ids = data[f"{prefix}_topk_ids"][:, seqs]            # [L, S, T, k]
     scores = data[f"{prefix}_topk_scores"][:, seqs]
     L, k = ids.shape[0], ids.shape[-1]
-    to_rows = lambda a: np.ascontiguousarray(a.transpose(1, 2, 0, 3).reshape(S * T, L, k))
+
+    def to_rows(a: np.ndarray) -> np.ndarray:   # [L, S, T, k] -> [S*T, L, k]
+        return np.ascontiguousarray(a.transpose(1, 2, 0, 3).reshape(S * T, L, k))
     return tokens, to_rows(ids), to_rows(scores)
 
 

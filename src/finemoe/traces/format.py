@@ -85,7 +85,7 @@ class Trace:
         a, p = int(self.offsets[r]), int(self.prompt_lens[r])
         return (a, a + p) if i == 0 else (a + p + i - 1, a + p + i)
 
-    def head(self, n: int) -> "Trace":
+    def head(self, n: int) -> Trace:
         """The first n requests as a trace of their own."""
         n = min(n, self.num_requests)
         end = int(self.offsets[n])

@@ -36,7 +36,8 @@ class RecordingPolicy(Policy):
     def __init__(self, inner: str = "lru", inner_options: dict[str, Any] | None = None, probs: bool = True) -> None:
         policies = registry()   # filled by importing finemoe.policies, which also registers this class
         if inner not in policies:
-            raise UnknownPolicyError(f"record: unknown inner policy {inner!r}; available: {', '.join(sorted(policies))}")
+            raise UnknownPolicyError(f"record: unknown inner policy {inner!r}; "
+                                     f"available: {', '.join(sorted(policies))}")
         self.inner = policies[inner](**(inner_options or {}))
         if self.inner.keeps_all_resident:
             raise ConfigError(f"record: inner policy {inner!r} keeps every expert resident, so the engine never "
