@@ -1,4 +1,5 @@
-"""Issue 2 GPU benchmark: plain transformers vs finemoe on a Qwen1.5-MoE-A2.7B-shaped random model.
+"""docs/BENCHMARKS.md, "Host memory and demand-load copy rate": plain transformers vs finemoe on a
+Qwen1.5-MoE-A2.7B-shaped random model.
 
 One run reports: resident TPOT for plain transformers (manual loop and generate()) and for finemoe
 `resident`; TPOT/TTFT with `lru` at several expert budgets; the demand-load copy throughput against a

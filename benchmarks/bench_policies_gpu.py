@@ -1,4 +1,5 @@
-"""Policies at real scale on the GPU, under learned routing, plus simulator validation (issues 3, 4, 5).
+"""Policies at real scale on the GPU, under learned routing, plus simulator validation (docs/BENCHMARKS.md,
+"Policies at real scale"; the GPU table of docs/RESULTS.md).
 
 A Qwen1.5-MoE-A2.7B-shaped random bf16 model (60 experts, top-4, 17.3 MB experts) with the
 reference model's number of layers computes; its routers' choices are replaced by a recorded trace of

@@ -1,6 +1,7 @@
-"""Exactness on the GPU for every engine policy: greedy tokens of finemoe under each policy and budget against
-plain transformers run through the same static-cache step (the reference docs/BENCHMARKS.md uses; transformers'
-own generate() with its dynamic cache picks other tokens than its static-cache path on a random bf16 model).
+"""docs/BENCHMARKS.md, "Exactness on the GPU": for every engine policy, greedy tokens of finemoe under each policy and
+budget against plain transformers run through the same static-cache step (the reference docs/BENCHMARKS.md uses;
+transformers' own generate() with its dynamic cache picks other tokens than its static-cache path on a random bf16
+model).
 
 Qwen1.5-MoE-A2.7B-shaped random bf16 model. Batch 1, and a batch of same-length prompts (no padding, so plain
 transformers' batched static step is the reference for every row). Every policy runs with the engine defaults

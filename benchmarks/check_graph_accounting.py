@@ -1,5 +1,6 @@
-"""GPU check: CUDA-graph decode counts the same hits, misses and bytes, and emits the same tokens, as eager
-decode of the same static batch (resident and lru at 25%, batch 1 and 3). Small Qwen1.5-MoE-shaped model.
+"""docs/BENCHMARKS.md, "Exactness on the GPU": CUDA-graph decode counts the same hits, misses and bytes, and emits the
+same tokens, as eager decode of the same static batch (resident and lru at 25%, batch 1 and 3). Small
+Qwen1.5-MoE-shaped model.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/check_graph_accounting.py
 """

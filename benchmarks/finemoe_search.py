@@ -1,5 +1,6 @@
-"""Time FineMoE map-store operations on one device: semantic search, one trajectory-search step (per
-layer), a whole iteration of trajectory steps, and an RDY insertion into a full store.
+"""docs/FINEMOE.md, "Measured: search cost" (CPU and GPU tables). Times FineMoE map-store operations on one device:
+semantic search, one trajectory-search step (per layer), a whole iteration of trajectory steps, and an RDY insertion
+into a full store.
 
     python3 benchmarks/finemoe_search.py --device cpu              # CPU table + JSON
     python3 benchmarks/finemoe_search.py --device cuda             # GPU (synchronised timings)

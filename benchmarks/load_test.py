@@ -1,4 +1,5 @@
-"""Bounded loopback load test for `finemoe serve`: requests/s and TTFT / TPOT / latency percentiles.
+"""Bounded loopback load test for `finemoe serve`: requests/s and TTFT / TPOT / latency percentiles
+(docs/BENCHMARKS.md, "`finemoe serve` under load").
 
 Each of --concurrency clients sends streaming completions back to back (fixed --max-tokens, ignore_eos)
 until --requests have been sent or --max-seconds have passed; requests still running at the deadline

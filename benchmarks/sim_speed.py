@@ -1,4 +1,5 @@
-"""Simulator speed: requests/s that `finemoe simulate` replays, per policy, on a real trace repeated N times.
+"""Simulator speed: requests/s that `finemoe simulate` replays, per policy, on a real trace repeated N times
+(docs/BENCHMARKS.md, "Simulator speed").
 
     python3 benchmarks/sim_speed.py --trace /tmp/sim_trace.safetensors --repeat 16 --out /tmp/sim_speed.json
     python3 benchmarks/sim_speed.py --trace ../shared/data/traces/flame_moe_290m.npz#seq --repeat 4

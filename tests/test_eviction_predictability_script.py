@@ -1,4 +1,4 @@
-"""benchmarks/eviction_predictability.py (issue 5: is the decode gap to the clairvoyant bound an eviction gap, and
+"""benchmarks/eviction_predictability.py (is the decode gap to the clairvoyant bound an eviction gap, and
 can routing history predict the next use?) runs on any recorded trace; here a small synthetic one. The numbers
 that matter come from the ref-moe trace (docs/RESULTS.md); these tests pin down what the script reports."""
 from __future__ import annotations
