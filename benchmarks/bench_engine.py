@@ -1,4 +1,5 @@
-"""Issue 2 GPU benchmark: plain transformers vs finemoe on a Qwen1.5-MoE-A2.7B-shaped random model.
+"""docs/BENCHMARKS.md, "Host memory and demand-load copy rate": plain transformers vs finemoe on a
+Qwen1.5-MoE-A2.7B-shaped random model.
 
 One run reports: resident TPOT for plain transformers (manual loop and generate()) and for finemoe
 `resident`; TPOT/TTFT with `lru` at several expert budgets; the demand-load copy throughput against a
@@ -109,8 +110,8 @@ class PlainToggle:
         from finemoe.models.adapters import expert_tensor_names, find_moe_layers
         self.model = model
         self.impl = model.config._experts_implementation
-        self.saved = [{n: getattr(l.experts, n).detach().clone() for n in expert_tensor_names(l.experts)}
-                      for l in find_moe_layers(model)]
+        self.saved = [{n: getattr(layer.experts, n).detach().clone() for n in expert_tensor_names(layer.experts)}
+                      for layer in find_moe_layers(model)]
 
     def plain(self):
         from finemoe.models.adapters import find_moe_layers
@@ -158,7 +159,8 @@ def main() -> None:
     ref_tokens, _, _ = plain_loop(model, ids, args.new_tokens)
     toggle = PlainToggle(model, None) if cuda else None
     t0 = time.perf_counter()
-    engine = Engine(LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random", "Qwen1.5-MoE-A2.7B shape, random bf16"),
+    loaded = LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random", "Qwen1.5-MoE-A2.7B shape, random bf16")
+    engine = Engine(loaded,
                     EngineConfig(device=args.device, policy="resident", show_progress=False))
     offload_s = time.perf_counter() - t0
     # interleaved rounds: plain loop, plain generate(), finemoe resident; medians over rounds
@@ -178,7 +180,8 @@ def main() -> None:
         rows.append({"system": "transformers (manual loop)", "ttft_s": med([a for a, _ in rounds["plain"]]),
                      "tpot_s": med([b for _, b in rounds["plain"]]), "exact": True,
                      "tpot_rounds_s": [b for _, b in rounds["plain"]]})
-        rows.append({"system": "transformers generate()", "ttft_s": None, "tpot_s": med([b for _, b in rounds["generate"]]),
+        rows.append({"system": "transformers generate()", "ttft_s": None,
+                     "tpot_s": med([b for _, b in rounds["generate"]]),
                      "exact": None, "tpot_rounds_s": [b for _, b in rounds["generate"]]})
     rows.append({"system": "finemoe resident", **r, "ttft_s": med([a for a, _ in rounds["resident"]]),
                  "tpot_s": med([b for _, b in rounds["resident"]]), "tpot_rounds_s": [b for _, b in rounds["resident"]],
@@ -201,9 +204,11 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"\ndevice {dev}; expert {engine.geometry.expert_bytes} B; host experts {engine.store.nbytes / 2**30:.2f} GiB; "
+    print(f"\ndevice {dev}; expert {engine.geometry.expert_bytes} B; "
+          f"host experts {engine.store.nbytes / 2**30:.2f} GiB; "
           f"peak host RSS {result['peak_host_bytes'] / 2**30:.2f} GiB; offload setup {offload_s:.1f} s")
-    print(f"raw pinned H2D {raw:.1f} GB/s (one copy {raw_one:.1f}, per-expert copies {raw_chunked:.1f}); demand-load {demand:.1f} GB/s ({100 * demand / raw:.0f}% of raw)")
+    print(f"raw pinned H2D {raw:.1f} GB/s (one copy {raw_one:.1f}, per-expert copies {raw_chunked:.1f}); "
+          f"demand-load {demand:.1f} GB/s ({100 * demand / raw:.0f}% of raw)")
     print(f"{'system':28s} {'TTFT ms':>9s} {'TPOT ms':>9s} {'hit rate':>9s} {'MB/token':>9s} {'exact':>6s}")
     for row in rows:
         ttft = f"{row['ttft_s'] * 1e3:9.1f}" if row.get("ttft_s") is not None else f"{'-':>9s}"

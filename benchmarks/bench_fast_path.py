@@ -1,4 +1,5 @@
-"""Issue 7 GPU benchmark: the fast decode path on a Qwen1.5-MoE-A2.7B-shaped random bf16 model.
+"""docs/BENCHMARKS.md, "The fast path" (all three tables): the fast decode path on a Qwen1.5-MoE-A2.7B-shaped
+random bf16 model.
 
 One run reports, all measured in this process on the same model:
   - plain transformers: generate() (dynamic cache) and the static-cache step, eager and CUDA-graphed;

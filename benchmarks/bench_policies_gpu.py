@@ -1,4 +1,5 @@
-"""Policies at real scale on the GPU, under learned routing, plus simulator validation (issues 3, 4, 5).
+"""Policies at real scale on the GPU, under learned routing, plus simulator validation (docs/BENCHMARKS.md,
+"Policies at real scale"; the GPU table of docs/RESULTS.md).
 
 A Qwen1.5-MoE-A2.7B-shaped random bf16 model (60 experts, top-4, 17.3 MB experts) with the
 reference model's number of layers computes; its routers' choices are replaced by a recorded trace of
@@ -14,7 +15,8 @@ cache work of the offloading path). The copy bandwidth comes two ways: raw (pinn
 Speculative policies (mixtral-offloading, promoe) need the real router and hidden states: they are not
 meaningful under replay and are reported from the reference model on CPU (docs/RESULTS.md).
 
-    PYTHONPATH=src:benchmarks python3 benchmarks/bench_policies_gpu.py --trace .carry/refmoe_lmsys64.safetensors --out $OUT
+    PYTHONPATH=src:benchmarks python3 benchmarks/bench_policies_gpu.py \\
+        --trace .carry/refmoe_lmsys64.safetensors --out $OUT
 """
 from __future__ import annotations
 
@@ -104,7 +106,8 @@ def main() -> None:
     build, held = order[:cut][:args.build_limit], order[cut:][:args.eval_limit]
     model = build_model(trace.num_layers, 0, args.device, args.tiny)
     engine = Engine(LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random",
-                                f"Qwen1.5-MoE shape, {trace.num_layers} layers, random bf16, routing replayed from {trace.model}"),
+                                f"Qwen1.5-MoE shape, {trace.num_layers} layers, random bf16, "
+                                f"routing replayed from {trace.model}"),
                     EngineConfig(device=args.device, policy="resident", show_progress=False))
     replay = RoutingReplay(engine, trace)
     serve(engine, replay, held[:2])  # warm-up
@@ -116,7 +119,8 @@ def main() -> None:
         its = getattr(policy, "iterations", 0)
         row = {"policy": name, "ttft_s": s["ttft_s"], "tpot_s": s["tpot_s"], "hit_rate": s["hit_rate"],
                "hits": s["hits"], "misses": s["misses"], "bytes_per_token": s["bytes_per_token"],
-               "bytes_copied": s["bytes_copied"], "stall_s": s["stall_s"], "expert_budget_bytes": s["expert_budget_bytes"],
+               "bytes_copied": s["bytes_copied"], "stall_s": s["stall_s"],
+               "expert_budget_bytes": s["expert_budget_bytes"],
                "policy_critical_ms_per_iter": (1e3 * crit / its) if crit is not None and its else None}
         print(f"  {name}: TPOT {row['tpot_s'] * 1e3:.2f} ms hit {row['hit_rate']:.3f}", flush=True)
         return row
@@ -183,10 +187,12 @@ def main() -> None:
             sim = Replay(held_trace, name, args.budget, dataclasses.replace(c, policy_layer_s=p_s), opts, **kw).run()
             sims.append({"policy": v.label, "bandwidth": calibration, "sim_tpot_s": sim["tpot_s"],
                          "engine_tpot_s": meas["tpot_s"], "error": sim["tpot_s"] / meas["tpot_s"] - 1,
-                         "sim_hit_rate": sim["hit_rate"], "engine_hit_rate": meas["hit_rate"], "sim_ttft_s": sim["ttft_s"],
+                         "sim_hit_rate": sim["hit_rate"], "engine_hit_rate": meas["hit_rate"],
+                         "sim_ttft_s": sim["ttft_s"],
                          "engine_ttft_s": meas["ttft_s"], "sim_bytes_per_token": sim["bytes_per_token"],
                          "engine_bytes_per_token": meas["bytes_per_token"], "calibrated_policy_layer_ms": p_s * 1e3})
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "trace": args.trace,
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "trace": args.trace,
               "trace_model": trace.model, "layers": trace.num_layers, "build_requests": len(build),
               "eval_requests": len(held), "budget": args.budget, "raw_pinned_gbps": raw,
               "calibrated_layer_time_ms": layer_time * 1e3, "calibrated_host_layer_ms": host_layer * 1e3,
@@ -199,9 +205,11 @@ def main() -> None:
           f"fitted {fitted / 1e9:.1f} GB/s; layer time {layer_time * 1e3:.3f} ms, host {host_layer * 1e3:.3f} ms "
           f"(from {len(calib)} build requests); "
           f"build {len(build)} / eval {len(held)} requests")
-    print(f"{'policy':34s} {'TTFT ms':>8s} {'TPOT ms':>8s} {'hit':>6s} {'MB/tok':>7s} {'stall s':>8s} {'policy ms/it':>12s}")
+    print(f"{'policy':34s} {'TTFT ms':>8s} {'TPOT ms':>8s} {'hit':>6s} {'MB/tok':>7s} {'stall s':>8s} "
+          f"{'policy ms/it':>12s}")
     for r in rows:
-        pc = f"{r['policy_critical_ms_per_iter']:12.3f}" if r["policy_critical_ms_per_iter"] is not None else f"{'-':>12s}"
+        crit = r["policy_critical_ms_per_iter"]
+        pc = f"{crit:12.3f}" if crit is not None else f"{'-':>12s}"
         print(f"{r['policy']:34s} {r['ttft_s'] * 1e3:8.1f} {r['tpot_s'] * 1e3:8.2f} {r['hit_rate']:6.3f} "
               f"{r['bytes_per_token'] / 1e6:7.1f} {r['stall_s']:8.2f} {pc}")
     print(f"{'simulated':34s} {'bandwidth':>9s} {'TPOT sim':>8s} {'TPOT eng':>8s} {'error':>7s}")

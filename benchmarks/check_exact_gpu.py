@@ -1,6 +1,7 @@
-"""Exactness on the GPU for every engine policy: greedy tokens of finemoe under each policy and budget against
-plain transformers run through the same static-cache step (the reference docs/BENCHMARKS.md uses; transformers'
-own generate() with its dynamic cache picks other tokens than its static-cache path on a random bf16 model).
+"""docs/BENCHMARKS.md, "Exactness on the GPU": for every engine policy, greedy tokens of finemoe under each policy and
+budget against plain transformers run through the same static-cache step (the reference docs/BENCHMARKS.md uses;
+transformers' own generate() with its dynamic cache picks other tokens than its static-cache path on a random bf16
+model).
 
 Qwen1.5-MoE-A2.7B-shaped random bf16 model. Batch 1, and a batch of same-length prompts (no padding, so plain
 transformers' batched static step is the reference for every row). Every policy runs with the engine defaults
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
                 s = engine.summary(reqs)
                 same = [r.output_ids == ref for r, ref in zip(reqs, refs[b])]
                 rows.append({"policy": v.label, "budget": budget or "100%", "batch": b, "exact": all(same),
-                             "rows_exact": sum(same), "hit_rate": s["hit_rate"], "bytes_per_token": s["bytes_per_token"],
+                             "rows_exact": sum(same), "hit_rate": s["hit_rate"],
+                             "bytes_per_token": s["bytes_per_token"],
                              "decode_path": s.get("decode_path")})
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
               "layers": args.layers, "prompt_len": args.prompt_len, "new_tokens": n, "rows": rows,

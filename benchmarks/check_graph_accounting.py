@@ -1,5 +1,6 @@
-"""GPU check: CUDA-graph decode counts the same hits, misses and bytes, and emits the same tokens, as eager
-decode of the same static batch (resident and lru at 25%, batch 1 and 3). Small Qwen1.5-MoE-shaped model.
+"""docs/BENCHMARKS.md, "Exactness on the GPU": CUDA-graph decode counts the same hits, misses and bytes, and emits the
+same tokens, as eager decode of the same static batch (resident and lru at 25%, batch 1 and 3). Small
+Qwen1.5-MoE-shaped model.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/check_graph_accounting.py
 """
@@ -38,7 +39,8 @@ def main() -> None:
                 out[graphs] = run(engine, prompts, 12)
             same = out[False] == out[True]
             ok &= same
-            print(f"  tokens equal: {out[False][0] == out[True][0]}; eager {out[False][0][0][:12]} graphs {out[True][0][0][:12]}")
+            print(f"  tokens equal: {out[False][0] == out[True][0]}; "
+                  f"eager {out[False][0][0][:12]} graphs {out[True][0][0][:12]}")
             print(f"{policy:8s} batch {len(prompts)}: eager {out[False][1]} bytes {out[False][2]} | graphs "
                   f"{out[True][1]} bytes {out[True][2]} | same tokens and counts: {same}  [{engine.decode_path}]")
     print("ALL SAME" if ok else "DIFFERENT")

@@ -1,5 +1,5 @@
-"""Experiment 1 (docs/RESULTS.md): entropy of request-level vs iteration-level expert usage per layer, on
-the reference model, the real FLAME-MoE trace and the built-in random-weight model.
+"""docs/RESULTS.md, section 1 (its table and plot): entropy of request-level vs iteration-level expert usage per layer,
+on the reference model, the real FLAME-MoE trace and the built-in random-weight model.
 
     python3 benchmarks/eval_entropy.py --out docs/results/exp1-entropy.png --json docs/results/exp1-entropy.json
 """

@@ -1,5 +1,5 @@
-"""Experiment 6 (docs/RESULTS.md): online serving with Azure LLM-inference arrival times, histories starting
-empty and learning online; latency CDF per policy from the simulator's cost model plus a FCFS queue.
+"""docs/RESULTS.md, section 6 (its table and plot): online serving with Azure LLM-inference arrival times, histories
+starting empty and learning online; latency CDF per policy from the simulator's cost model plus a FCFS queue.
 
     python3 benchmarks/eval_online.py --trace-dir /tmp/eval/traces --out docs/results/exp6-online.png \\
         --json docs/results/exp6-online.json

@@ -23,7 +23,8 @@ from finemoe.traces import load_trace
 
 
 def decode_maps(trace):
-    """Probs [I, L, J] and top-k [I, L, k] of every decode iteration (prefill dropped), plus the request of each."""
+    """Probs [n_iter, L, J] and top-k [n_iter, L, k] of every decode iteration (prefill dropped), plus the request
+    of each."""
     starts = iteration_starts(trace)
     first = trace.offsets[:-1]
     dec = np.setdiff1d(starts, first)
@@ -32,8 +33,8 @@ def decode_maps(trace):
 
 
 def recall(pred: np.ndarray, actual: np.ndarray) -> float:
-    """pred, actual [I, L, k] expert ids -> mean fraction of actual experts found in pred."""
-    hit = (pred[..., :, None] == actual[..., None, :]).any(-2)        # [I, L, k]
+    """pred, actual [n_iter, L, k] expert ids -> mean fraction of actual experts found in pred."""
+    hit = (pred[..., :, None] == actual[..., None, :]).any(-2)        # [n_iter, L, k]
     return float(hit.mean())
 
 
@@ -49,16 +50,16 @@ def main(argv=None) -> int:
     b, h = load_trace(args.build), load_trace(args.held)
     bp, _, _ = decode_maps(b)
     hp, hk, hreq = decode_maps(h)
-    I, L, J = hp.shape
+    n_iter, L, J = hp.shape
     k = h.top_k
     flat_b = bp.reshape(len(bp), -1)
     flat_b = flat_b / np.linalg.norm(flat_b, axis=1, keepdims=True)
-    flat_h = hp.reshape(I, -1)
-    nearest = np.argmax(flat_h @ flat_b.T, axis=1)                    # [I]
+    flat_h = hp.reshape(n_iter, -1)
+    nearest = np.argmax(flat_h @ flat_b.T, axis=1)                    # [n_iter]
     out = {"nearest map (clairvoyant lookup)": recall(topk_of(bp[nearest], k), hk)}
     pred = np.empty_like(hk)
     pred[:, 0] = topk_of(bp[np.argmax(hp[:, 0] @ bp[:, 0].T, axis=1), 0], k)   # layer 0: its own (clairvoyant)
-    dots = np.zeros((I, len(bp)), np.float32)
+    dots = np.zeros((n_iter, len(bp)), np.float32)
     sq_b = np.zeros(len(bp), np.float32)
     for layer in range(1, L):
         dots += hp[:, layer - 1] @ bp[:, layer - 1].T

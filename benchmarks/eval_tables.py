@@ -1,7 +1,8 @@
 """Print a `finemoe bench` summary.json as the markdown table used in docs/RESULTS.md; with --inf, add the
 hit rate of the same policies from a free-copies run (--bandwidth inf).
 
-    python3 benchmarks/eval_tables.py docs/results/exp2-arena/summary.json --inf docs/results/exp2-arena-inf/summary.json
+    python3 benchmarks/eval_tables.py docs/results/exp2-arena/summary.json \\
+        --inf docs/results/exp2-arena-inf/summary.json
 """
 from __future__ import annotations
 

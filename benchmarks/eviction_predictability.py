@@ -1,4 +1,5 @@
 """How much of the decode gap to the clairvoyant bound is eviction, and can history predict the next use?
+(docs/RESULTS.md, the table of the last section.)
 
 Decode at a 25% budget is copy-bound: TPOT follows the bytes copied per token, and with no prefetching
 those bytes are set by eviction alone. This replays a recorded trace's held-out requests (same seeded 70/30

@@ -1,4 +1,5 @@
-"""FineMoE vs LRU hit rate on a held-out prompt split (the docs/FINEMOE.md numbers).
+"""FineMoE vs LRU hit rate on a held-out prompt split (docs/FINEMOE.md, "Measured: hit rate on ref-moe" and
+"Measured: wasted prefetches").
 
 A prompt set is shuffled with a fixed seed and split: the first `--build` prompts build a map store
 (every expert resident, store learned), the next `--eval` prompts are served at `--budget` with each

@@ -1,5 +1,6 @@
-"""Time FineMoE map-store operations on one device: semantic search, one trajectory-search step (per
-layer), a whole iteration of trajectory steps, and an RDY insertion into a full store.
+"""docs/FINEMOE.md, "Measured: search cost" (CPU and GPU tables). Times FineMoE map-store operations on one device:
+semantic search, one trajectory-search step (per layer), a whole iteration of trajectory steps, and an RDY insertion
+into a full store.
 
     python3 benchmarks/finemoe_search.py --device cpu              # CPU table + JSON
     python3 benchmarks/finemoe_search.py --device cuda             # GPU (synchronised timings)
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
             for C in args.capacities for dt in args.dtypes for B in args.batch]
     print(f"device {device}, torch threads {torch.get_num_threads()}, L={args.layers} J={args.experts} "
           f"E={args.embed_dim} d={args.distance} (median ms)")
-    print(f"{'C':>6} {'B':>3} {'dtype':>8} {'semantic':>9} {'traj step':>10} {'traj iter':>10} {'rdy add':>9} {'MiB':>7}")
+    print(f"{'C':>6} {'B':>3} {'dtype':>8} {'semantic':>9} {'traj step':>10} {'traj iter':>10} {'rdy add':>9} "
+          f"{'MiB':>7}")
     for r in rows:
         print(f"{r['C']:>6} {r['B']:>3} {r['dtype']:>8} {r['semantic_ms']:9.3f} {r['trajectory_step_ms']:10.3f} "
               f"{r['trajectory_iteration_ms']:10.2f} {r['rdy_insert_ms']:9.3f} {r['store_mib']:7.1f}")

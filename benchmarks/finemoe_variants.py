@@ -1,4 +1,5 @@
-"""FineMoE option variants against moe-infinity and the oracle in the simulator, histories built once.
+"""FineMoE option variants against moe-infinity and the oracle in the simulator, histories built once
+(docs/FINEMOE.md, "Beyond the paper" and "Copy-bound regime").
 
 The same split, traces and cost model as `finemoe bench --simulate` (docs/RESULTS.md, experiment 2), but
 each history (map store, MoE-Infinity collection) is built once and kept in `--store-dir`, so many

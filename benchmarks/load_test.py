@@ -1,4 +1,5 @@
-"""Bounded loopback load test for `finemoe serve`: requests/s and TTFT / TPOT / latency percentiles.
+"""Bounded loopback load test for `finemoe serve`: requests/s and TTFT / TPOT / latency percentiles
+(docs/BENCHMARKS.md, "`finemoe serve` under load").
 
 Each of --concurrency clients sends streaming completions back to back (fixed --max-tokens, ignore_eos)
 until --requests have been sent or --max-seconds have passed; requests still running at the deadline
@@ -121,7 +122,8 @@ def summarize(results: list[dict], issued: int, wall: float, concurrency: int) -
     ok = [r for r in results if r["ok"]]
     return {"concurrency": concurrency, "issued": issued, "completed": len(ok),
             "errors": [r["error"] for r in results if not r["ok"]][:5], "incomplete": issued - len(results),
-            "wall_s": wall, "requests_per_s": len(ok) / wall, "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+            "wall_s": wall, "requests_per_s": len(ok) / wall,
+            "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_s": pct([r["ttft_s"] for r in ok]), "tpot_s": pct([r["tpot_s"] for r in ok]),
             "latency_s": pct([r["latency_s"] for r in ok])}
 

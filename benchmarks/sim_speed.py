@@ -1,4 +1,5 @@
-"""Simulator speed: requests/s that `finemoe simulate` replays, per policy, on a real trace repeated N times.
+"""Simulator speed: requests/s that `finemoe simulate` replays, per policy, on a real trace repeated N times
+(docs/BENCHMARKS.md, "Simulator speed").
 
     python3 benchmarks/sim_speed.py --trace /tmp/sim_trace.safetensors --repeat 16 --out /tmp/sim_speed.json
     python3 benchmarks/sim_speed.py --trace ../shared/data/traces/flame_moe_290m.npz#seq --repeat 4
@@ -41,7 +42,9 @@ def repeated(trace: Trace, n: int) -> Trace:
         return trace
     N = trace.num_tokens
     offsets = np.concatenate([[0]] + [trace.offsets[1:] + c * N for c in range(n)]).astype(np.int64)
-    tile = (lambda a: None if a is None else np.concatenate([a] * n))
+
+    def tile(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.concatenate([a] * n)
     return Trace(trace.model, trace.num_layers, trace.num_experts, trace.top_k, offsets,
                  tile(trace.prompt_lens), tile(trace.iterations), tile(trace.token_ids), tile(trace.topk),
                  tile(trace.probs), trace.expert_bytes, trace.probs_note, trace.source,

@@ -1,5 +1,6 @@
-"""Issue 7: serve a missed expert by copying it into a device slot first, or read it straight from pinned host
-memory (zero-copy, at PCIe speed) while its copy into a slot proceeds for the next token. Compares both.
+"""docs/BENCHMARKS.md, "Zero-copy against copy-then-compute": serve a missed expert by copying it into a device slot
+first, or read it straight from pinned host memory (zero-copy, at PCIe speed) while its copy into a slot proceeds for
+the next token. Compares both.
 
 Qwen1.5-MoE-A2.7B expert (fused gate_up_proj [2*1408, 2048], gate rows first; down_proj [2048, 1408]; bf16:
 17,301,504 bytes), held as HostExpertStore holds a layer: a host tensor [pool, *shape] per weight name, page-locked

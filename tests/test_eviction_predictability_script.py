@@ -1,4 +1,4 @@
-"""benchmarks/eviction_predictability.py (issue 5: is the decode gap to the clairvoyant bound an eviction gap, and
+"""benchmarks/eviction_predictability.py (is the decode gap to the clairvoyant bound an eviction gap, and
 can routing history predict the next use?) runs on any recorded trace; here a small synthetic one. The numbers
 that matter come from the ref-moe trace (docs/RESULTS.md); these tests pin down what the script reports."""
 from __future__ import annotations
@@ -38,7 +38,8 @@ def test_reports_every_rule_on_decode_iterations_only(bench, tmp_path):
                        "--bandwidth", "1", "--out", str(out)])
     labels = [r["policy"] for r in rows]
     assert labels[:4] == ["lru", "lfu", "oracle/prefetch=false", "oracle"]
-    assert {f"{n} a={a}" for n in ("recency-frequency", "router-ema", "cyclic-next-use") for a in (0.5, 0.9)} <= set(labels)
+    rules = ("recency-frequency", "router-ema", "cyclic-next-use")
+    assert {f"{n} a={a}" for n in rules for a in (0.5, 0.9)} <= set(labels)
     assert json.loads(out.read_text())["rows"] == rows
     for r in rows:
         assert 0.0 <= r["decode_hit_rate"] <= 1.0 and r["decode_ms_per_token"] > 0

@@ -1,5 +1,5 @@
-"""benchmarks/zero_copy_miss.py (issue 7: serve a missed expert by copy-then-compute or by zero-copy reads) runs on
-the CPU in --dry-run: tiny shapes, the same math paths as on the GPU, and the JSON the lead engineer keeps.
+"""benchmarks/zero_copy_miss.py (docs/BENCHMARKS.md: serve a missed expert by copy-then-compute or by zero-copy
+reads) runs on the CPU in --dry-run: tiny shapes, the same math paths as on the GPU, and the JSON it writes.
 The GPU numbers themselves come from the device run; these tests pin down the script's arithmetic and checks."""
 from __future__ import annotations
 

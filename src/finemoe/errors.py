@@ -23,3 +23,7 @@ class UnknownPolicyError(ConfigError):
 
 class ModelLoadError(FineMoEError):
     """The checkpoint could not be found or read."""
+
+
+class TraceError(FineMoEError):
+    """A trace file is missing, unreadable, of another version, or inconsistent."""

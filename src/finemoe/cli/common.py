@@ -13,7 +13,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--model", default=None,
                    help="hub id or local directory (safetensors); default: the built-in seeded random Qwen2-MoE")
     p.add_argument("--expert-budget", default=None,
-                   help="device bytes for routed experts: 6GiB, 512MB, 25%% of all expert bytes, or 0.25 (default: 100%%)")
+                   help="device bytes for routed experts: 6GiB, 512MB, 25%% of all expert bytes, or 0.25 "
+                        "(default: 100%%)")
     p.add_argument("--policy", default=policy_default, help=f"prefetch/eviction policy: {', '.join(available())}")
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (JSON value), repeatable, e.g. --policy-option prefetch_distance=2")
@@ -23,7 +24,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--prefetch-inflight", type=int, default=4,
-                   help="prefetch copies queued on the copy stream at once (a demand miss waits behind at most this many)")
+                   help="prefetch copies queued on the copy stream at once "
+                        "(a demand miss waits behind at most this many)")
     p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                    help="decode with transformers' dynamic KV cache instead of the static-cache fast path")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -62,25 +64,3 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
               prefill_lookahead=args.prefill_lookahead)
     kw.update(overrides)
     return EngineConfig(**kw)
-
-
-def read_prompts(path: str, field: str = "prompt") -> list[dict]:
-    """JSONL with a `prompt` field per line -> list of records (clear errors for bad lines)."""
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                    raise ConfigError(f"{path}:{n}: each line needs a string field {field!r}")
-                records.append(rec)
-    except OSError as e:
-        raise ConfigError(f"cannot read prompts file {path!r}: {e.strerror}") from None
-    if not records:
-        raise ConfigError(f"prompts file {path!r} holds no prompts")
-    return records

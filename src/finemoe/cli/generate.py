@@ -5,9 +5,10 @@ import argparse
 import json
 import sys
 
-from finemoe.cli.common import add_engine_args, engine_config, read_prompts
+from finemoe.cli.common import add_engine_args, engine_config
 from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
+from finemoe.prompts import read_prompts
 
 
 def add_parser(sub) -> None:

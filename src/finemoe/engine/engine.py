@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ class Engine:
         self._checked_dispatch = False
 
     @classmethod
-    def from_config(cls, cfg: EngineConfig) -> "Engine":
+    def from_config(cls, cfg: EngineConfig) -> Engine:
         return cls(load_model(cfg), cfg)
 
     def _eos_ids(self) -> set[int]:

@@ -16,7 +16,7 @@ are resident at replay time.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -45,7 +45,8 @@ class SegmentedGraph:
         self._begin()
 
     def capture(self, fn: Callable[[], object], stream: torch.cuda.Stream) -> None:
-        """Record `fn()` (whose tensors must all live at fixed addresses) on `stream`; `self.output` keeps its result."""
+        """Record `fn()` (whose tensors must all live at fixed addresses) on `stream`; `self.output` keeps its
+        result."""
         rt = self.runtime
         torch.cuda.synchronize()
         first = len(rt._resident_topk)   # capture runs inside an iteration: keep its own entries apart

@@ -31,7 +31,8 @@ class RoutingReplay:
         self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # T -> ids [L, T, k], probs [L, T, J]
         self._current: tuple[torch.Tensor, torch.Tensor] | None = None
         engine.iteration_hooks.append(self._stage)
-        self._handles = [layer.router.register_forward_hook(self._hook(layer.index), prepend=True)  # before the runtime's hook
+        # prepend: before the runtime's hook
+        self._handles = [layer.router.register_forward_hook(self._hook(layer.index), prepend=True)
                          for layer in engine.layers]
 
     def assign(self, request_id: str, trace_index: int) -> None:

@@ -39,8 +39,8 @@ def plot_summary(summary: list[dict], out_dir: str, title: str = "") -> list[str
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         if len(budgets) > 1:
             for p in policies:
-                pts = sorted(((r["budget_percent"], r[key] * scale) for r in rows if r["policy"] == p
-                              and r["prefetch_distance"] in (None, distances[0] if distances else None)))
+                pts = sorted((r["budget_percent"], r[key] * scale) for r in rows if r["policy"] == p
+                              and r["prefetch_distance"] in (None, distances[0] if distances else None))
                 if pts:
                     ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
             ax.set_xlabel("expert budget (% of all experts)")
@@ -85,7 +85,7 @@ def plot_entropy(results: dict[str, dict], path: str) -> str:
     return _save(fig, path)
 
 
-def plot_cdf(latencies: dict[str, "list[float]"], path: str, title: str, xlabel: str = "latency (s)") -> str:
+def plot_cdf(latencies: dict[str, list[float]], path: str, title: str, xlabel: str = "latency (s)") -> str:
     """Empirical CDF, one line per policy."""
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
     for name, xs in latencies.items():

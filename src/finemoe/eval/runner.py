@@ -19,9 +19,9 @@ from finemoe.eval.variants import Variant
 from finemoe.eval.workload import Prompt
 from finemoe.simulator import CostModel, Replay
 
-SUMMARY_KEYS = ("policy", "policy_name", "mode", "expert_budget", "expert_budget_bytes", "cache_slots", "budget_percent",
-                "prefetch_distance", "requests", "output_tokens", "hits", "misses", "hit_rate", "bytes_copied",
-                "bytes_per_token", "experts_copied", "ttft_s", "tpot_s", "stall_s", "prefetch_copies",
+SUMMARY_KEYS = ("policy", "policy_name", "mode", "expert_budget", "expert_budget_bytes", "cache_slots",
+                "budget_percent", "prefetch_distance", "requests", "output_tokens", "hits", "misses", "hit_rate",
+                "bytes_copied", "bytes_per_token", "experts_copied", "ttft_s", "tpot_s", "stall_s", "prefetch_copies",
                 "wasted_prefetches", "store_entries", "store_bytes", "policy_ms_per_iteration")
 REQUEST_KEYS = ("policy", "mode", "expert_budget", "prefetch_distance", "request", "source", "prompt_tokens",
                 "tokens", "hits", "misses", "hit_rate", "bytes_copied", "ttft_s", "tpot_s", "stall_s")

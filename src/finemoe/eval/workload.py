@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finemoe.cli.common import read_prompts
 from finemoe.errors import ConfigError
+from finemoe.prompts import read_prompts
 
 
 @dataclass(frozen=True)

@@ -132,5 +132,5 @@ def geometry_of(model: nn.Module, layers: list[MoELayer]) -> ExpertGeometry:
         shapes[name] = tuple(t.shape[1:])
         nbytes += t[0].numel() * t.element_size()
         dtype = dtype or t.dtype
-    top_k = int(getattr(model.config, "num_experts_per_tok"))
+    top_k = int(model.config.num_experts_per_tok)
     return ExpertGeometry(len(layers), int(experts.num_experts), top_k, nbytes, shapes, dtype)

@@ -1,6 +1,6 @@
 """Kernel fusion for the decode step: `torch.compile` transformers' small modules, through the public
 `nn.Module.compile()` (no patching). A batch-1 decode step of Qwen1.5-MoE-A2.7B's shape launches about
-2,200 kernels, most of them tiny elementwise ones (measured: benchmarks/fast_path_kernels.py); the norms,
+2,200 kernels, most of them tiny elementwise ones (counted with the torch profiler); the norms,
 the rotary embedding and the MLPs account for many of them. Experts are not compiled: they run
 transformers' own experts function over the slot pools (exactness), and attention holds the KV cache.
 """

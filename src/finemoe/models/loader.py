@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from finemoe.config import EngineConfig
 from finemoe.errors import ModelLoadError
 from finemoe.models.adapters import family_for, find_moe_layers
-from finemoe.models.random_shapes import build_random, is_random_spec
 from finemoe.models.default import DEFAULT_MODEL_LABEL, DEFAULT_MODEL_NAME, build_default_model, default_tokenizer
+from finemoe.models.random_shapes import build_random, is_random_spec
 
 
 @dataclass
@@ -59,7 +59,8 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     except (OSError, ValueError) as e:
         where = "directory" if local else "hub id (no local directory of that name exists)"
         raise ModelLoadError(f"cannot read a model config from {source!r} as a {where}: {_one_line(e)}. "
-                             "Pass a local directory with config.json and *.safetensors, or a reachable hub id.") from None
+                             "Pass a local directory with config.json and *.safetensors, "
+                             "or a reachable hub id.") from None
     family_for(config)  # unsupported architectures fail here, before any weight is read
     dtype = cfg.torch_dtype()
     device = cfg.device if cfg.device != "cuda" else "cuda:0"

@@ -47,4 +47,5 @@ def build_random(spec: str, device: str, dtype: torch.dtype, seed: int = 0) -> t
             model = Qwen2MoeForCausalLM(config)
     finally:
         torch.set_default_dtype(prev)
-    return model.eval(), f"{name} shapes ({config.num_hidden_layers} layers), seeded random {dtype} weights, not trained"
+    layers = config.num_hidden_layers
+    return model.eval(), f"{name} shapes ({layers} layers), seeded random {dtype} weights, not trained"

@@ -1,4 +1,6 @@
-"""Prefetch/eviction policies, selectable by name (`--policy NAME`) in the engine, CLI and simulator."""
+"""Prefetch/eviction policies, selectable by name (`--policy NAME`) in the engine, CLI and simulator.
+
+Importing this package registers every policy (the imports marked noqa are for their registration)."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,10 +8,10 @@ from typing import Any
 from finemoe.errors import UnknownPolicyError
 from finemoe.policies.base import (CacheView, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
                                    RequestInfo, register_policy, registry)
-from finemoe.policies import lru, resident  # noqa: F401  (registration)
-from finemoe.policies import finemoe  # noqa: F401  (registration)
-from finemoe.policies import deepspeed, lfu, moe_infinity, oracle, speculative  # noqa: F401  (registration)
-from finemoe.traces import recorder  # noqa: F401  (registration: the `record` wrapper used by `finemoe trace`)
+from finemoe.policies import lru, resident  # noqa: F401
+from finemoe.policies import finemoe  # noqa: F401
+from finemoe.policies import deepspeed, lfu, moe_infinity, oracle, speculative  # noqa: F401
+from finemoe.traces import recorder  # noqa: F401  (the `record` wrapper used by `finemoe trace`)
 
 
 def available() -> list[str]:

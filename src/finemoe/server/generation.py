@@ -9,8 +9,8 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from starlette.requests import Request as HTTPRequest
 

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from finemoe.traces.format import Trace, TraceError
+from finemoe.errors import TraceError
 
 PARTS = ("seq", "first10", "all")
 TOP_K, NUM_EXPERTS = 6, 64
@@ -39,11 +39,14 @@ def _part(data, prefix: str, seqs: slice) -> tuple[np.ndarray, np.ndarray, np.nd
     ids = data[f"{prefix}_topk_ids"][:, seqs]            # [L, S, T, k]
     scores = data[f"{prefix}_topk_scores"][:, seqs]
     L, k = ids.shape[0], ids.shape[-1]
-    to_rows = lambda a: np.ascontiguousarray(a.transpose(1, 2, 0, 3).reshape(S * T, L, k))
+
+    def to_rows(a: np.ndarray) -> np.ndarray:   # [L, S, T, k] -> [S*T, L, k]
+        return np.ascontiguousarray(a.transpose(1, 2, 0, 3).reshape(S * T, L, k))
     return tokens, to_rows(ids), to_rows(scores)
 
 
-def load_flame(path: str, prefill_tokens: int = 1) -> Trace:
+def read_flame(path: str, prefill_tokens: int = 1) -> dict:
+    """The FLAME trace `path` (optionally `#part`) as the keyword arguments of a `Trace`."""
     file, _, part = str(path).partition("#")
     part = part or "seq"
     if part not in PARTS:
@@ -66,8 +69,8 @@ def load_flame(path: str, prefill_tokens: int = 1) -> Trace:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     prompt_lens = np.full(lengths.size, prefill_tokens, np.int32)
     names = [f"flame-{prefix}-{s}" for prefix, seqs in pieces for s in range(seqs.start, seqs.stop)]
-    return Trace(model="FLAME-MoE-290M", num_layers=ids.shape[1], num_experts=NUM_EXPERTS, top_k=ids.shape[2],
-                 offsets=offsets, prompt_lens=prompt_lens, iterations=(lengths - prefill_tokens + 1).astype(np.int32),
-                 token_ids=tokens, topk=ids.astype(np.uint8), probs=_scatter_probs(ids, scores), expert_bytes=None,
-                 probs_note="top-6 router scores scattered into zeros (FLAME trace has no full probabilities)",
-                 source=str(path), request_ids=names)
+    return dict(model="FLAME-MoE-290M", num_layers=ids.shape[1], num_experts=NUM_EXPERTS, top_k=ids.shape[2],
+                offsets=offsets, prompt_lens=prompt_lens, iterations=(lengths - prefill_tokens + 1).astype(np.int32),
+                token_ids=tokens, topk=ids.astype(np.uint8), probs=_scatter_probs(ids, scores), expert_bytes=None,
+                probs_note="top-6 router scores scattered into zeros (FLAME trace has no full probabilities)",
+                source=str(path), request_ids=names)

@@ -26,18 +26,15 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from finemoe.storage import save_atomic
-from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
-from finemoe.errors import FineMoEError
+from finemoe.errors import TraceError
+from finemoe.storage import save_atomic
+from finemoe.traces.flame import read_flame
 
 FORMAT_VERSION = 1
 HEADER_KEY = "finemoe_trace"
-
-
-class TraceError(FineMoEError):
-    """A trace file is missing, unreadable, of another version, or inconsistent."""
 
 
 @dataclass
@@ -88,7 +85,7 @@ class Trace:
         a, p = int(self.offsets[r]), int(self.prompt_lens[r])
         return (a, a + p) if i == 0 else (a + p + i - 1, a + p + i)
 
-    def head(self, n: int) -> "Trace":
+    def head(self, n: int) -> Trace:
         """The first n requests as a trace of their own."""
         n = min(n, self.num_requests)
         end = int(self.offsets[n])
@@ -141,8 +138,7 @@ class Trace:
 def load_trace(path: str) -> Trace:
     """Read a trace: a finemoe .safetensors trace, or the FLAME-MoE .npz (through its adapter)."""
     if str(path).partition("#")[0].endswith(".npz"):
-        from finemoe.traces.flame import load_flame
-        return load_flame(path)
+        return Trace(**read_flame(path))
     if not os.path.isfile(path):
         raise TraceError(f"trace file {path!r} does not exist: record one with `finemoe trace --out {path}`")
     try:

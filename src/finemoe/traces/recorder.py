@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from finemoe.errors import ConfigError
+from finemoe.errors import ConfigError, UnknownPolicyError
 from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
-                                   register_policy)
+                                   register_policy, registry)
 from finemoe.traces.format import Trace
 
 
@@ -34,8 +34,11 @@ class RecordingPolicy(Policy):
     needs_router_probs = True
 
     def __init__(self, inner: str = "lru", inner_options: dict[str, Any] | None = None, probs: bool = True) -> None:
-        from finemoe.policies import create_policy  # late: the registry imports this module
-        self.inner = create_policy(inner, **(inner_options or {}))
+        policies = registry()   # filled by importing finemoe.policies, which also registers this class
+        if inner not in policies:
+            raise UnknownPolicyError(f"record: unknown inner policy {inner!r}; "
+                                     f"available: {', '.join(sorted(policies))}")
+        self.inner = policies[inner](**(inner_options or {}))
         if self.inner.keeps_all_resident:
             raise ConfigError(f"record: inner policy {inner!r} keeps every expert resident, so the engine never "
                               "reports routing to it: record with a caching policy such as lru")

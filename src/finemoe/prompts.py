@@ -1,0 +1,28 @@
+"""Prompt files: JSONL, one record per line with a string `prompt` field (read by the CLI and the evaluation)."""
+from __future__ import annotations
+
+import json
+
+from finemoe.errors import ConfigError
+
+
+def read_prompts(path: str, field: str = "prompt") -> list[dict]:
+    """JSONL with a `prompt` field per line -> list of records (clear errors for bad lines)."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+                    raise ConfigError(f"{path}:{n}: each line needs a string field {field!r}")
+                records.append(rec)
+    except OSError as e:
+        raise ConfigError(f"cannot read prompts file {path!r}: {e.strerror}") from None
+    if not records:
+        raise ConfigError(f"prompts file {path!r} holds no prompts")
+    return records
