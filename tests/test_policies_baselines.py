@@ -99,7 +99,7 @@ def test_moe_infinity_prefetches_the_matched_requests_experts_with_decaying_prio
 def test_moe_infinity_match_on_a_near_tie_is_the_exact_product_then_the_lowest_row():
     """Rows whose running products are within the collection's tolerance are decided by the defining product
     (float64 terms, key order); equal rows by the lower index. One request and a batch decide alike."""
-    from finemoe.policies.moe_infinity_collection import ActivationCollection
+    from finemoe.policies.moe_infinity import ActivationCollection
     c = ActivationCollection(2, 3, capacity=4)
     base = np.array([3, 1, 0, 2, 0, 1], np.float32)
     c.add(base)                                  # row 0
@@ -113,8 +113,8 @@ def test_moe_infinity_match_on_a_near_tie_is_the_exact_product_then_the_lowest_r
     want = [int(np.flatnonzero(row == row.max())[0]) for row in exact]
     dots = eam.astype(np.float64) @ c.by_key                                  # the running products
     assert np.ptp(dots[1]) / dots[1].max() < c.tol                            # a near tie: all 4 rows
-    assert c.best(eam, dots, None) == want
-    assert [c.best(eam[b:b + 1], dots[b:b + 1], None)[0] for b in range(2)] == want
+    assert c.best(eam, dots, np.zeros(2, bool)).tolist() == want
+    assert [c.best(eam[b:b + 1], dots[b:b + 1], np.zeros(1, bool))[0] for b in range(2)] == want
     assert want[1] == 2
 
 

@@ -8,7 +8,8 @@ from finemoe.policies.base import (CacheView, IterationInfo, LayerRouting, Polic
                                    RequestInfo, register_policy, registry)
 from finemoe.policies import lru, resident  # noqa: F401  (registration)
 from finemoe.policies import finemoe  # noqa: F401  (registration)
-from finemoe.policies import deepspeed, lfu, moe_infinity, oracle, speculative  # noqa: F401  (registration)
+from finemoe.policies import deepspeed, lfu, moe_infinity, oracle  # noqa: F401  (registration)
+from finemoe.policies import mixtral_offloading, promoe  # noqa: F401  (registration)
 from finemoe.traces import recorder  # noqa: F401  (registration: the `record` wrapper used by `finemoe trace`)
 
 
