@@ -126,10 +126,10 @@ def test_a_policys_own_kernels_replay_like_its_callbacks_with_or_without_a_rank(
     assert looped.state[2].tobytes() == per_layer.state[2].tobytes()
 
 
-# ---- the built-in routing-only baselines: their layer_kernels / oracle_kernels through the pre-specialised loops ----
+# ---- the built-in routing-only baselines: their compiled steps through the pre-specialised loops ----------------
 def repeated_topic_trace():
     """topic_trace's requests each twice in a row, then once more (new request ids, same prompts): moe-infinity's
-    collection then holds pairs of equal matrices, so the third copy's best match ties exactly (kernels.exact_best
+    collection then holds pairs of equal matrices, so the third copy's best match ties exactly (matching.exact_best
     decides)."""
     from dataclasses import replace
     t = topic_trace(seed=5, R=6)
@@ -147,7 +147,7 @@ def baseline_state(name, policy):
     arrays = {"lru": lambda p: [p.recency.last_used, p.recency.clock],
               "lfu": lambda p: [p.freq.uses, p.freq.recency.last_used],
               "deepspeed": lambda p: [p.layer_last_used, p.key_clock],
-              "oracle": lambda p: [p.neg_next, p.pos, p.horizon, p.control],
+              "oracle": lambda p: list(p.order),
               "moe-infinity": lambda p: [p.freq.uses, p.freq.recency.last_used, p.collection.unit,
                                          *[p.eams[r] for r in sorted(p.eams)]]}[name](policy)
     return [a.tobytes() for a in arrays]

@@ -61,6 +61,20 @@ def test_oracle_evicts_the_expert_used_farthest_in_the_future():
     assert np.isinf(future.distance_to_next_use(arr(2), 2)).all()
 
 
+def test_oracle_batch_prefetches_the_union_of_its_on_trace_rows_needs():
+    # two requests of one prompt token, two layers, top-1: a routes 0 then 1, b routes 2 then 1 (key 5 both)
+    trace = Trace("hand", 2, 4, 1, offsets=arr(0, 1, 2), prompt_lens=arr(1, 1), iterations=arr(1, 1),
+                  token_ids=arr(7, 8), topk=np.array([[[0], [1]], [[2], [1]]]))
+    p = bound("oracle", trace=trace)
+    for rid, prompt in (("a", [7]), ("b", [8])):
+        p.on_request_start(RequestInfo(rid, prompt))
+    pf = p.on_iteration_start(IterationInfo(0, ["a", "b", "a"], [0, 0, 5], torch.zeros(3, 1), True))  # row 2 off
+    assert pf.keys.tolist() == [0, 2, 5] and pf.priority.tolist() == [-1.0, -1.0, -2.0]
+    p.on_access(0, arr(0, 2), arr(1, 1))
+    assert p.on_layer_routed(LayerRouting(0, arr(0, 2)[:, None], arr(0, 1))).keys.tolist() == [5]
+    assert p.select_victims(arr(0, 5, 2), 3, False).tolist() == [0, 2, 5]      # 0 and 2 never again, 5 next
+
+
 def test_belady_and_lru_miss_counts_on_a_hand_made_trace():
     trace = one_layer_trace([0, 1, 2, 0, 3, 0, 1])
     cost = CostModel(expert_bytes=1, bandwidth_Bps=float("inf"))
@@ -99,7 +113,7 @@ def test_moe_infinity_prefetches_the_matched_requests_experts_with_decaying_prio
 def test_moe_infinity_match_on_a_near_tie_is_the_exact_product_then_the_lowest_row():
     """Rows whose running products are within the collection's tolerance are decided by the defining product
     (float64 terms, key order); equal rows by the lower index. One request and a batch decide alike."""
-    from finemoe.policies.moe_infinity_collection import ActivationCollection
+    from finemoe.policies.moe_infinity import ActivationCollection
     c = ActivationCollection(2, 3, capacity=4)
     base = np.array([3, 1, 0, 2, 0, 1], np.float32)
     c.add(base)                                  # row 0
@@ -113,8 +127,8 @@ def test_moe_infinity_match_on_a_near_tie_is_the_exact_product_then_the_lowest_r
     want = [int(np.flatnonzero(row == row.max())[0]) for row in exact]
     dots = eam.astype(np.float64) @ c.by_key                                  # the running products
     assert np.ptp(dots[1]) / dots[1].max() < c.tol                            # a near tie: all 4 rows
-    assert c.best(eam, dots, None) == want
-    assert [c.best(eam[b:b + 1], dots[b:b + 1], None)[0] for b in range(2)] == want
+    assert c.best(eam, dots, np.zeros(2, bool)).tolist() == want
+    assert [c.best(eam[b:b + 1], dots[b:b + 1], np.zeros(1, bool))[0] for b in range(2)] == want
     assert want[1] == 2
 
 

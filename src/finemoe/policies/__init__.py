@@ -8,10 +8,11 @@ from typing import Any
 from finemoe.errors import UnknownPolicyError
 from finemoe.policies.base import (CacheView, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
                                    RequestInfo, register_policy, registry)
-from finemoe.policies import lru, resident  # noqa: F401
-from finemoe.policies import finemoe  # noqa: F401
-from finemoe.policies import deepspeed, lfu, moe_infinity, oracle, speculative  # noqa: F401
-from finemoe.traces import recorder  # noqa: F401  (the `record` wrapper used by `finemoe trace`)
+from finemoe.policies import lru, resident  # noqa: F401  (registration)
+from finemoe.policies import finemoe  # noqa: F401  (registration)
+from finemoe.policies import deepspeed, lfu, moe_infinity, oracle  # noqa: F401  (registration)
+from finemoe.policies import mixtral_offloading, promoe  # noqa: F401  (registration)
+from finemoe.traces import recorder  # noqa: F401  (registration: the `record` wrapper used by `finemoe trace`)
 
 
 def available() -> list[str]:

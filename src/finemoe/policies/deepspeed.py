@@ -1,10 +1,32 @@
 """DeepSpeed-style expert-agnostic offloading: layer-wise on-demand loads, a layer-granular LRU cache."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from finemoe.policies import layer_kernels as lk
+from finemoe.jit import njit
+from finemoe.policies import trackers
 from finemoe.policies.base import EvictionRank, LayerKernels, Policy, PolicyContext, register_policy
+
+
+class LayerClock(NamedTuple):
+    """`touch_layer`'s arrays: clock [1] float64 ticks once per layer; layer_last_used [L] float64 (-1: never);
+    key_clock [K] float64: each key's layer's last use (the eviction rank)."""
+
+    J: int
+    clock: np.ndarray
+    layer_last_used: np.ndarray
+    key_clock: np.ndarray
+
+
+@njit
+def touch_layer(layer, experts, counts, state):
+    """Expert-agnostic LRU: the layer, and so each of its keys, last used now (whichever experts it routed to)."""
+    state.clock[0] += 1.0
+    state.layer_last_used[layer] = state.clock[0]
+    for key in range(layer * state.J, (layer + 1) * state.J):
+        state.key_clock[key] = state.clock[0]
 
 
 @register_policy
@@ -21,16 +43,16 @@ class DeepSpeedPolicy(Policy):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         g = ctx.geometry
-        self.layer_last_used = np.full(g.num_layers, -1.0)
-        self.key_clock = np.full(g.total_experts, -1.0)      # [L*J] its layer's last use (the eviction rank)
-        self.clock = np.zeros(1)                               # [1] ticks once per layer
-        self.state = (g.num_experts, self.clock, self.layer_last_used, self.key_clock)   # layer_kernels.touch_layer
-        self.kernels = LayerKernels(lk.touch_layer, self.state, lk.no_prefetch, (),
+        self.state = LayerClock(g.num_experts, np.zeros(1), np.full(g.num_layers, -1.0), np.full(g.total_experts, -1.0))
+        self.layer_last_used, self.key_clock = self.state.layer_last_used, self.state.key_clock
+        self.kernels = LayerKernels(touch_layer, self.state, trackers.no_prefetch, (),
                                     np.zeros((g.num_layers, 0), np.float32))
-        lk.warm_up()                                           # compiled (or loaded) now, not in the first request
+        trackers.warm_up()                                     # compiled (or loaded) now, not in the first request
+        one = np.zeros(1, np.int64)
+        touch_layer(0, one, one, LayerClock(1, np.zeros(1), np.zeros(1), np.zeros(1)))
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        lk.touch_layer(layer, experts, counts, self.state)
+        touch_layer(layer, experts, counts, self.state)
 
     def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels:
         return self.kernels

@@ -1,4 +1,5 @@
-"""Speculative prefetching: apply a later layer's router to the current layer's hidden states.
+"""Speculative prefetching, the mechanics shared by mixtral-offloading and promoe: apply a later layer's router to
+the current layer's hidden states.
 
 Both policies need the model (PolicyContext.route and LayerRouting.hidden), so they run in the engine
 only; the trace simulator refuses them. Each prediction costs one small router mat-vec on the device
@@ -9,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from finemoe.errors import ConfigError
-from finemoe.policies.base import LayerRouting, Policy, PolicyContext, Prefetch, register_policy
-from finemoe.policies.lru import RecencyTracker
+from finemoe.policies.base import LayerRouting, Policy, PolicyContext, Prefetch
+from finemoe.policies.trackers import RecencyTracker
 
 
 class SpeculativePolicy(Policy):
@@ -35,7 +35,7 @@ class SpeculativePolicy(Policy):
         return [m for m in range(lo, first + 1) if m < self.L]
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        self.recency.touch(layer * self.J + experts)
+        self.recency.touch_layer(layer, experts)
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         if routing.hidden is None or self.ctx.route is None:
@@ -64,29 +64,3 @@ class SpeculativePolicy(Policy):
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
         return self.recency.oldest(candidates, n)
-
-
-@register_policy
-class MixtralOffloadingPolicy(SpeculativePolicy):
-    name = "mixtral-offloading"
-    description = (
-        "Follows Mixtral-offloading (Eliseev & Mazur, 2023): after layer l routes, layer l+1's router is applied "
-        "to layer l's MoE input and every token's top-k under it is prefetched; LRU eviction. Needs the model "
-        "(engine only). Not expressed: their per-layer LRU cache of fixed size and mixed quantisation; our cache is "
-        "one pool shared by all layers.")
-    stride = 1
-
-
-@register_policy
-class ProMoEPolicy(SpeculativePolicy):
-    name = "promoe"
-    description = (
-        "Follows ProMoE's stride prefetching (Song et al., 2024): after layer l routes, layer l+d's router is "
-        "applied to layer l's MoE input (d = `stride`, default 2; layer 0 also predicts layers 1..d-1) and the "
-        "predicted top-k are prefetched; LRU eviction. Needs the model (engine only). Not expressed: ProMoE's "
-        "learned per-layer predictors (we reuse the routers as they are) and its chunked, pipelined copies.")
-
-    def __init__(self, stride: int = 2) -> None:
-        if int(stride) < 1:
-            raise ConfigError(f"promoe: stride must be >= 1, got {stride}")
-        self.stride = int(stride)

@@ -18,9 +18,10 @@ import numpy as np
 
 from finemoe.experts import slot_kernels as sk
 from finemoe.jit import njit, njit_in_memory
-from finemoe.policies import layer_kernels as lk
-from finemoe.policies import oracle_kernels as ok
+from finemoe.policies import deepspeed, trackers
 from finemoe.policies.base import LayerKernels
+from finemoe.policies.moe_infinity import steps as moe_infinity_steps
+from finemoe.policies.oracle import belady
 from finemoe.policies.finemoe import step_kernels
 from finemoe.simulator.timed_kernels import demand_timed, pump_timed
 
@@ -75,40 +76,40 @@ def _finemoe_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, acces
 
 @njit
 def _lru_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
-    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, lk.touch_recency, access_state,
-                      lk.no_prefetch, routed_state, *rest)
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, trackers.touch_recency, access_state,
+                      trackers.no_prefetch, routed_state, *rest)
 
 
 @njit
 def _lfu_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
-    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, lk.touch_frequency, access_state,
-                      lk.no_prefetch, routed_state, *rest)
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, trackers.touch_frequency, access_state,
+                      trackers.no_prefetch, routed_state, *rest)
 
 
 @njit
 def _layer_lru_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
-    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, lk.touch_layer, access_state,
-                      lk.no_prefetch, routed_state, *rest)
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, deepspeed.touch_layer, access_state,
+                      trackers.no_prefetch, routed_state, *rest)
 
 
 @njit
 def _eam_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
-    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, lk.eam_access, access_state,
-                      lk.eam_routed, routed_state, *rest)
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, moe_infinity_steps.eam_access,
+                      access_state, moe_infinity_steps.eam_routed, routed_state, *rest)
 
 
 @njit
 def _oracle_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
-    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, ok.oracle_access, access_state,
-                      ok.oracle_routed, routed_state, *rest)
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, belady.oracle_access, access_state,
+                      belady.oracle_routed, routed_state, *rest)
 
 
 _SPECIALIZED = {(step_kernels.use_layer, step_kernels.routed_step): _finemoe_loop,
-                (lk.touch_recency, lk.no_prefetch): _lru_loop,
-                (lk.touch_frequency, lk.no_prefetch): _lfu_loop,
-                (lk.touch_layer, lk.no_prefetch): _layer_lru_loop,
-                (lk.eam_access, lk.eam_routed): _eam_loop,
-                (ok.oracle_access, ok.oracle_routed): _oracle_loop}
+                (trackers.touch_recency, trackers.no_prefetch): _lru_loop,
+                (trackers.touch_frequency, trackers.no_prefetch): _lfu_loop,
+                (deepspeed.touch_layer, trackers.no_prefetch): _layer_lru_loop,
+                (moe_infinity_steps.eam_access, moe_infinity_steps.eam_routed): _eam_loop,
+                (belady.oracle_access, belady.oracle_routed): _oracle_loop}
 
 
 def decode_layers(cache, transport, kernels: LayerKernels, sorted_topk: np.ndarray, topk: np.ndarray,

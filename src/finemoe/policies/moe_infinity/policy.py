@@ -8,9 +8,11 @@ import numpy as np
 from finemoe.errors import ConfigError
 from finemoe.policies.base import (EvictionRank, IterationInfo, LayerKernels, LayerRouting, Policy, PolicyContext,
                                    Prefetch, RequestInfo, register_policy)
-from finemoe.policies import kernels, layer_kernels as lk
-from finemoe.policies.lfu import FrequencyTracker
-from finemoe.policies.moe_infinity_collection import ActivationCollection
+from finemoe.policies.moe_infinity import steps
+from finemoe.policies.moe_infinity.collection import ActivationCollection
+from finemoe.policies.moe_infinity.matching import add_layer_counts
+from finemoe.policies.moe_infinity.steps import AccessState, Accessed, RoutedState, eam_access, eam_routed
+from finemoe.policies.trackers import FrequencyTracker
 
 
 @register_policy
@@ -40,7 +42,7 @@ class MoEInfinityPolicy(Policy):
         self.per_layer = self.per_layer or g.top_k
         self.freq = FrequencyTracker(g.total_experts, g.num_experts)
         self.collection = ActivationCollection(self.L, self.J, self.capacity)
-        kernels.warm_up()                         # compiled (or loaded) now, not in the first request
+        steps.warm_up()                           # compiled (or loaded) now, not in the first request
         if self.path and os.path.exists(self.path):
             self.collection.load(self.path)
         LJ, C = self.L * self.J, self.capacity
@@ -52,11 +54,10 @@ class MoEInfinityPolicy(Policy):
         self.any_fresh = False
         self.rows: list[str] = []
         self.one_row: tuple[np.ndarray | None, bool] = (None, False)    # (token_rows, all of them row 0)
-        # what on_access saw, for on_layer_routed (layer_kernels.eam_access): experts, their token counts, and
-        # (layer, how many); layer -1: nothing since the last routed layer
-        self.accessed = (np.zeros(self.J, np.int64), np.zeros(self.J, np.int64), np.array([-1, 0], np.int64))
-        self.access_state = (self.freq.state, self.accessed)
-        self.routed_state: tuple | None = None                          # a one-row iteration's eam_routed state
+        self.accessed = Accessed(np.zeros(self.J, np.int64), np.zeros(self.J, np.int64), np.array([-1], np.int64),
+                                 np.zeros(1, np.int64))                 # what on_access saw (steps.eam_access)
+        self.access_state = AccessState(self.freq.state, self.accessed)
+        self.routed_state: RoutedState | None = None                    # a one-row iteration's steps.eam_routed state
         self.taken = np.zeros(self.J, bool)                             # share_prefetch's scratch
         self._keys, self._prio = np.zeros(LJ, np.int64), np.zeros(LJ)   # a prefetch's buffers
         self._no_probs, self._no_aux = np.zeros(0, np.float32), np.zeros((self.L, 0), np.float32)
@@ -88,12 +89,11 @@ class MoEInfinityPolicy(Policy):
             self.batch_dots = np.stack([self.dots.get(r, zero_dots) for r in self.rows] or [zero_dots])[:B]  # [B, C]
         self.fresh = ~self.batch_eam.any(axis=1)                          # [B]
         self.any_fresh = bool(self.fresh.any())
-        self.accessed[2][0] = -1
+        self.accessed.layer[0] = -1
         self.routed_state = None
         if B == 1:
-            c = self.collection
-            self.routed_state = (self.accessed, self.J, self.batch_eam[0], self.batch_dots[0], c.by_key, c.unit,
-                                 c.size, 1 - c.tol, c.near, c.share, self.distance, self.per_layer, self.taken)
+            self.routed_state = RoutedState(self.accessed, self.J, self.batch_eam[0], self.batch_dots[0],
+                                            self.collection.stored(), self.distance, self.per_layer, self.taken)
         return self._prefetch_after(-1)
 
     def on_iteration_end(self, it: IterationInfo) -> None:
@@ -103,28 +103,30 @@ class MoEInfinityPolicy(Policy):
 
     # ---- per layer -----------------------------------------------------------------------------
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        lk.eam_access(layer, experts, counts.astype(np.int64, copy=False), self.access_state)
+        eam_access(layer, experts, counts.astype(np.int64, copy=False), self.access_state)
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
-        layer, (experts, counts, meta) = routing.layer, self.accessed
-        accessed = meta[0] == layer
+        layer, acc = routing.layer, self.accessed
         if self.batch_eam.shape[0]:
-            if accessed and self._only_row_zero(routing.token_rows):
-                if self.routed_state is not None and not self.any_fresh:     # one request with counts: compiled
-                    n = lk.eam_routed(layer, experts, self._no_probs, self._no_probs, self.routed_state, self._keys,
-                                      self._prio)
-                    return Prefetch(self._keys[:n].copy(), self._prio[:n].copy())
-                self._count_one_row(layer, experts[:meta[1]], counts[:meta[1]])
-            else:
+            one_row = (self.routed_state is not None and acc.layer[0] == layer
+                       and self._only_row_zero(routing.token_rows))          # on_access's counts are the row's
+            if one_row and self.any_fresh and acc.size[0]:
+                self.fresh[0] = False
+                self.any_fresh = False
+            if one_row and not self.any_fresh:
+                n = eam_routed(layer, acc.experts, self._no_probs, self._no_probs, self.routed_state, self._keys,
+                               self._prio)
+                return Prefetch(self._keys[:n].copy(), self._prio[:n].copy())
+            if not one_row:
                 self._count_rows(layer, routing.top_k_on_host(), routing.token_rows)
-        meta[0] = -1
+        acc.layer[0] = -1
         return self._prefetch_after(layer)
 
     def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels | None:
-        """A one-request iteration whose matrix has counts: layer_kernels.eam_access / eam_routed."""
+        """A one-request iteration whose matrix has counts: steps.eam_access / eam_routed."""
         if self.routed_state is None or self.any_fresh:
             return None
-        return LayerKernels(lk.eam_access, self.access_state, lk.eam_routed, self.routed_state, self._no_aux)
+        return LayerKernels(eam_access, self.access_state, eam_routed, self.routed_state, self._no_aux)
 
     def _only_row_zero(self, token_rows: np.ndarray) -> bool:
         """Every token belongs to batch row 0 (no padding): on_access's counts are that row's. Cached per
@@ -133,23 +135,13 @@ class MoEInfinityPolicy(Policy):
             self.one_row = (token_rows, token_rows.size > 0 and not token_rows.any())
         return self.one_row[1]
 
-    def _count_one_row(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        """Row 0 used `experts` (distinct) with `counts` tokens each in `layer`: exact integers in float32."""
-        kernels.add_counts(experts + layer * self.J, counts, self.batch_eam[0], self.batch_dots[0],
-                           self.collection.by_key, self.collection.size)
-        if self.any_fresh and experts.size:   # rows not stored yet get their products when stored
-            self.fresh[0] = False
-            self.any_fresh = bool(self.fresh.any())
-
     def _count_rows(self, layer: int, topk: np.ndarray, token_rows: np.ndarray) -> None:
         """topk [T, k], token_rows [T] (-1 padding): add each row's per-expert token counts of `layer`."""
         B, J = self.batch_eam.shape[0], self.J
         rows = np.repeat(token_rows, topk.shape[1])                       # [T*k]
         valid = rows >= 0
-        counts = np.bincount(rows[valid] * J + topk.reshape(-1)[valid], minlength=B * J).reshape(B, J)  # exact
-        self.batch_eam[:, layer * J:(layer + 1) * J] += counts
-        C = self.collection.size
-        self.batch_dots[:, :C] += counts.astype(np.float64) @ self.collection.by_key[layer * J:(layer + 1) * J, :C]
+        counts = np.bincount(rows[valid] * J + topk.reshape(-1)[valid], minlength=B * J).reshape(B, J)  # [B, J]
+        add_layer_counts(layer, counts, self.batch_eam, self.batch_dots, self.collection.by_key, self.collection.size)
         if self.any_fresh:
             self.fresh[rows[valid]] = False
             self.any_fresh = bool(self.fresh.any())
@@ -158,14 +150,14 @@ class MoEInfinityPolicy(Policy):
         B = self.batch_eam.shape[0]
         if layer + 1 >= self.L or B == 0:
             return Prefetch.empty()
-        best = self.collection.best(self.batch_eam, self.batch_dots, self.fresh if self.any_fresh else None)
+        best = self.collection.best(self.batch_eam, self.batch_dots, self.fresh)
         if best is None:
             return Prefetch.empty()
         if B > 1:                                                          # union over the batch
-            share = np.stack([self.collection.share_of(c) for c in best]).max(axis=0)   # [L, J]
+            share = np.stack([self.collection.share_of(c) for c in best.tolist()]).max(axis=0)   # [L, J]
         else:
-            share = self.collection.share_of(best[0])
-        n = lk.share_prefetch(share, layer, self.distance, self.per_layer, self.taken, self._keys, self._prio)
+            share = self.collection.share_of(int(best[0]))
+        n = steps.share_prefetch(share, layer, self.distance, self.per_layer, self.taken, self._keys, self._prio)
         return Prefetch(self._keys[:n].copy(), self._prio[:n].copy())
 
     def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:

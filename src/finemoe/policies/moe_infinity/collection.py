@@ -8,11 +8,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from finemoe.errors import ConfigError
-from finemoe.policies import kernels
+from finemoe.policies.moe_infinity.matching import MEAN, StoredRows, match_rows
 from finemoe.storage import save_atomic
 
 COLLECTION_VERSION = 1
-MEAN = -1   # the row index `best` gives a fresh request (no tokens routed yet): the collection's mean matrix
 # Relative gap below which two products may be ordered differently by the running sums and by the defining one:
 # a float64 sum of N non-negative terms is within N * 2**-53 of the true value, so 1e-6 holds for N up to ~4e9
 # increments (tokens x layers x top-k of one request).
@@ -29,12 +28,7 @@ class ActivationCollection:
     Full: the oldest is replaced (ring). Rows are kept unit-normalised (float32), and each row's per-layer
     usage share is computed once, when the row is stored (a prefetch only reads it).
 
-    Matching is defined as the argmax of the product of a request's matrix with each stored unit row, each
-    product computed in float64 from the float32 values (every term exact) summed in key order, the lowest row
-    among equals (kernels.exact_best). Callers keep each request's products with every row up to date as its
-    counts grow (float64, `by_key`, summed in arrival order): those differ from the defining sum by less than
-    `tol` relative (TOL), so when no other row is within `tol` of the best the argmax is certain;
-    otherwise the defining products of the rows within `tol` are computed and decide."""
+    Matching (matching.py) reads them through `stored()`."""
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int) -> None:
         self.L, self.J, self.capacity = num_layers, num_experts, capacity
@@ -61,28 +55,19 @@ class ActivationCollection:
         self.size = min(self.size + 1, self.capacity)
         return row
 
-    def best(self, eams: np.ndarray, dots: np.ndarray, fresh: np.ndarray | None) -> list[int] | None:
-        """eams [B, L*J] float32 counts, dots [B, C] float64 their products with every row (kept by the
-        caller, see the class) -> per request the row of the most cosine-similar stored matrix, MEAN for the
-        rows flagged in `fresh` [B] bool (None: no row is fresh). None while the collection is empty."""
+    def stored(self) -> StoredRows:
+        """The arrays matching reads (compiled), with the current size."""
+        return StoredRows(self.unit, self.by_key, self.share, self.near, self.size, 1 - self.tol)
+
+    def best(self, eams: np.ndarray, dots: np.ndarray, fresh: np.ndarray) -> np.ndarray | None:
+        """eams [B, K] float32 counts, dots [B, C] float64 their running products with every row (kept by the
+        caller, see matching.py), fresh [B] bool -> per request the row of the most cosine-similar stored matrix
+        (matching.match), MEAN for the fresh rows. None while the collection is empty."""
         if self.size == 0:
             return None
-        if fresh is not None and fresh.all():
-            return [MEAN] * fresh.size
-        live = dots[:, :self.size]                                                  # [B, C']
-        if fresh is None and live.shape[0] == 1:    # one request: compiled
-            best, m = kernels.near_best(live[0], 1 - self.tol, self.near)
-            return [int(best if m == 1 else kernels.exact_best(eams[0], self.unit, self.near, m))]
-        best = live.argmax(axis=1)                                                  # [B]
-        near = np.count_nonzero(live >= live.max(axis=1, keepdims=True) * (1 - self.tol), axis=1)   # [B]
-        if fresh is not None:
-            near[fresh] = 1
-        for b in np.flatnonzero(near > 1).tolist():   # a near tie: the defining products of the near rows decide
-            _, m = kernels.near_best(live[b], 1 - self.tol, self.near)
-            best[b] = kernels.exact_best(eams[b], self.unit, self.near, m)
-        if fresh is not None:
-            best[fresh] = MEAN
-        return best.tolist()
+        out = np.empty(eams.shape[0], np.int64)
+        match_rows(eams, dots, fresh, self.stored(), out)
+        return out
 
     def share_of(self, row: int) -> np.ndarray:
         """Row `row`'s (or, for MEAN, the collection's mean matrix's) per-layer usage share [L, J] float32."""

@@ -1,7 +1,7 @@
-"""moe-infinity keeps running match scores and cached prefetches for speed; its decisions must stay exactly
-those of the plain rule, written out here: match = argmax of the float64 product of the requests' activation
-matrices with the stored (float32) unit rows (a fresh request takes the stored mean), prefetch = the match's top
-experts by per-layer usage share in the next layers, priority = share / distance."""
+"""moe-infinity's prefetches are exactly those of its defining rule, written out here (the policy keeps running
+match scores and decides near ties by the defining products, matching.py): match = argmax of the float64 product
+of the requests' activation matrices with the stored (float32) unit rows (a fresh request takes the stored mean),
+prefetch = the match's top experts by per-layer usage share in the next layers, priority = share / distance."""
 from __future__ import annotations
 
 import numpy as np

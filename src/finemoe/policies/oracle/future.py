@@ -1,10 +1,11 @@
-"""The oracle's view of a recorded trace: every key's uses on one timeline of steps, and one iteration's needs."""
+"""The oracle's view of a recorded trace: every key's uses on one timeline of steps."""
 from __future__ import annotations
 
 from collections import defaultdict, deque
 
 import numpy as np
 
+from finemoe.policies.oracle.belady import Timeline, distances
 from finemoe.traces.format import Trace
 
 
@@ -42,8 +43,8 @@ class FutureIndex:
         self.by_step = codes[order]
         self.next_by_step = after[order]                                      # [E] next use after each by_step use
         self.step_ptr = np.searchsorted(self.by_step // self.K, np.arange(self.S1 + 1))
-        self.no_keys, self.no_steps = np.zeros(0, np.int64), np.zeros(0)
-        self.kernel_view = (self.by_key, self._by_key_end, self.S1)           # oracle_kernels' `future`
+        self.timeline = Timeline(self.by_key, self._by_key_end, self.by_step, self.next_by_step, self.step_ptr,
+                                 self.S1, self.K, J)                          # what belady's kernels read
         self.requests: dict[tuple, deque] = defaultdict(deque)
         self._trace = trace
         for r in range(trace.num_requests):
@@ -59,33 +60,7 @@ class FutureIndex:
         return r
 
     def distance_to_next_use(self, keys: np.ndarray, step: int) -> np.ndarray:
-        """Steps from `step` until each key is next used (strictly later); inf if never."""
-        found = self._by_key_end[self.by_key.searchsorted(keys * self.S1 + step, side="right")]
-        key, at = np.divmod(found, self.S1)
-        return np.where(key == keys, at - step, np.inf)
-
-    def next_use(self, keys: np.ndarray, step: int) -> np.ndarray:
-        """The step at which each key is next used (strictly after `step`); inf if never."""
-        return self.distance_to_next_use(keys, step) + step
-
-    def needs(self, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, steps) used in steps first..last inclusive, in need order."""
-        codes = self.by_step[self.step_ptr[first]:self.step_ptr[last + 1]]
-        return codes % self.K, codes // self.K
-
-
-def iteration_needs(future: FutureIndex, b: int, with_previous: bool) -> tuple:
-    """What one on-trace row needs in its iteration of steps b .. b+L-1, as oracle_kernels' `needs` tuple: every key
-    at most once (a key belongs to one layer), in ascending key order (which is layer order), its layer, and when
-    each is needed next; `with_previous`: also the keys of step b-1 and their next uses (else empty)."""
-    lo, hi = future.step_ptr[b], future.step_ptr[b + future.L]
-    codes = future.by_step[lo:hi]
-    steps = codes // future.K
-    keys = codes % future.K                                                   # [n] ascending
-    layer_of = (steps - b).astype(np.float64)                                 # [n] layer of each key
-    bounds = steps.searchsorted(np.arange(b, b + future.L + 1))               # [L+1] first index per layer
-    prev_keys, prev_next = future.no_keys, future.no_steps
-    if with_previous:
-        prev_keys = future.needs(b - 1, b - 1)[0]                             # [m]
-        prev_next = future.next_use(prev_keys, b - 1)                         # [m]
-    return b, keys, layer_of, future.next_by_step[lo:hi], bounds, prev_keys, prev_next
+        """Steps from `step` until each key [n] int64 is next used (strictly later); inf if never."""
+        out = np.empty(keys.size)
+        distances(keys, np.array([step], np.int64), self.timeline, out)
+        return out
