@@ -21,7 +21,8 @@ from finemoe.jit import njit, njit_in_memory
 from finemoe.policies import layer_kernels as lk
 from finemoe.policies import oracle_kernels as ok
 from finemoe.policies.base import LayerKernels
-from finemoe.policies.finemoe import step_kernels
+from finemoe.policies.finemoe.eviction import use_layer as finemoe_access
+from finemoe.policies.finemoe.planner import routed_step as finemoe_routed
 from finemoe.simulator.timed_kernels import demand_timed, pump_timed
 
 DONE, DEMAND, PUMP = 0, 1, 2   # how `layer_loop` stopped: every layer done, or at one layer's demand / pump
@@ -69,8 +70,8 @@ _layer_loop_in_memory = njit_in_memory(getattr(layer_loop, "py_func", layer_loop
 # One compiled wrapper per built-in pair (numba caches each on disk): the pair is fixed inside, not an argument.
 @njit
 def _finemoe_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
-    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, step_kernels.use_layer, access_state,
-                      step_kernels.routed_step, routed_state, *rest)
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, finemoe_access, access_state,
+                      finemoe_routed, routed_state, *rest)
 
 
 @njit
@@ -103,7 +104,7 @@ def _oracle_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access
                       ok.oracle_routed, routed_state, *rest)
 
 
-_SPECIALIZED = {(step_kernels.use_layer, step_kernels.routed_step): _finemoe_loop,
+_SPECIALIZED = {(finemoe_access, finemoe_routed): _finemoe_loop,
                 (lk.touch_recency, lk.no_prefetch): _lru_loop,
                 (lk.touch_frequency, lk.no_prefetch): _lfu_loop,
                 (lk.touch_layer, lk.no_prefetch): _layer_lru_loop,
