@@ -37,7 +37,7 @@ def synthetic_probs(rng: np.random.Generator, n: int, L: int, J: int) -> torch.T
 def make_policy(L: int, J: int, E: int, C: int, vocab: int, use_thread: bool, seed: int):
     geo = ExpertGeometry(L, J, 4, 1, {"w": (1,)}, torch.float32)
     embed = torch.nn.Embedding(vocab, E)
-    policy = FineMoEPolicy(async_search=use_thread, learn=False, capacity=C)
+    policy = FineMoEPolicy(learn=False, capacity=C)   # the search runs inline (use_thread: no longer an option)
     ctx = PolicyContext(geo, CacheView(np.zeros(L * J, dtype=bool), L * J // 4), torch.device("cpu"),
                         embed=embed, model_name="synthetic")
     policy.bind(ctx)

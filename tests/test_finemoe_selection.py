@@ -130,4 +130,5 @@ def test_single_search_variants_cover_their_layers():
 def test_an_empty_store_guides_nothing():
     store = MapStore(StoreSpec("m", 4, 3, 2, "token", 1, 4))
     planner, _ = planner_of(store, 1, 1, "both")
-    assert len(planner.begin(lambda: torch.rand(1, 2))) == 0 and len(planner.observe(0, np.ones((1, 3), np.float32))) == 0
+    assert len(planner.begin(lambda: torch.rand(1, 2))) == 0
+    assert len(planner.observe(0, np.ones((1, 3), np.float32))) == 0

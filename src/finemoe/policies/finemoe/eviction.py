@@ -47,7 +47,8 @@ def _rescore(s, key):
 
 @njit
 def used(s, layer, experts):
-    """Layer `layer` used `experts` [n] (distinct ids within the layer): clock += 1, their freq += 1, last use = clock."""
+    """Layer `layer` used `experts` [n] (distinct ids within the layer): clock += 1, their freq += 1, their last
+    use = clock."""
     s.clock[0] += 1.0
     now = s.clock[0]
     for i in range(experts.size):

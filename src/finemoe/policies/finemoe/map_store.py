@@ -167,7 +167,7 @@ class MapStore:
                     self.prefix_sq_np, self.prefix_norm_np, self.sem_norm_np)
 
     def entry_maps(self, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Stored maps of entries `rows`, flattened -> [N, L*J] (storage dtype)."""
+        """Stored maps of entries `rows`, flattened -> [N, L*J] float32."""
         m = self.maps[:, rows]                                                  # [L, N, J]
         return m.transpose(0, 1).reshape(m.shape[1], -1)
 
@@ -183,7 +183,7 @@ class MapStore:
         """Atomic: write a temporary file next to `path`, then rename it over `path`."""
         meta = self.spec.metadata()
         meta["dtype"] = "float32"
-        tensors = {"maps": self.entry_maps(slice(0, self.size)).cpu().contiguous(), "sems": self.sems[: self.size].cpu().contiguous()}
+        tensors = {"maps": self.entry_maps(slice(0, self.size)).contiguous(), "sems": self.sems[: self.size].contiguous()}
         save_atomic(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
     @classmethod
