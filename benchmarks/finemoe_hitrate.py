@@ -38,8 +38,6 @@ VARIANTS = {
     "finemoe-prompt-encoder": ("finemoe", {"semantic": "prompt"}),
     "finemoe-token+prompt": ("finemoe", {"semantic": "token+prompt"}),
     "finemoe-online": ("finemoe", {"learn": True}),
-    "finemoe-fp16-store": ("finemoe", {"store_dtype": "float16"}),
-    "finemoe-worker": ("finemoe", {"async_search": True}),
     "finemoe-floor-0.05": ("finemoe", {"min_prefetch_prob": 0.05}),
     "finemoe-floor-0.02": ("finemoe", {"min_prefetch_prob": 0.02}),
 }

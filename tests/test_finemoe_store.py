@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from finemoe.policies.finemoe.map_store import MapStore, MapStoreError, StoreSpec
-from finemoe.policies.finemoe.search import TrajectorySearch, semantic_search
+from finemoe.policies.finemoe.eviction import EvictionScores
+from finemoe.policies.finemoe.map_store import MapStore, MapStoreError, StoreSpec, rdy
+from finemoe.policies.finemoe.planner import IterationPlanner
+from finemoe.policies.finemoe.search import semantic_topk
+from finemoe.policies.finemoe.selection import Selection
 
 
 def spec(**kw):
@@ -37,7 +40,7 @@ def test_rdy_replaces_the_most_redundant_entry():
     # vs y0: 0.5*1 + 0.5*(1/2) = 0.75; vs y1: 0.5*0 + 0.5*(1/2) = 0.25  -> y0 is replaced
     store = filled_store()
     x_map, x_sem = t(1, 0, 0, 1), t(1, 0)
-    assert np.allclose(store.rdy(x_map, x_sem), [0.75, 0.25])
+    assert np.allclose(store.rdy(x_map, x_sem)[0], [0.75, 0.25])
     assert store.add(x_map, x_sem) == 0
     assert torch.equal(store.entry_maps(slice(0, 1))[0], x_map) and store.replaced == 1 and store.size == 2
 
@@ -50,30 +53,36 @@ def test_rdy_weights_follow_the_prefetch_distance():
 
 def test_semantic_search_picks_the_closest_embedding():
     store = filled_store()
-    idx, score = semantic_search(store, t(0.6, 0.8).view(1, 2))
-    assert idx.tolist() == [1] and score.item() == pytest.approx(0.8)
+    idx, score = semantic_topk(store, t(0.6, 0.8).view(1, 2))
+    assert idx.tolist() == [[1]] and score.item() == pytest.approx(0.8)
 
 
 def test_trajectory_search_uses_the_observed_prefix_only():
     store = MapStore(spec())
     store.add(t(0.6, 0.8, 1, 0), t(1, 0))   # y0
     store.add(t(1, 0, 0, 1), t(0, 1))       # y1
-    search = TrajectorySearch(store, batch=1)
-    idx, score = search.observe(0, t(1, 0).view(1, 2))   # layer 0: cos y0 = 0.6, y1 = 1
-    assert idx.tolist() == [1] and score.item() == pytest.approx(1.0)
-    idx, score = search.observe(1, t(1, 0).view(1, 2))   # layers 0..1: y0 = 1.6/2 = 0.8, y1 = 1/2
-    assert idx.tolist() == [0] and score.item() == pytest.approx(0.8)
+    planner = planner_of(store, distance=0)                # d = 0: a layer's search guides the layer itself
+    traj = planner.state.traj
+    planner.observe(0, np.array([[1, 0]], np.float32))     # layer 0: cos y0 = 0.6, y1 = 1
+    assert traj.idx[0, 0] == 1 and traj.val[0, 0] == pytest.approx(1.0)
+    planner.observe(1, np.array([[1, 0]], np.float32))     # layers 0..1: y0 = 1.6/2 = 0.8, y1 = 1/2
+    assert traj.idx[0, 0] == 0 and traj.val[0, 0] == pytest.approx(0.8)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_save_load_round_trip(tmp_path, dtype):
-    store = MapStore(spec(capacity=4), dtype)
+def planner_of(store, distance=1, keep_map_dots=False):
+    L, J = store.spec.num_layers, store.spec.num_experts
+    return IterationPlanner(store, 1, distance, "both", 1, 0, keep_map_dots, Selection(2), 0, np.zeros(L * J, bool),
+                            EvictionScores(L * J, J).state)
+
+
+def test_save_load_round_trip(tmp_path):
+    store = MapStore(spec(capacity=4))
     store.add(t(0.25, 0.75, 0.5, 0.5), t(1, 2))
     store.add(t(0.125, 0.875, 1, 0), t(3, 4))
     path = str(tmp_path / "s.safetensors")
     store.save(path)
     back = MapStore.load(path, spec(capacity=4))
-    assert back.spec == store.spec and back.size == 2 and back.maps.dtype == dtype
+    assert back.spec == store.spec and back.size == 2 and back.maps.dtype == torch.float32
     assert torch.equal(back.entry_maps(slice(0, 2)), store.entry_maps(slice(0, 2))) and torch.equal(back.sems[:2], store.sems[:2])
     assert torch.allclose(back.prefix_sq[:2], store.prefix_sq[:2])
     assert torch.equal(back.prefix_norm, back.prefix_sq.sqrt())       # the search's prefix norms come back too
@@ -121,59 +130,48 @@ def test_a_safetensors_file_that_is_not_a_store_is_refused(tmp_path):
         MapStore.load(path)
 
 
-@pytest.mark.parametrize("compiled", [True, False])
-def test_rdy_reads_the_full_map_products_the_trajectory_search_summed(compiled):
-    from finemoe.policies.finemoe.planner import IterationPlanner
-    from finemoe.policies.finemoe.selection import Selection
+def test_a_float16_store_file_loads_as_float32(tmp_path):
+    from safetensors.torch import save_file
+    store = filled_store()
+    path = str(tmp_path / "s.safetensors")
+    meta = {**store.spec.metadata(), "dtype": "float16"}
+    save_file({"maps": store.entry_maps(slice(0, 2)).half().contiguous(), "sems": store.sems[:2].half().contiguous()},
+              path, metadata=meta)
+    back = MapStore.load(path)
+    assert back.maps.dtype == torch.float32 and torch.equal(back.entry_maps(slice(0, 2)), store.entry_maps(slice(0, 2)))
+
+
+def test_rdy_reads_the_full_map_products_the_trajectory_search_summed():
     rng = np.random.default_rng(0)
     L, J, C = 4, 6, 20
     store = MapStore(StoreSpec("m", L, J, 3, "token", 1, C))
     for m, s in zip(rng.random((C, L * J), dtype=np.float32), rng.random((C, 3), dtype=np.float32)):
         store.add(torch.from_numpy(m), torch.from_numpy(s))
-    planner = IterationPlanner(store, 1, 1, "both", keep_map_dots=True)
-    planner.one_row = compiled
+    planner = planner_of(store, keep_map_dots=True)
     x, sem = rng.random((L, J), dtype=np.float32), torch.from_numpy(rng.random(3, dtype=np.float32))
     for layer in range(L):
         assert planner.map_dots() is None                      # not before every layer was observed
-        planner.observe_plan(layer, x[layer][None], Selection(2))
+        planner.observe(layer, x[layer][None])
     dots = planner.map_dots()[:, 0]                            # [C]
     assert np.allclose(dots, store.entry_maps(slice(0, C)).numpy() @ x.reshape(-1), rtol=1e-5)
-    assert np.allclose(store.rdy(torch.from_numpy(x.reshape(-1)), sem, dots),
-                       store.rdy(torch.from_numpy(x.reshape(-1)), sem), rtol=1e-5)
+    assert np.allclose(store.rdy(x.reshape(-1), sem, dots)[0], store.rdy(x.reshape(-1), sem)[0], rtol=1e-5)
     store.add(torch.from_numpy(x.reshape(-1)), sem)
     assert planner.map_dots() is None                          # the store changed: the products are stale
 
 
-def _store_arrays(store):
-    return {name: getattr(store, name)[:, : store.size].numpy().tobytes() if name == "maps"
-            else getattr(store, name)[: store.size].numpy().tobytes()
-            for name in ("maps", "sems", "prefix_sq", "prefix_norm", "sem_norm")}
+def test_a_duplicate_entry_is_replaced_first_and_exact_ties_go_to_the_first_entry():
+    rng = np.random.default_rng(1)
+    store = MapStore(StoreSpec("m", 3, 5, 4, "token", 1, 6))
+    maps, sems = rng.random((6, 15), dtype=np.float32), rng.standard_normal((6, 4)).astype(np.float32)
+    maps[4], sems[4] = maps[1], sems[1]                        # entries 1 and 4 are the same
+    for m, s in zip(maps, sems):
+        store.add(m, s)
+    values, best = store.rdy(maps[1], sems[1])
+    assert best == 1 and values[1] == values[4] == values.max()
+    assert store.add(maps[1], sems[1]) == 1 and store.replaced == 1
 
 
-@pytest.mark.parametrize("L,J,E", [(4, 6, 3), (12, 60, 128), (24, 60, 200)])
-def test_compiled_upkeep_replaces_the_same_entry_and_stores_the_same_bits_as_numpy(L, J, E):
-    """A host float32 store adds entries through store_kernels (RDY choice, write with norms); the numpy path
-    (`rdy(...).argmax()`, `_write`) must pick every replaced slot and store every value identically, with
-    and without the trajectory's full-map products, and on exact RDY ties (duplicate entries: the first wins)."""
-    rng = np.random.default_rng(L)
-    C, n = 16, 40
-    compiled, plain = (MapStore(StoreSpec("m", L, J, E, "token", 3, C)) for _ in range(2))
-    plain.compiled = False
-    assert compiled.compiled
-    maps = rng.random((n, L * J), dtype=np.float32) ** 4
-    sems = rng.standard_normal((n, E)).astype(np.float32)
-    maps[5], sems[5] = maps[2], sems[2]                       # duplicates: exact RDY ties once the store is full
-    maps[30], sems[30] = maps[2], sems[2]
-    for i, (m, s) in enumerate(zip(maps, sems)):
-        dots = compiled.entry_maps(slice(0, compiled.size)).numpy() @ m if i % 2 and compiled.size else None
-        assert compiled.add(m, s, dots) == plain.add(torch.from_numpy(m), torch.from_numpy(s), dots)
-        assert compiled.version == plain.version
-    assert compiled.replaced == plain.replaced == n - C
-    assert _store_arrays(compiled) == _store_arrays(plain)
-
-
-def test_rdy_best_takes_the_first_of_equal_scores():
-    from finemoe.policies.finemoe import store_kernels as sk
+def test_rdy_takes_the_first_of_equal_scores():
     f = np.ones(4, np.float32)
     dots = np.array([1, 3, 3, 2], np.float32)
-    assert sk.rdy_best(dots, dots, np.ones(6, np.float32), f[:3], f, f, np.float32(0.5), np.float32(0.5)) == 1
+    assert rdy(dots, dots, np.ones(6, np.float32), f[:3], f, f, np.float32(0.5), np.float32(0.5), f.copy()) == 1

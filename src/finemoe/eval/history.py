@@ -16,7 +16,7 @@ from finemoe.simulator import CostModel, Replay
 from finemoe.traces.format import Trace
 
 # options that change what a history file holds (everything else only changes how it is used)
-_STORE_OPTIONS = {"finemoe": ("semantic", "prefill", "prefetch_distance", "capacity", "store_dtype"),
+_STORE_OPTIONS = {"finemoe": ("semantic", "prefill", "prefetch_distance", "capacity"),
                   "moe-infinity": ("capacity",)}
 
 

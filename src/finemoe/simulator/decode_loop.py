@@ -20,9 +20,10 @@ from finemoe.experts import slot_kernels as sk
 from finemoe.jit import njit, njit_in_memory
 from finemoe.policies import deepspeed, trackers
 from finemoe.policies.base import LayerKernels
+from finemoe.policies.finemoe import eviction as finemoe_eviction
+from finemoe.policies.finemoe import planner as finemoe_planner
 from finemoe.policies.moe_infinity import steps as moe_infinity_steps
 from finemoe.policies.oracle import belady
-from finemoe.policies.finemoe import step_kernels
 from finemoe.simulator.timed_kernels import demand_timed, pump_timed
 
 DONE, DEMAND, PUMP = 0, 1, 2   # how `layer_loop` stopped: every layer done, or at one layer's demand / pump
@@ -70,8 +71,8 @@ _layer_loop_in_memory = njit_in_memory(getattr(layer_loop, "py_func", layer_loop
 # One compiled wrapper per built-in pair (numba caches each on disk): the pair is fixed inside, not an argument.
 @njit
 def _finemoe_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
-    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, step_kernels.use_layer, access_state,
-                      step_kernels.routed_step, routed_state, *rest)
+    return layer_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, finemoe_eviction.use_layer, access_state,
+                      finemoe_planner.routed_step, routed_state, *rest)
 
 
 @njit
@@ -104,7 +105,7 @@ def _oracle_loop(start, skip_demand, sorted_topk, topk, probs, aux, ones, access
                       belady.oracle_routed, routed_state, *rest)
 
 
-_SPECIALIZED = {(step_kernels.use_layer, step_kernels.routed_step): _finemoe_loop,
+_SPECIALIZED = {(finemoe_eviction.use_layer, finemoe_planner.routed_step): _finemoe_loop,
                 (trackers.touch_recency, trackers.no_prefetch): _lru_loop,
                 (trackers.touch_frequency, trackers.no_prefetch): _lfu_loop,
                 (deepspeed.touch_layer, trackers.no_prefetch): _layer_lru_loop,

@@ -10,14 +10,15 @@ delays the demand misses queued behind it, so fewer, surer prefetches win. Two i
                        is below q (a "cold" slot); with none, the prefetch waits (the cache retries it at
                        the next layer, and drops it once its layer has run). Demand misses still evict
                        by the eviction rule.
-All host-side numpy over the few keys of one layer plan.
+`cap` is compiled (the planner applies it to each callback's prefetch); `displaceable` is numpy (the cache's Python
+victim path asks for it).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from finemoe.errors import ConfigError
-from finemoe.policies.base import Prefetch
+from finemoe.jit import njit
 
 
 class PrefetchGate:
@@ -29,21 +30,31 @@ class PrefetchGate:
         self.max_per_layer = max_per_layer
         self.cold_p = float(cold_p)
 
-    def limit(self, prefetch: Prefetch, resident: np.ndarray) -> Prefetch:
-        """One callback's prefetch -> at most `max_per_layer` non-resident keys, highest priority first
-        (ties: lower key first). `resident` [L*J] bool is the cache's live residency."""
-        if self.max_per_layer == 0:
-            return prefetch
-        absent = ~resident[prefetch.keys]                                          # [n]
-        keys, prio = prefetch.keys[absent], prefetch.priority[absent]
-        if keys.size > self.max_per_layer:
-            best = np.lexsort((keys, -prio))[: self.max_per_layer]
-            keys, prio = keys[best], prio[best]
-        return Prefetch(keys, prio)
-
     def displaceable(self, candidates: np.ndarray, p: np.ndarray) -> np.ndarray:
         """Eviction candidates a prefetch may take: those whose guiding probability p[key] is below cold_p
         (every candidate when the rule is off). candidates [n] flat keys, p [L*J]."""
         if self.cold_p == 0.0:
             return candidates
         return candidates[p[candidates] < self.cold_p]
+
+
+@njit
+def cap(keys, prio, n, resident, limit):
+    """One callback's prefetch keys / prio [:n] -> at most `limit` (> 0) of its keys not resident yet (resident
+    [L*J] bool, the cache's live residency), in place: all of them in their order when they fit, else the
+    highest priority first (ties: lower key). Returns how many."""
+    m = 0
+    for i in range(n):                                                           # the absent ones, in order
+        if not resident[keys[i]]:
+            keys[m], prio[m] = keys[i], prio[i]
+            m += 1
+    if m <= limit:
+        return m
+    for i in range(limit):                                                       # selection: the best to the front
+        best = i
+        for j in range(i + 1, m):
+            if prio[j] > prio[best] or (prio[j] == prio[best] and keys[j] < keys[best]):
+                best = j
+        keys[i], keys[best] = keys[best], keys[i]
+        prio[i], prio[best] = prio[best], prio[i]
+    return limit

@@ -19,12 +19,59 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finemoe.errors import FineMoEError
-from finemoe.policies.finemoe import store_kernels as sk
-from finemoe.policies.finemoe.arrays import EPS, HOST, ops_for
+from finemoe.jit import njit
 from finemoe.storage import save_atomic
 
 FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
+FILE_DTYPES = ("float32", "float16")       # a file's map dtype (float16: written by older versions); held as float32
+EPS32 = np.float32(1e-12)                  # the floor of every cosine's denominator (search and RDY)
+
+
+@njit
+def sum_of_squares(x):
+    """sum(x * x) of x [m] float32, in float32, in index order."""
+    acc = np.float32(0.0)
+    for i in range(x.size):
+        acc += x[i] * x[i]
+    return acc
+
+
+@njit
+def norm_of(x):
+    """The L2 norm of x [m] float32, in float32."""
+    return np.float32(np.sqrt(max(sum_of_squares(x), np.float32(0.0))))
+
+
+@njit
+def rdy(map_dots, sem_dots, emap, sem, map_norm, sem_norm, w_sem, w_map, out):
+    """RDY = w_sem * cos(sem) + w_map * cos(map) of a new entry (map emap [L*J], embedding sem [E]) against each of
+    the n stored ones -> out [n]; returns the first entry of the highest. map_dots [n] = emap . each stored map,
+    sem_dots [n] = sem . each stored embedding, map_norm / sem_norm [n] the stored norms; all float32, w_sem / w_map
+    float32 (d / L and (L - d) / L)."""
+    e_norm, s_norm = norm_of(emap), norm_of(sem)
+    best = 0
+    for c in range(map_dots.shape[0]):
+        dm = max(map_norm[c] * e_norm, EPS32)
+        ds = max(sem_norm[c] * s_norm, EPS32)
+        out[c] = w_sem * (sem_dots[c] / ds) + w_map * (map_dots[c] / dm)
+        if out[c] > out[best]:
+            best = c
+    return best
+
+
+@njit
+def write_entry(slot, emap, sem, maps, sems, prefix_sq, prefix_norm, sem_norm):
+    """Entry `slot` := map emap [L, J] and embedding sem [E] (float32), with its squared norms and norms over layers
+    0..l (prefix_sq / prefix_norm [C, L]) and its embedding norm (sem_norm [C]). maps [L, C, J], sems [C, E]."""
+    L, J = emap.shape
+    acc = np.float32(0.0)
+    for layer in range(L):
+        maps[layer, slot] = emap[layer]
+        acc += sum_of_squares(emap[layer])
+        prefix_sq[slot, layer] = acc
+        prefix_norm[slot, layer] = np.float32(np.sqrt(max(acc, np.float32(0.0))))
+    sems[slot] = sem
+    sem_norm[slot] = norm_of(sem)
 
 
 def model_identity(geometry: Any, model_name: str | None) -> str:
@@ -60,119 +107,67 @@ class StoreSpec:
 
 
 class MapStore:
-    """Fixed-capacity store. `maps` [L, C, J], `sems` [C, E] in `dtype` on `device`; entries [0, size) are valid."""
+    """Fixed-capacity store in host memory, float32: `maps` [L, C, J], `sems` [C, E] (torch tensors; the `*_np` names
+    are numpy views of the same memory, for the compiled search); entries [0, size) are valid."""
 
-    def __init__(self, spec: StoreSpec, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, spec: StoreSpec) -> None:
         if spec.capacity < 1:
             raise MapStoreError(f"map store capacity must be >= 1, got {spec.capacity}")
         self.spec = spec
         L, J, C = spec.num_layers, spec.num_experts, spec.capacity
-        self.maps = torch.zeros((L, C, J), dtype=dtype, device=device)        # [L, C, J]
-        self.sems = torch.zeros((C, spec.embed_dim), dtype=dtype, device=device)  # [C, E]
-        self.sem_norm = torch.zeros(C, dtype=torch.float32, device=device)     # [C]
-        self.prefix_sq = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L]
-        self.prefix_norm = torch.zeros((C, L), dtype=torch.float32, device=device)  # [C, L] sqrt(prefix_sq)
-        self._arrays: dict = {}   # (tensor name, backend type) -> the tensor as that backend's array
-        # a host float32 store: its upkeep (store_kernels.py) and one-row searches (row_kernels.py) run compiled;
-        # False takes the numpy/torch paths
-        self.compiled = self.maps.device.type == "cpu" and dtype == torch.float32
+        self.maps = torch.zeros((L, C, J))                                      # [L, C, J]
+        self.sems = torch.zeros((C, spec.embed_dim))                            # [C, E]
+        self.sem_norm = torch.zeros(C)                                          # [C]
+        self.prefix_sq = torch.zeros((C, L))                                    # [C, L]
+        self.prefix_norm = torch.zeros((C, L))                                  # [C, L] sqrt(prefix_sq)
+        self.maps_np, self.sems_np, self.sem_norm_np, self.prefix_sq_np, self.prefix_norm_np = (
+            t.numpy() for t in (self.maps, self.sems, self.sem_norm, self.prefix_sq, self.prefix_norm))
         self.size = 0
         self.replaced = 0
         self.version = 0          # bumped by every write: results computed from the store are valid per version
 
     @property
-    def device(self) -> torch.device:
-        return self.maps.device
-
-    def array(self, name: str, xp: Any) -> Any:
-        """Store tensor `name` as backend `xp`'s array, made once (a host view shares the tensor's memory, so
-        it stays current; making a numpy view costs a few us, which the per-layer search should not pay)."""
-        key = (name, type(xp))
-        if key not in self._arrays:
-            self._arrays[key] = xp.view(getattr(self, name))
-        return self._arrays[key]
-
-    @property
     def full(self) -> bool:
         return self.size >= self.spec.capacity
 
-    def _write(self, rows: slice | int, maps: Any, sems: Any) -> None:
-        """Write maps [N, L*J] / sems [N, E] (or one of each) into `rows`, with their norms (numpy on a host
-        store's views: a torch CPU op costs 5-10 us, a numpy op about 1)."""
-        L, J, E = self.spec.num_layers, self.spec.num_experts, self.spec.embed_dim
-        xp = ops_for(self.device)
-        self.version += 1
-        stored_maps, stored_sems = self.array("maps", xp), self.array("sems", xp)
-        stored_maps[:, rows] = xp.query(maps).reshape(-1, L, J).swapaxes(0, 1).reshape(stored_maps[:, rows].shape)
-        stored_sems[rows] = xp.query(sems).reshape(stored_sems[rows].shape)
-        m = xp.f32(stored_maps[:, rows]).reshape(L, -1, J).swapaxes(0, 1)         # [N, L, J] as stored
-        prefix_sq, prefix_norm = self.array("prefix_sq", xp), self.array("prefix_norm", xp)
-        squares = (m * m).sum(2).cumsum(1).reshape(prefix_sq[rows].shape)          # [N, L]
-        prefix_sq[rows], prefix_norm[rows] = squares, xp.sqrt_clip(squares, 0.0)
-        sem, sem_norm = xp.f32(stored_sems[rows]).reshape(-1, E), self.array("sem_norm", xp)   # [N, E] as stored
-        sem_norm[rows] = xp.sqrt_clip((sem * sem).sum(1), 0.0).reshape(sem_norm[rows].shape)
-
-    def rdy(self, emap: Any, sem: Any, map_dots: Any = None) -> Any:
-        """RDY(x, y) = (d/L) cos(sem_x, sem_y) + ((L-d)/L) cos(map_x, map_y) for every stored y -> [size] (the
-        store's backend: numpy on the host). map_dots [size]: map_x . map_y when the caller has them (the
-        trajectory search sums them layer by layer); else summed here (`_map_dots`)."""
-        L, J, n = self.spec.num_layers, self.spec.num_experts, self.size
+    def rdy(self, emap: Any, sem: Any, map_dots: Any = None) -> tuple[np.ndarray, int]:
+        """RDY(x, y) = (d/L) cos(sem_x, sem_y) + ((L-d)/L) cos(map_x, map_y) of map emap [L*J] and embedding sem [E]
+        against every stored y -> ([size] float32, the entry a full store replaces: the first of the highest).
+        map_dots [size]: map_x . map_y when the caller has them (the trajectory search summed them layer by layer);
+        else summed here, one product per layer on contiguous [n, J] blocks."""
+        L, n = self.spec.num_layers, self.size
         d = min(self.spec.distance, L)
-        xp = ops_for(self.device)
-        e, s = xp.query(emap).reshape(L, J), xp.query(sem).reshape(-1)            # [L, J], [E]
+        emap, sem = host_f32(emap), host_f32(sem)                                        # [L*J], [E]
         if map_dots is None:
-            map_dots = self._map_dots(e, xp)                                      # [n]
-        e_norm, s_norm = xp.sqrt_clip((e * e).sum(), 0.0), xp.sqrt_clip((s * s).sum(), 0.0)
-        cos_map = xp.query(map_dots) / xp.maximum(self.array("prefix_norm", xp)[:n, -1] * e_norm, EPS)
-        cos_sem = (xp.f32(self.array("sems", xp)[:n]) @ s) / xp.maximum(self.array("sem_norm", xp)[:n] * s_norm, EPS)
-        return (d / L) * cos_sem + ((L - d) / L) * cos_map
-
-    def _map_dots(self, e: Any, xp: Any) -> Any:
-        """map e [L, J] . every stored map -> [size], summed layer by layer on contiguous blocks (one einsum over
-        [L, n, J] copies the store first and was 15x slower on the CPU)."""
-        maps, n = self.array("maps", xp), self.size
-        dots = xp.f32(maps[0, :n]) @ e[0]                                         # [n]
-        for layer in range(1, e.shape[0]):
-            dots = dots + xp.f32(maps[layer, :n]) @ e[layer]
-        return dots
+            e = emap.reshape(L, -1)
+            map_dots = self.maps_np[0, :n] @ e[0]                                # [n]
+            for layer in range(1, L):
+                map_dots = map_dots + self.maps_np[layer, :n] @ e[layer]
+        out = np.empty(n, np.float32)
+        best = rdy(host_f32(map_dots), self.sems_np[:n] @ sem, emap, sem, self.prefix_norm_np[:n, -1],
+                   self.sem_norm_np[:n], np.float32(d / L), np.float32((L - d) / L), out)
+        return out, int(best)
 
     def add(self, emap: Any, sem: Any, map_dots: Any = None) -> int:
-        """Insert one map [L*J] with its embedding [E]; append while not full, else replace the entry
-        with the highest RDY (map_dots: see `rdy`). Returns the slot written. A host float32 store takes the
-        compiled kernels (store_kernels.py): the same slot and the same stored values, in two calls."""
-        compiled = self.compiled
-        if compiled:
-            emap, sem = HOST.query(emap).reshape(-1), HOST.query(sem).reshape(-1)             # [L*J], [E]
+        """Insert one map [L*J] with its embedding [E]; append while not full, else replace the entry with the
+        highest RDY (map_dots: see `rdy`). Returns the slot written."""
+        emap, sem = host_f32(emap), host_f32(sem)
         if not self.full:
             slot = self.size
             self.size += 1
         else:
-            slot = self._replaced_slot(emap, sem, map_dots) if compiled else int(self.rdy(emap, sem, map_dots).argmax())
+            slot = self.rdy(emap, sem, map_dots)[1]
             self.replaced += 1
-        if compiled:
-            self.version += 1
-            sk.write_entry(slot, emap.reshape(self.spec.num_layers, -1), sem, *self._host_arrays)
-        else:
-            self._write(slot, emap, sem)
+        self._write(slot, emap, sem)
         return slot
 
-    def _replaced_slot(self, emap: np.ndarray, sem: np.ndarray, map_dots: Any) -> int:
-        """`rdy(...).argmax()` of a full host float32 store: one BLAS product (the embeddings), one kernel."""
-        L, n = self.spec.num_layers, self.size
-        d = min(self.spec.distance, L)
-        _, sems, _, prefix_norm, sem_norm = self._host_arrays
-        if map_dots is None:
-            map_dots = self._map_dots(emap.reshape(L, -1), HOST)                  # [n]
-        return int(sk.rdy_best(HOST.query(map_dots).reshape(-1), sems[:n] @ sem, emap, sem, prefix_norm[:n, -1],
-                               sem_norm[:n], np.float32(d / L), np.float32((L - d) / L)))
-
-    @property
-    def _host_arrays(self) -> tuple:
-        """maps [L, C, J], sems [C, E], prefix_sq [C, L], prefix_norm [C, L], sem_norm [C]: the host views."""
-        return tuple(self.array(name, HOST) for name in ("maps", "sems", "prefix_sq", "prefix_norm", "sem_norm"))
+    def _write(self, slot: int, emap: np.ndarray, sem: np.ndarray) -> None:
+        self.version += 1
+        write_entry(slot, emap.reshape(self.spec.num_layers, -1), sem, self.maps_np, self.sems_np,
+                    self.prefix_sq_np, self.prefix_norm_np, self.sem_norm_np)
 
     def entry_maps(self, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Stored maps of entries `rows`, flattened -> [N, L*J] (storage dtype)."""
+        """Stored maps of entries `rows`, flattened -> [N, L*J] float32."""
         m = self.maps[:, rows]                                                  # [L, N, J]
         return m.transpose(0, 1).reshape(m.shape[1], -1)
 
@@ -187,30 +182,28 @@ class MapStore:
     def save(self, path: str) -> None:
         """Atomic: write a temporary file next to `path`, then rename it over `path`."""
         meta = self.spec.metadata()
-        meta["dtype"] = {torch.float32: "float32", torch.float16: "float16"}[self.maps.dtype]
-        tensors = {"maps": self.entry_maps(slice(0, self.size)).cpu().contiguous(), "sems": self.sems[: self.size].cpu().contiguous()}
+        meta["dtype"] = "float32"
+        tensors = {"maps": self.entry_maps(slice(0, self.size)).contiguous(), "sems": self.sems[: self.size].contiguous()}
         save_atomic(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
     @classmethod
-    def open(cls, path: str | None, spec: "StoreSpec", file_distance: bool, file_capacity: bool,
-             device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> "MapStore":
+    def open(cls, path: str | None, spec: "StoreSpec", file_distance: bool, file_capacity: bool) -> "MapStore":
         """The store at `path` if that file exists (with `file_distance` / `file_capacity` the file's prefetch
         distance / capacity replace `spec`'s), else a new empty one for `spec`."""
         if not (path and os.path.exists(path)):
-            return cls(spec, dtype or torch.float32, device)
-        store = cls.load(path, None, device, dtype)
+            return cls(spec)
+        store = cls.load(path)
         if file_distance:
             spec = StoreSpec(**{**spec.__dict__, "distance": store.spec.distance})
         if file_capacity:
             spec = StoreSpec(**{**spec.__dict__, "capacity": store.spec.capacity})
-        return cls.load(path, spec, device, dtype) if spec != store.spec else store
+        return cls.load(path, spec) if spec != store.spec else store
 
     @classmethod
-    def load(cls, path: str, expect: StoreSpec | None = None, device: str | torch.device = "cpu",
-             dtype: torch.dtype | None = None) -> "MapStore":
+    def load(cls, path: str, expect: StoreSpec | None = None) -> "MapStore":
         """Read a store; with `expect`, refuse one built for another model/configuration. The file's
         capacity is kept unless `expect.capacity` is larger (then the store grows)."""
-        spec, stored_dtype, maps, sems = _read(path)
+        spec, maps, sems = _read(path)
         if expect is not None:
             bad = spec.mismatches(expect)
             if bad:
@@ -219,13 +212,21 @@ class MapStore:
                                     "and these options, or pass the matching options")
             if expect.capacity > spec.capacity:
                 spec = expect
-        store = cls(spec, dtype or DTYPES[stored_dtype], device)
-        store._write(slice(0, maps.shape[0]), maps, sems)
-        store.size = maps.shape[0]
+        store = cls(spec)
+        for emap, sem in zip(host_f32(maps), host_f32(sems)):
+            store._write(store.size, emap, sem)
+            store.size += 1
         return store
 
 
-def _read(path: str) -> tuple[StoreSpec, str, torch.Tensor, torch.Tensor]:
+def host_f32(x: Any) -> np.ndarray:
+    """A torch tensor or array (any dtype) -> C-contiguous float32 numpy on the host."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _read(path: str) -> tuple[StoreSpec, torch.Tensor, torch.Tensor]:
     fix = "rebuild it with `finemoe maps build` (or delete it to start an empty online store)"
     try:
         with safe_open(path, framework="pt") as f:
@@ -246,7 +247,7 @@ def _read(path: str) -> tuple[StoreSpec, str, torch.Tensor, torch.Tensor]:
         raise MapStoreError(f"map store {path!r} is truncated or corrupt ({type(e).__name__}: {e}); {fix}") from None
     L, J, E = spec.num_layers, spec.num_experts, spec.embed_dim
     if (maps.dim() != 2 or maps.shape[1] != L * J or sems.shape != (maps.shape[0], E)
-            or maps.shape[0] > spec.capacity or meta.get("dtype") not in DTYPES):
+            or maps.shape[0] > spec.capacity or meta.get("dtype") not in FILE_DTYPES):
         raise MapStoreError(f"map store {path!r} is inconsistent: arrays {tuple(maps.shape)}/{tuple(sems.shape)} "
                             f"do not match L={L}, J={J}, E={E}, C={spec.capacity}; {fix}")
-    return spec, meta["dtype"], maps, sems
+    return spec, maps, sems

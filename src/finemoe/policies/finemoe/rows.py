@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from finemoe.policies.base import LayerRouting
-from finemoe.policies.finemoe.arrays import HOST
+from finemoe.policies.finemoe.map_store import host_f32
 
 
 class RowQueries:
@@ -16,9 +16,8 @@ class RowQueries:
         self.prefill = prefill                                  # "mean" or "last"
         self._reduce: tuple[int, np.ndarray | None] = (-1, None)   # (iteration, [B, T] matrix or None: identity)
 
-    def of(self, routing: LayerRouting, batch: int, iteration: int, copy: bool = True) -> np.ndarray:
-        """A new array [B, J] (a worker may read it after the runtime reuses `probs`), or without `copy` possibly
-        a view of `probs` (for a caller done with it before the callback returns)."""
+    def of(self, routing: LayerRouting, batch: int, iteration: int) -> np.ndarray:
+        """[B, J] float32, possibly a view of `probs` (read before the callback returns)."""
         probs, rows = routing.probs, routing.token_rows
         key, reduce = self._reduce
         if key != iteration:
@@ -26,9 +25,8 @@ class RowQueries:
             reduce = None if identity else self._reduction_matrix(rows, batch)
             self._reduce = (iteration, reduce)
         if reduce is None:
-            q = HOST.query(probs)
-            return q.copy() if copy else q                                       # numpy: cheaper than a torch clone
-        return reduce @ HOST.query(probs)          # [B, T] @ [T, J] numpy (a torch CPU matmul took ms at times)
+            return host_f32(probs)
+        return reduce @ host_f32(probs)          # [B, T] @ [T, J] numpy (a torch CPU matmul took ms at times)
 
     def _reduction_matrix(self, rows: np.ndarray, B: int) -> np.ndarray:
         R = np.zeros((B, rows.size), dtype=np.float32)                          # [B, T]
