@@ -23,6 +23,7 @@ from finemoe.policies.base import CacheView, EvictionRank, Policy, Prefetch
 
 _NONE = np.empty(0, np.int64)
 _NO_RANK = EvictionRank(np.zeros(1), np.zeros(1), np.array([np.inf, 0.0]))   # "ask select_victims"
+_FILLED, _WASTED, _QUEUED = (sk.TALLY.names.index(name) for name in ("filled", "wasted", "queued"))
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ExpertCache:
         self.policy = policy
         self.prefetch_inflight = prefetch_inflight
         self.state = sk.SlotState.empty(total_experts, capacity)
-        self.tally = self.state.tally[0]                       # filled, wasted, queued (a view)
+        self._tally = memoryview(self.state.tally.view(np.int64))   # the TALLY fields, for fast scalar reads
         self.slot_of = self.state.slot_of                      # [L*J] slot or -1 (read-only outside)
         self.key_of = self.state.key_of                        # [N] key or -1
         self.flags = self.state.flags                          # [N] slot state bits (slot_kernels)
@@ -51,6 +52,7 @@ class ExpertCache:
         self.scratch_slots = np.empty(max(capacity, 1), np.int64)    # kernel outputs, reused (by compiled drivers too)
         self.scratch_keys = np.empty(total_experts, np.int64)
         self.scratch_new = np.empty(max(capacity, 1), bool)
+        self.scratch_hit = np.empty(max(capacity, 1), bool)
         self._rank: EvictionRank | None = None   # the policy's eviction rank (asked at first eviction)
         self._admit_none = EvictionRank(np.zeros(total_experts), np.zeros(total_experts),
                                         np.array([-np.inf, 1.0]))   # a rank with no victim
@@ -58,15 +60,15 @@ class ExpertCache:
 
     @property
     def filled(self) -> int:
-        return int(self.tally["filled"])
+        return self._tally[_FILLED]
 
     @property
     def queued(self) -> int:
-        return int(self.tally["queued"])
+        return self._tally[_QUEUED]
 
     @property
     def wasted_prefetches(self) -> int:
-        return int(self.tally["wasted"])
+        return self._tally[_WASTED]
 
     def view(self) -> CacheView:
         return CacheView(self.resident, self.capacity)
@@ -147,11 +149,11 @@ class ExpertCache:
         are in flight. Returns copies issued. With nothing queued there is nothing to drop or issue: return
         at once (which prefetch copies have finished is asked when it matters; a finished copy stays finished).
         simulator/decode_loop.py `pump_timed` is this sequence compiled, over the simulator's clock."""
-        if not self.tally["queued"]:
+        if not self._tally[_QUEUED]:
             return 0
         sk.drop_stale(self.state, (current_layer + 1) * self.J)
         budget = self.prefetch_inflight - self._in_flight()
-        if budget <= 0 or not self.tally["queued"]:
+        if budget <= 0 or not self._tally[_QUEUED]:
             return 0
         m = int(sk.best_queued(self.state, budget, self.scratch_keys))
         return self._start_prefetches(self.scratch_keys[:m].copy())
@@ -189,7 +191,8 @@ class ExpertCache:
         return self._start_prefetches(missing) if missing.size else 0
 
     def end_iteration(self) -> None:
-        sk.clear_queue(self.state)
+        if self._tally[_QUEUED]:
+            sk.clear_queue(self.state)
 
     def load_all(self) -> None:
         """Fill the cache with every expert, key k in slot k (resident policy): capacity must equal L*J."""
@@ -197,7 +200,7 @@ class ExpertCache:
             raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold all {self.K} experts one per slot")
         self.slot_of[:] = self.key_of[:] = np.arange(self.K)
         self.resident[:] = True
-        self.tally["filled"] = self.K
+        self._tally[_FILLED] = self.K
         self.flags[:] = 0
         keys = np.arange(self.K, dtype=np.int64)
         self.transport.copy(keys, keys)

@@ -168,10 +168,9 @@ def demand(st, base, experts, primary, secondary, control, given, slots, new):
 
 @njit
 def release(st, slots, n):
-    """The compute reading slots[:n] was issued: unpin them; they replace the previous computing slots."""
+    """The compute reading slots[:n] (placed by the last `demand`, which cleared the previous computing marks) was
+    issued: unpin them; they are the computing slots now."""
     flags = st.flags
-    for s in range(flags.size):
-        flags[s] = flags[s] & (255 ^ COMPUTING)
     for i in range(n):
         flags[slots[i]] = (flags[slots[i]] & (255 ^ PINNED)) | COMPUTING
 

@@ -146,7 +146,6 @@ def decode_layers(sequence: LayerSequence, kernels: LayerKernels, sorted_topk: n
     SimulatedClock. Returns (hits, misses)."""
     cache, clock = sequence.cache, sequence.clock
     stats = np.zeros(3, np.int64)
-    hit = np.empty(max(cache.capacity, 1), bool)
     layer, skip, L = 0, False, topk.shape[0]
     special = _SPECIALIZED.get((kernels.access, kernels.routed))
     while layer < L:
@@ -154,7 +153,7 @@ def decode_layers(sequence: LayerSequence, kernels: LayerKernels, sorted_topk: n
         head = (layer, skip, sorted_topk, topk, probs, kernels.aux, ones)
         tail = (cache.J, cache.prefetch_inflight, clock.host_s, clock.step_s, cache.state, rank.primary,
                 rank.secondary, rank.control, cache.transport.state, cache.scratch_keys, cache.scratch_slots,
-                cache.scratch_new, hit, *out, stats)
+                cache.scratch_new, cache.scratch_hit, *out, stats)
         if special is not None:
             layer, stop = special(*head, kernels.access_state, kernels.routed_state, *tail)
         else:

@@ -17,7 +17,9 @@ import numpy as np
 from finemoe.errors import ConfigError
 from finemoe.experts.transport import Transport
 from finemoe.simulator import timed_kernels
-from finemoe.simulator.timed_kernels import CopyClock
+from finemoe.simulator.timed_kernels import TIMES, CopyClock
+
+_NOW, _ENGINE_FREE, _STALL, _BYTES = (TIMES.names.index(name) for name in ("now", "engine_free", "stall", "bytes"))
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,13 @@ class TimedTransport(Transport):
         timed_kernels.warm_up()
         self.cost = cost
         self.state = CopyClock.start(num_slots, cost.copy_s, cost.expert_bytes, cost.layer_time_s)
-        self.times = self.state.times[0]                        # now, engine_free, stall, bytes (a view)
+        self.times = memoryview(self.state.times.view(np.float64))   # the TIMES fields, for fast scalar access
         self._hit = np.zeros(num_slots, bool)
 
-    now = property(lambda self: float(self.times["now"]), lambda self, v: self.times.__setitem__("now", v))
-    engine_free = property(lambda self: float(self.times["engine_free"]))
-    bytes_copied = property(lambda self: int(self.times["bytes"]),
-                            lambda self, v: self.times.__setitem__("bytes", float(v)))
+    now = property(lambda self: self.times[_NOW], lambda self, v: self.times.__setitem__(_NOW, v))
+    engine_free = property(lambda self: self.times[_ENGINE_FREE])
+    bytes_copied = property(lambda self: int(self.times[_BYTES]),
+                            lambda self, v: self.times.__setitem__(_BYTES, float(v)))
 
     def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray:
         hit = self._hit[:slots.size]
@@ -88,11 +90,10 @@ class TimedTransport(Transport):
         timed_kernels.used(self.state, slots, slots.size)
 
     def advance(self, seconds: float) -> None:
-        self.times["now"] += seconds
+        self.times[_NOW] += seconds
 
     def drain_stall_seconds(self) -> float:
-        s = float(self.times["stall"])
-        self.times["stall"] = 0.0
+        s, self.times[_STALL] = self.times[_STALL], 0.0
         return s
 
 
@@ -104,7 +105,7 @@ class SimulatedClock:
         self.times, self.host_s, self.step_s = transport.times, host_layer_s, step_s
 
     def routing_learned(self) -> None:
-        self.times["now"] += self.host_s
+        self.times[_NOW] += self.host_s
 
     def layer_computed(self) -> None:
-        self.times["now"] += self.step_s
+        self.times[_NOW] += self.step_s
