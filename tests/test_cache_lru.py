@@ -10,7 +10,7 @@ import torch
 
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.host_store import HostExpertStore
-from finemoe.experts.transport import SlotPools, SyncTransport, Transport
+from finemoe.experts.transport import PerSlotTransport, SlotPools, SyncTransport, Transport
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies import create_policy
 from finemoe.policies.base import PolicyContext, Prefetch
@@ -19,7 +19,7 @@ J = 4               # experts per layer
 EXPERT_BYTES = 100
 
 
-class ManualTransport(Transport):
+class ManualTransport(PerSlotTransport):
     """Copies stay in flight until `finish()`; logs every copy and every compute wait."""
 
     def __init__(self) -> None:

@@ -96,21 +96,6 @@ def test_finemoe_eviction_rank_gives_its_select_victims_results(options):
     assert fast_row["prefetch_copies"] > 0 and fast_row["hits"] > 0
 
 
-@pytest.mark.parametrize("name,options", POLICIES + [("finemoe", {})])
-@pytest.mark.parametrize("bandwidth", [float("inf"), 40.0])
-def test_the_compiled_simulator_path_equals_the_engines_generic_path(name, options, bandwidth):
-    """The timed transport's compiled demand and pump (simulator/timed_kernels.py) give what the cache's generic
-    path (the engine's: one Python call into the transport per copy) gives over the same clock."""
-    trace = skewed_trace_with_probs()
-    if name == "finemoe":
-        options = {"fresh": True, "embed": torch.nn.Embedding(50, 8)}
-    cost = CostModel(10, bandwidth, 0.05)
-    compiled = Replay(trace, name, "30B", cost, dict(options), 2).run()
-    generic = Replay(trace, name, "30B", cost, dict(options), 2, compiled=False).run()
-    assert strip(compiled) == strip(generic)
-    assert compiled["misses"] > 0
-
-
 # What the simulator gave before eviction ranks, compiled placement and the other speed-ups (same trace, budget and cost model):
 # FLAME #seq (4 x 512 tokens, 8 layers, 64 experts, top-6), 25% = 128 slots, 25 GB/s, 0.3 ms per layer.
 # The prefetching policies (oracle, moe-infinity) were re-pinned after two deliberate changes: a copy into a

@@ -17,16 +17,17 @@ from finemoe.traces import Trace
 
 
 def test_copies_run_one_after_another_and_a_wait_stalls_until_the_copy_lands():
-    t = TimedTransport(3, CostModel(expert_bytes=4, bandwidth_Bps=2.0))     # 2 s per copy
-    t.start_copy(0, 10)
-    t.start_copy(1, 11)
-    assert t.done_at[:2].tolist() == [2.0, 4.0] and t.bytes_copied == 8
+    t = TimedTransport(3, CostModel(expert_bytes=4, bandwidth_Bps=2.0, layer_time_s=5.0))     # 2 s per copy
+    t.copy(np.array([0, 1]), np.array([10, 11]))
+    assert t.state.done_at[:2].tolist() == [2.0, 4.0] and t.bytes_copied == 8
     t.advance(3.0)
-    assert t.is_done(0) and not t.is_done(1)
-    t.wait_compute(np.array([0, 1]))
+    assert t.finished(np.array([0, 1])).tolist() == [True, False]
+    hit = t.load(np.array([0, 1]), np.array([10, 11]), np.zeros(2, bool))   # slot 1's copy is still in flight
+    assert hit.tolist() == [True, False]
     assert t.now == 4.0 and t.drain_stall_seconds() == 1.0
-    t.start_copy(2, 12)                                                     # engine idle: starts now
-    assert t.done_at[2] == 6.0
+    t.used(np.array([2]))                                                   # read by a compute until 4 + 5
+    hit = t.load(np.array([2]), np.array([12]), np.ones(1, bool))           # engine idle, but slot 2 is read
+    assert hit.tolist() == [False] and t.state.done_at[2] == 11.0 and t.now == 11.0
 
 
 def two_layer_trace() -> Trace:

@@ -4,11 +4,11 @@ Per layer (the router has already chosen top-k experts on the device):
   1. `_sync_routing_to_host`: the one named host-device sync per layer; the host learns which experts
      the batch needs (skipped entirely when every expert is resident). Router probabilities, if the
      policy reads them, start copying to the host right away (snapshots.py), before any copy wait.
-  2. The cache makes them resident: hits are used as they are, misses are copied at once on the copy
-     stream (ahead of every prefetch not yet issued); the compute stream waits only for those copies.
-  3. The layer computes with transformers' own experts function over the slot pools.
-  4. While it computes, the policy sees the routing and returns prefetches, which queue behind the
-     demand copies.
+  2-4. The layer's host work (layer_sequence.py, shared with the simulator): the cache makes the experts
+     resident (misses copied at once on the copy stream, ahead of every prefetch not yet issued; the
+     compute stream waits only for those copies); the layer computes with transformers' own experts
+     function over the slot pools; while it computes, the policy sees the routing and returns
+     prefetches, which queue behind the demand copies.
 If a batch needs more distinct experts than the cache has slots, the layer runs in waves, each wave's
 rows computed separately and reduced once at the end, in the same order as the unmodified model.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from finemoe.engine.layer_sequence import LayerSequence, RealClock
 from finemoe.engine.snapshots import RouterSnapshots
 from finemoe.engine.stats import IterationStats, LayerStep, RuntimeTotals
 from finemoe.engine.waves import run_in_waves
@@ -60,6 +61,7 @@ class OffloadRuntime:
         self.policy = policy
         self.device = device
         self.all_resident = all_resident
+        self.sequence = LayerSequence(cache, policy, RealClock())
         L, J = geometry.num_layers, geometry.num_experts
         pin = device.type == "cuda"
         self._lut_host = torch.zeros((L, J), dtype=torch.int64, pin_memory=pin)  # slot of each expert
@@ -145,9 +147,8 @@ class OffloadRuntime:
         if self._lookahead and layer + 1 < len(self.layers):
             self._look_ahead(layer + 1, hidden)
         if step.lo < 0:
-            out, hit = run_in_waves(self, ex, hidden, top_k_index, top_k_weights, step.experts, step.res)
-            self._record(layer, step.topk, step.experts, hit)
-            self._policy_step(step)
+            out = run_in_waves(self, ex, hidden, top_k_index, top_k_weights, step.demand)
+            self.finish_layer(step)
             return out
         out = ex.compute_fn(ex.window(step.lo, step.hi), hidden, self._lut_dev[layer][top_k_index], top_k_weights)
         self.finish_layer(step)
@@ -170,26 +171,27 @@ class OffloadRuntime:
         topk = self._sync_routing_to_host(top_k_index)          # [T, k] numpy
         need = topk if self._live_tokens is None else topk[self._live_tokens]
         experts, counts = np.unique(need, return_counts=True)
-        self.policy.on_access(layer, experts, counts)
         routing = self._routing(layer, top_k_index)             # queued before any copy wait
-        cap = self.cache.capacity
-        res = self.cache.acquire(layer, experts) if experts.size <= cap else None
+        demand = self.sequence.begin(layer, experts, counts, routing)
+        res, cap = demand.res, self.cache.capacity
         if res is None:
-            return LayerStep(layer, topk, experts, None, -1, -1, routing)
+            return LayerStep(topk, demand, -1, -1)
         lo, hi = (0, cap) if cap <= self.max_groups else (int(res.slots.min()), int(res.slots.max()) + 1)
         if hi - lo > self.max_groups:
-            return LayerStep(layer, topk, experts, res, -1, -1, routing)
+            return LayerStep(topk, demand, -1, -1)
         self._lut_np[layer, experts] = res.slots - lo
         if self._lut_dev is not self._lut_host:
             self._lut_dev[layer].copy_(self._lut_host[layer], non_blocking=True)
-        return LayerStep(layer, topk, experts, res, lo, hi, routing)
+        return LayerStep(topk, demand, lo, hi)
 
     def finish_layer(self, step: LayerStep) -> None:
-        """Host work after layer `step.layer`'s experts compute was issued: release its slots (recording
-        the last use), count hits, and let the policy see the routing (prefetches queue behind demand)."""
-        self.cache.release(step.res.slots)
-        self._record(step.layer, step.topk, step.experts, step.res.hit)
-        self._policy_step(step)
+        """Host work after layer `step.layer`'s experts compute was issued (every wave, on the waves path):
+        release its slots (recording the last use), let the policy see the routing (prefetches queue behind
+        demand), count hits. HOST SYNC: the router probabilities' snapshot, when the policy reads them."""
+        if step.demand.routing.probs is not None:
+            self._snapshots.wait(step.layer)
+        self.sequence.finish(step.demand)
+        self._record(step.layer, step.topk, step.experts, step.demand.hit)
 
     def _look_ahead(self, layer: int, hidden: torch.Tensor) -> None:
         """Prefill lookahead: while this layer computes, start copying the experts that layer `layer`'s own
@@ -219,13 +221,6 @@ class OffloadRuntime:
             if self.policy.needs_hidden_states:
                 hidden = hidden_in.reshape(-1, hidden_in.shape[-1])
         return LayerRouting(layer, top_k_index, self._token_rows, probs, hidden)
-
-    def _policy_step(self, step: LayerStep) -> None:
-        """The policy sees the layer's routing; its prefetches queue behind the demand copies."""
-        if step.routing.probs is not None:
-            self._snapshots.wait(step.layer)
-        self.cache.enqueue(self.policy.on_layer_routed(step.routing))
-        self.cache.pump(step.layer)
 
     # ---- metrics -------------------------------------------------------------------------------
     def _record(self, layer: int, topk: np.ndarray, experts: np.ndarray, hit: np.ndarray) -> None:

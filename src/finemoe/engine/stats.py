@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from finemoe.engine.layer_sequence import LayerDemand
+
 
 @dataclass
 class IterationStats:
@@ -18,15 +20,21 @@ class IterationStats:
 
 @dataclass
 class LayerStep:
-    """One MoE layer between `begin_layer` and `finish_layer`: its routing on the host and where its experts sit."""
+    """One MoE layer between `begin_layer` and `finish_layer`: its routing on the host, its demand and the slot
+    window its compute reads."""
 
-    layer: int
     topk: np.ndarray            # [T, k] expert ids
-    experts: np.ndarray         # [n] distinct experts the live tokens need
-    res: object                 # DemandResult (slots, hit) or None
+    demand: LayerDemand         # the shared layer sequence's step (experts, first wave, routing)
     lo: int                     # slot window [lo, hi) the compute reads; -1: waves path
     hi: int
-    routing: object = None      # LayerRouting the policy sees once the compute is issued (probs on the host)
+
+    @property
+    def layer(self) -> int:
+        return self.demand.layer
+
+    @property
+    def experts(self) -> np.ndarray:
+        return self.demand.experts
 
 
 @dataclass

@@ -6,23 +6,20 @@ import numpy as np
 import torch
 
 
-def run_in_waves(runtime, ex, hidden, top_k_index, top_k_weights, experts, first=None):
+def run_in_waves(runtime, ex, hidden, top_k_index, top_k_weights, demand) -> torch.Tensor:
     """Rows path, for layers that need more experts than the cache has slots (waves of `capacity`
-    experts) or whose slots span more than MAX_GROUPS. Each (token, k) row gets exactly the value the
-    one-shot path computes (transformers' function with unit weights, then the same weight product);
-    rows are reduced once at the end, in the same order as the unmodified model."""
+    experts, through the layer sequence's `waves`) or whose slots span more than MAX_GROUPS. Each (token, k)
+    row gets exactly the value the one-shot path computes (transformers' function with unit weights, then the
+    same weight product); rows are reduced once at the end, in the same order as the unmodified model."""
     T, k = top_k_index.shape
     flat_idx = top_k_index.reshape(-1)                                   # [S]
     flat_w = top_k_weights.reshape(-1, 1)                                # [S, 1]
     ones = torch.ones_like(flat_w)
-    weighted = None
-    hit = np.zeros(experts.size, dtype=bool)
-    cap = runtime.cache.capacity
-    for start in range(0, experts.size, cap):
-        wave = experts[start:start + cap]
-        res = first if (first is not None and start == 0) else runtime.cache.acquire(ex.index, wave)
-        hit[start:start + wave.size] = res.hit
-        w = runtime.max_groups
+    weighted = None                                                      # [S, H] once the first rows compute
+    w = runtime.max_groups
+
+    def compute(wave: np.ndarray, res) -> None:
+        nonlocal weighted
         for lo in np.unique(res.slots // w) * w:                          # slot windows of <= max_groups
             sel = (res.slots >= lo) & (res.slots < lo + w)
             lut = torch.full((runtime.g.num_experts,), -1, dtype=torch.int64)
@@ -35,5 +32,6 @@ def run_in_waves(runtime, ex, hidden, top_k_index, top_k_weights, experts, first
             if weighted is None:
                 weighted = torch.zeros((T * k, hidden.shape[-1]), dtype=part.dtype, device=hidden.device)
             weighted[rows] = part
-        runtime.cache.release(res.slots)
-    return weighted.view(T, k, -1).sum(dim=1).to(hidden.dtype), hit
+
+    runtime.sequence.waves(demand, compute)
+    return weighted.view(T, k, -1).sum(dim=1).to(hidden.dtype)

@@ -1,28 +1,23 @@
 """The expert cache's slot bookkeeping, compiled (numba): what occupies which slot, and who is evicted.
 
 One call per layer (`demand`) or per prefetch batch (`prefetch`) does the whole placement: look the keys up,
-take empty slots (lowest first), then the policy's victims, and update the residency table. Victims are the
+take empty slots (lowest first), then the policy's victims, and update the residency. Victims are the
 evictable occupied slots in ascending (primary[key], secondary[key], slot) order, read from the policy's live
 rank arrays (policies/base.py EvictionRank): a scan over the occupied slots, no Python per expert. When the
-policy has no valid rank the kernels return NEED_VICTIMS without changing anything, and the cache asks the
+policy has no valid rank the kernels return NEED_VICTIMS without placing anything, and the cache asks the
 policy's `select_victims` and calls again with those victims (`given`). Copies are not started here: the
 caller hands each placed expert to its transport (CUDA copies, or the simulator's clock).
 
-The prefetch queue is compiled too: `enqueue` records priorities, `issue` drops stale requests and places the
-best ones (highest priority, then lowest key) while room and the in-flight budget last.
+The prefetch queue is compiled too: `enqueue` records priorities, `drop_stale` drops requests that are no
+longer ahead, `best_queued` picks the best ones (highest priority, then lowest key).
 
-State, shared with ExpertCache as numpy views (never reallocated):
-  table    int64 [K + N + 3]: slot_of [K] (slot or -1) | key_of [N] (key or -1) | filled | wasted prefetches |
-           queued keys
-  flags    uint8 [N]: slot state bits below
-  resident bool [K]: the live residency the policies read
-  qprio    float64 [K]: priority of each queued key, NaN when not queued (priorities are never NaN)
-  qkeys    int64 [K]: the queued keys, unordered, in qkeys[:table[-1]]
-Slots [0, filled) are occupied (empty slots fill lowest first and a slot never empties again).
+State: one SlotState (arrays shared with ExpertCache, never reallocated). Slots [0, filled) are occupied
+(empty slots fill lowest first and a slot never empties again).
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,32 +33,51 @@ PREFETCH_BLOCKED = PINNED | UNUSED | PREFETCHING | COMPUTING
 NEED_VICTIMS = -1   # the policy's rank is not valid now: call again with `given` victims
 NO_ROOM = -2        # fewer evictable slots than a demand needs
 
-MODE_PIN = 0      # acquire: pin the slots until release
-MODE_RELEASE = 1  # acquire and release at once: the slots become the computing ones
+TALLY = np.dtype([("filled", np.int64),    # occupied slots
+                  ("wasted", np.int64),    # prefetched experts evicted unused
+                  ("queued", np.int64)])   # keys in the prefetch queue
+
+
+class SlotState(NamedTuple):
+    """What the cache holds, as the kernels read and write it (K keys = L*J, N slots)."""
+
+    slot_of: np.ndarray    # int64 [K] slot of each key, -1 when not resident
+    key_of: np.ndarray     # int64 [N] key in each slot, -1 when empty
+    flags: np.ndarray      # uint8 [N] slot state bits (above)
+    resident: np.ndarray   # bool [K] the live residency the policies read
+    tally: np.ndarray      # TALLY [1]
+    qprio: np.ndarray      # float64 [K] priority of each queued key, NaN when not queued (priorities are never NaN)
+    qkeys: np.ndarray      # int64 [K] the queued keys, unordered, in qkeys[:queued]
+
+    @staticmethod
+    def empty(num_keys: int, num_slots: int) -> "SlotState":
+        return SlotState(np.full(num_keys, -1, np.int64), np.full(num_slots, -1, np.int64),
+                         np.zeros(num_slots, np.uint8), np.zeros(num_keys, bool), np.zeros(1, TALLY),
+                         np.full(num_keys, np.nan), np.zeros(num_keys, np.int64))
 
 
 @njit
-def _place(slot, key, table, K, flags, resident):
+def _place(st, slot, key):
     """Put `key` in `slot`, evicting its old key (an unused prefetch evicted counts as wasted)."""
-    N = flags.size
-    old = table[K + slot]
+    tally = st.tally[0]
+    old = st.key_of[slot]
     if old >= 0:
-        table[old] = -1
-        resident[old] = False
-        if flags[slot] & UNUSED:
-            table[K + N + 1] += 1
+        st.slot_of[old] = -1
+        st.resident[old] = False
+        if st.flags[slot] & UNUSED:
+            tally.wasted += 1
     else:
-        table[K + N] += 1
-    flags[slot] = flags[slot] & (255 ^ UNUSED ^ PREFETCHING)
-    table[K + slot] = key
-    table[key] = slot
-    resident[key] = True
+        tally.filled += 1
+    st.flags[slot] = st.flags[slot] & (255 ^ UNUSED ^ PREFETCHING)
+    st.key_of[slot] = key
+    st.slot_of[key] = slot
+    st.resident[key] = True
 
 
 @njit
-def _before(a_slot, b_slot, table, K, primary, secondary):
+def _before(st, a_slot, b_slot, primary, secondary):
     """Slot a precedes slot b in the eviction order (ascending primary, secondary, slot)."""
-    ka, kb = table[K + a_slot], table[K + b_slot]
+    ka, kb = st.key_of[a_slot], st.key_of[b_slot]
     if primary[ka] != primary[kb]:
         return primary[ka] < primary[kb]
     if secondary[ka] != secondary[kb]:
@@ -72,23 +86,21 @@ def _before(a_slot, b_slot, table, K, primary, secondary):
 
 
 @njit
-def rank_victims(n, blocked, limit, table, K, flags, primary, secondary, out, start):
+def rank_victims(st, n, blocked, limit, primary, secondary, out, start):
     """Write into out[start:start+m] the m <= n first occupied slots, in eviction order, with no `blocked` flag
     bit and primary[key] < limit. Returns m. Insertion into a sorted list of at most n: O(occupied * n)."""
-    N = flags.size
-    filled = table[K + N]
     m = 0
-    for s in range(filled):
-        if flags[s] & blocked:
+    for s in range(st.tally[0].filled):
+        if st.flags[s] & blocked:
             continue
-        if not primary[table[K + s]] < limit:
+        if not primary[st.key_of[s]] < limit:
             continue
         if m == n:
-            if not _before(s, out[start + m - 1], table, K, primary, secondary):
+            if not _before(st, s, out[start + m - 1], primary, secondary):
                 continue
             m -= 1
         i = start + m
-        while i > start and _before(s, out[i - 1], table, K, primary, secondary):
+        while i > start and _before(st, s, out[i - 1], primary, secondary):
             out[i] = out[i - 1]
             i -= 1
         out[i] = s
@@ -97,17 +109,20 @@ def rank_victims(n, blocked, limit, table, K, flags, primary, secondary, out, st
 
 
 @njit
-def demand(base, experts, mode, table, K, flags, resident, primary, secondary, control, given, slots, new):
-    """Make keys base + experts (distinct) resident: slots[i] is each one's slot and new[i] whether it was just
-    placed (the caller copies it). Present ones stop being unused prefetches. Room for the missing comes from
-    empty slots, then victims among slots not pinned (given ones, else the policy's rank when control[1] != 0).
-    mode MODE_PIN pins the slots; MODE_RELEASE makes them the computing slots at once (acquire + release).
-    Returns the experts placed, NEED_VICTIMS or NO_ROOM (then nothing but the unused marks changed)."""
+def demand(st, base, experts, primary, secondary, control, given, slots, new):
+    """Make keys base + experts (distinct) resident and pin them until `release`: slots[i] is each one's slot and
+    new[i] whether it was just placed (the caller copies it). The previous layer's compute has finished (the
+    caller learned this layer's routing with a host sync): no slot is computing any more. Present experts stop
+    being unused prefetches. Room for the missing comes from empty slots, then victims among slots not pinned
+    (given ones, else the policy's rank when control[1] != 0). Returns the experts placed, NEED_VICTIMS or
+    NO_ROOM (then only the computing and unused marks changed)."""
     n = experts.size
-    N = flags.size
+    flags = st.flags
+    for s in range(flags.size):
+        flags[s] = flags[s] & (255 ^ COMPUTING)
     missing = 0
     for i in range(n):
-        s = table[base + experts[i]]
+        s = st.slot_of[base + experts[i]]
         slots[i] = s
         new[i] = False
         if s >= 0:
@@ -116,8 +131,8 @@ def demand(base, experts, mode, table, K, flags, resident, primary, secondary, c
             missing += 1
     status = missing
     if missing:
-        filled = table[K + N]
-        n_empty = min(missing, N - filled)
+        filled = st.tally[0].filled
+        n_empty = min(missing, flags.size - filled)
         need = missing - n_empty
         room = np.empty(missing, np.int64)
         for j in range(n_empty):
@@ -129,8 +144,7 @@ def demand(base, experts, mode, table, K, flags, resident, primary, secondary, c
                 else:
                     room[n_empty:] = given[:need]
             elif control[1] != 0.0:
-                if rank_victims(need, DEMAND_BLOCKED, np.inf, table, K, flags, primary, secondary,
-                                room, n_empty) < need:
+                if rank_victims(st, need, DEMAND_BLOCKED, np.inf, primary, secondary, room, n_empty) < need:
                     status = NO_ROOM
             else:
                 status = NEED_VICTIMS
@@ -140,39 +154,36 @@ def demand(base, experts, mode, table, K, flags, resident, primary, secondary, c
                 if slots[i] < 0:
                     s = room[j]
                     j += 1
-                    _place(s, base + experts[i], table, K, flags, resident)
+                    _place(st, s, base + experts[i])
                     slots[i] = s
                     new[i] = True
     for i in range(n):
         s = slots[i]
         if s >= 0:
             flags[s] = flags[s] & (255 ^ HOLD)
-            if status >= 0 and mode == MODE_PIN:
+            if status >= 0:
                 flags[s] = flags[s] | PINNED
-    if status >= 0 and mode == MODE_RELEASE:
-        release(slots, n, flags)
     return status
 
 
 @njit
-def release(slots, n, flags):
-    """The compute reading slots[:n] was issued: unpin them; they replace the previous computing slots."""
-    for s in range(flags.size):
-        flags[s] = flags[s] & (255 ^ COMPUTING)
+def release(st, slots, n):
+    """The compute reading slots[:n] (placed by the last `demand`, which cleared the previous computing marks) was
+    issued: unpin them; they are the computing slots now."""
+    flags = st.flags
     for i in range(n):
         flags[slots[i]] = (flags[slots[i]] & (255 ^ PINNED)) | COMPUTING
 
 
 @njit
-def prefetch(keys, table, K, flags, resident, primary, secondary, control, given, slots, qprio, qkeys):
+def prefetch(st, keys, primary, secondary, control, given, slots):
     """Place absent `keys` as prefetches, in order, while room lasts: empty slots, then victims among slots
     not pinned, computing, prefetching or unused prefetches (given ones, else the policy's rank with
     primary < control[0]). slots[:m] receive the first m keys, which leave the queue. Returns m, or
-    NEED_VICTIMS."""
+    NEED_VICTIMS (nothing placed)."""
     n = keys.size
-    N = flags.size
-    filled = table[K + N]
-    n_empty = min(n, N - filled)
+    filled = st.tally[0].filled
+    n_empty = min(n, st.flags.size - filled)
     for j in range(n_empty):
         slots[j] = filled + j
     m = n_empty
@@ -182,78 +193,87 @@ def prefetch(keys, table, K, flags, resident, primary, secondary, control, given
             slots[n_empty:n_empty + got] = given[:got]
             m += got
         elif control[1] != 0.0:
-            m += rank_victims(n - n_empty, PREFETCH_BLOCKED, control[0], table, K, flags, primary, secondary,
-                              slots, n_empty)
+            m += rank_victims(st, n - n_empty, PREFETCH_BLOCKED, control[0], primary, secondary, slots, n_empty)
         else:
             return NEED_VICTIMS
     for i in range(m):
-        _place(slots[i], keys[i], table, K, flags, resident)
-        flags[slots[i]] = flags[slots[i]] | PREFETCHING | UNUSED
-        _dequeue(keys[i], table, qprio, qkeys)
+        _place(st, slots[i], keys[i])
+        st.flags[slots[i]] = st.flags[slots[i]] | PREFETCHING | UNUSED
+        _dequeue(st, keys[i])
     return m
 
 
 @njit
-def _dequeue(key, table, qprio, qkeys):
+def prefetching_slots(st, out):
+    """out[:m] = the slots marked PREFETCHING (copies that may be in flight). Returns m."""
+    m = 0
+    for s in range(st.flags.size):
+        if st.flags[s] & PREFETCHING:
+            out[m] = s
+            m += 1
+    return m
+
+
+@njit
+def _dequeue(st, key):
     """Withdraw `key` from the queue if queued (swap-remove: the queue is unordered)."""
-    if qprio[key] == qprio[key]:        # not NaN: queued
-        qprio[key] = np.nan
-        last = table.size - 1
-        n = table[last]
+    if st.qprio[key] == st.qprio[key]:        # not NaN: queued
+        st.qprio[key] = np.nan
+        tally = st.tally[0]
+        n = tally.queued
         for j in range(n):
-            if qkeys[j] == key:
-                qkeys[j] = qkeys[n - 1]
-                table[last] = n - 1
+            if st.qkeys[j] == key:
+                st.qkeys[j] = st.qkeys[n - 1]
+                tally.queued = n - 1
                 break
 
 
 @njit
-def enqueue(keys, priority, table, qprio, qkeys):
+def enqueue(st, keys, priority):
     """Queue each key at its priority (a key queued again takes the newer one; -inf withdraws it)."""
-    last = table.size - 1
+    tally = st.tally[0]
     for i in range(keys.size):
         k = keys[i]
         if priority[i] == -np.inf:
-            _dequeue(k, table, qprio, qkeys)
+            _dequeue(st, k)
         else:
-            if qprio[k] != qprio[k]:        # NaN: not queued yet
-                qkeys[table[last]] = k
-                table[last] += 1
-            qprio[k] = priority[i]
+            if st.qprio[k] != st.qprio[k]:        # NaN: not queued yet
+                st.qkeys[tally.queued] = k
+                tally.queued += 1
+            st.qprio[k] = priority[i]
 
 
 @njit
-def clear_queue(table, qprio, qkeys):
-    last = table.size - 1
-    for j in range(table[last]):
-        qprio[qkeys[j]] = np.nan
-    table[last] = 0
+def clear_queue(st):
+    tally = st.tally[0]
+    for j in range(tally.queued):
+        st.qprio[st.qkeys[j]] = np.nan
+    tally.queued = 0
 
 
 @njit
-def drop_stale(first, table, qprio, qkeys):
+def drop_stale(st, first):
     """Drop queued keys below key `first` (their layer is not ahead) or already resident. Returns queue length."""
-    last = table.size - 1
-    n = table[last]
+    tally = st.tally[0]
     j = 0
-    for i in range(n):
-        k = qkeys[i]
-        if k < first or table[k] >= 0:
-            qprio[k] = np.nan
+    for i in range(tally.queued):
+        k = st.qkeys[i]
+        if k < first or st.slot_of[k] >= 0:
+            st.qprio[k] = np.nan
         else:
-            qkeys[j] = k
+            st.qkeys[j] = k
             j += 1
-    table[last] = j
+    tally.queued = j
     return j
 
 
 @njit
-def best_queued(budget, table, qprio, qkeys, out):
+def best_queued(st, budget, out):
     """out[:m] = the m = min(budget, queued) queued keys of highest priority, then lowest key. Returns m."""
-    n = table[table.size - 1]
+    qprio = st.qprio
     m = 0
-    for i in range(n):
-        k = qkeys[i]
+    for i in range(st.tally[0].queued):
+        k = st.qkeys[i]
         p = qprio[k]
         if m == budget:
             w = out[m - 1]
@@ -269,41 +289,21 @@ def best_queued(budget, table, qprio, qkeys, out):
     return m
 
 
-@njit
-def prefetching_slots(flags, out):
-    """out[:m] = the slots marked PREFETCHING (copies that may be in flight). Returns m."""
-    m = 0
-    for s in range(flags.size):
-        if flags[s] & PREFETCHING:
-            out[m] = s
-            m += 1
-    return m
-
-
-def tiny_state() -> tuple[int, tuple]:
-    """K and an empty cache's kernel arguments, 4 keys over 2 slots, in the dtypes ExpertCache passes (warm-ups):
-    (table, flags, resident, rank, control, no victims, slots, new, qprio, qkeys)."""
-    K, N = 4, 2
-    table = np.full(K + N + 3, -1, np.int64)
-    table[K + N:] = 0
-    return K, (table, np.zeros(N, np.uint8), np.zeros(K, bool), np.zeros(K), np.array([np.inf, 1.0]),
-               np.empty(0, np.int64), np.zeros(N, np.int64), np.zeros(N, bool), np.full(K, np.nan),
-               np.zeros(K, np.int64))
-
-
 @functools.cache
 def warm_up() -> None:
     """Compile (or load from numba's disk cache) every kernel for the argument types the cache passes, once
     per process, so the first request does not pay for it (a fresh checkout compiles for about 10 s)."""
-    K, (table, flags, resident, rank, control, none, slots, new, qprio, qkeys) = tiny_state()
-    demand(0, np.array([0], np.int64), MODE_PIN, table, K, flags, resident, rank, rank, control, none, slots, new)
-    release(slots, 1, flags)
+    st = SlotState.empty(4, 2)
+    rank, control, none = np.zeros(4), np.array([np.inf, 1.0]), np.empty(0, np.int64)
+    slots, new = np.zeros(2, np.int64), np.zeros(2, bool)
+    demand(st, 0, np.array([0], np.int64), rank, rank, control, none, slots, new)
+    release(st, slots, 1)
     for writeable in (True, False):   # policies may hand out read-only prefetch arrays (cached plans)
         keys, prio = np.array([2], np.int64), np.array([1.0])
         keys.flags.writeable = prio.flags.writeable = writeable
-        enqueue(keys, prio, table, qprio, qkeys)
-    drop_stale(0, table, qprio, qkeys)
-    best_queued(1, table, qprio, qkeys, qkeys.copy())
-    prefetch(np.array([3], np.int64), table, K, flags, resident, rank, rank, control, none, slots, qprio, qkeys)
-    prefetching_slots(flags, slots)
-    clear_queue(table, qprio, qkeys)
+        enqueue(st, keys, prio)
+    drop_stale(st, 0)
+    best_queued(st, 1, np.zeros(4, np.int64))
+    prefetch(st, np.array([3], np.int64), rank, rank, control, none, slots)
+    prefetching_slots(st, slots)
+    clear_queue(st)

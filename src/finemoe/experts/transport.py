@@ -3,7 +3,8 @@
 A transport owns the device slot pools (one tensor [N, *shape] per expert tensor name, allocated
 once) and the copy mechanics. The cache decides *what* goes where; the transport only copies.
 `CudaTransport` copies on a dedicated stream with one event per slot; `SyncTransport` (CPU device)
-copies at once. The simulator provides a third, timed transport.
+copies at once; both copy one slot at a time (`PerSlotTransport`). The simulator's timed transport
+follows the same contract (`Transport`).
 """
 from __future__ import annotations
 
@@ -17,12 +18,44 @@ from finemoe.experts.host_store import HostExpertStore
 
 
 class Transport(ABC):
-    """Contract: `start_copy(slot, key)` begins loading expert `key` into `slot` after any compute that
-    still reads the slot; `is_done(slot)` never blocks; `wait_compute(slots)` makes the compute that
-    follows wait for those slots' copies (recording stall time); `mark_used(slots)` records that the
-    compute just issued reads them."""
+    """What the cache asks of whatever moves experts into slots: CUDA copies, an immediate CPU copy, or the
+    simulator's clock (simulator/transport.py). The cache decides what goes where; the transport only copies.
+
+    Contract (slots int64 [n], keys int64 [n]):
+      load(slots, keys, new) -> hit [n] bool   one layer's demand: copy keys[new] into slots[new] now, in
+          order, ahead of any prefetch not yet issued and after any compute still reading the slot; hit = not
+          new and its copy had finished; the compute that follows waits for every other slot's copy.
+      copy(slots, keys)       prefetch copies, in order, behind those issued so far.
+      finished(slots) -> bool [n]   which copies into `slots` have finished (never blocks).
+      used(slots)             the compute just issued reads `slots` (a later copy into them waits for it)."""
 
     bytes_copied: int = 0
+
+    @abstractmethod
+    def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def copy(self, slots: np.ndarray, keys: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def finished(self, slots: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def used(self, slots: np.ndarray) -> None: ...
+
+    def drain_stall_seconds(self) -> float:
+        """Stall time accumulated since the last drain (may synchronize: call at iteration end)."""
+        return 0.0
+
+    def finish_all(self) -> None:
+        """Block until every copy issued so far has landed (start-up only: e.g. after loading every expert)."""
+
+
+class PerSlotTransport(Transport):
+    """A transport that copies one slot at a time (the engine's): `start_copy(slot, key)` begins loading expert
+    `key` into `slot` after any compute that still reads the slot; `is_done(slot)` never blocks;
+    `wait_compute(slots)` makes the compute that follows wait for those slots' copies (recording stall time);
+    `mark_used(slots)` records that the compute just issued reads them."""
 
     @abstractmethod
     def start_copy(self, slot: int, key: int) -> None: ...
@@ -36,12 +69,27 @@ class Transport(ABC):
     def mark_used(self, slots: np.ndarray) -> None:
         """Default: nothing to order (synchronous devices)."""
 
-    def drain_stall_seconds(self) -> float:
-        """Stall time accumulated since the last drain (may synchronize: call at iteration end)."""
-        return 0.0
+    def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray:
+        slot_list, new_list = slots.tolist(), new.tolist()
+        is_done = self.is_done
+        hit = [not w and is_done(s) for s, w in zip(slot_list, new_list)]
+        if any(new_list):
+            for s, k, w in zip(slot_list, keys.tolist(), new_list):
+                if w:
+                    self.start_copy(s, k)
+        if not all(hit):
+            self.wait_compute(np.array([s for s, h in zip(slot_list, hit) if not h], dtype=np.int64))
+        return np.array(hit, dtype=bool)
 
-    def finish_all(self) -> None:
-        """Block until every copy issued so far has landed (start-up only: e.g. after loading every expert)."""
+    def copy(self, slots: np.ndarray, keys: np.ndarray) -> None:
+        for s, k in zip(slots.tolist(), keys.tolist()):
+            self.start_copy(s, k)
+
+    def finished(self, slots: np.ndarray) -> np.ndarray:
+        return np.array([self.is_done(s) for s in slots.tolist()], dtype=bool)
+
+    def used(self, slots: np.ndarray) -> None:
+        self.mark_used(slots)
 
 
 class SlotPools:
@@ -59,7 +107,7 @@ class SlotPools:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-class SyncTransport(Transport):
+class SyncTransport(PerSlotTransport):
     """Host and 'device' share memory (CPU runs): a copy completes before `start_copy` returns."""
 
     def __init__(self, store: HostExpertStore, pools: SlotPools) -> None:
@@ -88,7 +136,7 @@ class SyncTransport(Transport):
         return s
 
 
-class CudaTransport(Transport):
+class CudaTransport(PerSlotTransport):
     """Copies on a dedicated CUDA stream from pinned memory; one completion event per slot.
 
     Before a slot is overwritten the copy stream waits for the compute event recorded after the

@@ -4,8 +4,9 @@ Requests run one after another (batch size 1), in trace order. Every callback ha
 the engine makes it (engine/batch.py, engine/runtime.py):
   on_request_start
   per iteration: on_iteration_start -> enqueue, pump(-1)
-    per MoE layer: on_access; cache.acquire (demand; waves of `capacity` experts when the layer needs
-      more); cache.release; on_layer_routed -> enqueue, pump(layer); then the layer's compute time
+    per MoE layer: the engine's own layer sequence (engine/layer_sequence.py) over the timed transport
+      and a simulated clock; one-token decode iterations of a policy with compiled callbacks run it compiled
+      (decode_loop.py)
     on_iteration_end; cache.end_iteration
   on_request_end
 With bandwidth=inf the timed transport completes every copy at once, like the CPU engine, and the
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from finemoe.config import EngineConfig, capacity_for
+from finemoe.engine.layer_sequence import LayerSequence
 from finemoe.engine.metrics import RequestMetrics, aggregate
 from finemoe.errors import FineMoEError
 from finemoe.experts.cache import ExpertCache
@@ -28,7 +30,7 @@ from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import IterationInfo, LayerRouting, Policy, PolicyContext, RequestInfo
 from finemoe.simulator.decode_loop import decode_layers
-from finemoe.simulator.transport import CostModel, GenericTimedTransport, TimedTransport
+from finemoe.simulator.transport import CostModel, SimulatedClock, TimedTransport
 from finemoe.traces.format import Trace
 
 
@@ -69,11 +71,9 @@ class Replay:
 
     def __init__(self, trace: Trace, policy: str | Policy, expert_budget, cost: CostModel,
                  policy_options: dict | None = None, prefetch_inflight: int = 4,
-                 routed: _Routed | None = None, embed=None, compiled: bool = True) -> None:
+                 routed: _Routed | None = None, embed=None) -> None:
         """`policy`: a registered name (built with `policy_options`), or a policy instance not yet bound.
-        `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal.
-        `compiled=False` drives the cache through its generic path (the engine's: Python calls into the timed
-        transport per copy) instead of the transport's compiled demand and pump: slower, same results."""
+        `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal."""
         check_simulatable(trace, policy if isinstance(policy, str) else type(policy))
         options = dict(policy_options or {})
         if policy == "oracle":
@@ -86,7 +86,7 @@ class Replay:
                            prefetch_inflight=prefetch_inflight)
         self.all_resident = self.policy.keeps_all_resident
         self.capacity, self.budget_bytes = capacity_for(cfg, self.g, self.all_resident)
-        self.transport = (TimedTransport if compiled else GenericTimedTransport)(self.capacity, cost)
+        self.transport = TimedTransport(self.capacity, cost)
         self.cache = ExpertCache(self.g.total_experts, self.g.num_experts, self.capacity, self.transport,
                                  self.policy, prefetch_inflight)
         self.policy.bind(PolicyContext(self.g, self.cache.view(), torch.device("cpu"), embed=embed, options=options))
@@ -97,8 +97,8 @@ class Replay:
         # the base class's on_layer_routed returns no prefetch by contract: skip building its argument
         self.reports_routing = type(self.policy).on_layer_routed is not Policy.on_layer_routed
         self.token_ids = trace.token_ids.astype(np.int64)                       # [N] for IterationInfo.input_ids
-        # a decode iteration's layers in one compiled call where the policy offers its callbacks compiled
-        self.compiled = compiled and not self.all_resident
+        self.sequence = LayerSequence(self.cache, self.policy, SimulatedClock(self.transport, cost.host_layer_s,
+                                                                              self._step_s))
         L, J = trace.num_layers, trace.num_experts
         self.no_probs = np.zeros((L, 0), np.float32)                            # [L, 0] for a policy reading none
         self.prefetch_out = (np.zeros(L * J, np.int64), np.zeros(L * J))        # a compiled `routed`'s prefetch
@@ -146,12 +146,12 @@ class Replay:
         probs = (self.trace.probs[a:b].astype(np.float32)                                     # [T, L, J]
                  if self.reports_routing and policy.needs_router_probs else None)
         token = None if probs is None else probs[0]                                            # [L, J]
-        kernels = policy.decode_kernels(token) if self.compiled and b - a == 1 else None
+        # a decode iteration's layers in one compiled call where the policy offers its callbacks compiled
+        kernels = policy.decode_kernels(token) if b - a == 1 and not self.all_resident else None
         if kernels is not None:
             routed = self.routed
-            hits, misses = decode_layers(cache, self.transport, kernels, routed.sorted_topk[a], routed.topk[a],
-                                         self.no_probs if token is None else token, routed.ones,
-                                         self.cost.host_layer_s, self._step_s, self.prefetch_out)
+            hits, misses = decode_layers(self.sequence, kernels, routed.sorted_topk[a], routed.topk[a],
+                                         self.no_probs if token is None else token, routed.ones, self.prefetch_out)
         else:
             if b - a == 1:   # decode: one token, its k distinct experts (sorted) once each
                 layers = zip(range(self.g.num_layers), self.routed.sorted_topk[a], repeat(self.routed.ones))
@@ -177,37 +177,27 @@ class Replay:
                 for layer, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
     def _layers(self, layers, a: int, b: int, probs: np.ndarray | None) -> tuple[int, int]:
-        """Every MoE layer of one iteration in the engine's order (OffloadRuntime.begin_layer, then finish_layer
-        once the compute is issued): on_access, the demand path (waves of `capacity` experts when a layer needs
-        more), on_layer_routed, pump, then the layer's compute time. Returns (hits, misses)."""
-        transport, cache, policy = self.transport, self.cache, self.policy
-        host_s, cap, layer_s = self.cost.host_layer_s, self.capacity, self._step_s
+        """Every MoE layer of one iteration through the engine's layer sequence (begin; the waves when a layer
+        needs more experts than slots; finish), the compute being the clock's step. Returns (hits, misses)."""
         hits = misses = 0
         if self.all_resident:
             for _, experts, _ in layers:
                 hits += experts.size
-                transport.now += self.cost.layer_time_s
+                self.transport.now += self.cost.layer_time_s
             return hits, misses
-        on_access, acquire, pump = policy.on_access, cache.acquire_release, cache.pump
-        routing = self.reports_routing
+        sequence, routing = self.sequence, self.reports_routing
         rows = np.zeros(b - a, np.int64) if routing else None                 # [T] every token is batch row 0
         topk = self.routed.topk[a:b]                                          # [T, L, k]
-        clock = transport.clock_view                                          # [now, ...] (float64)
         for layer, experts, counts in layers:
-            clock[0] += host_s            # the host learns the routing; the layer's copies start after
-            on_access(layer, experts, counts)
-            n = experts.size
-            if n <= cap:
-                n_hit = acquire(layer, experts)
-            else:
-                n_hit = sum(acquire(layer, experts[start:start + cap]) for start in range(0, n, cap))
+            seen = (LayerRouting(layer, topk[:, layer], rows, None if probs is None else probs[:, layer])
+                    if routing else None)                                     # top_k [T, k], probs [T, J] views
+            step = sequence.begin(layer, experts, counts, seen)
+            if step.res is None:
+                sequence.waves(step)
+            sequence.finish(step)
+            n_hit = int(step.hit.sum())
             hits += n_hit
-            misses += n - n_hit
-            if routing:                   # top_k [T, k], probs [T, J] numpy views
-                cache.enqueue(policy.on_layer_routed(
-                    LayerRouting(layer, topk[:, layer], rows, None if probs is None else probs[:, layer])))
-            pump(layer)
-            clock[0] += layer_s           # the layer computes
+            misses += experts.size - n_hit
         return hits, misses
 
 

@@ -1,86 +1,104 @@
-"""The simulator's demand path in one compiled call: the engine's placement kernel, then the timed copies.
+"""The timed transport's copies and waits, compiled: the simulator's only implementation of them, called by
+TimedTransport (simulator/transport.py) for the cache's Python path and by the compiled decode loop
+(simulator/decode_loop.py).
 
-`demand_timed` = ExpertCache.acquire_release over a TimedTransport (placement by slot_kernels.demand, each
-miss copied on the one copy engine, the layer waiting for its last copy, the slots marked read by the
-layer's compute), with the transport's state in arrays instead of Python calls per expert.
-tests/test_simulator_speed.py checks it against the generic path, call for call.
+Copies run on one copy engine, one after another (like one CUDA copy stream): a copy into slot s starts when
+the engine is free, `now` has come and the compute that last read s has finished (read_until[s]), and takes
+copy_s. A copy is done once its end time <= now. A demand stall moves `now` to the last awaited copy's end.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
-from finemoe.experts import slot_kernels as sk
 from finemoe.jit import njit
+
+TIMES = np.dtype([("now", np.float64),           # the current layer's compute start (s)
+                  ("engine_free", np.float64),   # end of the last copy issued (s)
+                  ("stall", np.float64),         # demand stall since the last drain (s)
+                  ("bytes", np.float64)])        # bytes copied (exact below 2**53)
+
+
+class CopyClock(NamedTuple):
+    """The timed transport's state (N slots)."""
+
+    times: np.ndarray        # TIMES [1]
+    done_at: np.ndarray      # float64 [N] end of each slot's last copy
+    read_until: np.ndarray   # float64 [N] end of the compute that last read each slot
+    copy_s: float            # seconds per expert copy
+    expert_bytes: float
+    layer_s: float           # compute time of one layer (how long a released slot stays read)
+
+    @staticmethod
+    def start(num_slots: int, copy_s: float, expert_bytes: float, layer_s: float) -> "CopyClock":
+        return CopyClock(np.zeros(1, TIMES), np.zeros(num_slots), np.zeros(num_slots), float(copy_s),
+                         float(expert_bytes), float(layer_s))
 
 
 @njit
-def demand_timed(base, experts, table, K, flags, resident, primary, secondary, control, given, slots, new,
-                 clock, done_at, read_until, copy_s, expert_bytes, layer_s):
-    """Place keys base + experts (slot_kernels.demand, MODE_RELEASE), copy the misses and wait for them.
-    clock [now, engine_free, stall, bytes]. Returns the hits, or demand's NEED_VICTIMS / NO_ROOM."""
-    status = sk.demand(base, experts, sk.MODE_RELEASE, table, K, flags, resident, primary, secondary, control,
-                       given, slots, new)
-    if status < 0:
-        return status
-    now = clock[0]
+def copy(cc, slots, m):
+    """Copy into slots[:m], in order, behind the copy engine's queue."""
+    t = cc.times[0]
+    for i in range(m):
+        s = slots[i]
+        end = max(t.now, t.engine_free, cc.read_until[s]) + cc.copy_s
+        cc.done_at[s] = end
+        t.engine_free = end
+        t.bytes += cc.expert_bytes
+
+
+@njit
+def load(cc, slots, new, hit):
+    """The demand of one layer: copy slots[i] where new[i] (in order), hit[i] = present and copied by now, and
+    the compute waits for every other slot's copy (the stall). Returns the hits."""
+    t = cc.times[0]
+    now = t.now
     ready = now
     hits = 0
-    for i in range(experts.size):
+    for i in range(slots.size):
         s = slots[i]
+        hit[i] = False
         if new[i]:                                   # copied now, behind the copy engine's queue
-            end = max(now, clock[1], read_until[s]) + copy_s
-            done_at[s] = end
-            clock[1] = end
-            clock[3] += expert_bytes
+            end = max(now, t.engine_free, cc.read_until[s]) + cc.copy_s
+            cc.done_at[s] = end
+            t.engine_free = end
+            t.bytes += cc.expert_bytes
             ready = max(ready, end)
-        elif done_at[s] <= now:
+        elif cc.done_at[s] <= now:
+            hit[i] = True
             hits += 1
         else:                                        # a prefetch still in flight
-            ready = max(ready, done_at[s])
+            ready = max(ready, cc.done_at[s])
     if ready > now:
-        clock[2] += ready - now
-        clock[0] = ready
-    for i in range(experts.size):
-        read_until[slots[i]] = clock[0] + layer_s
+        t.stall += ready - now
+        t.now = ready
     return hits
 
 
 @njit
-def pump_timed(first, inflight, table, K, flags, resident, primary, secondary, control, qprio, qkeys, keys, slots,
-               clock, done_at, read_until, copy_s, expert_bytes, layer_s):
-    """ExpertCache.pump over a TimedTransport: drop stale requests, count prefetch copies still in flight
-    (done_at > now), place the best queued keys within the in-flight budget (slot_kernels.prefetch) and copy
-    them behind the copy engine's queue. Returns the copies issued, or NEED_VICTIMS (nothing placed)."""
-    if sk.drop_stale(first, table, qprio, qkeys) == 0:
-        return 0
-    flying = 0
-    for s in range(flags.size):
-        if flags[s] & sk.PREFETCHING:
-            if done_at[s] <= clock[0]:
-                flags[s] = flags[s] & (255 ^ sk.PREFETCHING)
-            else:
-                flying += 1
-    budget = inflight - flying
-    if budget <= 0:
-        return 0
-    n = sk.best_queued(budget, table, qprio, qkeys, keys)
-    m = sk.prefetch(keys[:n], table, K, flags, resident, primary, secondary, control, keys[:0], slots, qprio, qkeys)
-    for i in range(max(m, 0)):
-        s = slots[i]
-        end = max(clock[0], clock[1], read_until[s]) + copy_s
-        done_at[s] = end
-        clock[1] = end
-        clock[3] += expert_bytes
-    return m
+def used(cc, slots, n):
+    """The layer computing from now reads slots[:n] until now + layer_s."""
+    until = cc.times[0].now + cc.layer_s
+    for i in range(n):
+        cc.read_until[slots[i]] = until
+
+
+@njit
+def finished(cc, slots, out):
+    """out[i] = the copy into slots[i] has finished by now."""
+    now = cc.times[0].now
+    for i in range(slots.size):
+        out[i] = cc.done_at[slots[i]] <= now
 
 
 @functools.cache
 def warm_up() -> None:
-    """Compile (or load from numba's disk cache) both fused kernels once per process (see slot_kernels)."""
-    K, (table, flags, resident, rank, control, none, slots, new, qprio, qkeys) = sk.tiny_state()
-    timing = (np.zeros(4), np.zeros(flags.size), np.zeros(flags.size), 0.5, 10.0, 1.0)   # clock, done_at, read_until
-    demand_timed(0, np.array([0], np.int64), table, K, flags, resident, rank, rank, control, none, slots, new,
-                 *timing)
-    pump_timed(0, 1, table, K, flags, resident, rank, rank, control, qprio, qkeys, qkeys.copy(), slots, *timing)
+    """Compile (or load from numba's disk cache) the kernels once per process (see slot_kernels.warm_up)."""
+    cc = CopyClock.start(2, 0.5, 10.0, 1.0)
+    slots, flags = np.zeros(2, np.int64), np.zeros(2, bool)
+    copy(cc, slots, 1)
+    load(cc, slots, flags, flags.copy())
+    used(cc, slots, 1)
+    finished(cc, slots, flags)

@@ -2,10 +2,10 @@
 
 Simulated time `now` (seconds) is the moment the current layer's compute starts. Copies run on one
 copy engine, one after another (like one CUDA copy stream): a copy starts when the engine is free
-and takes expert_bytes / bandwidth. A copy is done once its end time <= now. `wait_compute` is a
-demand stall: the clock jumps to the last awaited copy's end. The replay driver advances the clock
-by the per-layer compute time, so prefetches issued at a layer overlap that layer's compute. As on the
-GPU, a copy into a slot also waits until the compute that last read the slot has finished (`mark_used`).
+and takes expert_bytes / bandwidth. A copy is done once its end time <= now. A demand waiting for a
+copy is a stall: the clock jumps to the last awaited copy's end. The replay's clock (SimulatedClock)
+advances by the per-layer compute time, so prefetches issued at a layer overlap that layer's compute. As
+on the GPU, a copy into a slot also waits until the compute that last read the slot has finished (`used`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ import numpy as np
 from finemoe.errors import ConfigError
 from finemoe.experts.transport import Transport
 from finemoe.simulator import timed_kernels
-from finemoe.simulator.timed_kernels import demand_timed, pump_timed
+from finemoe.simulator.timed_kernels import TIMES, CopyClock
+
+_NOW, _ENGINE_FREE, _STALL, _BYTES = (TIMES.names.index(name) for name in ("now", "engine_free", "stall", "bytes"))
 
 
 @dataclass(frozen=True)
@@ -55,64 +57,55 @@ class CostModel:
 
 
 class TimedTransport(Transport):
-    """State in numpy arrays (read by the compiled `demand_timed`): clock [now, engine_free, stall, bytes]
-    (bytes as float64: exact below 2**53), done_at [N] (end of each slot's last copy), read_until [N] (end of
-    the compute that last read each slot). The methods below are the generic transport over the same state."""
-
-    fused_demand = staticmethod(demand_timed)   # ExpertCache runs these instead of the generic path
-    fused_pump = staticmethod(pump_timed)
+    """The cache's transport over a CopyClock (simulator/timed_kernels.py: the copy engine, per-slot copy ends and
+    last reads), every method one compiled kernel; the compiled decode loop calls the same kernels."""
 
     def __init__(self, num_slots: int, cost: CostModel) -> None:
-        if self.fused_demand is not None:
-            timed_kernels.warm_up()
+        timed_kernels.warm_up()
         self.cost = cost
-        self.copy_s = cost.copy_s
-        self.expert_bytes = cost.expert_bytes
-        self.clock = np.zeros(4)
-        self.done_at = np.zeros(num_slots)
-        self.read_until = np.zeros(num_slots)
-        self._done = memoryview(self.done_at)                   # fast scalar access
-        self.clock_view = memoryview(self.clock)                # also for a driver that advances `now` per layer
-        self.kernel_state = (self.clock, self.done_at, self.read_until, float(self.copy_s), float(self.expert_bytes),
-                             float(cost.layer_time_s))
+        self.state = CopyClock.start(num_slots, cost.copy_s, cost.expert_bytes, cost.layer_time_s)
+        self.times = memoryview(self.state.times.view(np.float64))   # the TIMES fields, for fast scalar access
+        self._hit = np.zeros(num_slots, bool)
 
-    now = property(lambda self: self.clock_view[0], lambda self, v: self.clock_view.__setitem__(0, v))
-    engine_free = property(lambda self: self.clock_view[1])
-    bytes_copied = property(lambda self: int(self.clock_view[3]),
-                            lambda self, v: self.clock_view.__setitem__(3, float(v)))
+    now = property(lambda self: self.times[_NOW], lambda self, v: self.times.__setitem__(_NOW, v))
+    engine_free = property(lambda self: self.times[_ENGINE_FREE])
+    bytes_copied = property(lambda self: int(self.times[_BYTES]),
+                            lambda self, v: self.times.__setitem__(_BYTES, float(v)))
 
-    def start_copy(self, slot: int, key: int) -> None:
-        clock = self.clock_view
-        end = max(clock[0], clock[1], self.read_until[slot]) + self.copy_s
-        self._done[slot] = end
-        clock[1] = end
-        clock[3] += self.expert_bytes
+    def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray:
+        hit = self._hit[:slots.size]
+        timed_kernels.load(self.state, slots, new, hit)
+        return hit.copy()
 
-    def is_done(self, slot: int) -> bool:
-        return self._done[slot] <= self.clock_view[0]
+    def copy(self, slots: np.ndarray, keys: np.ndarray) -> None:
+        timed_kernels.copy(self.state, slots, slots.size)
 
-    def wait_compute(self, slots: np.ndarray) -> None:
-        if slots.size:
-            ready = max(map(self._done.__getitem__, slots.tolist()))
-            clock = self.clock_view
-            if ready > clock[0]:
-                clock[2] += ready - clock[0]
-                clock[0] = ready
+    def finished(self, slots: np.ndarray) -> np.ndarray:
+        out = np.empty(slots.size, bool)
+        timed_kernels.finished(self.state, slots, out)
+        return out
 
-    def mark_used(self, slots: np.ndarray) -> None:
+    def used(self, slots: np.ndarray) -> None:
         """The layer starting now reads `slots` until now + layer time (called before the clock advances)."""
-        self.read_until[slots] = self.clock_view[0] + self.cost.layer_time_s
+        timed_kernels.used(self.state, slots, slots.size)
 
     def advance(self, seconds: float) -> None:
-        self.clock_view[0] += seconds
+        self.times[_NOW] += seconds
 
     def drain_stall_seconds(self) -> float:
-        s, self.clock_view[2] = self.clock_view[2], 0.0
+        s, self.times[_STALL] = self.times[_STALL], 0.0
         return s
 
 
-class GenericTimedTransport(TimedTransport):
-    """The same clock without the compiled fused paths: ExpertCache runs its generic (engine) path over it."""
+class SimulatedClock:
+    """The simulator's side of a layer (engine/layer_sequence.py LayerClock): the host round trip before the
+    layer's experts can run, then the step from the layer's compute start to the next layer's."""
 
-    fused_demand = None
-    fused_pump = None
+    def __init__(self, transport: TimedTransport, host_layer_s: float, step_s: float) -> None:
+        self.times, self.host_s, self.step_s = transport.times, host_layer_s, step_s
+
+    def routing_learned(self) -> None:
+        self.times[_NOW] += self.host_s
+
+    def layer_computed(self) -> None:
+        self.times[_NOW] += self.step_s

@@ -1,0 +1,96 @@
+"""What happens at one MoE layer, host side: the one definition that the engine's runtime (engine/runtime.py:
+real copies, real time) and the simulator's replay (simulator/replay.py: timed copies, a simulated clock) both
+drive. Only the cache's transport and the clock differ between them.
+
+Per layer:
+  begin    clock: the routing is on the host; policy.on_access; the demand's first wave: cache.acquire, when
+           the layer's experts fit the cache (misses copy now, the compute waits only for those)
+  (the driver issues the layer's compute; a layer needing more experts than slots, or that the engine cannot
+   compute in one slot window, runs `waves`: each wave of `capacity` experts acquired, computed, released)
+  finish   cache.release; policy.on_layer_routed -> cache.enqueue (prefetches queue behind the demand copies);
+           cache.pump(layer); clock: the layer computed
+The simulator's compiled decode loop (simulator/decode_loop.py) is this sequence compiled, for one-token decode
+iterations of policies that offer their callbacks compiled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from finemoe.experts.cache import DemandResult, ExpertCache
+from finemoe.policies.base import LayerRouting, Policy
+
+
+class LayerClock(Protocol):
+    def routing_learned(self) -> None:
+        """The host has learned the layer's routing (the simulator charges the host round trip)."""
+
+    def layer_computed(self) -> None:
+        """The layer's compute is done (the simulator advances to the next layer's start)."""
+
+
+class RealClock:
+    """The engine's clock: time passes by itself."""
+
+    def routing_learned(self) -> None:
+        pass
+
+    def layer_computed(self) -> None:
+        pass
+
+
+@dataclass
+class LayerDemand:
+    """One MoE layer between `begin` and `finish`."""
+
+    layer: int
+    experts: np.ndarray                # [n] distinct experts the layer needs, ascending
+    routing: LayerRouting | None       # what the policy sees once the compute is issued (None: nothing to see)
+    res: DemandResult | None           # the wave acquired and not yet released (None: `waves` must run)
+    hit: np.ndarray | None = None      # [n] bool, once every wave is acquired
+
+
+class LayerSequence:
+    def __init__(self, cache: ExpertCache, policy: Policy, clock: LayerClock) -> None:
+        self.cache, self.policy, self.clock = cache, policy, clock
+
+    def begin(self, layer: int, experts: np.ndarray, counts: np.ndarray,
+              routing: LayerRouting | None) -> LayerDemand:
+        """experts [n] distinct (ascending), counts [n] tokens per expert. The first wave is acquired (pinned) when
+        every expert fits the cache; otherwise `waves` acquires them."""
+        self.clock.routing_learned()
+        self.policy.on_access(layer, experts, counts)
+        res = self.cache.acquire(layer, experts) if experts.size <= self.cache.capacity else None
+        return LayerDemand(layer, experts, routing, res)
+
+    def waves(self, step: LayerDemand, compute: Callable[[np.ndarray, DemandResult], None] | None = None) -> None:
+        """Every wave of `capacity` experts (the first may be acquired already): acquire, `compute(wave, res)`
+        (the compute reading the wave's slots is issued), release. Fills step.hit."""
+        cache, experts = self.cache, step.experts
+        cap = cache.capacity
+        hit = np.zeros(experts.size, dtype=bool)
+        for start in range(0, experts.size, cap):
+            wave = experts[start:start + cap]
+            res = step.res if (step.res is not None and start == 0) else cache.acquire(step.layer, wave)
+            if compute is not None:
+                compute(wave, res)
+            cache.release(res.slots)
+            hit[start:start + wave.size] = res.hit
+        step.res, step.hit = None, hit
+
+    def finish(self, step: LayerDemand) -> None:
+        """The layer's compute has been issued: release its slots, let the policy see the routing, issue
+        prefetches."""
+        if step.res is not None:
+            self.cache.release(step.res.slots)
+            step.res, step.hit = None, step.res.hit
+        if step.routing is not None:
+            self.cache.enqueue(self.policy.on_layer_routed(step.routing))
+        self.end(step.layer)
+
+    def end(self, layer: int) -> None:
+        """The layer's last host work: issue prefetches within the in-flight budget; then the layer computes."""
+        self.cache.pump(layer)
+        self.clock.layer_computed()
