@@ -130,7 +130,7 @@ def main() -> None:
             torch.set_num_threads(n)
             for t in tokens:
                 x = torch.randn(t, args.hidden, dtype=dtype)
-                cpu[f"{name}/threads{n}/tokens{t}"] = median_s(lambda: expert_mlp(x, w), args.repeat)
+                cpu[f"{name}/threads{n}/tokens{t}"] = median_s(lambda x=x, w=w: expert_mlp(x, w), args.repeat)
     result["cpu_s"] = cpu
     best = {}
     for name in ("bf16", "fp32"):
@@ -149,8 +149,9 @@ def main() -> None:
           f"{result['copy_8_s'] / 8 * 1e3:.3f} ms each, {expert_bytes * 8 / result['copy_8_s'] / 1e9:.1f} GB/s)")
     print("CPU compute of one expert (ms, best thread count in brackets):")
     for t in tokens:
-        print(f"  {t:3d} tokens   bf16 {best[f'bf16/tokens{t}']['s'] * 1e3:7.3f} ({best[f'bf16/tokens{t}']['threads']:2d})"
-              f"   fp32 {best[f'fp32/tokens{t}']['s'] * 1e3:7.3f} ({best[f'fp32/tokens{t}']['threads']:2d})")
+        b, f = best[f"bf16/tokens{t}"], best[f"fp32/tokens{t}"]
+        print(f"  {t:3d} tokens   bf16 {b['s'] * 1e3:7.3f} ({b['threads']:2d})"
+              f"   fp32 {f['s'] * 1e3:7.3f} ({f['threads']:2d})")
     o = result["overlap_bf16"]
     print(f"8 copies {o['copies_only_s'] * 1e3:.2f} ms, 8 CPU experts {o['cpu_only_s'] * 1e3:.2f} ms "
           f"({o['threads']} threads), both at once {o['both_s'] * 1e3:.2f} ms")

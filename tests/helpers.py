@@ -25,7 +25,8 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_
 
 def _qwen2_moe():
     return transformers.Qwen2MoeConfig(**_COMMON, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=32,
-                                       shared_expert_intermediate_size=48, num_experts=NUM_EXPERTS, norm_topk_prob=False)
+                                       shared_expert_intermediate_size=48, num_experts=NUM_EXPERTS,
+                                       norm_topk_prob=False)
 
 
 def _qwen3_moe():
@@ -52,9 +53,9 @@ def _deepseek_v2():
     # layer 0 is dense (first_k_dense_replace), layers 1-2 are MoE with one shared expert
     # MLA attention has as many key/value heads as query heads
     return transformers.DeepseekV2Config(
-        **{**_COMMON, "num_key_value_heads": 4}, num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=NUM_EXPERTS,
-        n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=8, head_dim=8, topk_method="greedy", norm_topk_prob=False)
+        **{**_COMMON, "num_key_value_heads": 4}, num_hidden_layers=3, intermediate_size=64, moe_intermediate_size=32,
+        n_routed_experts=NUM_EXPERTS, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8, topk_method="greedy", norm_topk_prob=False)
 
 
 def _gpt_oss():

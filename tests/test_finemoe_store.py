@@ -83,7 +83,8 @@ def test_save_load_round_trip(tmp_path):
     store.save(path)
     back = MapStore.load(path, spec(capacity=4))
     assert back.spec == store.spec and back.size == 2 and back.maps.dtype == torch.float32
-    assert torch.equal(back.entry_maps(slice(0, 2)), store.entry_maps(slice(0, 2))) and torch.equal(back.sems[:2], store.sems[:2])
+    assert torch.equal(back.entry_maps(slice(0, 2)), store.entry_maps(slice(0, 2)))
+    assert torch.equal(back.sems[:2], store.sems[:2])
     assert torch.allclose(back.prefix_sq[:2], store.prefix_sq[:2])
     assert torch.equal(back.prefix_norm, back.prefix_sq.sqrt())       # the search's prefix norms come back too
     assert os.listdir(tmp_path) == ["s.safetensors"]   # no temporary file left behind

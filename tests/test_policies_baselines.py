@@ -176,7 +176,7 @@ def skewed_trace(seed: int = 0, R: int = 12, L: int = 4, J: int = 16, k: int = 2
     rng = np.random.default_rng(seed)
     pop = rng.dirichlet(np.full(J, 0.3), size=L)                             # per-layer skewed popularity
     P, N = 3, R * (3 + iters - 1)
-    topk = np.stack([np.stack([rng.choice(J, k, replace=False, p=pop[l]) for l in range(L)]) for _ in range(N)])
+    topk = np.stack([np.stack([rng.choice(J, k, replace=False, p=pop[layer]) for layer in range(L)]) for _ in range(N)])
     return Trace("synthetic", L, J, k, offsets=np.arange(R + 1) * (P + iters - 1), prompt_lens=np.full(R, P),
                  iterations=np.full(R, iters), token_ids=rng.integers(0, 50, N), topk=topk)
 

@@ -21,7 +21,7 @@ def skewed_trace(seed: int = 0, R: int = 10, L: int = 4, J: int = 16, k: int = 2
     rng = np.random.default_rng(seed)
     pop = rng.dirichlet(np.full(J, 0.3), size=L)
     N = R * (P + iters - 1)
-    topk = np.stack([np.stack([rng.choice(J, k, replace=False, p=pop[l]) for l in range(L)]) for _ in range(N)])
+    topk = np.stack([np.stack([rng.choice(J, k, replace=False, p=pop[layer]) for layer in range(L)]) for _ in range(N)])
     return Trace("synthetic", L, J, k, offsets=np.arange(R + 1) * (P + iters - 1), prompt_lens=np.full(R, P),
                  iterations=np.full(R, iters), token_ids=rng.integers(0, 50, N), topk=topk)
 
@@ -51,7 +51,8 @@ def both_ways(trace: Trace, name: str, options: dict, budget, cost: CostModel, i
     fast_row = fast.run()
     assert isinstance(fast.cache._rank, EvictionRank) and fast.cache._rank.control[1] == 1.0   # fast path ran
     plain_row = Replay(trace, without_order(name, **opts), budget, cost, {}, inflight).run()
-    strip = lambda row: {k: v for k, v in row.items() if k not in TIMING_KEYS}
+    def strip(row):
+        return {k: v for k, v in row.items() if k not in TIMING_KEYS}
     return strip(fast_row), strip(plain_row)
 
 
@@ -62,7 +63,8 @@ POLICIES = [("lru", {}), ("lfu", {}), ("deepspeed", {}), ("moe-infinity", {}), (
 @pytest.mark.parametrize("name,options", POLICIES)
 @pytest.mark.parametrize("budget", [3, "25%"])
 @pytest.mark.parametrize("bandwidth,inflight", [(float("inf"), 4), (40.0, 1), (100.0, 4)])
-def test_eviction_ranks_give_the_select_victims_results_on_a_synthetic_trace(name, options, budget, bandwidth, inflight):
+def test_eviction_ranks_give_the_select_victims_results_on_a_synthetic_trace(name, options, budget, bandwidth,
+                                                                            inflight):
     """3 slots: prefill layers need more experts than fit (waves); finite bandwidth: prefetches in flight."""
     budget = budget if isinstance(budget, str) else f"{budget * 10}B"
     fast, plain = both_ways(skewed_trace(), name, options, budget, CostModel(10, bandwidth, 0.05), inflight)
@@ -96,7 +98,8 @@ def test_finemoe_eviction_rank_gives_its_select_victims_results(options):
     assert fast_row["prefetch_copies"] > 0 and fast_row["hits"] > 0
 
 
-# What the simulator gave before eviction ranks, compiled placement and the other speed-ups (same trace, budget and cost model):
+# What the simulator gave before eviction ranks, compiled placement and the other speed-ups (same trace, budget
+# and cost model):
 # FLAME #seq (4 x 512 tokens, 8 layers, 64 experts, top-6), 25% = 128 slots, 25 GB/s, 0.3 ms per layer.
 # The prefetching policies (oracle, moe-infinity) were re-pinned after two deliberate changes: a copy into a
 # slot waits for the compute that last read it (as on the GPU), and a prefetch never evicts the experts of

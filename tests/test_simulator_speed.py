@@ -44,7 +44,8 @@ def test_sim_speed_compares_two_source_trees_in_fresh_processes(tmp_path):
     root = Path(__file__).resolve().parents[1]
     trace = require_shared("data", "traces", "flame_moe_290m.npz")
     out = tmp_path / "cmp.json"
-    subprocess.run([sys.executable, str(root / "benchmarks" / "sim_speed.py"), "--trace", f"{trace}#seq", "--repeat", "1",
+    subprocess.run([sys.executable, str(root / "benchmarks" / "sim_speed.py"), "--trace", f"{trace}#seq",
+                    "--repeat", "1",
                     "--policy", "lru", "--baseline-src", str(root / "src"), "--rounds", "1", "--out", str(out)],
                    check=True, capture_output=True, cwd=tmp_path)
     (row,) = json.loads(out.read_text())["rows"]

@@ -15,7 +15,8 @@ iterations of policies that offer their callbacks compiled.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 
 import numpy as np
 

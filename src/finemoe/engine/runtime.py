@@ -30,7 +30,7 @@ from finemoe.policies.base import IterationInfo, LayerRouting, Policy
 class LayerExecutor:
     """Attached to an experts module as `finemoe_layer`; called by the registered experts function."""
 
-    def __init__(self, runtime: "OffloadRuntime", layer: MoELayer, compute_fn, pools: dict[str, torch.Tensor]):
+    def __init__(self, runtime: OffloadRuntime, layer: MoELayer, compute_fn, pools: dict[str, torch.Tensor]):
         self.runtime = runtime
         self.index = layer.index
         self.compute_fn = compute_fn

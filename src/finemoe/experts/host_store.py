@@ -43,7 +43,7 @@ class HostExpertStore:
 
     @classmethod
     def take_from(cls, layers: list[MoELayer], geometry: ExpertGeometry, pin: bool,
-                  show_progress: bool = False) -> "HostExpertStore":
+                  show_progress: bool = False) -> HostExpertStore:
         tensors: list[dict[str, torch.Tensor]] = []
         for layer in tqdm(layers, desc="experts -> host", disable=not show_progress, unit="layer"):
             moved: dict[str, torch.Tensor] = {}

@@ -50,7 +50,7 @@ class SlotState(NamedTuple):
     qkeys: np.ndarray      # int64 [K] the queued keys, unordered, in qkeys[:queued]
 
     @staticmethod
-    def empty(num_keys: int, num_slots: int) -> "SlotState":
+    def empty(num_keys: int, num_slots: int) -> SlotState:
         return SlotState(np.full(num_keys, -1, np.int64), np.full(num_slots, -1, np.int64),
                          np.zeros(num_slots, np.uint8), np.zeros(num_keys, bool), np.zeros(1, TALLY),
                          np.full(num_keys, np.nan), np.zeros(num_keys, np.int64))

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ class Prefetch:
     priority: np.ndarray
 
     @staticmethod
-    def empty() -> "Prefetch":
+    def empty() -> Prefetch:
         """The shared no-prefetch value (its arrays have no elements to write)."""
         return _NO_PREFETCH
 
@@ -134,7 +135,7 @@ class EvictionRank:
     control: np.ndarray
 
     @staticmethod
-    def of(primary: np.ndarray, secondary: np.ndarray | None = None) -> "EvictionRank":
+    def of(primary: np.ndarray, secondary: np.ndarray | None = None) -> EvictionRank:
         """Order by `primary`, then `secondary` (default: none, i.e. slot order), any prefetch limit off."""
         if secondary is None:
             secondary = np.zeros_like(primary)

@@ -48,7 +48,7 @@ class _Routed:
     layer_base: np.ndarray     # [L, 1] int64 first flat key of each layer
 
     @staticmethod
-    def of(trace: Trace) -> "_Routed":
+    def of(trace: Trace) -> _Routed:
         topk = trace.topk.astype(np.int64)
         return _Routed(topk, np.sort(topk, axis=-1), np.ones(trace.top_k, np.int64),
                        (np.arange(trace.num_layers, dtype=np.int64) * trace.num_experts)[:, None])

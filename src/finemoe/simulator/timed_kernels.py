@@ -32,7 +32,7 @@ class CopyClock(NamedTuple):
     layer_s: float           # compute time of one layer (how long a released slot stays read)
 
     @staticmethod
-    def start(num_slots: int, copy_s: float, expert_bytes: float, layer_s: float) -> "CopyClock":
+    def start(num_slots: int, copy_s: float, expert_bytes: float, layer_s: float) -> CopyClock:
         return CopyClock(np.zeros(1, TIMES), np.zeros(num_slots), np.zeros(num_slots), float(copy_s),
                          float(expert_bytes), float(layer_s))
 

@@ -3,8 +3,9 @@ embeddings, RDY replacement once full, and atomic safetensors persistence.
 
 An expert map is the L x J matrix of every MoE layer's full router softmax for one iteration, stored
 layer-major as [L, C, J] so one layer of every stored map is one contiguous [C, J] block (the
-trajectory search reads one such block per layer). Cosines of map prefixes (trajectory search) need the norm of every prefix, so the
-store keeps `prefix_sq` [C, L]: the cumulative squared norm of each map up to and including layer l.
+trajectory search reads one such block per layer). Cosines of map prefixes (trajectory search) need the norm of
+every prefix, so the store keeps `prefix_sq` [C, L]: the cumulative squared norm of each map up to and including
+layer l.
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ class StoreSpec:
     def metadata(self) -> dict[str, str]:
         return {"format": "finemoe-map-store", "version": str(FORMAT_VERSION), "spec": json.dumps(asdict(self))}
 
-    def mismatches(self, other: "StoreSpec") -> list[str]:
+    def mismatches(self, other: StoreSpec) -> list[str]:
         a, b = asdict(self), asdict(other)
         return [f"{k}: file has {a[k]!r}, this run needs {b[k]!r}" for k in a if k != "capacity" and a[k] != b[k]]
 
@@ -183,11 +184,12 @@ class MapStore:
         """Atomic: write a temporary file next to `path`, then rename it over `path`."""
         meta = self.spec.metadata()
         meta["dtype"] = "float32"
-        tensors = {"maps": self.entry_maps(slice(0, self.size)).contiguous(), "sems": self.sems[: self.size].contiguous()}
+        tensors = {"maps": self.entry_maps(slice(0, self.size)).contiguous(),
+                   "sems": self.sems[: self.size].contiguous()}
         save_atomic(lambda tmp: save_file(tensors, tmp, metadata=meta), path)
 
     @classmethod
-    def open(cls, path: str | None, spec: "StoreSpec", file_distance: bool, file_capacity: bool) -> "MapStore":
+    def open(cls, path: str | None, spec: StoreSpec, file_distance: bool, file_capacity: bool) -> MapStore:
         """The store at `path` if that file exists (with `file_distance` / `file_capacity` the file's prefetch
         distance / capacity replace `spec`'s), else a new empty one for `spec`."""
         if not (path and os.path.exists(path)):
@@ -200,7 +202,7 @@ class MapStore:
         return cls.load(path, spec) if spec != store.spec else store
 
     @classmethod
-    def load(cls, path: str, expect: StoreSpec | None = None) -> "MapStore":
+    def load(cls, path: str, expect: StoreSpec | None = None) -> MapStore:
         """Read a store; with `expect`, refuse one built for another model/configuration. The file's
         capacity is kept unless `expect.capacity` is larger (then the store grows)."""
         spec, maps, sems = _read(path)

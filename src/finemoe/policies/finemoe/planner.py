@@ -10,7 +10,8 @@ Layer coverage (d = prefetch distance, L layers):
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import numpy as np
 
@@ -211,7 +212,7 @@ def warm_up() -> None:
     for batch, window in ((1, 0), (2, 1)):
         planner = IterationPlanner(store, batch, 1, "both", 2, window, True, Selection(1), 1, np.zeros(6, bool),
                                    EvictionScores(6, 3).state)
-        planner.begin(lambda: np.ones((batch, 2), np.float32))
+        planner.begin(lambda b=batch: np.ones((b, 2), np.float32))
         for layer in range(2):
             planner.observe(layer, np.ones((batch, 3), np.float32))
     planner = IterationPlanner(store, 1, 1, "both", 2, 0, True, Selection(1), 0, np.zeros(6, bool),

@@ -15,7 +15,8 @@ Shapes: n stored entries, B batch rows, J experts, E embedding size, K neighbour
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 from finemoe.jit import njit
