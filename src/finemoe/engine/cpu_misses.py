@@ -4,9 +4,9 @@ the host expert store while the device copies and computes the rest.
 A layer's misses are split in LayerSequence.begin (experts/miss_split.py); the cache acquires (copies) only the
 device half. For the CPU half, runtime.run_layer (eager path) does, in this order:
   1. `start`: the (token, k) rows routed to CPU experts are found on the host (the routing is already there);
-     their tokens' hidden states and top-k weights start copying to pinned host buffers, on the compute
-     stream ahead of the experts' compute (which waits for the demand copies), and the layer's keep mask
-     [J] (0 for CPU experts) goes to the device
+     their tokens' hidden states and top-k weights start copying to pinned host buffers on a side stream (the
+     compute stream already waits for the demand copies), and the layer's keep mask [J] (0 for CPU
+     experts) goes to the device
   2. `device_weights`: top_k_weights times the keep mask gathered by top_k_index: the device computes only
      its own half (the CPU experts' slot-table entries point at slot 0 of the window, whose weights are
      finite, times weight 0)
@@ -59,6 +59,7 @@ class CpuMisses:
         self._keep_host = torch.ones((len(layers), J), dtype=torch.float32, pin_memory=self.cuda)   # [L, J]
         self._keep_np = self._keep_host.numpy()
         self._keep_dev = self._keep_host.to(device) if self.cuda else self._keep_host
+        self.side = torch.cuda.Stream(device) if self.cuda else None      # the CPU half's input copies
 
     def start(self, layer: int, cpu: np.ndarray, topk: np.ndarray, live: np.ndarray | None, hidden: torch.Tensor,
               top_k_weights: torch.Tensor) -> CpuJob:
@@ -69,13 +70,21 @@ class CpuMisses:
             on &= live[:, None]
         row_tok, row_k = np.nonzero(on)                                      # [R] each
         tokens, row_token = np.unique(row_tok, return_inverse=True)          # [U], [R]
-        idx = torch.from_numpy(tokens).to(self.device)
-        hidden_h = self._to_host(hidden.index_select(0, idx))                # [U, H]
-        weights_h = self._to_host(top_k_weights.index_select(0, idx))        # [U, k]
         ready = None
         if self.cuda:
-            ready = torch.cuda.Event()
-            ready.record()
+            # The inputs go to the host on a side stream: the compute stream already waits for this layer's
+            # demand copies (cache.acquire), and a copy queued there would wait too. No event is needed: the
+            # routing's host sync (runtime._sync_routing_to_host) means `hidden` and the weights are final.
+            with torch.cuda.stream(self.side):
+                idx = torch.from_numpy(tokens).to(self.device)
+                hidden_h = self._to_host(hidden.index_select(0, idx))        # [U, H]
+                weights_h = self._to_host(top_k_weights.index_select(0, idx))   # [U, k]
+                ready = torch.cuda.Event()
+                ready.record(self.side)
+            idx.record_stream(torch.cuda.current_stream(self.device))       # read there too, by `finish`
+        else:
+            idx = torch.from_numpy(tokens)
+            hidden_h, weights_h = hidden.index_select(0, idx), top_k_weights.index_select(0, idx)
         keep = self._keep_np[layer]
         keep[:] = 1.0
         keep[cpu] = 0.0
@@ -84,9 +93,9 @@ class CpuMisses:
         return CpuJob(layer, idx, torch.from_numpy(row_token), torch.from_numpy(row_k),
                       torch.from_numpy(topk[row_tok, row_k]).unsqueeze(1), hidden_h, weights_h, ready)
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.cuda:
-            return t
+    @staticmethod
+    def _to_host(t: torch.Tensor) -> torch.Tensor:
+        """A pinned host copy of t, in flight on the current stream."""
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
         return host
