@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from finemoe.errors import BudgetTooSmallError, ConfigError
+from finemoe.experts.miss_split import mode_code
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -69,6 +70,11 @@ class EngineConfig:
     prefill_lookahead: during prefill, while layer l computes, copy the experts layer l+1's router picks for
         layer l's hidden states (runtime._look_ahead): TTFT closer to the copy floor, at the price of
         copies for wrong guesses. Keep it off under routing replay: its guesses come from the model's own router.
+    miss_compute: where a layer's demand misses run (experts/miss_split.py): gpu copies every miss (exact, the
+        default); cpu computes every miss on the host CPU from the host copy; auto splits each layer's misses
+        by a cost model calibrated at start (experts/calibration.py). cpu and auto are approximate (CPU math).
+    cpu_threads: torch CPU threads (set process-wide at engine start, used by CPU-computed experts);
+        None keeps torch's current number.
     """
 
     model: str | None = None
@@ -84,6 +90,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     compile: bool = False
     prefill_lookahead: bool = False
+    miss_compute: str = "gpu"
+    cpu_threads: int | None = None
     seed: int = 0
     show_progress: bool = True
 
@@ -101,6 +109,10 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 2")
         if self.prefetch_inflight < 1:
             raise ConfigError("prefetch_inflight must be >= 1")
+        mode_code(self.miss_compute)
+        if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
+                                             or self.cpu_threads < 1):
+            raise ConfigError(f"--cpu-threads {self.cpu_threads!r} must be a whole number >= 1")
         if self.expert_budget is not None:
             parse_budget(self.expert_budget, 1 << 40)  # syntax check now, size check once the model is known
         from finemoe.policies import get_policy_class  # late import: policies import config types

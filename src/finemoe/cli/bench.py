@@ -11,6 +11,7 @@ import sys
 
 from tqdm import tqdm
 
+from finemoe.cli.common import add_miss_compute_args
 from finemoe.cli.simulate import _bandwidth, _split
 from finemoe.config import EngineConfig, default_device
 from finemoe.engine import Engine
@@ -57,6 +58,7 @@ def add_parser(sub) -> None:
     p.add_argument("--build-batch", type=int, default=8, help="batch size for building histories and traces")
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="auto")
+    add_miss_compute_args(p)
     p.add_argument("--out", default="bench-out", help="folder for requests.csv, summary.json/csv and PNGs")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} instead of the table')
     p.set_defaults(func=run, simulate=False)
@@ -90,13 +92,17 @@ def run(args: argparse.Namespace) -> int:
     variants = parse_variants(args.policies)
     budgets = _split(args.expert_budget, "--expert-budget")
     cost = None
+    if args.simulate and args.miss_compute != "gpu":
+        raise ConfigError("--miss-compute cpu|auto runs in the engine only: drop --simulate (the simulator does not "
+                          "model CPU-computed misses yet)")
     if args.simulate:
         cost = CostModel(args.expert_bytes or 1, _bandwidth(args.bandwidth), args.layer_time_ms / 1e3,
                          args.host_layer_ms / 1e3, args.policy_layer_ms / 1e3)
     texts = load_texts(_split(args.prompts, "--prompts"), args.limit, args.seed)
     build_idx, held_idx = split_indices(len(texts), args.split, args.seed)
     engine = Engine.from_config(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                             show_progress=False, seed=args.seed))
+                                             show_progress=False, seed=args.seed, miss_compute=args.miss_compute,
+                                             cpu_threads=args.cpu_threads))
     if cost is not None and args.expert_bytes is None:
         cost = dataclasses.replace(cost, expert_bytes=engine.geometry.expert_bytes)
     prompts = tokenize(engine.tokenizer, texts, args.template, args.max_prompt_tokens)
@@ -115,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             "expert_bytes": cost.expert_bytes if cost else engine.geometry.expert_bytes,
             "bandwidth_GBps": args.bandwidth if cost else None, "layer_time_ms": args.layer_time_ms if cost else None,
             "host_layer_ms": args.host_layer_ms if cost else None,
-            "policy_layer_ms": args.policy_layer_ms if cost else None, "commit": _commit()}
+            "policy_layer_ms": args.policy_layer_ms if cost else None, "commit": _commit(),
+            "miss_compute": args.miss_compute, **engine.miss_compute_report()}
     write_outputs(args.out, summary, per_request, meta)
     plot_summary(summary, args.out, title=f"{os.path.basename(str(engine.model_name))}, held-out prompts")
     if args.json:

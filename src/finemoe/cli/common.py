@@ -34,7 +34,25 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
                    help="on CUDA, torch.compile the model's RMSNorm, rotary and MLP modules (fewer kernels per step)")
     p.add_argument("--prefill-lookahead", action="store_true",
                    help="during prefill, copy the experts the next layer's router predicts while this layer computes")
+    add_miss_compute_args(p)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_miss_compute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--miss-compute", default="gpu", metavar="{gpu,cpu,auto}",
+                   help="where a layer's missed experts run: gpu copies each miss to the device (exact, default); "
+                        "cpu computes every miss on the host CPU; auto splits each layer's misses between the two "
+                        "by a cost model calibrated at start. cpu and auto are APPROXIMATE (CPU math differs)")
+    p.add_argument("--cpu-threads", type=_whole, default=None, metavar="N",
+                   help="torch CPU threads for CPU-computed experts (default: torch's current number)")
+
+
+def _whole(text: str):
+    """An int when `text` is one; otherwise the text itself, for EngineConfig's one-line error."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def parse_policy_options(items: list[str]) -> dict:
@@ -61,6 +79,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
               policy=args.policy, policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
               max_batch_size=args.max_batch_size, prefetch_inflight=args.prefetch_inflight, seed=args.seed,
               fast_path=args.fast_path, cuda_graphs=args.cuda_graphs, compile=args.compile,
-              prefill_lookahead=args.prefill_lookahead)
+              prefill_lookahead=args.prefill_lookahead, miss_compute=args.miss_compute,
+              cpu_threads=args.cpu_threads)
     kw.update(overrides)
     return EngineConfig(**kw)

@@ -85,6 +85,7 @@ class BatchRunner:
             m = r.metrics
             m.hits += int(stats.row_hits[i])
             m.misses += int(stats.row_misses[i])
+            m.cpu_experts += int(stats.row_cpu[i])
             m.bytes_copied += stats.bytes_copied * share
             m.stall_s += stats.stall_s * share
             if r.finished:

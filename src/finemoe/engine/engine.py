@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import sys
 import time
 from collections.abc import Callable
 
@@ -12,15 +13,17 @@ import torch
 
 from finemoe.config import EngineConfig, capacity_for
 from finemoe.engine.batch import BatchRunner
+from finemoe.engine.cpu_misses import CpuMisses
 from finemoe.engine.metrics import aggregate, peak_device_bytes, peak_host_bytes
 from finemoe.engine.paths import DecodePaths
 from finemoe.engine.request import Request
 from finemoe.engine.runtime import LayerExecutor, OffloadRuntime
 from finemoe.engine.sampling import SamplingParams
 from finemoe.errors import ConfigError
-from finemoe.experts import hook
+from finemoe.experts import calibration, hook
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.host_store import HostExpertStore
+from finemoe.experts.miss_split import GPU, MissCosts, mode_code
 from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport
 from finemoe.models.adapters import find_moe_layers, geometry_of
 from finemoe.models.compile import compile_small_modules
@@ -51,6 +54,9 @@ class Engine:
         self.compiled_modules = compile_small_modules(self.model) if cfg.compile and self.device.type == "cuda" else 0
         self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
                                                show_progress=cfg.show_progress)
+        if cfg.cpu_threads is not None:
+            torch.set_num_threads(cfg.cpu_threads)   # process-wide: the CPU-computed experts' threads
+        self.miss_costs: MissCosts | None = None     # calibrated at the first configuration that needs them
         self.pools = None
         self.paths = DecodePaths(self)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
@@ -62,15 +68,19 @@ class Engine:
 
     def reconfigure(self, policy: str, expert_budget=None, policy_options: dict | None = None,
                     prefetch_inflight: int | None = None, cuda_graphs: bool | None = None,
-                    prefill_lookahead: bool | None = None) -> None:
+                    prefill_lookahead: bool | None = None, miss_compute: str | None = None,
+                    miss_costs: MissCosts | None = None) -> None:
         """(Re)build the policy, the slot pools, the cache and the runtime over the same model and host
-        store: switch policy or budget without reloading. The previous policy is closed first."""
+        store: switch policy or budget without reloading. The previous policy is closed first. `miss_costs`
+        replaces the calibrated costs (tests, benchmarks); otherwise they are measured once, when a
+        configuration first computes misses on the CPU."""
         cfg = dataclasses.replace(self.cfg, policy=policy, expert_budget=expert_budget,
                                   policy_options=dict(policy_options or {}),
                                   prefetch_inflight=prefetch_inflight or self.cfg.prefetch_inflight,
                                   cuda_graphs=self.cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
                                   prefill_lookahead=(self.cfg.prefill_lookahead if prefill_lookahead is None
-                                                     else prefill_lookahead))
+                                                     else prefill_lookahead),
+                                  miss_compute=miss_compute or self.cfg.miss_compute)
         slots, budget = capacity_for(cfg, self.geometry, get_policy_class(policy).keeps_all_resident)
         new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
         self.cfg = cfg
@@ -87,8 +97,15 @@ class Engine:
                      else SyncTransport(self.store, self.pools))
         self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
                                  self.policy, cfg.prefetch_inflight)
+        mode = mode_code(cfg.miss_compute)
+        if miss_costs is not None:
+            self.miss_costs = miss_costs
+        elif mode != GPU and self.miss_costs is None:
+            self.miss_costs = self._calibrate()
+        cpu_misses = CpuMisses(self.store, self.layers, self.device) if mode != GPU else None
         self.runtime = OffloadRuntime(self.geometry, self.layers, self.cache, self.policy, self.device,
-                                      all_resident=self.policy.keeps_all_resident)
+                                      all_resident=self.policy.keeps_all_resident, miss_mode=mode,
+                                      costs=self.miss_costs, cpu_misses=cpu_misses)
         self.runtime.prefill_lookahead = cfg.prefill_lookahead
         self.policy.bind(PolicyContext(self.geometry, self.cache.view(), self.device, route=self.runtime.route,
                                        embed=self.model.get_input_embeddings(), options=dict(cfg.policy_options),
@@ -98,6 +115,19 @@ class Engine:
         if self.policy.keeps_all_resident:
             self.runtime.mark_resident_all()
         self._checked_dispatch = False
+
+    def _calibrate(self) -> MissCosts:
+        """Measure what a miss costs each way on this machine (experts/calibration.py); one line to stderr."""
+        costs = calibration.calibrate(self.store, self.layers[0].experts, int(self.model.config.hidden_size),
+                                      self.device)
+        print(f"finemoe: miss compute {self.cfg.miss_compute}: {calibration.describe(costs, torch.get_num_threads())}",
+              file=sys.stderr)
+        return costs
+
+    def miss_compute_report(self) -> dict:
+        """--miss-compute, the CPU threads and the miss costs in use (None when not measured)."""
+        return {"miss_compute": self.cfg.miss_compute, "cpu_threads": torch.get_num_threads(),
+                "miss_costs": dataclasses.asdict(self.miss_costs) if self.miss_costs is not None else None}
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> Engine:
@@ -194,6 +224,7 @@ class Engine:
             "experts_impl": f"finemoe over {self.reference_impl}", "decode_path": self.decode_path,
             "compiled_modules": self.compiled_modules,
             "hits_per_layer": t.hits.tolist(), "misses_per_layer": t.misses.tolist(),
+            **self.miss_compute_report(), "runtime_cpu_experts": t.cpu_experts,
             "prefetch_copies": self.cache.prefetch_copies, "wasted_prefetches": self.cache.wasted_prefetches,
             "host_expert_bytes": self.store.nbytes, "device_slot_bytes": self.pools.nbytes,
             "peak_host_bytes": peak_host_bytes(), "peak_device_bytes": peak_device_bytes(self.device),

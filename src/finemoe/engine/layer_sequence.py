@@ -14,13 +14,14 @@ iterations of policies that offer their callbacks compiled.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from collections.abc import Callable
 
 import numpy as np
 
 from finemoe.experts.cache import DemandResult, ExpertCache
+from finemoe.experts.miss_split import GPU, MissCosts, split
 from finemoe.policies.base import LayerRouting, Policy
 
 
@@ -42,29 +43,42 @@ class RealClock:
         pass
 
 
+_NONE = np.empty(0, np.int64)
+
+
 @dataclass
 class LayerDemand:
     """One MoE layer between `begin` and `finish`."""
 
     layer: int
-    experts: np.ndarray                # [n] distinct experts the layer needs, ascending
+    experts: np.ndarray                # [n] distinct experts the cache serves (device), ascending
     routing: LayerRouting | None       # what the policy sees once the compute is issued (None: nothing to see)
     res: DemandResult | None           # the wave acquired and not yet released (None: `waves` must run)
     hit: np.ndarray | None = None      # [n] bool, once every wave is acquired
+    cpu: np.ndarray = field(default_factory=lambda: _NONE)   # [m] missed experts computed on the host CPU
 
 
 class LayerSequence:
     def __init__(self, cache: ExpertCache, policy: Policy, clock: LayerClock) -> None:
         self.cache, self.policy, self.clock = cache, policy, clock
 
-    def begin(self, layer: int, experts: np.ndarray, counts: np.ndarray,
-              routing: LayerRouting | None) -> LayerDemand:
-        """experts [n] distinct (ascending), counts [n] tokens per expert. The first wave is acquired (pinned) when
-        every expert fits the cache; otherwise `waves` acquires them."""
+    def begin(self, layer: int, experts: np.ndarray, counts: np.ndarray, routing: LayerRouting | None,
+              miss_mode: int = GPU, costs: MissCosts | None = None) -> LayerDemand:
+        """experts [n] distinct (ascending), counts [n] tokens per expert. With `miss_mode` CPU or AUTO the misses
+        (experts neither resident nor being copied) are split (experts/miss_split.py, by `costs`): the CPU half
+        goes to step.cpu and is never acquired. The first wave of the rest is acquired (pinned) when it fits the
+        cache; otherwise `waves` acquires them."""
         self.clock.routing_learned()
         self.policy.on_access(layer, experts, counts)
+        cpu = _NONE
+        if miss_mode != GPU and experts.size:
+            absent = np.flatnonzero(~self.cache.resident[layer * self.cache.J + experts])    # [a] positions
+            on_cpu = absent[split(counts[absent].astype(np.int64), miss_mode, costs)]
+            if on_cpu.size:
+                cpu = experts[on_cpu]
+                experts = np.delete(experts, on_cpu)
         res = self.cache.acquire(layer, experts) if experts.size <= self.cache.capacity else None
-        return LayerDemand(layer, experts, routing, res)
+        return LayerDemand(layer, experts, routing, res, cpu=cpu)
 
     def waves(self, step: LayerDemand, compute: Callable[[np.ndarray, DemandResult], None] | None = None) -> None:
         """Every wave of `capacity` experts (the first may be acquired already): acquire, `compute(wave, res)`

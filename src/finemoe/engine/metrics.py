@@ -24,6 +24,7 @@ class RequestMetrics:
     misses: int = 0
     bytes_copied: float = 0.0
     stall_s: float = 0.0
+    cpu_experts: int = 0      # of the misses, experts computed on the host CPU (--miss-compute cpu|auto)
 
     def on_token(self, now: float) -> None:
         if self.t_first is None:
@@ -48,7 +49,8 @@ class RequestMetrics:
 
     def as_dict(self) -> dict:
         return {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "hits": self.hits, "misses": self.misses,
-                "hit_rate": self.hit_rate, "bytes_copied": int(round(self.bytes_copied)), "stall_s": self.stall_s}
+                "hit_rate": self.hit_rate, "bytes_copied": int(round(self.bytes_copied)), "stall_s": self.stall_s,
+                "cpu_experts": self.cpu_experts}
 
 
 def peak_host_bytes() -> int:
@@ -74,5 +76,5 @@ def aggregate(metrics: list[RequestMetrics]) -> dict:
         "ttft_s": med([m.ttft_s for m in metrics]), "tpot_s": med([m.tpot_s for m in metrics if m.tokens > 1]),
         "hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else float("nan"),
         "bytes_copied": int(round(copied)), "bytes_per_token": copied / tokens if tokens else 0.0,
-        "stall_s": sum(m.stall_s for m in metrics),
+        "stall_s": sum(m.stall_s for m in metrics), "cpu_experts": sum(m.cpu_experts for m in metrics),
     }

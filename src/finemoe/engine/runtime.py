@@ -11,18 +11,23 @@ Per layer (the router has already chosen top-k experts on the device):
      prefetches, which queue behind the demand copies.
 If a batch needs more distinct experts than the cache has slots, the layer runs in waves, each wave's
 rows computed separately and reduced once at the end, in the same order as the unmodified model.
+With `--miss-compute cpu|auto` (`hybrid`) the layer's misses are split in step 2-4: the cache copies only the
+device half, the CPU half runs on the host from the host store while the device works (engine/cpu_misses.py),
+and its result is added to the layer's output. A CPU-computed expert counts as a miss that copied 0 bytes.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from finemoe.engine.cpu_misses import CpuMisses
 from finemoe.engine.layer_sequence import LayerSequence, RealClock
 from finemoe.engine.snapshots import RouterSnapshots
 from finemoe.engine.stats import IterationStats, LayerStep, RuntimeTotals
 from finemoe.engine.waves import run_in_waves
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.hook import SlotExperts
+from finemoe.experts.miss_split import GPU, MissCosts
 from finemoe.models.adapters import ExpertGeometry, MoELayer
 from finemoe.policies.base import IterationInfo, LayerRouting, Policy
 
@@ -54,8 +59,13 @@ class OffloadRuntime:
     max_groups = MAX_GROUPS  # tests lower it to exercise the windowed rows path on small models
 
     def __init__(self, geometry: ExpertGeometry, layers: list[MoELayer], cache: ExpertCache, policy: Policy,
-                 device: torch.device, all_resident: bool) -> None:
+                 device: torch.device, all_resident: bool, miss_mode: int = GPU, costs: MissCosts | None = None,
+                 cpu_misses: CpuMisses | None = None) -> None:
+        """miss_mode GPU | CPU | AUTO (experts/miss_split.py); costs and cpu_misses are needed unless GPU."""
         self.g = geometry
+        self.miss_mode = GPU if all_resident else miss_mode
+        self.costs = costs
+        self.cpu_misses = cpu_misses
         self.layers = layers
         self.cache = cache
         self.policy = policy
@@ -82,6 +92,7 @@ class OffloadRuntime:
         self._lookahead = False
         self._row_hits = np.zeros(0, np.int64)
         self._row_misses = np.zeros(0, np.int64)
+        self._row_cpu = np.zeros(0, np.int64)
         self._bytes_at_start = 0
         self._resident_topk: list[tuple[int, torch.Tensor]] = []
 
@@ -111,6 +122,7 @@ class OffloadRuntime:
         B = len(it.request_ids)
         self._row_hits = np.zeros(B, np.int64)
         self._row_misses = np.zeros(B, np.int64)
+        self._row_cpu = np.zeros(B, np.int64)
         self._bytes_at_start = self.cache.transport.bytes_copied
         self.cache.enqueue(self.policy.on_iteration_start(it))
         self.cache.pump(-1)
@@ -128,7 +140,7 @@ class OffloadRuntime:
         self.totals.iterations += 1
         self._it = None
         self._router_out.clear()
-        return IterationStats(self._row_hits, self._row_misses, copied, stall)
+        return IterationStats(self._row_hits, self._row_misses, copied, stall, self._row_cpu)
 
     # ---- the per-layer path --------------------------------------------------------------------
     def run_layer(self, ex: LayerExecutor, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -146,11 +158,16 @@ class OffloadRuntime:
         step = self.begin_layer(layer, top_k_index)
         if self._lookahead and layer + 1 < len(self.layers):
             self._look_ahead(layer + 1, hidden)
-        if step.lo < 0:
+        job = None
+        if step.demand.cpu.size:   # the CPU half's inputs start copying to the host before the device half
+            job = self.cpu_misses.start(layer, step.demand.cpu, step.topk, self._live_tokens, hidden, top_k_weights)
+        if step.lo < 0:            # (the CPU experts' rows are in no wave: they come out zero)
             out = run_in_waves(self, ex, hidden, top_k_index, top_k_weights, step.demand)
-            self.finish_layer(step)
-            return out
-        out = ex.compute_fn(ex.window(step.lo, step.hi), hidden, self._lut_dev[layer][top_k_index], top_k_weights)
+        else:
+            weights = top_k_weights if job is None else self.cpu_misses.device_weights(job, top_k_index, top_k_weights)
+            out = ex.compute_fn(ex.window(step.lo, step.hi), hidden, self._lut_dev[layer][top_k_index], weights)
+        if job is not None:
+            out = self.cpu_misses.finish(job, out)   # HOST SYNC: the CPU rows' inputs; computed while the GPU works
         self.finish_layer(step)
         return out
 
@@ -172,14 +189,18 @@ class OffloadRuntime:
         need = topk if self._live_tokens is None else topk[self._live_tokens]
         experts, counts = np.unique(need, return_counts=True)
         routing = self._routing(layer, top_k_index)             # queued before any copy wait
-        demand = self.sequence.begin(layer, experts, counts, routing)
+        demand = self.sequence.begin(layer, experts, counts, routing, self.miss_mode, self.costs)
         res, cap = demand.res, self.cache.capacity
         if res is None:
             return LayerStep(topk, demand, -1, -1)
-        lo, hi = (0, cap) if cap <= self.max_groups else (int(res.slots.min()), int(res.slots.max()) + 1)
+        if cap <= self.max_groups or res.slots.size == 0:
+            lo, hi = 0, min(cap, self.max_groups)
+        else:
+            lo, hi = int(res.slots.min()), int(res.slots.max()) + 1
         if hi - lo > self.max_groups:
             return LayerStep(topk, demand, -1, -1)
-        self._lut_np[layer, experts] = res.slots - lo
+        self._lut_np[layer, demand.experts] = res.slots - lo
+        self._lut_np[layer, demand.cpu] = 0      # computed on the CPU: any slot of the window, at weight 0
         if self._lut_dev is not self._lut_host:
             self._lut_dev[layer].copy_(self._lut_host[layer], non_blocking=True)
         return LayerStep(topk, demand, lo, hi)
@@ -191,7 +212,7 @@ class OffloadRuntime:
         if step.demand.routing.probs is not None:
             self._snapshots.wait(step.layer)
         self.sequence.finish(step.demand)
-        self._record(step.layer, step.topk, step.experts, step.demand.hit)
+        self._record(step.layer, step.topk, step.experts, step.demand.hit, step.demand.cpu)
 
     def _look_ahead(self, layer: int, hidden: torch.Tensor) -> None:
         """Prefill lookahead: while this layer computes, start copying the experts that layer `layer`'s own
@@ -223,10 +244,12 @@ class OffloadRuntime:
         return LayerRouting(layer, top_k_index, self._token_rows, probs, hidden)
 
     # ---- metrics -------------------------------------------------------------------------------
-    def _record(self, layer: int, topk: np.ndarray, experts: np.ndarray, hit: np.ndarray) -> None:
+    def _record(self, layer: int, topk: np.ndarray, experts: np.ndarray, hit: np.ndarray, cpu: np.ndarray) -> None:
+        """experts [n] served by the device, hit [n]; cpu [m] missed experts computed on the CPU."""
         n_hit = int(hit.sum())
         self.totals.hits[layer] += n_hit
-        self.totals.misses[layer] += experts.size - n_hit
+        self.totals.misses[layer] += experts.size - n_hit + cpu.size
+        self.totals.cpu_experts += cpu.size
         B = self._row_hits.size
         if B == 0:
             return
@@ -241,6 +264,8 @@ class OffloadRuntime:
         n_hits = (used & hit_of).sum(1)
         self._row_hits += n_hits
         self._row_misses += n_used - n_hits
+        if cpu.size:
+            self._row_cpu += used[:, cpu].sum(1)
 
     def _count_resident_hits(self) -> None:
         """HOST SYNC (one per iteration, resident only): every layer's top-k ids in a single copy, counted

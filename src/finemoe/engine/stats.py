@@ -16,6 +16,7 @@ class IterationStats:
     row_misses: np.ndarray
     bytes_copied: int
     stall_s: float
+    row_cpu: np.ndarray       # [B] missed experts computed on the CPU (counted in row_misses too)
 
 
 @dataclass
@@ -44,5 +45,6 @@ class RuntimeTotals:
     bytes_copied: int = 0
     stall_s: float = 0.0
     iterations: int = 0
+    cpu_experts: int = 0      # missed experts computed on the CPU (counted in misses too)
     critical_policy_s: float = 0.0
     extra: dict = field(default_factory=dict)

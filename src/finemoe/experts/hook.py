@@ -48,11 +48,17 @@ class SlotExperts:
         return getattr(object.__getattribute__(self, "_module"), name)
 
 
+def eager_compute_fn(experts: nn.Module):
+    """The experts module's own eager forward (transformers' per-expert loop), undecorated: the host CPU path
+    of a missed expert runs it over a host view of the layer (engine/cpu_misses.py)."""
+    original = type(experts).forward
+    return getattr(original, "__wrapped__", original)
+
+
 def reference_compute_fn(model: nn.Module, experts: nn.Module):
     """The experts function the unmodified model would run (resolved before we switch implementation)."""
     impl = model.get_correct_experts_implementation(None)
-    original = type(experts).forward
-    eager = getattr(original, "__wrapped__", original)
+    eager = eager_compute_fn(experts)
     if impl == "eager":
         return impl, eager
     return impl, ALL_EXPERTS_FUNCTIONS.get_interface(impl, eager)

@@ -1,0 +1,130 @@
+"""What a missed expert costs each way on this machine, measured at engine start (`--miss-compute cpu|auto`):
+the MissCosts that experts/miss_split.py splits a layer's misses by.
+
+Measured on layer 0's expert 0 of the real model (its host tensors, its own eager experts function):
+  copy_s       one expert host -> device: pinned copies on a side stream timed with CUDA events (on a CPU
+               device: the synchronous copy into a slot-sized buffer, wall time)
+  cpu_s, cpu_token_s
+               the expert on the CPU for 1, 4 and 16 tokens with torch's current threads (wall time, median),
+               fitted by least squares to cpu_s + cpu_token_s * (tokens - 1)
+  cpu_fixed_s  the CPU path's per-layer round trip: one token's hidden state to a pinned host buffer (synced)
+               and a result back (non_blocking, synced); on a CPU device the token gather and the add
+Medians of a few repeats after a warm-up; the whole measurement takes well under a second for
+Qwen1.5-MoE-sized experts. The numbers vary from run to run by the usual timing noise: they choose a split,
+they do not change any result beyond which half computes a miss.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from finemoe.experts.hook import SlotExperts, eager_compute_fn
+from finemoe.experts.host_store import HostExpertStore
+from finemoe.experts.miss_split import MissCosts
+
+TOKENS = (1, 4, 16)
+REPEAT = 5
+
+
+def _median_s(fn: Callable[[], float], repeat: int = REPEAT) -> float:
+    """fn() returns seconds; one warm-up call, then the median of `repeat`."""
+    fn()
+    return statistics.median(fn() for _ in range(repeat))
+
+
+def _wall(fn: Callable[[], object]) -> Callable[[], float]:
+    def timed() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return timed
+
+
+def copy_seconds(store: HostExpertStore, device: torch.device) -> float:
+    """One expert (layer 0, expert 0) host -> device."""
+    src = {name: t[0] for name, t in store.tensors[0].items()}
+    dst = {name: torch.empty_like(t, device=device) for name, t in src.items()}
+
+    def copy() -> None:
+        for name, t in src.items():
+            dst[name].copy_(t, non_blocking=True)
+
+    if device.type != "cuda":
+        return _median_s(_wall(copy))
+    stream = torch.cuda.Stream(device)
+
+    def timed() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            copy()
+            end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return _median_s(timed)
+
+
+def cpu_seconds(store: HostExpertStore, experts: nn.Module, hidden_size: int) -> dict[int, float]:
+    """tokens -> seconds to compute layer 0's expert 0 on the CPU for that many tokens (the model's eager
+    experts function over the host tensors, as the runtime's CPU path runs it)."""
+    view = SlotExperts(experts, store.tensors[0])
+    fn = eager_compute_fn(experts)
+    dtype = next(iter(store.tensors[0].values())).dtype
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for t in TOKENS:
+        x = torch.randn(t, hidden_size, generator=gen).to(dtype)          # [t, H]
+        idx = torch.zeros((t, 1), dtype=torch.int64)                      # [t, 1] every token to expert 0
+        w = torch.ones((t, 1), dtype=dtype)                               # [t, 1]
+        out[t] = _median_s(_wall(lambda x=x, idx=idx, w=w: fn(view, x, idx, w)))
+    return out
+
+
+def round_trip_seconds(hidden_size: int, dtype: torch.dtype, device: torch.device) -> float:
+    """The CPU path's fixed cost per layer: a token's hidden state to the host and a result back."""
+    hidden = torch.randn(4, hidden_size, device=device).to(dtype)       # [T, H]
+    tokens = torch.tensor([0], device=device)
+    cuda = device.type == "cuda"
+
+    def trip() -> None:
+        host = torch.empty((1, hidden_size), dtype=dtype, pin_memory=cuda)
+        host.copy_(hidden.index_select(0, tokens), non_blocking=cuda)
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()               # HOST SYNC (measured)
+        hidden.index_add_(0, tokens, host.to(device, non_blocking=cuda))
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()
+    return _median_s(_wall(trip))
+
+
+def fit_token_cost(seconds: dict[int, float]) -> tuple[float, float]:
+    """{tokens: s} -> (cpu_s, cpu_token_s): least squares of s = cpu_s + cpu_token_s * (tokens - 1), both >= 0."""
+    t = np.array(sorted(seconds), dtype=np.float64)
+    s = np.array([seconds[int(k)] for k in t])
+    a = np.stack([np.ones_like(t), t - 1], axis=1)                       # [n, 2]
+    (base, per_token), *_ = np.linalg.lstsq(a, s, rcond=None)
+    per_token = max(float(per_token), 0.0)
+    base = float(base) if base > 0 else float(s[0])
+    return base, per_token
+
+
+def calibrate(store: HostExpertStore, experts: nn.Module, hidden_size: int, device: torch.device) -> MissCosts:
+    """MissCosts measured on this machine, with torch's current CPU threads."""
+    dtype = next(iter(store.tensors[0].values())).dtype
+    with torch.inference_mode():
+        copy_s = copy_seconds(store, device)
+        cpu_s, cpu_token_s = fit_token_cost(cpu_seconds(store, experts, hidden_size))
+        fixed_s = round_trip_seconds(hidden_size, dtype, device)
+    return MissCosts(copy_s, cpu_s, cpu_token_s, fixed_s)
+
+
+def describe(costs: MissCosts, threads: int) -> str:
+    """One line for stderr at start."""
+    return (f"copy {costs.copy_s * 1e3:.3f} ms/expert; CPU {costs.cpu_s * 1e3:.3f} ms/expert "
+            f"+ {costs.cpu_token_s * 1e3:.3f} ms/extra token, {costs.cpu_fixed_s * 1e3:.3f} ms/layer round trip "
+            f"({threads} CPU threads)")
