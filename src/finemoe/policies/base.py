@@ -170,7 +170,8 @@ class LayerKernels:
 
 class Policy(ABC):
     """A prefetch + eviction policy. Subclasses set `name` and `description` (what it assumes, which
-    paper it follows) and register with `@register_policy`.
+    paper it follows), state their eviction order as an EvictionRank (`eviction_rank`) and register with
+    `@register_policy`. Prefetching is the callbacks' returned Prefetch; eviction is the rank alone.
 
     Capability flags let the engine skip work no policy asked for:
       needs_router_probs: LayerRouting.probs is filled (a softmax and a small host copy per layer).

@@ -5,7 +5,7 @@ Per layer, the layer sequence (engine/layer_sequence.py) compiled: the host roun
 the demand (slot_kernels.demand, then timed_kernels.load), the release (timed_kernels.used, slot_kernels.release),
 the policy's `routed`, the queue (slot_kernels.enqueue), the prefetch issue (`pump_timed`: ExpertCache.pump's
 sequence), the layer's compute. The same kernels the cache's Python path calls through the timed transport, in
-the same order, with the same arguments (victims from the policy's live EvictionRank, as always): only the Python
+the same order, with the same arguments (victims from the policy's live EvictionRank, as there): only the Python
 between them is gone. The token's k experts must fit the cache (a layer needing more runs the layer sequence's
 waves: the caller's per-layer path).
 
