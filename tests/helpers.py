@@ -116,13 +116,12 @@ def reference_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_i
     return out[:, ids.shape[1]:].tolist()
 
 
-def victims(policy, keys: list[int], n: int, for_prefetch: bool = False) -> list[int]:
+def victims(rank, keys: list[int], n: int, for_prefetch: bool = False) -> list[int]:
     """The first n keys a cache holding `keys` (slot i holds keys[i], none in use) evicts for a demand load (or a
-    prefetch), as the cache's compiled scan picks them from the policy's EvictionRank."""
+    prefetch), as the cache's compiled scan picks them from a policy's EvictionRank `rank`."""
     import numpy as np
 
     from finemoe.experts import slot_kernels as sk
-    rank = policy.eviction_rank()
     st = sk.SlotState.empty(rank.primary.size, len(keys))
     for slot, key in enumerate(keys):
         st.key_of[slot], st.slot_of[key] = key, slot

@@ -46,11 +46,11 @@ def test_a_prefetch_displaces_only_cold_experts_while_a_demand_miss_takes_any():
     policy = bound_policy(cold_p=0.1)
     guided(policy.scores.state, 0, np.array([0.6, 0.05, 0.3, 0.02], np.float32))   # layer 0: experts 1, 3 cold
     used(policy.scores.state, 0, np.array([0, 1, 2, 3]))                          # freq 1 each: p*freq = p
-    assert victims(policy, [0, 1, 2, 3], 3, for_prefetch=True) == [3, 1]      # only 2 cold, lowest first
-    assert victims(policy, [0, 1, 2, 3], 3) == [3, 1, 2]
+    assert victims(policy.eviction_rank(), [0, 1, 2, 3], 3, for_prefetch=True) == [3, 1]  # only 2 cold, lowest first
+    assert victims(policy.eviction_rank(), [0, 1, 2, 3], 3) == [3, 1, 2]
     guided(policy.scores.state, 0, np.array([0.09, 0.2, 0.3, 0.0], np.float32))    # the latest p decides
-    assert sorted(victims(policy, [0, 1, 2, 3], 4, for_prefetch=True)) == [0, 3]
-    assert victims(bound_policy(), [0, 1, 2, 3], 1, for_prefetch=True) == [0]     # ties -> LRU order
+    assert sorted(victims(policy.eviction_rank(), [0, 1, 2, 3], 4, for_prefetch=True)) == [0, 3]
+    assert victims(bound_policy().eviction_rank(), [0, 1, 2, 3], 1, for_prefetch=True) == [0]     # ties -> LRU order
 
 
 @pytest.mark.parametrize("bad", [{"max_prefetch": -1}, {"max_prefetch": 1.5}, {"max_prefetch": True},
