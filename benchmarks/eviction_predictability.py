@@ -34,14 +34,14 @@ from bench_policies_gpu import subset
 from benchmarks_common import input_embedding
 from finemoe.eval.history import HistoryBuilder, replay_builder
 from finemoe.eval.variants import parse_variants
-from finemoe.policies.base import Policy, Prefetch, register_policy
+from finemoe.policies.base import EvictionRank, Policy, Prefetch, register_policy
 from finemoe.simulator.replay import Replay
 from finemoe.simulator.transport import CostModel
 from finemoe.traces import load_trace
 
 
 class _History(Policy):
-    """No prefetch; victims have the lowest `score` (ties: least recently used, then candidate order)."""
+    """No prefetch; victims have the lowest `score` (ties: least recently used, then slot), kept as a live rank."""
 
     needs_router_probs = True
 
@@ -57,6 +57,8 @@ class _History(Policy):
         self.soft = np.zeros(g.total_experts)         # [L*J] decayed router probability
         self.last = np.zeros(g.total_experts)         # [L*J] clock of the last use
         self.clock, self.now = 0, 0
+        self.keys = np.arange(g.total_experts)
+        self.rank = EvictionRank.of(np.zeros(g.total_experts), self.last)   # primary: `score`, kept current
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         self.clock += 1
@@ -65,18 +67,20 @@ class _History(Policy):
         seg *= self.decay
         seg[experts] += 1 - self.decay
         self.last[layer * self.J + experts] = self.clock
+        self.rank.primary[:] = self.score(self.keys)
 
     def on_layer_routed(self, routing) -> Prefetch:
         seg = self.soft[routing.layer * self.J:(routing.layer + 1) * self.J]
         seg *= self.decay
         seg += (1 - self.decay) * np.asarray(routing.probs).max(0)     # host: torch (engine) or numpy (simulator)
+        self.rank.primary[:] = self.score(self.keys)
         return Prefetch.empty()
 
     def score(self, c: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        return candidates[np.lexsort((self.last[candidates], self.score(candidates)))[:n]]
+    def eviction_rank(self) -> EvictionRank:
+        return self.rank
 
 
 @register_policy

@@ -114,3 +114,20 @@ def reference_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_i
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                          eos_token_id=None, pad_token_id=pad_id)
     return out[:, ids.shape[1]:].tolist()
+
+
+def victims(rank, keys: list[int], n: int, for_prefetch: bool = False) -> list[int]:
+    """The first n keys a cache holding `keys` (slot i holds keys[i], none in use) evicts for a demand load (or a
+    prefetch), as the cache's compiled scan picks them from a policy's EvictionRank `rank`."""
+    import numpy as np
+
+    from finemoe.experts import slot_kernels as sk
+    st = sk.SlotState.empty(rank.primary.size, len(keys))
+    for slot, key in enumerate(keys):
+        st.key_of[slot], st.slot_of[key] = key, slot
+        st.resident[key] = True
+    st.tally["filled"] = len(keys)
+    out = np.zeros(len(keys), np.int64)
+    blocked, limit = (sk.PREFETCH_BLOCKED, rank.limit[0]) if for_prefetch else (sk.DEMAND_BLOCKED, np.inf)
+    m = sk.rank_victims(st, n, blocked, limit, rank, out, 0)
+    return st.key_of[out[:m]].tolist()

@@ -1,7 +1,6 @@
 """The simulator's compiled decode loop (simulator/decode_loop.py): a policy that offers its per-layer callbacks as
 compiled functions (Policy.decode_kernels) replays exactly as when the replay calls those callbacks layer by layer:
-the same hits, copies, times and policy state, including the steps the loop hands back to the cache's Python path
-(victims from `select_victims`, the rank asked when the cache fills)."""
+the same hits, copies, times and policy state."""
 from __future__ import annotations
 
 import numpy as np
@@ -82,9 +81,6 @@ def same_experts_next_layer(layer, top_k, probs, aux, state, keys, prio):
 class NextLayerGuess(Policy):
     name = "test-next-layer-guess"
 
-    def __init__(self, ranked: bool = True) -> None:
-        self.ranked = ranked
-
     def bind(self, ctx):
         super().bind(ctx)
         g = ctx.geometry
@@ -104,21 +100,14 @@ class NextLayerGuess(Policy):
         L = self.shape[0]
         return LayerKernels(touch, self.state, same_experts_next_layer, self.shape, np.zeros((L, 0), np.float32))
 
-    def select_victims(self, candidates, n, for_prefetch):
-        return candidates[np.argsort(self.state[2][candidates], kind="stable")[:n]]
-
     def eviction_rank(self):
-        return EvictionRank.of(self.state[2]) if self.ranked else None
+        return EvictionRank.of(self.state[2])
 
 
-@pytest.mark.parametrize("ranked", [True, False])
 @pytest.mark.parametrize("budget", ["10%", "50%"])
-def test_a_policys_own_kernels_replay_like_its_callbacks_with_or_without_a_rank(ranked, budget):
-    """Without a rank every eviction leaves the loop for `select_victims`; with one, only those before the
-    cache has filled."""
+def test_a_policys_own_kernels_replay_like_its_callbacks(budget):
     trace = topic_trace(seed=3)
-    (a, b), (looped, per_layer) = replay_both(NextLayerGuess, trace, budget, CostModel(1000, 2e5, 1e-3, 1e-4),
-                                              ranked=ranked)
+    (a, b), (looped, per_layer) = replay_both(NextLayerGuess, trace, budget, CostModel(1000, 2e5, 1e-3, 1e-4))
     assert looped.looped == trace.iterations.sum() - trace.num_requests and per_layer.looped == 0
     assert a["prefetch_copies"] > 0 and a["misses"] > 0
     for key in FIELDS:

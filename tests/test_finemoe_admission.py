@@ -7,8 +7,9 @@ from finemoe.errors import ConfigError
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies.base import CacheView, PolicyContext
 from finemoe.policies.finemoe import FineMoEPolicy
-from finemoe.policies.finemoe.admission import PrefetchGate, cap
+from finemoe.policies.finemoe.admission import cap
 from finemoe.policies.finemoe.eviction import guided, used
+from helpers import victims
 
 L, J = 2, 4
 
@@ -33,13 +34,6 @@ def test_cap_breaks_priority_ties_by_the_lower_key():
     assert capped([J + 1, J + 2, J + 3], [0.3, 0.3, 0.3], resident, 1)[0] == [J + 1]
 
 
-def test_cold_slots_are_those_guided_below_the_threshold():
-    p = np.array([0.01, 0.2, 0.0, 0.049, 0.05, 0.9, 0.0, 0.0])
-    cands = np.array([0, 1, 2, 3, 4, 5])
-    assert PrefetchGate(cold_p=0.05).displaceable(cands, p).tolist() == [0, 2, 3]
-    assert PrefetchGate().displaceable(cands, p).tolist() == cands.tolist()
-
-
 def bound_policy(**options):
     g = ExpertGeometry(L, J, 2, 1, {}, torch.float32)
     policy = FineMoEPolicy(**options)
@@ -52,10 +46,11 @@ def test_a_prefetch_displaces_only_cold_experts_while_a_demand_miss_takes_any():
     policy = bound_policy(cold_p=0.1)
     guided(policy.scores.state, 0, np.array([0.6, 0.05, 0.3, 0.02], np.float32))   # layer 0: experts 1, 3 cold
     used(policy.scores.state, 0, np.array([0, 1, 2, 3]))                          # freq 1 each: p*freq = p
-    cands = np.array([0, 1, 2, 3])
-    assert policy.select_victims(cands, 3, for_prefetch=True).tolist() == [3, 1]     # only 2 cold, lowest first
-    assert policy.select_victims(cands, 3, for_prefetch=False).tolist() == [3, 1, 2]
-    assert bound_policy().select_victims(cands, 1, for_prefetch=True).tolist() == [0]  # ties -> LRU order
+    assert victims(policy.eviction_rank(), [0, 1, 2, 3], 3, for_prefetch=True) == [3, 1]  # only 2 cold, lowest first
+    assert victims(policy.eviction_rank(), [0, 1, 2, 3], 3) == [3, 1, 2]
+    guided(policy.scores.state, 0, np.array([0.09, 0.2, 0.3, 0.0], np.float32))    # the latest p decides
+    assert sorted(victims(policy.eviction_rank(), [0, 1, 2, 3], 4, for_prefetch=True)) == [0, 3]
+    assert victims(bound_policy().eviction_rank(), [0, 1, 2, 3], 1, for_prefetch=True) == [0]     # ties -> LRU order
 
 
 @pytest.mark.parametrize("bad", [{"max_prefetch": -1}, {"max_prefetch": 1.5}, {"max_prefetch": True},

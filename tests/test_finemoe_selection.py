@@ -6,6 +6,7 @@ from finemoe.policies.finemoe.eviction import EvictionScores, guided, observed, 
 from finemoe.policies.finemoe.map_store import MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import IterationPlanner
 from finemoe.policies.finemoe.selection import Selection, choose, layer_union
+from helpers import victims
 
 ROW = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
 
@@ -71,15 +72,15 @@ def test_eviction_takes_lowest_p_times_freq_first():
     used(s.state, 0, np.array([0, 1, 2]))
     used(s.state, 0, np.array([2]))
     # p*freq = 1.0, 0.2, 2.7, 0.0 (floats, not truncated)
-    assert s.victims(np.arange(4), 4).tolist() == [3, 1, 0, 2]
-    assert s.victims(np.array([0, 2]), 1).tolist() == [0]
+    assert victims(s.rank, list(range(4)), 4) == [3, 1, 0, 2]
+    assert victims(s.rank, [0, 2], 1) == [0]
 
 
 def test_eviction_ties_go_to_the_least_recently_used():
     s = scores(3)
     for e in (2, 0, 1):
         used(s.state, 0, np.array([e]))
-    assert s.victims(np.arange(3), 3).tolist() == [2, 0, 1]   # all p=0
+    assert victims(s.rank, list(range(3)), 3) == [2, 0, 1]   # all p=0
 
 
 def test_ema_eviction_keeps_the_experts_the_router_has_favoured_lately():
@@ -87,11 +88,11 @@ def test_ema_eviction_keeps_the_experts_the_router_has_favoured_lately():
     observed(s.state, 0, np.array([[0.8, 0.1, 0.1]], np.float32))       # ema = 0.4, 0.05, 0.05
     observed(s.state, 0, np.array([[0.0, 0.2, 0.8]], np.float32))       # ema = 0.2, 0.125, 0.425
     assert np.allclose(s.ema, [0.2, 0.125, 0.425])
-    assert s.victims(np.arange(3), 3).tolist() == [1, 0, 2]
+    assert victims(s.rank, list(range(3)), 3) == [1, 0, 2]
     both = scores(3, "ema+p")
     observed(both.state, 0, np.array([[0.0, 0.2, 0.8], [0.0, 0.1, 0.2]], np.float32))   # max over rows: 0, 0.1, 0.4
     guided(both.state, 0, np.array([0.5, 0.0, 0.0], np.float32))         # + p: 0.5, 0.1, 0.4
-    assert both.victims(np.arange(3), 3).tolist() == [1, 2, 0]
+    assert victims(both.rank, list(range(3)), 3) == [1, 2, 0]
 
 
 def planner_of(store, batch, d, mode, **kw):

@@ -17,7 +17,7 @@ from finemoe.policies.base import CacheView, IterationInfo, LayerRouting, Policy
 from finemoe.policies.oracle import FutureIndex
 from finemoe.simulator import CostModel, simulate
 from finemoe.traces import Trace, load_trace
-from helpers import reference_greedy
+from helpers import reference_greedy, victims
 
 
 def bound(name: str, L: int = 2, J: int = 4, k: int = 1, route=None, **options):
@@ -44,14 +44,14 @@ def test_lfu_evicts_the_least_used_then_the_least_recent():
     p.on_access(0, arr(0, 1), arr(1, 1))
     p.on_access(0, arr(1, 2), arr(1, 1))
     p.on_access(0, arr(2), arr(1))
-    assert p.select_victims(arr(2, 1, 0), 2, False).tolist() == [0, 1]   # 0 used once; 1 and 2 twice, 1 older
+    assert victims(p.eviction_rank(), [2, 1, 0], 2) == [0, 1]  # 0 used once; 1 and 2 twice, 1 older
 
 
 def test_deepspeed_evicts_from_the_least_recently_used_layer_whatever_the_expert():
     p = bound("deepspeed")
     p.on_access(1, arr(0, 1, 2, 3), arr(5, 5, 5, 5))                    # layer 1 busy but older
     p.on_access(0, arr(3), arr(1))
-    assert p.select_victims(arr(3, 7, 4, 5), 3, False).tolist() == [4, 5, 7]
+    assert victims(p.eviction_rank(), [3, 7, 4, 5], 3) == [4, 5, 7]
 
 
 def test_oracle_evicts_the_expert_used_farthest_in_the_future():
@@ -72,7 +72,8 @@ def test_oracle_batch_prefetches_the_union_of_its_on_trace_rows_needs():
     assert pf.keys.tolist() == [0, 2, 5] and pf.priority.tolist() == [-1.0, -1.0, -2.0]
     p.on_access(0, arr(0, 2), arr(1, 1))
     assert p.on_layer_routed(LayerRouting(0, arr(0, 2)[:, None], arr(0, 1))).keys.tolist() == [5]
-    assert p.select_victims(arr(0, 5, 2), 3, False).tolist() == [0, 2, 5]      # 0 and 2 never again, 5 next
+    assert victims(p.eviction_rank(), [0, 5, 2], 3) == [0, 2, 5]  # 0 and 2 never again, 5 next
+    assert victims(p.eviction_rank(), [0, 5, 2], 3, for_prefetch=True) == [0, 2]  # 5 is needed within the horizon
 
 
 def test_belady_and_lru_miss_counts_on_a_hand_made_trace():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from finemoe.experts import slot_kernels as sk
+from finemoe.policies.base import EvictionRank
 
 K, N = 8, 4
 
@@ -22,29 +23,39 @@ def test_victims_come_in_primary_then_secondary_then_slot_order_skipping_blocked
     st = state([5, 1, 7, 2])
     primary = np.array([0, 3, 1, 0, 0, 3, 0, 2], float)     # keys 1 and 5 tie on primary
     secondary = np.array([0, 1, 0, 0, 0, 1, 0, 0], float)   # ... and on secondary: slot order decides (5 first)
-    out = np.zeros(N, np.int64)
-    assert sk.rank_victims(st, 4, sk.DEMAND_BLOCKED, np.inf, primary, secondary, out, 0) == 4
+    rank, out = EvictionRank.of(primary, secondary), np.zeros(N, np.int64)
+    assert sk.rank_victims(st, 4, sk.DEMAND_BLOCKED, np.inf, rank, out, 0) == 4
     assert out.tolist() == [3, 2, 0, 1]                     # keys 2 (1.0), 7 (2.0), 5 and 1 (3.0, 1.0)
     st.flags[3] = sk.PINNED
-    assert sk.rank_victims(st, 2, sk.DEMAND_BLOCKED, np.inf, primary, secondary, out, 0) == 2
+    assert sk.rank_victims(st, 2, sk.DEMAND_BLOCKED, np.inf, rank, out, 0) == 2
     assert out[:2].tolist() == [2, 0]
-    assert sk.rank_victims(st, 4, sk.DEMAND_BLOCKED, 2.5, primary, secondary, out, 0) == 1   # limit
+    assert sk.rank_victims(st, 4, sk.DEMAND_BLOCKED, 2.5, rank, out, 0) == 1   # limit on the gate (here primary)
+
+
+def test_a_prefetch_evicts_only_keys_whose_gate_is_below_the_limit_in_rank_order():
+    st = state([5, 1, 7, 2])
+    primary = np.array([0, 3, 1, 0, 0, 3, 0, 2], float)
+    gate = np.array([0, 0, 0, 0, 0, 1, 0, 1], float)       # keys 5 and 7 may not be displaced by a prefetch
+    rank, slots = EvictionRank.of(primary, gate=gate, limit=np.array([0.5])), np.zeros(N, np.int64)
+    sk.enqueue(st, np.array([3, 4, 6]), np.ones(3))
+    assert sk.prefetch(st, np.array([3, 4, 6]), rank, slots) == 2   # two victims: 2 (1.0), then 1 (3.0)
+    assert slots[:2].tolist() == [3, 1] and st.key_of.tolist() == [5, 4, 7, 3]
+    assert st.tally["queued"] == 1 and (st.flags[[3, 1]] & sk.UNUSED).all()
 
 
 def test_demand_fills_empty_slots_then_evicts_and_counts_an_unused_prefetch_as_wasted():
     st = state([0, 1, 2])
     st.flags[1] = sk.UNUSED                                     # key 1 was prefetched and never used
-    primary = np.array([2, 1, 3, 0, 0, 0, 0, 0], float)     # key 1 is the best victim
+    rank = EvictionRank.of(np.array([2, 1, 3, 0, 0, 0, 0, 0], float))     # key 1 is the best victim
     slots, new = np.zeros(N, np.int64), np.zeros(N, bool)
-    control, none = np.array([np.inf, 1.0]), np.empty(0, np.int64)
-    placed = sk.demand(st, 0, np.array([0, 4, 5]), primary, np.zeros(K), control, none, slots, new)
+    placed = sk.demand(st, 0, np.array([0, 4, 5]), rank, slots, new)
     assert placed == 2 and slots[:3].tolist() == [0, 3, 1] and new[:3].tolist() == [False, True, True]
     assert st.resident.tolist() == [True, False, True, False, True, True, False, False]
     assert st.tally["wasted"] == 1                          # one wasted prefetch
     assert (st.flags[[0, 3, 1]] & sk.PINNED).all()
-    control[1] = 0.0                                         # no valid rank: the cache must ask the policy
-    assert sk.demand(st, 0, np.array([6]), primary, np.zeros(K), control, none, slots, new) == sk.NEED_VICTIMS
-    assert not st.resident[6]
+    sk.release(st, slots, 3)
+    assert sk.demand(st, 0, np.array([0, 4, 5, 6, 7]), rank, slots, new) == sk.NO_ROOM   # 5 experts, 4 slots
+    assert not st.resident[6] and not (st.flags & sk.PINNED).any()
 
 
 def test_the_queue_keeps_the_newest_priority_drops_stale_keys_and_issues_the_best_first():

@@ -2,8 +2,8 @@
 
 Keys are flat (key = layer * J + expert). What occupies which slot, and who is evicted, is decided by
 compiled kernels (slot_kernels.py) over the cache's SlotState: one call per layer, no Python per expert,
-victims read from the policy's live rank arrays (EvictionRank) or, for a policy without one, from its
-`select_victims`. This class drives them and hands each placed expert to the transport (experts/transport.py
+victims read from the policy's live rank arrays (EvictionRank, asked once at the first placement; the policy's
+only eviction decision). This class drives them and hands each placed expert to the transport (experts/transport.py
 Transport: CUDA copies, an immediate CPU copy, or the simulator's clock), which copies. Engine and simulator
 run this same class, so they agree on hits, misses and bytes by construction.
 
@@ -21,8 +21,6 @@ from finemoe.experts import slot_kernels as sk
 from finemoe.experts.transport import Transport
 from finemoe.policies.base import CacheView, EvictionRank, Policy, Prefetch
 
-_NONE = np.empty(0, np.int64)
-_NO_RANK = EvictionRank(np.zeros(1), np.zeros(1), np.array([np.inf, 0.0]))   # "ask select_victims"
 _FILLED, _WASTED, _QUEUED = (sk.TALLY.names.index(name) for name in ("filled", "wasted", "queued"))
 
 
@@ -53,9 +51,7 @@ class ExpertCache:
         self.scratch_keys = np.empty(total_experts, np.int64)
         self.scratch_new = np.empty(max(capacity, 1), bool)
         self.scratch_hit = np.empty(max(capacity, 1), bool)
-        self._rank: EvictionRank | None = None   # the policy's eviction rank (asked at first eviction)
-        self._admit_none = EvictionRank(np.zeros(total_experts), np.zeros(total_experts),
-                                        np.array([-np.inf, 1.0]))   # a rank with no victim
+        self._rank: EvictionRank | None = None   # the policy's eviction rank (asked at the first placement)
         self.prefetch_copies = 0
 
     @property
@@ -74,41 +70,13 @@ class ExpertCache:
         return CacheView(self.resident, self.capacity)
 
     # ---- victims -----------------------------------------------------------------------------
-    def current_rank(self) -> EvictionRank:
-        """The policy's rank, asked once the cache is full (before that, victims are rare: select_victims). A
-        compiled driver passes its arrays to the kernels (invalid: they return NEED_VICTIMS and change nothing)."""
+    @property
+    def rank(self) -> EvictionRank:
+        """The policy's eviction rank, asked once, at the first placement (the policy is bound by then). A policy
+        that never evicts has none (the cache holds every expert): slot order stands in."""
         if self._rank is None:
-            if self.filled < self.capacity:
-                return _NO_RANK
-            self._rank = self.policy.eviction_rank() or _NO_RANK
+            self._rank = self.policy.eviction_rank() or EvictionRank.of(np.zeros(self.K))
         return self._rank
-
-    def _policy_victims(self, n: int, for_prefetch: bool, held: list[int] | None = None) -> np.ndarray:
-        """The policy's `select_victims` over the evictable occupied slots -> up to n victim slots (exactly n
-        for a demand load while enough are evictable: the first other candidates make up a shortfall)."""
-        filled = self.filled
-        blocked = sk.PREFETCH_BLOCKED if for_prefetch else sk.PINNED
-        evictable = (self.flags[:filled] & blocked) == 0                # [filled]
-        if held:
-            evictable[held] = False
-        candidates = self.key_of[:filled][evictable]                   # keys, in slot order
-        if candidates.size == 0:
-            return _NONE
-        victims = np.asarray(self.policy.select_victims(candidates, n, for_prefetch), dtype=np.int64)
-        if not for_prefetch and victims.size < n:  # a demand load must get its room
-            rest = np.setdiff1d(candidates, victims, assume_unique=True)
-            victims = np.concatenate([victims, rest[: n - victims.size]])
-        return self.slot_of[victims[:n]]
-
-    def _demand_victims(self, n: int) -> np.ndarray:
-        """After `demand` returned NEED_VICTIMS for n experts (self.scratch_slots holds the present ones' slots): the
-        policy's victims for the missing ones beyond the empty slots (raises if too few slots are evictable)."""
-        held = [s for s in self.scratch_slots[:n].tolist() if s >= 0]
-        need = n - len(held) - (self.capacity - self.filled)
-        victims = self._policy_victims(need, False, held)
-        if victims.size < need:
-            raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {n} experts at once")
-        return victims
 
     # ---- demand path -------------------------------------------------------------------------
     def acquire(self, layer: int, experts: np.ndarray) -> DemandResult:
@@ -116,12 +84,8 @@ class ExpertCache:
         Misses are copied at once, ahead of any prefetch not yet issued. The caller has learned this
         layer's routing with a host sync, so the previous layer's compute has finished: its slots are
         no longer computing (the pinned ones of this layer take that role until `release`)."""
-        rank = self.current_rank()
         n, base = experts.size, layer * self.J
-        args = (self.state, base, experts, rank.primary, rank.secondary, rank.control)
-        loaded = int(sk.demand(*args, _NONE, self.scratch_slots, self.scratch_new))
-        if loaded == sk.NEED_VICTIMS:
-            loaded = int(sk.demand(*args, self._demand_victims(n), self.scratch_slots, self.scratch_new))
+        loaded = int(sk.demand(self.state, base, experts, self.rank, self.scratch_slots, self.scratch_new))
         if loaded == sk.NO_ROOM:
             raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {n} experts at once")
         slots = self.scratch_slots[:n].copy()
@@ -171,13 +135,7 @@ class ExpertCache:
     def _start_prefetches(self, keys: np.ndarray) -> int:
         """Copy `keys` (int64, not resident) into slots now, as prefetches (they leave the queue); returns how
         many found room."""
-        rank = self.current_rank()
-        m = int(sk.prefetch(self.state, keys, rank.primary, rank.secondary, rank.control, _NONE, self.scratch_slots))
-        if m == sk.NEED_VICTIMS:   # the policy's victims (none: only the empty slots)
-            victims = self._policy_victims(keys.size - (self.capacity - self.filled), True)
-            none = self._admit_none
-            m = int(sk.prefetch(self.state, keys, none.primary, none.secondary, none.control, victims,
-                                self.scratch_slots))
+        m = int(sk.prefetch(self.state, keys, self.rank, self.scratch_slots))
         if m:
             self.transport.copy(self.scratch_slots[:m].copy(), keys[:m])
         self.prefetch_copies += m

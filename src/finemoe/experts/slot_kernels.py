@@ -3,10 +3,9 @@
 One call per layer (`demand`) or per prefetch batch (`prefetch`) does the whole placement: look the keys up,
 take empty slots (lowest first), then the policy's victims, and update the residency. Victims are the
 evictable occupied slots in ascending (primary[key], secondary[key], slot) order, read from the policy's live
-rank arrays (policies/base.py EvictionRank): a scan over the occupied slots, no Python per expert. When the
-policy has no valid rank the kernels return NEED_VICTIMS without placing anything, and the cache asks the
-policy's `select_victims` and calls again with those victims (`given`). Copies are not started here: the
-caller hands each placed expert to its transport (CUDA copies, or the simulator's clock).
+rank (policies/base.py EvictionRank, the policy's only eviction decision): a scan over the occupied slots, no
+Python per expert. Copies are not started here: the caller hands each placed expert to its transport (CUDA
+copies, or the simulator's clock).
 
 The prefetch queue is compiled too: `enqueue` records priorities, `drop_stale` drops requests that are no
 longer ahead, `best_queued` picks the best ones (highest priority, then lowest key).
@@ -22,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from finemoe.jit import njit
+from finemoe.policies.base import EvictionRank
 
 PINNED = 1        # read by the layer computing now (acquire .. release): never evicted
 UNUSED = 2        # loaded by a prefetch, not used yet
@@ -30,8 +30,7 @@ COMPUTING = 8     # read by the last released layer's compute, which may still r
 HOLD = 16         # (inside `demand` only) holds an expert of the request being placed
 DEMAND_BLOCKED = PINNED | HOLD
 PREFETCH_BLOCKED = PINNED | UNUSED | PREFETCHING | COMPUTING
-NEED_VICTIMS = -1   # the policy's rank is not valid now: call again with `given` victims
-NO_ROOM = -2        # fewer evictable slots than a demand needs
+NO_ROOM = -1        # fewer evictable slots than a demand needs
 
 TALLY = np.dtype([("filled", np.int64),    # occupied slots
                   ("wasted", np.int64),    # prefetched experts evicted unused
@@ -75,8 +74,9 @@ def _place(st, slot, key):
 
 
 @njit
-def _before(st, a_slot, b_slot, primary, secondary):
+def _before(st, a_slot, b_slot, rank):
     """Slot a precedes slot b in the eviction order (ascending primary, secondary, slot)."""
+    primary, secondary = rank.primary, rank.secondary
     ka, kb = st.key_of[a_slot], st.key_of[b_slot]
     if primary[ka] != primary[kb]:
         return primary[ka] < primary[kb]
@@ -86,21 +86,21 @@ def _before(st, a_slot, b_slot, primary, secondary):
 
 
 @njit
-def rank_victims(st, n, blocked, limit, primary, secondary, out, start):
+def rank_victims(st, n, blocked, limit, rank, out, start):
     """Write into out[start:start+m] the m <= n first occupied slots, in eviction order, with no `blocked` flag
-    bit and primary[key] < limit. Returns m. Insertion into a sorted list of at most n: O(occupied * n)."""
+    bit and rank.gate[key] < limit. Returns m. Insertion into a sorted list of at most n: O(occupied * n)."""
     m = 0
     for s in range(st.tally[0].filled):
         if st.flags[s] & blocked:
             continue
-        if not primary[st.key_of[s]] < limit:
+        if not rank.gate[st.key_of[s]] < limit:
             continue
         if m == n:
-            if not _before(st, s, out[start + m - 1], primary, secondary):
+            if not _before(st, s, out[start + m - 1], rank):
                 continue
             m -= 1
         i = start + m
-        while i > start and _before(st, s, out[i - 1], primary, secondary):
+        while i > start and _before(st, s, out[i - 1], rank):
             out[i] = out[i - 1]
             i -= 1
         out[i] = s
@@ -109,13 +109,12 @@ def rank_victims(st, n, blocked, limit, primary, secondary, out, start):
 
 
 @njit
-def demand(st, base, experts, primary, secondary, control, given, slots, new):
+def demand(st, base, experts, rank, slots, new):
     """Make keys base + experts (distinct) resident and pin them until `release`: slots[i] is each one's slot and
     new[i] whether it was just placed (the caller copies it). The previous layer's compute has finished (the
     caller learned this layer's routing with a host sync): no slot is computing any more. Present experts stop
-    being unused prefetches. Room for the missing comes from empty slots, then victims among slots not pinned
-    (given ones, else the policy's rank when control[1] != 0). Returns the experts placed, NEED_VICTIMS or
-    NO_ROOM (then only the computing and unused marks changed)."""
+    being unused prefetches. Room for the missing comes from empty slots, then the policy's victims (`rank`) among
+    slots not pinned. Returns the experts placed, or NO_ROOM (then only the computing and unused marks changed)."""
     n = experts.size
     flags = st.flags
     for s in range(flags.size):
@@ -137,17 +136,8 @@ def demand(st, base, experts, primary, secondary, control, given, slots, new):
         room = np.empty(missing, np.int64)
         for j in range(n_empty):
             room[j] = filled + j
-        if need:
-            if given.size:
-                if given.size < need:
-                    status = NO_ROOM
-                else:
-                    room[n_empty:] = given[:need]
-            elif control[1] != 0.0:
-                if rank_victims(st, need, DEMAND_BLOCKED, np.inf, primary, secondary, room, n_empty) < need:
-                    status = NO_ROOM
-            else:
-                status = NEED_VICTIMS
+        if need and rank_victims(st, need, DEMAND_BLOCKED, np.inf, rank, room, n_empty) < need:
+            status = NO_ROOM
         if status >= 0:
             j = 0
             for i in range(n):
@@ -176,11 +166,10 @@ def release(st, slots, n):
 
 
 @njit
-def prefetch(st, keys, primary, secondary, control, given, slots):
-    """Place absent `keys` as prefetches, in order, while room lasts: empty slots, then victims among slots
-    not pinned, computing, prefetching or unused prefetches (given ones, else the policy's rank with
-    primary < control[0]). slots[:m] receive the first m keys, which leave the queue. Returns m, or
-    NEED_VICTIMS (nothing placed)."""
+def prefetch(st, keys, rank, slots):
+    """Place absent `keys` as prefetches, in order, while room lasts: empty slots, then the policy's victims
+    (`rank`, those with gate < limit) among slots not pinned, computing, prefetching or unused prefetches.
+    slots[:m] receive the first m keys, which leave the queue. Returns m."""
     n = keys.size
     filled = st.tally[0].filled
     n_empty = min(n, st.flags.size - filled)
@@ -188,14 +177,7 @@ def prefetch(st, keys, primary, secondary, control, given, slots):
         slots[j] = filled + j
     m = n_empty
     if n_empty < n:
-        if given.size:
-            got = min(given.size, n - n_empty)
-            slots[n_empty:n_empty + got] = given[:got]
-            m += got
-        elif control[1] != 0.0:
-            m += rank_victims(st, n - n_empty, PREFETCH_BLOCKED, control[0], primary, secondary, slots, n_empty)
-        else:
-            return NEED_VICTIMS
+        m += rank_victims(st, n - n_empty, PREFETCH_BLOCKED, rank.limit[0], rank, slots, n_empty)
     for i in range(m):
         _place(st, slots[i], keys[i])
         st.flags[slots[i]] = st.flags[slots[i]] | PREFETCHING | UNUSED
@@ -294,9 +276,9 @@ def warm_up() -> None:
     """Compile (or load from numba's disk cache) every kernel for the argument types the cache passes, once
     per process, so the first request does not pay for it (a fresh checkout compiles for about 10 s)."""
     st = SlotState.empty(4, 2)
-    rank, control, none = np.zeros(4), np.array([np.inf, 1.0]), np.empty(0, np.int64)
+    rank = EvictionRank.of(np.zeros(4))
     slots, new = np.zeros(2, np.int64), np.zeros(2, bool)
-    demand(st, 0, np.array([0], np.int64), rank, rank, control, none, slots, new)
+    demand(st, 0, np.array([0], np.int64), rank, slots, new)
     release(st, slots, 1)
     for writeable in (True, False):   # policies may hand out read-only prefetch arrays (cached plans)
         keys, prio = np.array([2], np.int64), np.array([1.0])
@@ -304,6 +286,6 @@ def warm_up() -> None:
         enqueue(st, keys, prio)
     drop_stale(st, 0)
     best_queued(st, 1, np.zeros(4, np.int64))
-    prefetch(st, np.array([3], np.int64), rank, rank, control, none, slots)
+    prefetch(st, np.array([3], np.int64), rank, slots)
     prefetching_slots(st, slots)
     clear_queue(st)

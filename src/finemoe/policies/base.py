@@ -6,21 +6,22 @@ policy never does per-expert Python work the engine could batch.
 Call order for one iteration (one forward pass of the batch):
   on_iteration_start(it)                    -> prefetches for the first layers
   for each MoE layer l (in order):
-      on_access(l, experts, counts)           the host has learned layer l's routing; demand misses
-                                              are already being loaded
+      on_access(l, experts, counts)           the host has learned layer l's routing (the demand loads follow)
       on_layer_routed(routing)              -> prefetches for later layers (full router probs,
                                               optionally hidden states)
-      select_victims(...)                     whenever the cache needs room (or, faster, the policy's
-                                              optional EvictionRank: the same victims, from live arrays)
   on_iteration_end(it)
 Requests are bracketed by on_request_start / on_request_end. The simulator calls the same
 methods in the same order, with tensors on the CPU.
+
+Eviction has one statement per policy: `eviction_rank()`, live arrays (EvictionRank) that the policy keeps current
+in its callbacks (or its compiled steps) and that the cache's compiled kernels scan whenever they need room. The
+cache never calls into the policy to evict, so the engine, the simulator and its compiled decode loop evict alike.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 from collections.abc import Callable
 
 import numpy as np
@@ -118,37 +119,32 @@ class Prefetch:
 _NO_PREFETCH = Prefetch(np.empty(0, np.int64), np.empty(0, np.float64))
 
 
-@dataclass(frozen=True)
-class EvictionRank:
-    """Optional fast path of `Policy.select_victims`: the policy's eviction order as live arrays that the cache
-    reads on every eviction (a compiled scan over the occupied slots, no call into the policy).
+class EvictionRank(NamedTuple):
+    """A policy's eviction order: live arrays over flat keys that the cache's compiled kernels (experts/slot_kernels.py)
+    scan on every eviction; the policy's one statement of whom to evict.
 
-    Contract: victims are the evictable occupied slots in ascending (primary[key], secondary[key], slot) order,
-    and for a prefetch only keys with primary[key] < control[0]; they are exactly, in the same order, what the
-    owning policy's `select_victims(candidates, n, for_prefetch)` returns for candidates = the key of every
-    evictable occupied slot, in slot order. The policy keeps the arrays current (writes in place, never
-    rebinds them); while control[1] == 0 the order is not valid and the cache asks `select_victims`.
-    primary, secondary [L*J] float64; control [2] float64: (prefetch limit, valid)."""
+    Victims are the evictable occupied slots in ascending (primary[key], secondary[key], slot) order; a prefetch
+    may evict only keys with gate[key] < limit[0] (a demand load may evict any evictable slot). The policy keeps the
+    arrays current wherever its state changes (writes in place, never rebinds them), in compiled steps or in its
+    callbacks, so the order is valid at every moment the cache may evict.
+    primary, secondary, gate [L*J] float64 (gate values < inf); limit [1] float64."""
 
     primary: np.ndarray
     secondary: np.ndarray
-    control: np.ndarray
+    gate: np.ndarray
+    limit: np.ndarray
 
     @staticmethod
-    def of(primary: np.ndarray, secondary: np.ndarray | None = None) -> EvictionRank:
-        """Order by `primary`, then `secondary` (default: none, i.e. slot order), any prefetch limit off."""
-        if secondary is None:
-            secondary = np.zeros_like(primary)
-        for a in (primary, secondary):
+    def of(primary: np.ndarray, secondary: np.ndarray | None = None, gate: np.ndarray | None = None,
+           limit: np.ndarray | None = None) -> EvictionRank:
+        """Order by `primary`, then `secondary` (default: none, i.e. slot order); a prefetch evicts only keys with
+        gate[key] < limit[0] (default: gate = primary, limit [inf]: any key)."""
+        secondary = np.zeros_like(primary) if secondary is None else secondary
+        gate = primary if gate is None else gate
+        for a in (primary, secondary, gate):
             if a.dtype != np.float64 or a.ndim != 1 or not a.flags.c_contiguous:
                 raise TypeError("EvictionRank arrays must be contiguous 1-d float64 arrays over flat keys")
-        return EvictionRank(primary, secondary, np.array([np.inf, 1.0]))
-
-    def set_prefetch_limit(self, limit: float) -> None:
-        self.control[0] = limit
-
-    def set_valid(self, valid: bool) -> None:
-        self.control[1] = 1.0 if valid else 0.0
+        return EvictionRank(primary, secondary, gate, np.array([np.inf]) if limit is None else limit)
 
 
 @dataclass(frozen=True)
@@ -174,7 +170,8 @@ class LayerKernels:
 
 class Policy(ABC):
     """A prefetch + eviction policy. Subclasses set `name` and `description` (what it assumes, which
-    paper it follows) and register with `@register_policy`.
+    paper it follows), state their eviction order as an EvictionRank (`eviction_rank`) and register with
+    `@register_policy`. Prefetching is the callbacks' returned Prefetch; eviction is the rank alone.
 
     Capability flags let the engine skip work no policy asked for:
       needs_router_probs: LayerRouting.probs is filled (a softmax and a small host copy per layer).
@@ -227,15 +224,10 @@ class Policy(ABC):
         return None
 
     @abstractmethod
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        """Choose up to `n` experts to evict from `candidates` (flat keys, all resident and evictable),
-        best victim first. For a prefetch the policy may return fewer (declining to evict); for a
-        demand miss it must return `n` (the engine falls back to the first candidates otherwise)."""
-
     def eviction_rank(self) -> EvictionRank | None:
-        """The policy's eviction order as live rank arrays (see EvictionRank), asked once by the cache at its
-        first eviction, after `bind`. Default None: the cache calls `select_victims`."""
-        return None
+        """The policy's eviction order (EvictionRank), asked once by the cache at its first placement, after `bind`;
+        the cache evicts by it from then on. None: the policy never evicts (keeps_all_resident: the cache holds
+        every expert)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Anything worth saving across runs (map stores, collections). Default: nothing."""

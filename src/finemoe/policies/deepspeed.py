@@ -57,11 +57,6 @@ class DeepSpeedPolicy(Policy):
     def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels:
         return self.kernels
 
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        layer_of = candidates // self.ctx.geometry.num_experts
-        order = np.lexsort((candidates, self.layer_last_used[layer_of]))
-        return candidates[order[:n]]
-
     def eviction_rank(self) -> EvictionRank:
-        """`select_victims` as live arrays: the key's layer's last use, then the key."""
+        """The least recently used layer first (each key's layer's last use), lowest key first within it."""
         return EvictionRank.of(self.key_clock, np.arange(self.key_clock.size, dtype=np.float64))

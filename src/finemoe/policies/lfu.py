@@ -27,8 +27,5 @@ class LFUPolicy(Policy):
     def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels:
         return self.kernels
 
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        return self.freq.least_used(candidates, n)
-
     def eviction_rank(self) -> EvictionRank:
         return self.freq.rank()

@@ -26,8 +26,5 @@ class LRUPolicy(Policy):
     def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels:
         return self.kernels
 
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        return self.recency.oldest(candidates, n)
-
     def eviction_rank(self) -> EvictionRank:
         return self.recency.rank()

@@ -1,8 +1,6 @@
 """Everything resident: the no-offload reference."""
 from __future__ import annotations
 
-import numpy as np
-
 from finemoe.policies.base import Policy, register_policy
 
 
@@ -13,5 +11,6 @@ class ResidentPolicy(Policy):
                    "(the budget must hold all experts). The latency reference every policy is compared with.")
     keeps_all_resident = True
 
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        raise RuntimeError("resident policy never evicts: the cache holds every expert")
+    def eviction_rank(self) -> None:
+        """Never evicts: the cache holds every expert."""
+        return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from finemoe.policies.base import LayerRouting, Policy, PolicyContext, Prefetch
+from finemoe.policies.base import EvictionRank, LayerRouting, Policy, PolicyContext, Prefetch
 from finemoe.policies.trackers import RecencyTracker
 
 
@@ -62,5 +62,6 @@ class SpeculativePolicy(Policy):
         experts = np.flatnonzero(mass > 0)
         return experts.astype(np.int64), mass[experts].astype(np.float64)
 
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        return self.recency.oldest(candidates, n)
+    def eviction_rank(self) -> EvictionRank:
+        """LRU: last use, then slot."""
+        return self.recency.rank()

@@ -60,17 +60,12 @@ class RecencyTracker:
         warm_up()                                           # compiled (or loaded) now, not in the first request
 
     def rank(self) -> EvictionRank:
-        """`oldest` as the cache's live eviction rank: last-use clock, then slot."""
+        """The least recently used first (last-use clock, then slot), as the cache's live eviction rank."""
         return EvictionRank.of(self.last_used)
 
     def touch_layer(self, layer: int, experts: np.ndarray) -> None:
         """`experts` [n] int64 (ids within `layer`) used now."""
         touch_recency(layer, experts, experts, self.state)
-
-    def oldest(self, candidates: np.ndarray, n: int) -> np.ndarray:
-        """The n least recently used candidates, in candidate order among equals."""
-        order = self.last_used[candidates].argsort(kind="stable")
-        return candidates[order[:n]]
 
 
 class FrequencyTracker:
@@ -86,13 +81,8 @@ class FrequencyTracker:
         """`experts` [n] int64 (distinct ids within `layer`) used once more, now."""
         touch_frequency(layer, experts, experts, self.state)
 
-    def least_used(self, candidates: np.ndarray, n: int) -> np.ndarray:
-        """The n candidates with the fewest uses; among equals the least recently used first."""
-        order = np.lexsort((self.recency.last_used[candidates], self.uses[candidates]))
-        return candidates[order[:n]]
-
     def rank(self) -> EvictionRank:
-        """`least_used` as the cache's live eviction rank: uses, then last use, then slot."""
+        """The fewest uses first, then the least recently used, then slot, as the cache's live eviction rank."""
         return EvictionRank.of(self.uses, self.recency.last_used)
 
 

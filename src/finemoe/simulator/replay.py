@@ -146,8 +146,10 @@ class Replay:
         probs = (self.trace.probs[a:b].astype(np.float32)                                     # [T, L, J]
                  if self.reports_routing and policy.needs_router_probs else None)
         token = None if probs is None else probs[0]                                            # [L, J]
-        # a decode iteration's layers in one compiled call where the policy offers its callbacks compiled
-        kernels = policy.decode_kernels(token) if b - a == 1 and not self.all_resident else None
+        # a decode iteration's layers in one compiled call where the policy offers its callbacks compiled (and the
+        # token's experts fit the cache: otherwise a layer runs in waves)
+        looped = b - a == 1 and not self.all_resident and self.g.top_k <= self.capacity
+        kernels = policy.decode_kernels(token) if looped else None
         if kernels is not None:
             routed = self.routed
             hits, misses = decode_layers(self.sequence, kernels, routed.sorted_topk[a], routed.topk[a],

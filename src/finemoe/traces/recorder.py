@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from finemoe.errors import ConfigError, UnknownPolicyError
-from finemoe.policies.base import (IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch, RequestInfo,
-                                   register_policy, registry)
+from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
+                                   RequestInfo, register_policy, registry)
 from finemoe.traces.format import Trace
 
 
@@ -98,8 +98,8 @@ class RecordingPolicy(Policy):
             if probs is not None:
                 log.probs.append(probs[sel])
 
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        return self.inner.select_victims(candidates, n, for_prefetch)
+    def eviction_rank(self) -> EvictionRank | None:
+        return self.inner.eviction_rank()
 
     def close(self) -> None:
         self.inner.close()

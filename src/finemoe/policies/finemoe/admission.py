@@ -10,12 +10,11 @@ delays the demand misses queued behind it, so fewer, surer prefetches win. Two i
                        is below q (a "cold" slot); with none, the prefetch waits (the cache retries it at
                        the next layer, and drops it once its layer has run). Demand misses still evict
                        by the eviction rule.
-`cap` is compiled (the planner applies it to each callback's prefetch); `displaceable` is numpy (the cache's Python
-victim path asks for it).
+`cap` is compiled (the planner applies it to each callback's prefetch); cold_p is the eviction rank's prefetch gate
+(eviction.py EvictionScores: gate p, limit cold_p), which the cache's kernels read.
 """
 from __future__ import annotations
 
-import numpy as np
 
 from finemoe.errors import ConfigError
 from finemoe.jit import njit
@@ -29,13 +28,6 @@ class PrefetchGate:
             raise ConfigError(f"finemoe option cold_p={cold_p!r} must be a number in [0, 1] (0 = off)")
         self.max_per_layer = max_per_layer
         self.cold_p = float(cold_p)
-
-    def displaceable(self, candidates: np.ndarray, p: np.ndarray) -> np.ndarray:
-        """Eviction candidates a prefetch may take: those whose guiding probability p[key] is below cold_p
-        (every candidate when the rule is off). candidates [n] flat keys, p [L*J]."""
-        if self.cold_p == 0.0:
-            return candidates
-        return candidates[p[candidates] < self.cold_p]
 
 
 @njit

@@ -3,7 +3,7 @@ freq, the decaying mean ema of its observed router probability and its last use;
 rule value first, ties to the least recently used:
   pfreq  p * freq (the paper)     lfu  freq     lru  last use     ema  ema     ema+p  ema + p
 `score` [L*J] holds each key's rule value, updated (compiled, `used` / `guided` / `observed`) wherever its inputs
-change, so `EvictionRank.of(score, last_used)` is the cache's live eviction order.
+change, so `EvictionRank.of(score, last_used)` is the cache's live eviction order (`EvictionScores.rank`).
 """
 from __future__ import annotations
 
@@ -92,23 +92,20 @@ def use_layer(layer, experts, counts, s):
 
 
 class EvictionScores:
-    """The eviction state of one policy instance (`state`, `rank`) and its victim choice in numpy (`victims`)."""
+    """The eviction state of one policy instance (`state`) and its order (`rank`)."""
 
-    def __init__(self, total: int, num_experts: int, rule: str = "pfreq", decay: float = 0.5) -> None:
+    def __init__(self, total: int, num_experts: int, rule: str = "pfreq", decay: float = 0.5,
+                 cold_p: float = 0.0) -> None:
         self.rule = rule
         last_used = np.full(total, -1.0)
         self.state = Scores(np.zeros(total), np.zeros(total), np.zeros(total), last_used,
                             last_used if rule == "lru" else np.zeros(total), np.zeros(1), num_experts,
                             EVICTION_RULES.index(rule), decay)
         self.p, self.freq, self.ema, self.last_used, self.score = self.state[:5]   # the same arrays, by name
-        self.rank = EvictionRank.of(self.score, None if rule == "lru" else last_used)
-
-    def victims(self, candidates: np.ndarray, n: int) -> np.ndarray:
-        """The n candidates [m] (flat keys) to evict first: lowest rule value, ties to the least recently used."""
-        if self.rule == "lru":
-            return candidates[np.argsort(self.last_used[candidates], kind="stable")[:n]]
-        order = np.lexsort((self.last_used[candidates], self.score[candidates]))   # primary: score, then recency
-        return candidates[order[:n]]
+        # the lowest rule value first, ties to the least recently used; with cold_p (admission.py) a prefetch
+        # displaces only keys whose latest guiding probability p is below it
+        self.rank = EvictionRank.of(self.score, None if rule == "lru" else last_used,
+                                    self.p if cold_p > 0.0 else None, np.array([cold_p if cold_p > 0.0 else np.inf]))
 
 
 def warm_up() -> None:

@@ -93,7 +93,7 @@ class FineMoEPolicy(Policy):
         self.embedder = make_embedder(self.semantic, ctx)
         self.store = self._open_store(ctx)
         self.d = self.store.spec.distance
-        self.scores = EvictionScores(g.total_experts, g.num_experts, self.eviction)
+        self.scores = EvictionScores(g.total_experts, g.num_experts, self.eviction, cold_p=self.gate.cold_p)
         self.memo = SemanticMemo(self.store, self.neighbors)
         eviction.warm_up()                        # compiled (or loaded) now, not in the first request
         planner.warm_up()
@@ -179,18 +179,10 @@ class FineMoEPolicy(Policy):
         self.critical_s += time.perf_counter() - t0
 
     # ---- eviction, state, exit -------------------------------------------------------------------
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        t0 = time.perf_counter()
-        if for_prefetch:
-            candidates = self.gate.displaceable(candidates, self.scores.p)
-        out = self.scores.victims(candidates, n)
-        self.critical_s += time.perf_counter() - t0
-        return out
-
-    def eviction_rank(self) -> EvictionRank | None:
-        """The eviction rule as live arrays; with cold_p a prefetch's victims also need p < cold_p, which a rank
-        cannot say: then `select_victims` decides."""
-        return self.scores.rank if self.gate.cold_p == 0.0 else None
+    def eviction_rank(self) -> EvictionRank:
+        """The eviction rule as live arrays (eviction.py); with cold_p a prefetch displaces only keys with p below
+        it."""
+        return self.scores.rank
 
     def state_dict(self) -> dict[str, Any]:
         return {"store_size": self.store.size, "store_capacity": self.store.spec.capacity,

@@ -160,9 +160,6 @@ class MoEInfinityPolicy(Policy):
         n = steps.share_prefetch(share, layer, self.distance, self.per_layer, self.taken, self._keys, self._prio)
         return Prefetch(self._keys[:n].copy(), self._prio[:n].copy())
 
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        return self.freq.least_used(candidates, n)
-
     def eviction_rank(self) -> EvictionRank:
         return self.freq.rank()
 

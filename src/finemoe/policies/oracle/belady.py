@@ -1,8 +1,9 @@
 """The oracle's decisions as compiled functions (numba): when each key is next used, the Belady eviction order kept
-current step by step, and the prefetch of what the rest of an iteration needs. `oracle_access` / `oracle_routed`
-are the policy's `on_access` / `on_layer_routed` of a one-row, on-trace iteration (base.LayerKernels); the policy
-calls the same functions for every other batch, so the engine, the simulator's per-layer path and its compiled
-loop decide alike. Steps: step(r, i, l) = base[r] + i * L + l (future.FutureIndex); K = L * J flat keys."""
+current step by step for any batch, and the prefetch of what the rest of an iteration needs. `oracle_access` /
+`oracle_routed` are the policy's `on_access` / `on_layer_routed` (base.LayerKernels), so the engine, the simulator's
+per-layer path and its compiled loop decide alike. Steps: step(r, i, l) = base[r] + i * L + l (future.FutureIndex);
+K = L * J flat keys. An iteration's on-trace rows are at steps bases[b] + layer; a key's distance is the fewest
+steps from any of them to its next use, and the eviction rank orders keys by farthest distance first."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -26,15 +27,17 @@ class Timeline(NamedTuple):
 
 
 class Order(NamedTuple):
-    """The Belady order the kernels keep, and the rank the cache reads (base.EvictionRank)."""
+    """The Belady order the kernels keep, and the rank the cache reads (base.EvictionRank: primary and gate
+    neg_next, limit `limit`). With rows at steps s_b = bases[b] + layer, neg_next[key] = -min_b(next use of key after
+    s_b - (bases[b] - bases[0])) = -(the key's distance + step): ascending neg_next is descending distance."""
 
     layer: np.ndarray         # [1] int64 the iteration's current layer (-1: its start)
-    step: np.ndarray          # [1] int64 the step neg_next is at
-    has_order: np.ndarray     # [1] bool neg_next is at `step` (else it is recomputed)
+    step: np.ndarray          # [1] int64 the first row's step neg_next is at
+    has_order: np.ndarray     # [1] bool neg_next is at `step` for the current rows (else it is recomputed)
     ranked: np.ndarray        # [1] bool the cache reads the rank: keep neg_next current
     horizon: np.ndarray       # [1] float64 steps to the farthest key of the last prefetch
-    neg_next: np.ndarray      # [K] float64 -(next use of each key after `step`): the eviction rank
-    control: np.ndarray       # [2] float64 the rank's (prefetch limit, valid)
+    neg_next: np.ndarray      # [K] float64 (above; -inf for every key when no row is on the trace)
+    limit: np.ndarray         # [1] float64 a prefetch evicts only keys with neg_next < limit
 
 
 class Plan(NamedTuple):
@@ -72,29 +75,57 @@ def distances(keys, steps, timeline, out):
 
 
 @njit
-def refresh_limit(order):
-    """A prefetch evicts only keys whose next use lies beyond step + horizon (the farthest key it fetches)."""
-    if order.ranked[0] and order.has_order[0]:
-        order.control[0] = -(np.float64(order.step[0]) + order.horizon[0])
+def refresh_limit(state):
+    """A prefetch evicts only keys whose distance exceeds the horizon (that of the farthest key it fetches), i.e.
+    neg_next < -(step + horizon); with no row on the trace every key is infinitely far (beyond any finite horizon)."""
+    order = state.order
+    if not (order.ranked[0] and order.has_order[0]):
+        return
+    if state.bases.size:
+        order.limit[0] = -(np.float64(order.step[0]) + order.horizon[0])
+    else:
+        order.limit[0] = np.inf if order.horizon[0] < np.inf else -np.inf
 
 
 @njit
-def sync_order(step, order, timeline):
-    """Bring neg_next to `step` (when ranked): one step on, only the keys used at that step change; any other move
-    recomputes every key from the timeline (and makes the rank valid)."""
-    if not order.ranked[0] or (order.has_order[0] and step == order.step[0]):
+def _neg_nearest(key, layer, bases, t):
+    """neg_next of `key` with the rows at steps bases[b] + layer (see Order)."""
+    best = np.inf
+    for b in bases:
+        best = min(best, next_use(key, b + layer, t) - np.float64(b - bases[0]))
+    return -best
+
+
+@njit
+def sync_order(layer, state):
+    """Bring neg_next to the rows' steps at `layer` (when ranked). When every row moved one step on, only the keys
+    used at the rows' new steps change; any other move recomputes every key from the timeline."""
+    order, t, bases = state.order, state.timeline, state.bases
+    if not order.ranked[0]:
         return
-    t = timeline
-    if order.has_order[0] and step == order.step[0] + 1:
+    if bases.size == 0:                             # no row on the trace: no key is ever needed again
+        if not order.has_order[0]:
+            order.neg_next[:] = -np.inf
+            order.has_order[0] = True
+        refresh_limit(state)
+        return
+    step = bases[0] + layer
+    if order.has_order[0] and step == order.step[0]:
+        return
+    if order.has_order[0] and step == order.step[0] + 1 and bases.size == 1:
         for i in range(t.step_ptr[step], t.step_ptr[step + 1]):
             order.neg_next[t.by_step[i] % t.K] = -t.next_by_step[i]
+    elif order.has_order[0] and step == order.step[0] + 1:
+        for b in bases:
+            for i in range(t.step_ptr[b + layer], t.step_ptr[b + layer + 1]):
+                key = t.by_step[i] % t.K
+                order.neg_next[key] = _neg_nearest(key, layer, bases, t)
     else:
         for key in range(order.neg_next.size):
-            order.neg_next[key] = -next_use(key, step, t)
-        order.control[1] = 1.0
+            order.neg_next[key] = _neg_nearest(key, layer, bases, t)
     order.step[0] = step
     order.has_order[0] = True
-    refresh_limit(order)
+    refresh_limit(state)
 
 
 @njit
@@ -135,19 +166,18 @@ def needed_after(layer, state, keys, prio):
 
 @njit
 def oracle_access(layer, experts, counts, state):
-    """The row is at `layer`: the Belady order follows (experts and counts are the trace's own)."""
+    """The rows are at `layer`: the Belady order follows (experts and counts are the trace's own)."""
     state.order.layer[0] = layer
-    sync_order(state.bases[0] + layer, state.order, state.timeline)
+    sync_order(layer, state)
 
 
 @njit
 def oracle_routed(layer, top_k, probs, aux, state, keys, prio):
-    """After `layer` of the row: the order follows, and `needed_after`. Returns how many."""
-    order = state.order
-    order.layer[0] = layer
-    sync_order(state.bases[0] + layer, order, state.timeline)
+    """After `layer` of the rows: the order follows, and `needed_after`. Returns how many."""
+    state.order.layer[0] = layer
+    sync_order(layer, state)
     m = needed_after(layer, state, keys, prio)
-    refresh_limit(order)
+    refresh_limit(state)
     return m
 
 
@@ -157,9 +187,11 @@ def warm_up() -> None:
     i64 = np.zeros(1, np.int64)
     timeline = Timeline(i64, np.array([0, K * S1], np.int64), i64, np.zeros(1), np.zeros(S1 + 1, np.int64), S1, K, 2)
     order = Order(np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.bool_), np.ones(1, np.bool_),
-                  np.zeros(1), np.zeros(K), np.array([np.inf, 1.0]))
+                  np.zeros(1), np.zeros(K), np.array([np.inf]))
     state = StepState(order, timeline, Plan(np.zeros(K, np.bool_), 2, 2, True), i64, np.zeros(K, np.bool_))
     f32 = np.zeros(0, np.float32)
-    oracle_access(0, i64, i64, state)
-    oracle_routed(0, i64, f32, f32, state, np.zeros(K, np.int64), np.zeros(K))
+    for bases in (i64, np.zeros(2, np.int64)):
+        state = state._replace(bases=bases)
+        oracle_access(0, i64, i64, state)
+        oracle_routed(0, i64, f32, f32, state, np.zeros(K, np.int64), np.zeros(K))
     distances(i64, i64, timeline, np.zeros(1))

@@ -7,7 +7,7 @@ from finemoe.errors import ConfigError
 from finemoe.policies.base import (EvictionRank, IterationInfo, LayerKernels, LayerRouting, Policy, PolicyContext,
                                    Prefetch, RequestInfo, register_policy)
 from finemoe.policies.oracle import belady
-from finemoe.policies.oracle.belady import Order, Plan, StepState, needed_after, oracle_access, oracle_routed
+from finemoe.policies.oracle.belady import Order, Plan, StepState, oracle_access, oracle_routed
 from finemoe.policies.oracle.future import FutureIndex
 from finemoe.traces.format import Trace, load_trace
 
@@ -45,11 +45,11 @@ class OraclePolicy(Policy):
         self.of_request: dict[str, int] = {}
         self.order = Order(layer=np.array([-1]), step=np.zeros(1, np.int64), has_order=np.zeros(1, bool),
                            ranked=np.zeros(1, bool), horizon=np.array([np.inf]), neg_next=np.full(K, -np.inf),
-                           control=np.array([np.inf, 1.0]))
+                           limit=np.array([np.inf]))
         self.plan = Plan(ctx.cache.resident, g.num_layers, self.lookahead, self.prefetch)
         self._marks = np.zeros(K, bool)            # needed_after's scratch
         self.state = self._state_of([])
-        self.single = False                        # this iteration is one on-trace row: the order is kept
+        self.offsets: list[int] | None = None      # the rows' steps relative to the first row's, last iteration
         self._keys, self._prio = np.zeros(K, np.int64), np.zeros(K)   # a prefetch's buffers
         self._no_probs, self._no_aux = np.zeros(0, np.float32), np.zeros((g.num_layers, 0), np.float32)
         belady.warm_up()                          # compiled (or loaded) now, not in the first request
@@ -74,55 +74,30 @@ class OraclePolicy(Policy):
             r = self.of_request.get(rid)
             if r is not None and step < self.future.iterations[r]:     # on the trace
                 bases.append(self.future.base[r] + step * self.future.L)
-        self.single = len(bases) == len(it.request_ids) == 1
+        offsets = [b - bases[0] for b in bases]
+        if offsets != self.offsets:               # other rows: the order is recomputed (belady.sync_order)
+            self.order.has_order[0] = False
+            self.offsets = offsets
         self.state = self._state_of(bases)
-        if not self.single:                       # a batch or an off-trace row: no valid Belady order
-            self._sync_order()
         return self._prefetch_after(-1)
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
-        if self.single:
-            oracle_access(layer, experts, counts, self.state)
-        else:
-            self.order.layer[0] = layer
+        oracle_access(layer, experts, counts, self.state)
 
     def on_layer_routed(self, routing: LayerRouting) -> Prefetch:
         return self._prefetch_after(routing.layer)
 
-    def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels | None:
-        if not self.single:
-            return None
+    def decode_kernels(self, probs: np.ndarray | None) -> LayerKernels:
         return LayerKernels(oracle_access, self.state, oracle_routed, self.state, self._no_aux)
 
     def _prefetch_after(self, layer: int) -> Prefetch:
         """Keys needed in layers layer+1 .. layer+lookahead of this iteration, soonest first (belady.needed_after)."""
-        if self.single:
-            m = oracle_routed(layer, self._keys, self._no_probs, self._no_probs, self.state, self._keys, self._prio)
-        else:
-            self.order.layer[0] = layer
-            m = needed_after(layer, self.state, self._keys, self._prio)
+        m = oracle_routed(layer, self._keys, self._no_probs, self._no_probs, self.state, self._keys, self._prio)
         return Prefetch(self._keys[:m].copy(), self._prio[:m].copy())
 
-    def select_victims(self, candidates: np.ndarray, n: int, for_prefetch: bool) -> np.ndarray:
-        """Farthest next use (by any row of this iteration) first; for a prefetch only beyond its horizon."""
-        dist = np.empty(candidates.size)
-        belady.distances(candidates, self.state.bases + int(self.order.layer[0]), self.future.timeline, dist)
-        order = (-dist).argsort(kind="stable")
-        if for_prefetch:
-            order = order[dist[order] > self.order.horizon[0]]
-        return candidates[order[:n]]
-
     def eviction_rank(self) -> EvictionRank:
-        """Belady's order as a live rank for a batch of one on-trace row (rank = -next use, updated as keys are
-        used); any other batch marks it invalid and the cache falls back to `select_victims`."""
+        """Belady's order as a live rank: the farthest next use (by any row of the iteration) first; a prefetch
+        evicts only keys needed beyond its horizon. The kernels keep it current from now on."""
         self.order.ranked[0] = True
-        self._sync_order()
-        return EvictionRank(self.order.neg_next, np.zeros_like(self.order.neg_next), self.order.control)
-
-    def _sync_order(self) -> None:
-        """Bring the order to the current step (belady.sync_order); off the trace or in a batch it is not valid."""
-        if not self.single:
-            self.order.control[1] = 0.0
-            self.order.has_order[0] = False
-            return
-        belady.sync_order(int(self.state.bases[0] + self.order.layer[0]), self.order, self.future.timeline)
+        belady.sync_order(int(self.order.layer[0]), self.state)
+        return EvictionRank.of(self.order.neg_next, gate=self.order.neg_next, limit=self.order.limit)
