@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import glob
 import os
+import statistics
+import time
 
 import torch
 from safetensors import safe_open
@@ -43,3 +45,15 @@ def input_embedding(folder: str) -> torch.nn.Embedding:
                 if key.endswith("embed_tokens.weight"):
                     return torch.nn.Embedding.from_pretrained(f.get_tensor(key).float())
     raise SystemExit(f"no embed_tokens.weight in {folder}/*.safetensors")
+
+
+def median_seconds(fn, repeat: int, warmup: int = 1) -> float:
+    """Median wall seconds of `fn()` over `repeat` runs, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -11,28 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 import numpy as np
 
+from benchmarks_common import median_seconds
 from finemoe.policies.finemoe.eviction import EvictionScores
 from finemoe.policies.finemoe.map_store import MapStore, StoreSpec
 from finemoe.policies.finemoe.planner import IterationPlanner
 from finemoe.policies.finemoe.search import semantic_topk
 from finemoe.policies.finemoe.selection import Selection
-
-
-def timed(fn, repeat: int) -> float:
-    """Median seconds of `fn()` over `repeat` runs."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def filled(C: int, L: int, J: int, E: int, d: int) -> MapStore:
@@ -61,10 +50,10 @@ def measure(C, L, J, E, d, B, repeat) -> dict:
 
     step = planner()
     return {"C": C, "B": B,
-            "semantic_ms": 1e3 * timed(lambda: semantic_topk(store, q_sem, 4), repeat),
-            "trajectory_step_ms": 1e3 * timed(lambda: step.observe(L // 2, q_layer), repeat),
-            "trajectory_iteration_ms": 1e3 * timed(trajectory_iteration, max(3, repeat // 5)),
-            "rdy_insert_ms": 1e3 * timed(lambda: store.add(new_map, new_sem), repeat),
+            "semantic_ms": 1e3 * median_seconds(lambda: semantic_topk(store, q_sem, 4), repeat),
+            "trajectory_step_ms": 1e3 * median_seconds(lambda: step.observe(L // 2, q_layer), repeat),
+            "trajectory_iteration_ms": 1e3 * median_seconds(trajectory_iteration, max(3, repeat // 5)),
+            "rdy_insert_ms": 1e3 * median_seconds(lambda: store.add(new_map, new_sem), repeat),
             "store_mib": (store.maps.numel() + store.sems.numel()) * 4 / 2**20}
 
 

@@ -13,8 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from helpers import topic_trace
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FLAME = SHARED / "data" / "traces" / "flame_moe_290m.npz"
@@ -30,21 +31,6 @@ SIM_FIELDS = ("hits", "misses", "bytes_copied", "prefetch_copies", "wasted_prefe
               "simulated_s")
 
 
-def topic_trace(seed=0, R=12, L=6, J=16, k=2, prompt=3, iters=12):
-    """R requests on 3 topics (each topic prefers its own experts per layer), full router probabilities."""
-    from finemoe.traces.format import Trace
-    rng = np.random.default_rng(seed)
-    prefs = rng.standard_normal((3, L, J)).astype(np.float32) * 2.0
-    rows = prompt + iters - 1
-    topics = rng.integers(0, 3, R)
-    logits = prefs[np.repeat(topics, rows)] + rng.standard_normal((R * rows, L, J)).astype(np.float32)
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    topk = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
-    return Trace("topics", L, J, k, offsets=np.arange(R + 1) * rows, prompt_lens=np.full(R, prompt),
-                 iterations=np.full(R, iters), token_ids=rng.integers(0, 50, R * rows), topk=topk,
-                 probs=probs.astype(np.float16), expert_bytes=1000)
-
-
 def _traces():
     """(name, trace, token embedding for finemoe's token semantics, cost model)."""
     from finemoe.simulator import CostModel
@@ -53,7 +39,7 @@ def _traces():
     torch.manual_seed(0)
     topics_embed = torch.nn.Embedding(50, 8)
     flame_embed = torch.nn.Embedding(int(flame.token_ids.max()) + 1, 16)
-    return [("topics", topic_trace(), topics_embed, CostModel(1000, 1e6, 1e-3, 1e-4)),
+    return [("topics", topic_trace(R=12, iters=12), topics_embed, CostModel(1000, 1e6, 1e-3, 1e-4)),
             ("flame-first10", flame, flame_embed, CostModel(17_301_504, 48.4e9, 2e-4, 5e-5))]
 
 

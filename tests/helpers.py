@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
 from finemoe.models.default import default_tokenizer
+from finemoe.traces.format import Trace
 
 VOCAB, EOS_ID, PAD_ID = 258, 256, 257   # the built-in tokenizer: 256 bytes, <|endoftext|>, <|pad|>
 NUM_EXPERTS, TOP_K = 8, 2
@@ -131,3 +133,17 @@ def victims(rank, keys: list[int], n: int, for_prefetch: bool = False) -> list[i
     blocked, limit = (sk.PREFETCH_BLOCKED, rank.limit[0]) if for_prefetch else (sk.DEMAND_BLOCKED, np.inf)
     m = sk.rank_victims(st, n, blocked, limit, rank, out, 0)
     return st.key_of[out[:m]].tolist()
+
+
+def topic_trace(seed=0, R=8, L=6, J=16, k=2, prompt=3, iters=10):
+    """R requests on 3 topics (each topic prefers its own experts per layer), full router probabilities."""
+    rng = np.random.default_rng(seed)
+    prefs = rng.standard_normal((3, L, J)).astype(np.float32) * 2.0
+    rows = prompt + iters - 1
+    topics = rng.integers(0, 3, R)
+    logits = prefs[np.repeat(topics, rows)] + rng.standard_normal((R * rows, L, J)).astype(np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    topk = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
+    return Trace("topics", L, J, k, offsets=np.arange(R + 1) * rows, prompt_lens=np.full(R, prompt),
+                 iterations=np.full(R, iters), token_ids=rng.integers(0, 50, R * rows), topk=topk,
+                 probs=probs.astype(np.float16), expert_bytes=1000)

@@ -12,7 +12,7 @@ from finemoe.policies.base import EvictionRank, LayerKernels, Policy, Prefetch, 
 from finemoe.policies.finemoe import FineMoEPolicy
 from finemoe.simulator import CostModel
 from finemoe.simulator.replay import Replay
-from test_finemoe_search import topic_trace
+from helpers import topic_trace
 
 FIELDS = ("hits", "misses", "bytes_copied", "prefetch_copies", "wasted_prefetches", "ttft_s", "tpot_s", "simulated_s")
 

@@ -1,5 +1,4 @@
-"""FineMoE's compiled search: ranking ties, the semantic memo, the token embedding table; `topic_trace` is shared
-with the simulator tests."""
+"""FineMoE's compiled search: ranking ties, the semantic memo, the token embedding table."""
 import numpy as np
 import pytest
 import torch
@@ -84,18 +83,3 @@ def test_a_host_embedding_table_gives_the_modules_vectors():
         want = emb(torch.tensor([4, 9]))
     assert torch.equal(torch.as_tensor(fast.embed(decode, [5, 5], False)), want)
     assert torch.equal(module.embed(decode, [5, 5], False), want)
-
-
-def topic_trace(seed=0, R=8, L=6, J=16, k=2, prompt=3, iters=10):
-    """R requests on 3 topics (each topic prefers its own experts per layer), full router probabilities."""
-    from finemoe.traces.format import Trace
-    rng = np.random.default_rng(seed)
-    prefs = rng.standard_normal((3, L, J)).astype(np.float32) * 2.0
-    rows = prompt + iters - 1
-    topics = rng.integers(0, 3, R)
-    logits = prefs[np.repeat(topics, rows)] + rng.standard_normal((R * rows, L, J)).astype(np.float32)
-    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    topk = np.argsort(-probs, axis=-1, kind="stable")[..., :k]
-    return Trace("topics", L, J, k, offsets=np.arange(R + 1) * rows, prompt_lens=np.full(R, prompt),
-                 iterations=np.full(R, iters), token_ids=rng.integers(0, 50, R * rows), topk=topk,
-                 probs=probs.astype(np.float16), expert_bytes=1000)
