@@ -8,8 +8,11 @@ bench_policies_gpu.py: requests are split (seeded) into a build part, which teac
 moe-infinity's collection (in gpu mode), and held-out requests, which every policy x mode serves.
 Per row: TPOT median, TTFT, hit rate, MB copied per token, CPU-computed experts per token; for cpu/auto rows,
 greedy-token agreement with the same policy's gpu row and the largest relative logit error
-(max |l - l_gpu| / max |l_gpu| over each request's steps up to its first differing token). `gpu-eager` is gpu
-mode without CUDA graphs (cpu and auto decode eagerly: engine/cpu_misses.py), the like-for-like baseline.
+(max |l - l_gpu| / max |l_gpu| over each request's steps up to its first differing token). Every mode decodes
+with the segmented CUDA graphs (a hybrid layer's CPU half runs between segment replays: engine/cpu_misses.py);
+a mode suffixed `-eager` (default: `auto-eager`) decodes without them, and its row also reports its agreement
+with the same mode's graph row (`vs_graph`: the two paths run the same ops and should agree exactly, up to the
+timing-dependent hits of in-flight copies) and so what the graphs save a hybrid mode.
 Also recorded: the calibrated MissCosts and the raw measurements behind them (one expert's copy time; its CPU
 time at 1, 4 and 16 tokens with the configured threads). Short table printed last; full JSON to --out.
 
@@ -38,7 +41,9 @@ from finemoe.models.default import default_tokenizer
 from finemoe.models.loader import LoadedModel
 from finemoe.traces.format import load_trace
 
-MODES = ("gpu", "gpu-eager", "cpu", "auto")
+MISS_MODES = ("gpu", "cpu", "auto")
+MODES = MISS_MODES + tuple(f"{m}-eager" for m in MISS_MODES)
+DEFAULT_MODES = ("gpu", "cpu", "auto", "auto-eager")
 
 
 class LogitsEngine(Engine):
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--trace", required=True)
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--policies", default="lru,moe-infinity,finemoe")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"among {', '.join(MODES)}; gpu required")
     ap.add_argument("--split", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=16)
@@ -107,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="hybrid_gpu.json")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
-    if "gpu" not in modes or set(modes) - set(MODES):
-        raise SystemExit(f"--modes must include gpu and be among {', '.join(MODES)}")
+    if not modes or modes[0] != "gpu" or set(modes) - set(MODES):
+        raise SystemExit(f"--modes must start with gpu and be among {', '.join(MODES)}")
     trace = load_trace(args.trace)
     order = np.random.default_rng(args.seed).permutation(trace.num_requests).tolist()
     cut = int(round(args.split * trace.num_requests))
@@ -138,11 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
             engine.reconfigure(policy, args.budget, {"collection": path, "learn": True}, miss_compute="gpu")
             serve(engine, replay, build)
             opts = {"collection": path, "learn": False}
-        reference = None
+        served = {}
         for mode in modes:
-            engine.reconfigure(policy, args.budget, opts, cuda_graphs=mode != "gpu-eager",
-                               miss_compute="gpu" if mode == "gpu-eager" else mode)
-            reqs, logits = serve(engine, replay, held, keep=mode != "gpu-eager")
+            miss = mode.removesuffix("-eager")
+            engine.reconfigure(policy, args.budget, opts, cuda_graphs=miss == mode, miss_compute=miss)
+            reqs, logits = serve(engine, replay, held, keep=True)
+            if mode == "gpu" or f"{mode}-eager" in modes:   # compared with later rows
+                served[mode] = (reqs, logits)
             s = engine.summary(reqs)
             tokens = s["output_tokens"]
             row = {"policy": policy, "mode": mode, "tpot_s": s["tpot_s"], "ttft_s": s["ttft_s"],
@@ -150,10 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
                    "bytes_per_token": s["bytes_per_token"], "cpu_experts": s["cpu_experts"],
                    "cpu_experts_per_token": s["cpu_experts"] / tokens if tokens else 0.0,
                    "decode_path": s["decode_path"]}
-            if mode == "gpu":
-                reference = (reqs, logits)
-            elif mode in ("cpu", "auto"):
-                row.update(agreement(reference[0], reqs, reference[1], logits))
+            if mode != "gpu":
+                gpu_reqs, gpu_logits = served["gpu"]
+                row.update(agreement(gpu_reqs, reqs, gpu_logits, logits))
+            if miss != mode and miss in served:
+                graph_reqs, graph_logits = served[miss]
+                row["vs_graph"] = agreement(graph_reqs, reqs, graph_logits, logits)
             rows.append(row)
             print(f"  {policy} {mode}: TPOT {row['tpot_s'] * 1e3:.2f} ms hit {row['hit_rate']:.3f} "
                   f"cpu/token {row['cpu_experts_per_token']:.2f}", flush=True)
@@ -171,14 +180,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"one expert ({raw['expert_bytes'] / 1e6:.1f} MB): copy {raw['copy_ms']:.3f} ms; CPU "
           + ", ".join(f"{t} tok {ms:.3f} ms" for t, ms in raw["cpu_ms_by_tokens"].items())
           + f"; fitted {calibration.describe(costs, raw['cpu_threads'])}")
-    print(f"{'policy':14s} {'mode':9s} {'TPOT ms':>8s} {'TTFT ms':>8s} {'hit':>6s} {'MB/tok':>7s} {'cpu/tok':>7s} "
-          f"{'agree':>6s} {'max rel err':>11s}")
+    print(f"{'policy':14s} {'mode':10s} {'path':5s} {'TPOT ms':>8s} {'TTFT ms':>8s} {'hit':>6s} {'MB/tok':>7s} "
+          f"{'cpu/tok':>7s} {'agree':>6s} {'max rel err':>11s} {'vs graph':>8s}")
     for r in rows:
         agree = f"{r['token_agreement']:6.3f}" if "token_agreement" in r else f"{'-':>6s}"
         err = f"{r['max_rel_logit_error']:11.2e}" if "max_rel_logit_error" in r else f"{'-':>11s}"
-        print(f"{r['policy']:14s} {r['mode']:9s} {r['tpot_s'] * 1e3:8.2f} {r['ttft_s'] * 1e3:8.1f} "
+        vs_graph = f"{r['vs_graph']['token_agreement']:8.3f}" if "vs_graph" in r else f"{'-':>8s}"
+        path = "graph" if r["decode_path"].startswith("CUDA graphs") else "eager"
+        print(f"{r['policy']:14s} {r['mode']:10s} {path:5s} {r['tpot_s'] * 1e3:8.2f} {r['ttft_s'] * 1e3:8.1f} "
               f"{r['hit_rate']:6.3f} {r['bytes_per_token'] / 1e6:7.1f} {r['cpu_experts_per_token']:7.2f} "
-              f"{agree} {err}")
+              f"{agree} {err} {vs_graph}")
     return result
 
 

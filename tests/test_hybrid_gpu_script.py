@@ -32,13 +32,15 @@ def test_tiny_cpu_run_reports_every_policy_and_mode(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["rows"] == result["rows"]
     assert [(r["policy"], r["mode"]) for r in saved["rows"]] == [
-        (p, m) for p in ("lru", "moe-infinity", "finemoe") for m in ("gpu", "gpu-eager", "cpu", "auto")]
+        (p, m) for p in ("lru", "moe-infinity", "finemoe") for m in ("gpu", "cpu", "auto", "auto-eager")]
     assert all(v > 0 for k, v in saved["miss_costs"].items() if k != "cpu_token_s")
     assert set(saved["raw_costs"]["cpu_ms_by_tokens"]) == {"1", "4", "16"}
     for r in saved["rows"]:
         if r["mode"] == "cpu":      # every demand miss on the CPU (prefetching policies still copy prefetches)
             assert r["cpu_experts"] == r["misses"] > 0 and (r["policy"] != "lru" or r["bytes_per_token"] == 0)
-        if r["mode"] in ("cpu", "auto"):    # fp32 on the CPU: the CPU half is the device path's math
-            assert r["token_agreement"] == 1.0 and r["max_rel_logit_error"] < 1e-3
-        else:
+        if r["mode"] == "gpu":
             assert r["cpu_experts"] == 0
+        else:                               # fp32 on the CPU: the CPU half is the device path's math
+            assert r["token_agreement"] == 1.0 and r["max_rel_logit_error"] < 1e-3
+        if r["mode"] == "auto-eager":       # the eager and the graph path: the same ops (no graphs on the CPU)
+            assert r["vs_graph"] == {"token_agreement": 1.0, "max_rel_logit_error": 0.0}

@@ -2,24 +2,38 @@
 the host expert store while the device copies and computes the rest.
 
 A layer's misses are split in LayerSequence.begin (experts/miss_split.py); the cache acquires (copies) only the
-device half. For the CPU half, runtime.run_layer (eager path) does, in this order:
+device half. The device side of a hybrid layer is two ops over per-layer device buffers:
+  keep mask  [J] per layer (`keep`, 0 for the layer's CPU experts, 1 elsewhere): the device computes with
+             top_k_weights * keep[top_k_index] (`device_weights`), so only its own half (the CPU experts'
+             slot-table entries point at slot 0 of the window, whose weights are finite, times weight 0)
+  CPU result [T, H]: the weighted sum of each token's CPU rows, added to the device half's output
+             (`with_cpu_result`)
+The host side is two calls:
   1. `start`: the (token, k) rows routed to CPU experts are found on the host (the routing is already there);
      their tokens' hidden states and top-k weights start copying to pinned host buffers on a side stream (the
-     compute stream already waits for the demand copies), and the layer's keep mask [J] (0 for CPU
-     experts) goes to the device
-  2. `device_weights`: top_k_weights times the keep mask gathered by top_k_index: the device computes only
-     its own half (the CPU experts' slot-table entries point at slot 0 of the window, whose weights are
-     finite, times weight 0)
-  3. the device half is issued (copies and compute run on the GPU from here on)
-  4. `finish`: HOST SYNC on the hidden states' copy only; the CPU computes every CPU row with the model's own
-     eager experts function over a host view of the whole layer [J, ...], each row as a one-expert token (so
-     no skip index is needed: transformers v5's GPT-OSS eager function has none, the others skip index J);
-     the rows' sums per token go back (pinned, non_blocking) and are added to the device output.
-The CPU half therefore overlaps the copy engine and the device's compute; the layer waits for the slower.
+     compute stream already waits for the demand copies), and the keep mask is written to the device
+  2. `finish`: HOST SYNC on those inputs only; the CPU computes every CPU row with the model's own eager
+     experts function over a host view of the whole layer [J, ...], each row as a one-expert token (so no skip
+     index is needed: transformers v5's GPT-OSS eager function has none, the others skip index J); the rows'
+     sums per token, [T, H] with zeros elsewhere, go to the device (pinned, non_blocking, on the compute stream)
+     into the buffer the add reads.
+Both the eager and the captured path run these same calls; they differ only in when the device ops run:
+  eager (runtime.run_layer): start; the device half is issued (masked weights); finish into a fresh [T, H]
+      buffer; the add. The CPU computes while the GPU copies and computes its half.
+  CUDA graph (engine/graphs.py): the decode step's segment for layer l captures the mask and the add over
+      static buffers: `keep` (allocated with this object) and a StaticResult per layer (allocated between
+      captures, `runtime.allocate_static`). Between the replays that end at layer l's routing and run its
+      experts, `run_static` does start and finish into the StaticResult (or, with no CPU experts, resets the
+      keep row to ones and the result to zero, only if they are not already): the CPU computes while the
+      demand copies are in flight, and the next segment, queued after the result's copy on the compute stream,
+      waits for the demand copies through their events. The device half's compute does not overlap the CPU's
+      here (it is in the next segment).
+`gpu` mode captures neither op: its graphs are the plain ones.
 
-CUDA graphs: a layer with CPU experts needs host work (the CPU compute) between the router and the layer's
-output, which a captured decode graph cannot hold. With `--miss-compute cpu|auto` decode runs eagerly on the
-static-KV fast path (engine/paths.py `graphs_allowed`); `gpu` mode keeps its graphs.
+Host buffer reuse: the keep mask's pinned host row for layer l is rewritten only at layer l's next visit, and
+every layer's routing sync (runtime._sync_routing_to_host, on the compute stream) has finished the previous
+copy from it by then. The other pinned buffers come from torch's caching host allocator, which does not hand a
+block out again before the copies that read it are done.
 """
 from __future__ import annotations
 
@@ -38,13 +52,28 @@ class CpuJob:
     """One layer's CPU half between `start` and `finish`."""
 
     layer: int
-    tokens: torch.Tensor          # [U] device: tokens with at least one CPU row
-    row_token: torch.Tensor       # [R] host: each CPU row's position in `tokens`
+    num_tokens: int               # T: the layer's tokens (rows of its output)
+    row_tok: torch.Tensor         # [R] host: each CPU row's token in [0, T)
+    row_token: torch.Tensor       # [R] host: each CPU row's position in the copied inputs
     row_k: torch.Tensor           # [R] host: each CPU row's top-k position
     row_expert: torch.Tensor      # [R, 1] host: each CPU row's expert
     hidden: torch.Tensor          # [U, H] host (pinned on CUDA; its copy is in flight until `ready`)
     weights: torch.Tensor         # [U, k] host
     ready: torch.cuda.Event | None
+
+
+@dataclass
+class StaticResult:
+    """A captured layer's CPU result: out [T, H] on the device at a fixed address, read by the graph segment
+    that computes the layer's experts; all zero unless `written`."""
+
+    out: torch.Tensor
+    written: bool = False
+
+
+def with_cpu_result(out: torch.Tensor, cpu_result: torch.Tensor) -> torch.Tensor:
+    """The device half's output out [T, H] plus the CPU half's cpu_result [T, H] (zero rows add exactly 0)."""
+    return out + cpu_result
 
 
 class CpuMisses:
@@ -58,39 +87,49 @@ class CpuMisses:
         J = store.geometry.num_experts
         self._keep_host = torch.ones((len(layers), J), dtype=torch.float32, pin_memory=self.cuda)   # [L, J]
         self._keep_np = self._keep_host.numpy()
-        self._keep_dev = self._keep_host.to(device) if self.cuda else self._keep_host
+        self.keep = self._keep_host.to(device) if self.cuda else self._keep_host   # [L, J] device, fixed address
+        self._keep_ones = np.ones(len(layers), dtype=bool)   # [L] whether keep[l] is all ones (as queued)
         self.side = torch.cuda.Stream(device) if self.cuda else None      # the CPU half's input copies
 
+    # ---- device ops (eager, or captured in a graph segment) --------------------------------------------
+    def device_weights(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """top_k_weights [T, k] with layer `layer`'s CPU experts' entries zeroed (exact for the others: times 1)."""
+        return top_k_weights * self.keep[layer][top_k_index].to(top_k_weights.dtype)
+
+    # ---- host work -------------------------------------------------------------------------------------
     def start(self, layer: int, cpu: np.ndarray, topk: np.ndarray, live: np.ndarray | None, hidden: torch.Tensor,
               top_k_weights: torch.Tensor) -> CpuJob:
-        """cpu [m] experts computed on the host; topk [T, k] the layer's routing on the host; live [T] bool or None.
-        Starts the copies of the CPU rows' inputs to the host and of the keep mask to the device."""
+        """cpu [m >= 1] experts computed on the host; topk [T, k] the layer's routing on the host; live [T] bool or
+        None; hidden [T, H] and top_k_weights [T, k] on the device, final (the routing's host sync came after
+        them on the compute stream). Starts the copies of the CPU rows' inputs to the host and writes the keep
+        mask."""
+        T = topk.shape[0]
         on = np.isin(topk, cpu)                                              # [T, k]
         if live is not None:
             on &= live[:, None]
         row_tok, row_k = np.nonzero(on)                                      # [R] each
         tokens, row_token = np.unique(row_tok, return_inverse=True)          # [U], [R]
+        whole = tokens.size == T                                             # every token (batch-1 decode): no gather
         ready = None
         if self.cuda:
             # The inputs go to the host on a side stream: the compute stream already waits for this layer's
-            # demand copies (cache.acquire), and a copy queued there would wait too. No event is needed: the
-            # routing's host sync (runtime._sync_routing_to_host) means `hidden` and the weights are final.
+            # demand copies (cache.acquire), and a copy queued there would wait too.
             with torch.cuda.stream(self.side):
-                idx = torch.from_numpy(tokens).to(self.device)
-                hidden_h = self._to_host(hidden.index_select(0, idx))        # [U, H]
-                weights_h = self._to_host(top_k_weights.index_select(0, idx))   # [U, k]
+                if whole:
+                    src_h, src_w = hidden, top_k_weights
+                else:
+                    idx = torch.from_numpy(tokens).to(self.device)
+                    src_h, src_w = hidden.index_select(0, idx), top_k_weights.index_select(0, idx)
+                hidden_h, weights_h = self._to_host(src_h), self._to_host(src_w)     # [U, H], [U, k]
                 ready = torch.cuda.Event()
                 ready.record(self.side)
-            idx.record_stream(torch.cuda.current_stream(self.device))       # read there too, by `finish`
+        elif whole:
+            hidden_h, weights_h = hidden, top_k_weights
         else:
             idx = torch.from_numpy(tokens)
             hidden_h, weights_h = hidden.index_select(0, idx), top_k_weights.index_select(0, idx)
-        keep = self._keep_np[layer]
-        keep[:] = 1.0
-        keep[cpu] = 0.0
-        if self.cuda:
-            self._keep_dev[layer].copy_(self._keep_host[layer], non_blocking=True)
-        return CpuJob(layer, idx, torch.from_numpy(row_token), torch.from_numpy(row_k),
+        self._write_keep(layer, cpu)
+        return CpuJob(layer, T, torch.from_numpy(row_tok), torch.from_numpy(row_token), torch.from_numpy(row_k),
                       torch.from_numpy(topk[row_tok, row_k]).unsqueeze(1), hidden_h, weights_h, ready)
 
     @staticmethod
@@ -100,18 +139,41 @@ class CpuMisses:
         host.copy_(t, non_blocking=True)
         return host
 
-    def device_weights(self, job: CpuJob, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """top_k_weights [T, k] with the CPU experts' entries zeroed (exact for the others: times 1)."""
-        return top_k_weights * self._keep_dev[job.layer][top_k_index].to(top_k_weights.dtype)
+    def _write_keep(self, layer: int, cpu: np.ndarray) -> None:
+        """keep[layer] <- 0 at `cpu` [m], 1 elsewhere (queued on the current stream; skipped when it is all ones
+        already and m == 0)."""
+        if cpu.size == 0 and self._keep_ones[layer]:
+            return
+        keep = self._keep_np[layer]
+        keep[:] = 1.0
+        keep[cpu] = 0.0
+        if self.cuda:
+            self.keep[layer].copy_(self._keep_host[layer], non_blocking=True)
+        self._keep_ones[layer] = cpu.size == 0
 
-    def finish(self, job: CpuJob, out: torch.Tensor) -> torch.Tensor:
-        """Compute the CPU rows and add them into the device half's output out [T, H] (in place; returned).
+    def finish(self, job: CpuJob, into: torch.Tensor) -> torch.Tensor:
+        """Compute the CPU rows and write their per-token sums into `into` [T, H] on the device (zero for tokens
+        without CPU rows; the copy is queued on the current stream); returns `into`.
         HOST SYNC: the CPU rows' inputs (copied to the host in `start`)."""
         if job.ready is not None:
             job.ready.synchronize()
         x = job.hidden[job.row_token]                                        # [R, H]
         w = job.weights[job.row_token, job.row_k].unsqueeze(1)               # [R, 1]
         rows = self.fns[job.layer](self.views[job.layer], x, job.row_expert, w)   # [R, H] weighted
-        sums = torch.zeros(job.hidden.shape, dtype=out.dtype, pin_memory=self.cuda)     # [U, H]
-        sums.index_add_(0, job.row_token, rows.to(out.dtype))
-        return out.index_add_(0, job.tokens, sums.to(self.device, non_blocking=True))
+        sums = torch.zeros((job.num_tokens, rows.shape[1]), dtype=into.dtype, pin_memory=self.cuda)   # [T, H]
+        sums.index_add_(0, job.row_tok, rows.to(into.dtype))
+        return into.copy_(sums, non_blocking=self.cuda)
+
+    def run_static(self, layer: int, cpu: np.ndarray, topk: np.ndarray, live: np.ndarray | None,
+                   hidden: torch.Tensor, top_k_weights: torch.Tensor, result: StaticResult) -> None:
+        """Between graph replays: the CPU half of layer `layer` (cpu [m] experts, maybe none) run to completion
+        into the static buffers its captured segment reads, `keep[layer]` and `result`. HOST SYNC (m >= 1): the
+        CPU rows' inputs."""
+        if cpu.size == 0:
+            self._write_keep(layer, cpu)
+            if result.written:
+                result.out.zero_()
+                result.written = False
+            return
+        self.finish(self.start(layer, cpu, topk, live, hidden, top_k_weights), result.out)
+        result.written = True

@@ -10,7 +10,6 @@ from collections import OrderedDict
 
 from finemoe.engine.decoders import DynamicDecoder, StaticDecoder
 from finemoe.engine.static_kv import StaticState, bucket_length, static_cache_blocker
-from finemoe.experts.miss_split import GPU
 
 MAX_STATIC_SHAPES = 2   # batch shapes whose static KV cache (and captured step) stay allocated
 
@@ -40,12 +39,10 @@ class DecodePaths:
 
     def graphs_allowed(self, batch: int) -> bool:
         """CUDA graphs for decode batches of this size: on CUDA, unless disabled or a capture failed, and
-        only when every layer's experts fit one pool window (see runtime.graph_ready), and not with CPU-computed
-        misses (their host compute sits inside a layer: engine/cpu_misses.py)."""
+        only when every layer's experts fit one pool window (see runtime.graph_ready). Every --miss-compute mode:
+        a hybrid layer's CPU half runs between segment replays (engine/cpu_misses.py)."""
         e = self.engine
         if e.device.type != "cuda" or not e.cfg.cuda_graphs or self.graph_failure is not None:
-            return False
-        if e.runtime.miss_mode != GPU:
             return False
         g = e.geometry
         return e.runtime.graph_ready and (e.policy.keeps_all_resident or
@@ -65,8 +62,6 @@ class DecodePaths:
             return f"eager, dynamic KV cache ({self.blocker})"
         if e.device.type != "cuda" or not e.cfg.cuda_graphs:
             return "eager, static KV cache"
-        if e.runtime.miss_mode != GPU:
-            return f"eager, static KV cache (--miss-compute {e.cfg.miss_compute}: no CUDA graphs)"
         if self.graph_failure is not None:
             return f"eager, static KV cache (CUDA graph capture failed: {self.graph_failure})"
         return "CUDA graphs, static KV cache" + ("" if e.runtime.graph_ready else

@@ -12,18 +12,20 @@ Per layer (the router has already chosen top-k experts on the device):
 If a batch needs more distinct experts than the cache has slots, the layer runs in waves, each wave's
 rows computed separately and reduced once at the end, in the same order as the unmodified model.
 With `--miss-compute cpu|auto` (`hybrid`) the layer's misses are split in step 2-4: the cache copies only the
-device half, the CPU half runs on the host from the host store while the device works (engine/cpu_misses.py),
-and its result is added to the layer's output. A CPU-computed expert counts as a miss that copied 0 bytes.
+device half, the CPU half runs on the host from the host store while the device copies (eager: and computes),
+and its result is added to the layer's output (engine/cpu_misses.py). A CPU-computed expert counts as a miss
+that copied 0 bytes. Under a captured decode graph (engine/graphs.py) the same host work runs between segment
+replays (`begin_replayed_layer`), and each segment computes its layer with `captured_layer`.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from finemoe.engine.cpu_misses import CpuMisses
+from finemoe.engine.cpu_misses import CpuMisses, StaticResult, with_cpu_result
 from finemoe.engine.layer_sequence import LayerSequence, RealClock
 from finemoe.engine.snapshots import RouterSnapshots
-from finemoe.engine.stats import IterationStats, LayerStep, RuntimeTotals
+from finemoe.engine.stats import IterationStats, LayerCut, LayerStep, RuntimeTotals
 from finemoe.engine.waves import run_in_waves
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.hook import SlotExperts
@@ -152,9 +154,9 @@ class OffloadRuntime:
             J = self.g.num_experts
             return ex.compute_fn(ex.window(layer * J, (layer + 1) * J), hidden, top_k_index, top_k_weights)
         if self.capture is not None:  # recording a CUDA graph: the host work runs between replays
-            self.capture.cut(layer, top_k_index, self._router_out.get(layer))
-            return ex.compute_fn(ex.window(0, self.cache.capacity), hidden, self._lut_dev[layer][top_k_index],
-                                 top_k_weights)
+            cut = LayerCut(layer, top_k_index, self._router_out.get(layer), hidden, top_k_weights)
+            self.capture.cut(cut)
+            return self.captured_layer(ex, cut)
         step = self.begin_layer(layer, top_k_index)
         if self._lookahead and layer + 1 < len(self.layers):
             self._look_ahead(layer + 1, hidden)
@@ -164,12 +166,46 @@ class OffloadRuntime:
         if step.lo < 0:            # (the CPU experts' rows are in no wave: they come out zero)
             out = run_in_waves(self, ex, hidden, top_k_index, top_k_weights, step.demand)
         else:
-            weights = top_k_weights if job is None else self.cpu_misses.device_weights(job, top_k_index, top_k_weights)
+            weights = top_k_weights if job is None else self.cpu_misses.device_weights(layer, top_k_index,
+                                                                                       top_k_weights)
             out = ex.compute_fn(ex.window(step.lo, step.hi), hidden, self._lut_dev[layer][top_k_index], weights)
-        if job is not None:
-            out = self.cpu_misses.finish(job, out)   # HOST SYNC: the CPU rows' inputs; computed while the GPU works
+        if job is not None:        # HOST SYNC: the CPU rows' inputs; the CPU computes while the GPU works
+            out = with_cpu_result(out, self.cpu_misses.finish(job, torch.empty_like(out)))
         self.finish_layer(step)
         return out
+
+    # ---- the captured path (engine/graphs.py) ---------------------------------------------------------
+    def allocate_static(self, cut: LayerCut) -> None:
+        """Outside any capture (between two segments' captures): the static device buffers that layer
+        `cut.layer`'s segment reads besides the slot table; hybrid modes only (a zero CPU result [T, H])."""
+        if self.miss_mode != GPU:
+            cut.cpu_result = StaticResult(torch.zeros_like(cut.hidden))
+
+    def captured_layer(self, ex: LayerExecutor, cut: LayerCut) -> torch.Tensor:
+        """What a graph segment computes for layer `cut.layer`'s experts: the whole pool's window through the
+        device slot table, and in hybrid modes the keep mask and the CPU result's add; every buffer it reads
+        is at a fixed address and written between replays (`begin_replayed_layer`). `gpu` mode: the plain
+        experts call, nothing else."""
+        layer, weights = cut.layer, cut.top_k_weights
+        if cut.cpu_result is not None:
+            weights = self.cpu_misses.device_weights(layer, cut.top_k_index, weights)
+        out = ex.compute_fn(ex.window(0, self.cache.capacity), cut.hidden, self._lut_dev[layer][cut.top_k_index],
+                            weights)
+        return out if cut.cpu_result is None else with_cpu_result(out, cut.cpu_result.out)
+
+    def begin_replayed_layer(self, cut: LayerCut) -> LayerStep:
+        """The host work between the segment that ends at layer `cut.layer`'s routing and the one that computes
+        its experts: `begin_layer` (HOST SYNC: the routing; the device half's copies start), then in hybrid
+        modes the CPU half run to completion into the segment's static buffers (HOST SYNC: its inputs), while
+        the copies are in flight; the segment's replay, queued after, waits for them (their events)."""
+        step = self.begin_layer(cut.layer, cut.top_k_index, cut.router_out)
+        if step.lo != 0:
+            raise RuntimeError(f"layer {cut.layer} needs {step.experts.size} experts at once, more than one graph "
+                               "window holds; this batch size must run eagerly")
+        if cut.cpu_result is not None:
+            self.cpu_misses.run_static(cut.layer, step.demand.cpu, step.topk, self._live_tokens, cut.hidden,
+                                       cut.top_k_weights, cut.cpu_result)
+        return step
 
     @property
     def graph_ready(self) -> bool:

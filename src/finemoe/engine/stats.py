@@ -1,10 +1,12 @@
-"""What the offload runtime counts and carries between the halves of a layer's host work."""
+"""What the offload runtime counts and carries between the halves of a layer's host work (eager or captured)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from finemoe.engine.cpu_misses import StaticResult
 from finemoe.engine.layer_sequence import LayerDemand
 
 
@@ -36,6 +38,20 @@ class LayerStep:
     @property
     def experts(self) -> np.ndarray:
         return self.demand.experts
+
+
+@dataclass
+class LayerCut:
+    """Where a captured decode step is cut, at MoE layer `layer`'s routing (engine/graphs.py): the tensors the
+    host work between replays reads and the next segment computes from, all at fixed addresses in the graph's
+    pool (kept alive here, so no later capture reuses them), and the layer's static CPU result (hybrid modes)."""
+
+    layer: int
+    top_k_index: torch.Tensor          # [T, k]
+    router_out: tuple | None           # (router logits, router input) where a policy reads them
+    hidden: torch.Tensor               # [T, H] the experts' input
+    top_k_weights: torch.Tensor        # [T, k]
+    cpu_result: StaticResult | None = None   # set by runtime.allocate_static, outside the capture
 
 
 @dataclass
