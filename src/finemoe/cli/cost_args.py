@@ -73,7 +73,7 @@ def milliseconds(text: str | None, flag: str, positive: bool = False) -> float:
     except (TypeError, ValueError):
         raise ConfigError(f"{flag} {text!r} is not a number of milliseconds") from None
     if not math.isfinite(ms) or ms < 0 or (positive and ms == 0):
-        raise ConfigError(f"{flag} {text} must be a finite number of milliseconds {'> 0' if positive else '>= 0'}")
+        raise ConfigError(f"{flag} {text} must be a finite number of ms {'> 0' if positive else '>= 0'}")
     return ms / 1e3
 
 

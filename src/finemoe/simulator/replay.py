@@ -222,9 +222,9 @@ class Replay:
 
 def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,
              policy_options: dict[str, dict] | None = None, prefetch_inflight: int = 4,
-             miss_compute: str = "gpu", miss_costs: MissCosts | None = None) -> list[dict]:
+             miss_compute: str = "gpu", miss_costs: MissCosts | None = None, embed=None) -> list[dict]:
     """One result row per (policy, budget), in that order. `policy_options` maps policy name -> options;
-    `miss_compute` / `miss_costs` as Replay takes them."""
+    `miss_compute`, `miss_costs` and `embed` as Replay takes them."""
     mode_code(miss_compute)
     for p in policies:
         check_simulatable(trace, p)
@@ -233,6 +233,6 @@ def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,
     for p in policies:
         for b in budgets:
             opts = (policy_options or {}).get(p, {})
-            rows.append(Replay(trace, p, b, cost, opts, prefetch_inflight, routed, miss_compute=miss_compute,
-                               miss_costs=miss_costs).run())
+            rows.append(Replay(trace, p, b, cost, opts, prefetch_inflight, routed, embed, miss_compute,
+                               miss_costs).run())
     return rows
