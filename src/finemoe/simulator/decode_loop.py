@@ -34,6 +34,7 @@ from finemoe.policies.moe_infinity import steps as moe_infinity_steps
 from finemoe.policies.oracle import belady
 from finemoe.simulator import timed_kernels as tk
 
+
 class MissPlan(NamedTuple):
     """Where a layer's misses run in the compiled loop (experts/miss_split.py), with scratch for k experts."""
 
@@ -47,8 +48,7 @@ class MissPlan(NamedTuple):
     device: np.ndarray       # int64 [k] the device half's experts, ascending
 
     @staticmethod
-    def of(mode: int, costs: MissCosts | None, k: int) -> MissPlan:
-        c = costs or MissCosts(0.0, 0.0)
+    def of(mode: int, c: MissCosts, k: int) -> MissPlan:
         return MissPlan(mode, c.copy_s, c.cpu_s, c.cpu_token_s, c.cpu_fixed_s, np.zeros(k, np.int64),
                         np.zeros(k, np.bool_), np.zeros(k, np.int64))
 
