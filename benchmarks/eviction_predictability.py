@@ -119,9 +119,9 @@ class DecodeReplay(Replay):
         super().__init__(*args, **kwargs)
         self.decode = {"s": 0.0, "bytes": 0, "tokens": 0, "hits": 0, "misses": 0}
 
-    def _iteration(self, r: int, i: int) -> tuple[int, int]:
+    def _iteration(self, r: int, i: int) -> tuple[int, int, int]:
         t0, b0 = self.transport.now, self.transport.bytes_copied
-        hits, misses = super()._iteration(r, i)
+        hits, misses, cpu = super()._iteration(r, i)
         if i > 0:
             acc = self.decode
             acc["s"] += self.transport.now - t0
@@ -129,7 +129,7 @@ class DecodeReplay(Replay):
             acc["tokens"] += 1
             acc["hits"] += hits
             acc["misses"] += misses
-        return hits, misses
+        return hits, misses, cpu
 
 
 def decode_row(trace, label: str, policy: str, options: dict, cost: CostModel, budget: str) -> dict:

@@ -27,7 +27,6 @@ import time
 import numpy as np
 
 from benchmarks_common import input_embedding
-from finemoe.cli.simulate import _bandwidth as gbps
 from finemoe.simulator import CostModel, simulate
 from finemoe.traces import load_trace
 from finemoe.traces.format import Trace
@@ -98,7 +97,7 @@ def main() -> None:
 
     trace = repeated(load_trace(args.trace), args.repeat)
     steps = int(trace.iterations.sum()) * trace.num_layers
-    cost = CostModel(args.expert_bytes, gbps(args.bandwidth), args.layer_time_ms / 1e3)
+    cost = CostModel(args.expert_bytes, float(args.bandwidth) * 1e9, args.layer_time_ms / 1e3)   # GB/s (or inf)
     print(f"{args.trace} x{args.repeat}: {trace.num_requests} requests, {steps} MoE layer steps; "
           f"load average {os.getloadavg()[0]:.2f}")
     embed = input_embedding(args.embed_from) if args.embed_from else None     # loaded once, outside the timing

@@ -1,6 +1,6 @@
 """The simulator's compiled decode loop (simulator/decode_loop.py): a policy that offers its per-layer callbacks as
 compiled functions (Policy.decode_kernels) replays exactly as when the replay calls those callbacks layer by layer:
-the same hits, copies, times and policy state."""
+the same hits, copies, times and policy state, in every miss-compute mode."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,11 +31,11 @@ def counting(cls):
     return Counted
 
 
-def replay_both(cls, trace, budget, cost, /, **options):
+def replay_both(cls, trace, budget, cost, /, miss_compute="gpu", **options):
     rows, policies = [], []
     for per_layer in (False, True):
         policy = counting(cls)(per_layer=per_layer, **options)
-        rows.append(Replay(trace, policy, budget, cost).run())
+        rows.append(Replay(trace, policy, budget, cost, miss_compute=miss_compute).run())
         policies.append(policy)
     return rows, policies
 
@@ -162,3 +162,33 @@ def test_baseline_policies_replay_in_the_loop_like_their_callbacks(name, options
     if name == "moe-infinity" and not options:       # equal stored matrices: the matches tie exactly
         stored = looped.collection.unit[:looped.collection.size]
         assert len({row.tobytes() for row in stored}) < stored.shape[0]
+
+
+# ---- misses computed on the CPU (--miss-compute cpu|auto): the loop splits as LayerSequence.begin does ---------
+HYBRID = CostModel(1000, 2e5, 1e-3, 1e-4, cpu_expert_s=6e-3, cpu_layer_s=1e-3)   # copy 5 ms; auto splits two misses
+
+
+@pytest.mark.parametrize("mode", ["cpu", "auto"])
+@pytest.mark.parametrize("name,options", [("lru", {}), ("lfu", {}), ("deepspeed", {}), ("oracle", {"prefetch": False}),
+                                          ("moe-infinity", {}), ("test-next-layer-guess", {})])
+def test_cpu_computed_misses_replay_in_the_loop_like_the_layer_sequence(name, options, mode):
+    from finemoe.policies import get_policy_class
+    trace = repeated_topic_trace()
+    if name == "oracle":
+        options = {**options, "trace": trace}
+    (a, b), (looped, per_layer) = replay_both(get_policy_class(name), trace, "25%", HYBRID, miss_compute=mode,
+                                              **options)
+    assert looped.looped > 0 and per_layer.looped == 0
+    assert a["cpu_experts"] > 0 and a["cpu_wait_s"] > 0
+    assert a["cpu_experts"] < a["misses"] or mode == "cpu"
+    for key in (*FIELDS, "cpu_experts", "cpu_wait_s", "stall_s"):
+        assert a[key] == b[key], key
+
+
+def test_finemoe_cpu_computed_misses_replay_in_the_loop_like_the_layer_sequence():
+    trace, embed = topic_trace(), torch.nn.Embedding(50, 8)
+    (a, b), (looped, _) = replay_both(FineMoEPolicy, trace, "15%", HYBRID, miss_compute="auto", capacity=20,
+                                      prefetch_distance=2, embed=embed)
+    assert looped.looped > 60 and 0 < a["cpu_experts"] < a["misses"]
+    for key in (*FIELDS, "cpu_experts", "cpu_wait_s", "stall_s"):
+        assert a[key] == b[key], key

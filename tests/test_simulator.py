@@ -12,7 +12,8 @@ from conftest import require_shared
 from finemoe import EngineConfig
 from finemoe.cli.main import main
 from finemoe.engine import Engine, SamplingParams
-from finemoe.simulator import CostModel, SimulationError, TimedTransport, simulate
+from finemoe.experts.miss_split import MODES, MissCosts
+from finemoe.simulator import CostModel, Replay, SimulationError, TimedTransport, simulate
 from finemoe.traces import Trace
 
 
@@ -130,3 +131,28 @@ def test_simulator_counts_equal_the_engines_on_ref_moe(ref_setup, policy, budget
     assert (sim["hits"], sim["misses"], sim["bytes_copied"]) == \
         (summary["hits"], summary["misses"], summary["bytes_copied"])
     assert summary["misses"] > 0
+
+
+# the same miss costs in the engine and the simulator: exact binary fractions, so both split every layer alike
+HYBRID_COSTS = MissCosts(copy_s=1.0, cpu_s=1.0, cpu_token_s=0.5, cpu_fixed_s=0.25)
+
+
+@pytest.mark.parametrize("policy,budget", [("lru", "25%"), ("oracle", "4%")])
+def test_simulator_splits_misses_like_the_engine_in_every_mode(ref_setup, policy, budget):
+    """Each request's hits, misses, bytes and CPU-computed experts, engine against simulator, per --miss-compute."""
+    cfg, prompts, trace = ref_setup
+    options = {"trace": trace} if policy == "oracle" else {}
+    engine = Engine.from_config(EngineConfig(policy=policy, policy_options=options, expert_budget=budget, **cfg))
+    cpu_experts = {}
+    for mode in MODES:
+        engine.reconfigure(policy, budget, options, miss_compute=mode, miss_costs=HYBRID_COSTS)
+        served = engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
+        replay = Replay(trace, policy, budget, CostModel(trace.expert_bytes, float("inf")), options,
+                        miss_compute=mode, miss_costs=HYBRID_COSTS)
+        replay.run()
+        want = [(r.metrics.hits, r.metrics.misses, int(r.metrics.bytes_copied), r.metrics.cpu_experts) for r in served]
+        got = [(m.hits, m.misses, int(m.bytes_copied), m.cpu_experts) for m in replay.metrics]
+        assert got == want, mode
+        cpu_experts[mode] = sum(m[3] for m in want)
+    engine.close()
+    assert cpu_experts["gpu"] == 0 and 0 < cpu_experts["auto"] < cpu_experts["cpu"]

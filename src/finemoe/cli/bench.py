@@ -12,7 +12,8 @@ import sys
 from tqdm import tqdm
 
 from finemoe.cli.common import add_miss_compute_args
-from finemoe.cli.simulate import _bandwidth, _split
+from finemoe.cli.cost_args import add_cost_args, cost_model
+from finemoe.cli.simulate import _split
 from finemoe.config import EngineConfig, default_device
 from finemoe.engine import Engine
 from finemoe.errors import ConfigError
@@ -46,13 +47,7 @@ def add_parser(sub) -> None:
     mode.add_argument("--engine", dest="simulate", action="store_false", help="evaluate in the engine (default)")
     mode.add_argument("--simulate", dest="simulate", action="store_true",
                       help="record traces with the engine, evaluate routing-driven policies in the simulator")
-    p.add_argument("--bandwidth", default="25", help="simulator: host-to-device GB/s, or inf")
-    p.add_argument("--layer-time-ms", type=float, default=0.0, help="simulator: compute time of one MoE layer")
-    p.add_argument("--host-layer-ms", type=float, default=0.0,
-                   help="simulator: host round trip before each offloaded layer's experts (routing sync, cache work)")
-    p.add_argument("--policy-layer-ms", type=float, default=0.0,
-                   help="simulator: the policy's own host time per layer, spent while the layer computes")
-    p.add_argument("--expert-bytes", type=int, default=None, help="simulator: cost each expert as N bytes")
+    add_cost_args(p, prefix="simulator: ", miss_compute=False)
     p.add_argument("--trace-dir", default=None,
                    help="keep recorded routing traces here and reuse them in later benches over the same prompts")
     p.add_argument("--build-batch", type=int, default=8, help="batch size for building histories and traces")
@@ -76,6 +71,11 @@ def _distances(text: str | None) -> list[int | None]:
     return out
 
 
+def _simulated_miss_report(cost: CostModel) -> dict:
+    """The miss costs a simulated bench charged (the engine's report's keys)."""
+    return {"cpu_threads": None, "miss_costs": dataclasses.asdict(cost.miss_costs)}
+
+
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -91,23 +91,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit must be >= 2 (a split needs prompts on both sides)")
     variants = parse_variants(args.policies)
     budgets = _split(args.expert_budget, "--expert-budget")
-    cost = None
-    if args.simulate and args.miss_compute != "gpu":
-        raise ConfigError("--miss-compute cpu|auto runs in the engine only: drop --simulate (the simulator does not "
-                          "model CPU-computed misses yet)")
-    if args.simulate:
-        cost = CostModel(args.expert_bytes or 1, _bandwidth(args.bandwidth), args.layer_time_ms / 1e3,
-                         args.host_layer_ms / 1e3, args.policy_layer_ms / 1e3)
+    cost = cost_model(args, 1, [args.miss_compute]) if args.simulate else None
     texts = load_texts(_split(args.prompts, "--prompts"), args.limit, args.seed)
     build_idx, held_idx = split_indices(len(texts), args.split, args.seed)
+    # simulate mode records its traces exactly (gpu) and replays them in --miss-compute's mode
     engine = Engine.from_config(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                                             show_progress=False, seed=args.seed, miss_compute=args.miss_compute,
+                                             show_progress=False, seed=args.seed,
+                                             miss_compute="gpu" if cost else args.miss_compute,
                                              cpu_threads=args.cpu_threads))
     if cost is not None and args.expert_bytes is None:
         cost = dataclasses.replace(cost, expert_bytes=engine.geometry.expert_bytes)
     prompts = tokenize(engine.tokenizer, texts, args.template, args.max_prompt_tokens)
     plan = BenchPlan(variants, budgets, _distances(args.prefetch_distance), args.max_new_tokens, args.build_batch, cost,
-                     trace_dir=args.trace_dir)
+                     trace_dir=args.trace_dir, miss_compute=args.miss_compute)
     with tqdm(total=len(plan.jobs) + (1 if cost else 0), desc="bench", unit="run", file=sys.stderr,
               disable=False) as bar:
         bench = Bench(engine, [prompts[i] for i in build_idx], [prompts[i] for i in held_idx], plan,
@@ -122,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
             "bandwidth_GBps": args.bandwidth if cost else None, "layer_time_ms": args.layer_time_ms if cost else None,
             "host_layer_ms": args.host_layer_ms if cost else None,
             "policy_layer_ms": args.policy_layer_ms if cost else None, "commit": _commit(),
-            "miss_compute": args.miss_compute, **engine.miss_compute_report()}
+            "miss_compute": args.miss_compute,
+            **(_simulated_miss_report(cost) if cost else engine.miss_compute_report())}
     write_outputs(args.out, summary, per_request, meta)
     plot_summary(summary, args.out, title=f"{os.path.basename(str(engine.model_name))}, held-out prompts")
     if args.json:

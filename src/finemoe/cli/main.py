@@ -14,6 +14,7 @@ COMMANDS = {   # subcommand -> its module, in `finemoe --help` order
     "generate": "finemoe.cli.generate",
     "trace": "finemoe.cli.trace",
     "simulate": "finemoe.cli.simulate",
+    "tune": "finemoe.cli.tune",
     "serve": "finemoe.cli.serve",
     "maps": "finemoe.cli.maps",
     "bench": "finemoe.cli.bench",

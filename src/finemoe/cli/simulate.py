@@ -6,12 +6,13 @@ import json
 import sys
 
 from finemoe.cli.common import parse_policy_options
+from finemoe.cli.cost_args import add_cost_args, cost_model
 from finemoe.errors import ConfigError
-from finemoe.simulator import CostModel, simulate
+from finemoe.simulator import simulate
 from finemoe.traces import load_trace
 
 ROW_KEYS = ("policy", "expert_budget_bytes", "hits", "misses", "hit_rate", "bytes_copied", "bytes_per_token",
-            "ttft_s", "tpot_s")
+            "cpu_experts", "ttft_s", "tpot_s")
 
 
 def add_parser(sub) -> None:
@@ -20,15 +21,7 @@ def add_parser(sub) -> None:
                    help="trace from `finemoe trace`, or the FLAME-MoE .npz (suffix #seq, #first10 or #all)")
     p.add_argument("--policy", default="lru", help="policy or comma-separated policies, e.g. lru,lfu,oracle")
     p.add_argument("--expert-budget", default="25%", help="budget or comma-separated budgets: 25%%,50%%,6GiB")
-    p.add_argument("--bandwidth", default="25", help="host-to-device copy bandwidth in GB/s (10^9 B/s), or inf")
-    p.add_argument("--layer-time-ms", type=float, default=0.0, help="compute time of one MoE layer per iteration")
-    p.add_argument("--host-layer-ms", type=float, default=0.0,
-                   help="simulator: host round trip before each offloaded layer's experts (routing sync, cache work)")
-    p.add_argument("--policy-layer-ms", type=float, default=0.0,
-                   help="the policy's own host time per layer, spent while the layer computes (the next layer "
-                        "starts after the longer of the two)")
-    p.add_argument("--expert-bytes", type=int, default=None,
-                   help="cost every expert as this many bytes (default: the recorded model's expert size)")
+    add_cost_args(p)
     p.add_argument("--prefetch-inflight", type=int, default=4)
     p.add_argument("--policy-option", action="append", default=[], metavar="[POLICY:]KEY=VALUE",
                    help="policy option (JSON value) for every policy, or for one with a POLICY: prefix")
@@ -41,22 +34,6 @@ def _split(text: str, what: str) -> list[str]:
     if not items:
         raise ConfigError(f"{what} is empty")
     return items
-
-
-MAX_GBPS = 1e5   # 100 TB/s: a larger --bandwidth is a value in B/s passed as GB/s
-
-
-def _bandwidth(text: str) -> float:
-    try:
-        gbps = float(text)
-    except ValueError:
-        raise ConfigError(f"--bandwidth {text!r} is not a number of GB/s (or inf)") from None
-    if not gbps > 0:
-        raise ConfigError("--bandwidth must be positive")
-    if MAX_GBPS <= gbps < float("inf"):
-        raise ConfigError(f"--bandwidth {text} GB/s is beyond any host link: the unit is GB/s, not B/s (pass e.g. 48.4 "
-                          "for 48.4 GB/s, or inf for free copies)")
-    return gbps * 1e9
 
 
 def policy_options(items: list[str], policies: list[str]) -> dict[str, dict]:
@@ -78,25 +55,24 @@ def run(args: argparse.Namespace) -> int:
     trace = load_trace(args.trace)
     policies = _split(args.policy, "--policy")
     budgets = _split(args.expert_budget, "--expert-budget")
-    expert_bytes = args.expert_bytes or trace.expert_bytes
-    if not expert_bytes:
+    if not (args.expert_bytes or trace.expert_bytes):
         raise ConfigError(f"trace {args.trace!r} does not say how large an expert is: pass --expert-bytes N")
     if args.prefetch_inflight < 1:
         raise ConfigError("--prefetch-inflight must be >= 1")
-    cost = CostModel(int(expert_bytes), _bandwidth(args.bandwidth), args.layer_time_ms / 1e3, args.host_layer_ms / 1e3,
-                     args.policy_layer_ms / 1e3)
+    cost = cost_model(args, trace.expert_bytes, [args.miss_compute])
     rows = simulate(trace, policies, budgets, cost, policy_options(args.policy_option, policies),
-                    args.prefetch_inflight)
+                    args.prefetch_inflight, args.miss_compute)
     if args.json:
         json.dump({"results": rows}, sys.stdout)
         print()
         return 0
     print(f"trace: {trace.source} ({trace.model}; {trace.num_requests} requests, {trace.num_tokens} tokens)   "
-          f"expert {cost.expert_bytes} B   bandwidth {args.bandwidth} GB/s   layer {args.layer_time_ms} ms")
-    print(f"{'policy':<14}{'budget B':>14}{'hit rate':>10}{'misses':>10}{'bytes/token':>14}{'TTFT ms':>10}"
-          f"{'TPOT ms':>10}{'req/s':>9}")
+          f"expert {cost.expert_bytes} B   bandwidth {args.bandwidth} GB/s   layer {args.layer_time_ms} ms   "
+          f"misses on {args.miss_compute}")
+    print(f"{'policy':<14}{'budget B':>14}{'hit rate':>10}{'misses':>10}{'CPU exp':>9}{'bytes/token':>14}"
+          f"{'TTFT ms':>10}{'TPOT ms':>10}{'req/s':>9}")
     for r in rows:
         print(f"{r['policy']:<14}{r['expert_budget_bytes']:>14}{r['hit_rate']:>10.4f}{r['misses']:>10}"
-              f"{r['bytes_per_token']:>14.0f}{r['ttft_s'] * 1e3:>10.3f}{r['tpot_s'] * 1e3:>10.3f}"
-              f"{r['requests_per_s']:>9.1f}")
+              f"{r['cpu_experts']:>9}{r['bytes_per_token']:>14.0f}{r['ttft_s'] * 1e3:>10.3f}"
+              f"{r['tpot_s'] * 1e3:>10.3f}{r['requests_per_s']:>9.1f}")
     return 0

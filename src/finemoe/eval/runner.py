@@ -21,10 +21,10 @@ from finemoe.simulator import CostModel, Replay
 
 SUMMARY_KEYS = ("policy", "policy_name", "mode", "expert_budget", "expert_budget_bytes", "cache_slots",
                 "budget_percent", "prefetch_distance", "requests", "output_tokens", "hits", "misses", "hit_rate",
-                "bytes_copied", "bytes_per_token", "experts_copied", "ttft_s", "tpot_s", "stall_s", "prefetch_copies",
-                "wasted_prefetches", "store_entries", "store_bytes", "policy_ms_per_iteration")
+                "bytes_copied", "bytes_per_token", "experts_copied", "cpu_experts", "ttft_s", "tpot_s", "stall_s",
+                "prefetch_copies", "wasted_prefetches", "store_entries", "store_bytes", "policy_ms_per_iteration")
 REQUEST_KEYS = ("policy", "mode", "expert_budget", "prefetch_distance", "request", "source", "prompt_tokens",
-                "tokens", "hits", "misses", "hit_rate", "bytes_copied", "ttft_s", "tpot_s", "stall_s")
+                "tokens", "hits", "misses", "hit_rate", "bytes_copied", "cpu_experts", "ttft_s", "tpot_s", "stall_s")
 
 
 @dataclass
@@ -37,6 +37,7 @@ class BenchPlan:
     cost: CostModel | None = None            # None: engine mode
     folder: str | None = None                # history files (a temporary folder when None)
     trace_dir: str | None = None             # keep recorded traces here and reuse them
+    miss_compute: str = "gpu"                # simulate mode: where misses run (engine mode: the engine's own)
     jobs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,7 +107,7 @@ class Bench:
             opts = builder.options_for(v, d)
             if v.policy == "oracle":
                 opts.setdefault("trace", self._held_out_trace())
-            self.engine.reconfigure(v.policy, budget, opts)
+            self.engine.reconfigure(v.policy, budget, opts, **self._hybrid())
             reqs = run_requests(self.engine, make_requests(self.held_out, self.plan.max_new_tokens), 1)
             s = self.engine.summary(reqs)
             extra = {**_policy_extras(self.engine.policy), "expert_budget_bytes": s["expert_budget_bytes"],
@@ -123,6 +124,12 @@ class Bench:
         self.engine.reconfigure("lru", None, {})
         return summary, per
 
+    def _hybrid(self) -> dict:
+        """Simulate mode: the engine's jobs (speculative policies) split misses as the simulated ones do, by the
+        simulator's costs; engine mode: the engine's own configuration."""
+        cost = self.plan.cost
+        return {} if cost is None else {"miss_compute": self.plan.miss_compute, "miss_costs": cost.miss_costs}
+
     # ---- simulator ------------------------------------------------------------------------------
     def _run_simulated(self, folder: str) -> tuple[list[dict], list[dict]]:
         cost, plan = self.plan.cost, self.plan
@@ -138,7 +145,7 @@ class Bench:
             opts = builder.options_for(v, d)
             if v.policy == "finemoe":
                 opts["embed"] = embed
-            replay = Replay(held, v.policy, budget, cost, opts)
+            replay = Replay(held, v.policy, budget, cost, opts, miss_compute=plan.miss_compute)
             res = replay.run()
             extra = {**_policy_extras(replay.policy), **{k: res[k] for k in (
                 "expert_budget_bytes", "cache_slots", "prefetch_copies", "wasted_prefetches")},

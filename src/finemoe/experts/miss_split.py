@@ -57,9 +57,19 @@ class MissCosts:
 
     def cpu_time(self, tokens: np.ndarray) -> float:
         """Seconds for the CPU to compute experts with `tokens` [m] tokens each (0 for none)."""
-        if tokens.size == 0:
-            return 0.0
-        return self.cpu_fixed_s + float(np.sum(self.cpu_s + self.cpu_token_s * (tokens - 1)))
+        return cpu_seconds(tokens.astype(np.int64, copy=False), self.cpu_s, self.cpu_token_s, self.cpu_fixed_s)
+
+
+@njit
+def cpu_seconds(tokens, cpu_s, cpu_token_s, cpu_fixed_s):
+    """tokens [m] int64 per expert computed on the CPU -> seconds for the layer's CPU half (0.0 for none), summed
+    in expert order as `split_misses` sums it."""
+    if tokens.size == 0:
+        return 0.0
+    cpu = cpu_fixed_s
+    for i in range(tokens.size):
+        cpu += cpu_s + cpu_token_s * (tokens[i] - 1)
+    return cpu
 
 
 @njit
@@ -71,10 +81,7 @@ def split_misses(tokens, mode, copy_s, cpu_s, cpu_token_s, cpu_fixed_s, on_cpu):
     if mode == GPU or n == 0:
         return n * copy_s
     if mode == CPU:
-        cpu = cpu_fixed_s
-        for i in range(n):
-            cpu += cpu_s + cpu_token_s * (tokens[i] - 1)
-        return cpu
+        return cpu_seconds(tokens, cpu_s, cpu_token_s, cpu_fixed_s)
     order = np.argsort(tokens, kind="mergesort")        # fewest tokens first (stable: ties keep expert order)
     best_m, best = 0, n * copy_s
     cpu = cpu_fixed_s

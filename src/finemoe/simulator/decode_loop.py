@@ -7,7 +7,9 @@ the policy's `routed`, the queue (slot_kernels.enqueue), the prefetch issue (`pu
 sequence), the layer's compute. The same kernels the cache's Python path calls through the timed transport, in
 the same order, with the same arguments (victims from the policy's live EvictionRank, as there): only the Python
 between them is gone. The token's k experts must fit the cache (a layer needing more runs the layer sequence's
-waves: the caller's per-layer path).
+waves: the caller's per-layer path). With `--miss-compute cpu|auto` (MissPlan) the layer's absent experts are
+split by the engine's own `split_misses` as LayerSequence.begin splits them: only the device half is demanded,
+and the CPU half's time joins the copies' (timed_kernels.cpu_half).
 
 The policy's functions are arguments of `layer_loop`. Numba types a compiled function by its object, so a loop
 called from Python with them would compile in every process (about 2 s): each built-in pair has a compiled wrapper
@@ -15,10 +17,14 @@ called from Python with them would compile in every process (about 2 s): each bu
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from finemoe.engine.layer_sequence import LayerSequence
+from finemoe.experts import miss_split
 from finemoe.experts import slot_kernels as sk
+from finemoe.experts.miss_split import GPU, MissCosts
 from finemoe.jit import njit, njit_in_memory
 from finemoe.policies import deepspeed, trackers
 from finemoe.policies.base import LayerKernels
@@ -27,6 +33,58 @@ from finemoe.policies.finemoe import planner as finemoe_planner
 from finemoe.policies.moe_infinity import steps as moe_infinity_steps
 from finemoe.policies.oracle import belady
 from finemoe.simulator import timed_kernels as tk
+
+
+class MissPlan(NamedTuple):
+    """Where a layer's misses run in the compiled loop (experts/miss_split.py), with scratch for k experts."""
+
+    mode: int                # miss_split.GPU | CPU | AUTO
+    copy_s: float            # MissCosts, as scalars
+    cpu_s: float
+    cpu_token_s: float
+    cpu_fixed_s: float
+    absent: np.ndarray       # int64 [k] positions of the layer's absent experts
+    on_cpu: np.ndarray       # bool [k] of those, computed on the CPU
+    device: np.ndarray       # int64 [k] the device half's experts, ascending
+
+    @staticmethod
+    def of(mode: int, c: MissCosts, k: int) -> MissPlan:
+        return MissPlan(mode, c.copy_s, c.cpu_s, c.cpu_token_s, c.cpu_fixed_s, np.zeros(k, np.int64),
+                        np.zeros(k, np.bool_), np.zeros(k, np.int64))
+
+
+@njit
+def device_half(st, base, experts, ones, plan):
+    """LayerSequence.begin's split, compiled: experts [k] ascending. Returns (device experts [n] ascending, CPU
+    experts m, seconds of the CPU half)."""
+    if plan.mode == GPU:
+        return experts, 0, 0.0
+    a = 0
+    for i in range(experts.size):
+        if not st.resident[base + experts[i]]:
+            plan.absent[a] = i
+            a += 1
+    if a == 0:
+        return experts, 0, 0.0
+    on_cpu = plan.on_cpu[:a]
+    miss_split.split_misses(ones[:a], plan.mode, plan.copy_s, plan.cpu_s, plan.cpu_token_s, plan.cpu_fixed_s,
+                            on_cpu)
+    m = 0
+    for j in range(a):
+        m += on_cpu[j]
+    if m == 0:
+        return experts, 0, 0.0
+    n = 0
+    j = 0
+    for i in range(experts.size):
+        if j < a and plan.absent[j] == i:
+            j += 1
+            if on_cpu[j - 1]:
+                continue
+        plan.device[n] = experts[i]
+        n += 1
+    return plan.device[:n], m, miss_split.cpu_seconds(ones[:m], plan.cpu_s, plan.cpu_token_s, plan.cpu_fixed_s)
+
 
 @njit
 def pump_timed(st, first, inflight, rank, cc, keys, slots):
@@ -55,23 +113,29 @@ def pump_timed(st, first, inflight, rank, cc, keys, slots):
 
 @njit
 def layer_loop(sorted_topk, topk, probs, aux, ones, access, access_state, routed, routed_state, J, inflight, host_s,
-               step_s, st, rank, cc, keys, slots, new, hit, out_keys, out_prio, stats):
+               step_s, st, rank, cc, keys, slots, new, hit, out_keys, out_prio, plan, stats):
     """Every layer of a one-token iteration: sorted_topk / topk [L, k] int64 (ascending / router order), probs [L, J]
     float32 ([L, 0] when the policy reads none), aux [L, X] float32 (LayerKernels.aux), ones [k]. st: the cache's
-    SlotState; rank: the policy's EvictionRank; cc: the timed transport's CopyClock. stats [3] int64 = (hits,
-    misses, prefetch copies)."""
+    SlotState; rank: the policy's EvictionRank; cc: the timed transport's CopyClock; plan: MissPlan. stats [4] int64
+    = (hits, misses, prefetch copies, CPU-computed experts)."""
     times = cc.times[0]
     for layer in range(topk.shape[0]):
         times.now += host_s                          # the host learns the routing; the layer's copies start after
+        routed_at = times.now
         experts = sorted_topk[layer]
-        n = experts.size
+        k = experts.size
         access(layer, experts, ones, access_state)
-        sk.demand(st, layer * J, experts, rank, slots, new)   # k <= capacity: always room
+        device, m, cpu_s = device_half(st, layer * J, experts, ones, plan)
+        n = device.size
+        sk.demand(st, layer * J, device, rank, slots, new)   # k <= capacity: always room
         hits = tk.load(cc, slots[:n], new[:n], hit[:n])
+        if m > 0:
+            tk.cpu_half(cc, routed_at, cpu_s)
         tk.used(cc, slots, n)                        # ExpertCache.release
         sk.release(st, slots, n)
         stats[0] += hits
-        stats[1] += n - hits
+        stats[1] += k - hits
+        stats[3] += m
         n = routed(layer, topk[layer], probs[layer], aux[layer], routed_state, out_keys, out_prio)
         if n > 0:
             sk.enqueue(st, out_keys[:n], out_prio[:n])
@@ -129,21 +193,22 @@ _SPECIALIZED = {(finemoe_eviction.use_layer, finemoe_planner.routed_step): _fine
 
 
 def decode_layers(sequence: LayerSequence, kernels: LayerKernels, sorted_topk: np.ndarray, topk: np.ndarray,
-                  probs: np.ndarray, ones: np.ndarray, out: tuple[np.ndarray, np.ndarray]) -> tuple[int, int]:
+                  probs: np.ndarray, ones: np.ndarray, out: tuple[np.ndarray, np.ndarray],
+                  plan: MissPlan) -> tuple[int, int, int]:
     """Every layer of a one-token iteration through `layer_loop`. `sequence` runs over a TimedTransport and a
-    SimulatedClock, with a cache of at least k slots. Returns (hits, misses)."""
+    SimulatedClock, with a cache of at least k slots. Returns (hits, misses, CPU-computed experts)."""
     cache, clock = sequence.cache, sequence.clock
     if topk.shape[1] > cache.capacity:
         raise ValueError(f"decode_layers: {topk.shape[1]} experts per layer do not fit {cache.capacity} slots")
-    stats = np.zeros(3, np.int64)
+    stats = np.zeros(4, np.int64)
     head = (sorted_topk, topk, probs, kernels.aux, ones)
     tail = (cache.J, cache.prefetch_inflight, clock.host_s, clock.step_s, cache.state, cache.rank,
             cache.transport.state, cache.scratch_keys, cache.scratch_slots, cache.scratch_new, cache.scratch_hit,
-            *out, stats)
+            *out, plan, stats)
     special = _SPECIALIZED.get((kernels.access, kernels.routed))
     if special is not None:
         special(*head, kernels.access_state, kernels.routed_state, *tail)
     else:
         _layer_loop_in_memory(*head, kernels.access, kernels.access_state, kernels.routed, kernels.routed_state, *tail)
     cache.prefetch_copies += int(stats[2])
-    return int(stats[0]), int(stats[1])
+    return int(stats[0]), int(stats[1]), int(stats[3])

@@ -10,7 +10,9 @@ the engine makes it (engine/batch.py, engine/runtime.py):
     on_iteration_end; cache.end_iteration
   on_request_end
 With bandwidth=inf the timed transport completes every copy at once, like the CPU engine, and the
-hit/miss/byte counts equal the engine's on the same trace and budget.
+hit/miss/byte counts equal the engine's on the same trace and budget. With `miss_compute` cpu|auto each layer's
+misses are split as the engine splits them (LayerSequence.begin, experts/miss_split.py); the CPU half's time runs
+beside the device half's copies (simulator/transport.py says how it is charged).
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ from finemoe.engine.layer_sequence import LayerSequence
 from finemoe.engine.metrics import RequestMetrics, aggregate
 from finemoe.errors import FineMoEError
 from finemoe.experts.cache import ExpertCache
+from finemoe.experts.miss_split import GPU, MissCosts, mode_code
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import IterationInfo, LayerRouting, Policy, PolicyContext, RequestInfo
-from finemoe.simulator.decode_loop import decode_layers
+from finemoe.simulator.decode_loop import MissPlan, decode_layers
 from finemoe.simulator.transport import CostModel, SimulatedClock, TimedTransport
 from finemoe.traces.format import Trace
 
@@ -71,9 +74,12 @@ class Replay:
 
     def __init__(self, trace: Trace, policy: str | Policy, expert_budget, cost: CostModel,
                  policy_options: dict | None = None, prefetch_inflight: int = 4,
-                 routed: _Routed | None = None, embed=None) -> None:
+                 routed: _Routed | None = None, embed=None, miss_compute: str = "gpu",
+                 miss_costs: MissCosts | None = None) -> None:
         """`policy`: a registered name (built with `policy_options`), or a policy instance not yet bound.
-        `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal."""
+        `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal.
+        `miss_compute`: gpu | cpu | auto (experts/miss_split.py); `miss_costs`: what the split and the CPU half
+        are charged by (default: cost.miss_costs; give the engine's own to replay its splits exactly)."""
         check_simulatable(trace, policy if isinstance(policy, str) else type(policy))
         options = dict(policy_options or {})
         if policy == "oracle":
@@ -102,6 +108,9 @@ class Replay:
         L, J = trace.num_layers, trace.num_experts
         self.no_probs = np.zeros((L, 0), np.float32)                            # [L, 0] for a policy reading none
         self.prefetch_out = (np.zeros(L * J, np.int64), np.zeros(L * J))        # a compiled `routed`'s prefetch
+        self.miss_mode = GPU if self.all_resident else mode_code(miss_compute)
+        self.miss_costs = miss_costs or cost.miss_costs
+        self.miss_plan = MissPlan.of(self.miss_mode, self.miss_costs, trace.top_k)
         self.iteration = 0
         self.metrics: list[RequestMetrics] = []
 
@@ -115,7 +124,7 @@ class Replay:
         row.update({"policy": self.policy.name, "expert_budget_bytes": self.budget_bytes,
                     "cache_slots": self.capacity, "expert_bytes": self.cost.expert_bytes,
                     "prefetch_copies": self.cache.prefetch_copies, "wasted_prefetches": self.cache.wasted_prefetches,
-                    "simulated_s": self.transport.now, "wall_s": wall,
+                    "cpu_wait_s": self.transport.cpu_wait, "simulated_s": self.transport.now, "wall_s": wall,
                     "requests_per_s": self.trace.num_requests / wall if wall > 0 else float("inf")})
         return row
 
@@ -126,16 +135,17 @@ class Replay:
         m = RequestMetrics(t_submit=transport.now)
         for i in range(int(self.trace.iterations[r])):
             bytes_before = transport.bytes_copied
-            hits, misses = self._iteration(r, i)
+            hits, misses, cpu = self._iteration(r, i)
             m.hits += hits
             m.misses += misses
+            m.cpu_experts += cpu
             m.bytes_copied += transport.bytes_copied - bytes_before
             m.stall_s += transport.drain_stall_seconds()
             m.on_token(transport.now)
         self.policy.on_request_end(info)
         return m
 
-    def _iteration(self, r: int, i: int) -> tuple[int, int]:
+    def _iteration(self, r: int, i: int) -> tuple[int, int, int]:
         a, b = self.trace.iteration_rows(r, i)
         input_ids = torch.from_numpy(self.token_ids[a:b].reshape(1, -1))                         # [1, T]
         it = IterationInfo(self.iteration, [self.trace.request_ids[r]], [i], input_ids, i == 0)
@@ -152,17 +162,18 @@ class Replay:
         kernels = policy.decode_kernels(token) if looped else None
         if kernels is not None:
             routed = self.routed
-            hits, misses = decode_layers(self.sequence, kernels, routed.sorted_topk[a], routed.topk[a],
-                                         self.no_probs if token is None else token, routed.ones, self.prefetch_out)
+            hits, misses, cpu = decode_layers(self.sequence, kernels, routed.sorted_topk[a], routed.topk[a],
+                                              self.no_probs if token is None else token, routed.ones,
+                                              self.prefetch_out, self.miss_plan)
         else:
             if b - a == 1:   # decode: one token, its k distinct experts (sorted) once each
                 layers = zip(range(self.g.num_layers), self.routed.sorted_topk[a], repeat(self.routed.ones))
             else:
                 layers = self._distinct_per_layer(a, b)
-            hits, misses = self._layers(layers, a, b, probs)
+            hits, misses, cpu = self._layers(layers, a, b, probs)
         policy.on_iteration_end(it)
         cache.end_iteration()
-        return hits, misses
+        return hits, misses, cpu
 
     @property
     def _step_s(self) -> float:
@@ -178,34 +189,43 @@ class Replay:
         return [(layer, keys[lo:hi] - layer * J, counts[lo:hi])
                 for layer, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
-    def _layers(self, layers, a: int, b: int, probs: np.ndarray | None) -> tuple[int, int]:
+    def _layers(self, layers, a: int, b: int, probs: np.ndarray | None) -> tuple[int, int, int]:
         """Every MoE layer of one iteration through the engine's layer sequence (begin; the waves when a layer
-        needs more experts than slots; finish), the compute being the clock's step. Returns (hits, misses)."""
-        hits = misses = 0
+        needs more experts than slots; the CPU half's wait; finish), the compute being the clock's step. Returns
+        (hits, misses, CPU-computed experts)."""
+        hits = misses = cpu = 0
         if self.all_resident:
             for _, experts, _ in layers:
                 hits += experts.size
                 self.transport.now += self.cost.layer_time_s
-            return hits, misses
-        sequence, routing = self.sequence, self.reports_routing
+            return hits, misses, cpu
+        sequence, routing, transport = self.sequence, self.reports_routing, self.transport
+        mode, costs, host_s = self.miss_mode, self.miss_costs, self.sequence.clock.host_s
         rows = np.zeros(b - a, np.int64) if routing else None                 # [T] every token is batch row 0
         topk = self.routed.topk[a:b]                                          # [T, L, k]
         for layer, experts, counts in layers:
             seen = (LayerRouting(layer, topk[:, layer], rows, None if probs is None else probs[:, layer])
                     if routing else None)                                     # top_k [T, k], probs [T, J] views
-            step = sequence.begin(layer, experts, counts, seen)
+            routed_at = transport.now + host_s                                # after the clock's round trip
+            step = sequence.begin(layer, experts, counts, seen, mode, costs)
             if step.res is None:
                 sequence.waves(step)
+            if step.cpu.size:    # the CPU half ran beside the device half's copies
+                transport.cpu_half(routed_at, costs.cpu_time(counts[np.searchsorted(experts, step.cpu)]))
+                cpu += step.cpu.size
             sequence.finish(step)
             n_hit = int(step.hit.sum())
             hits += n_hit
             misses += experts.size - n_hit
-        return hits, misses
+        return hits, misses, cpu
 
 
 def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,
-             policy_options: dict[str, dict] | None = None, prefetch_inflight: int = 4) -> list[dict]:
-    """One result row per (policy, budget), in that order. `policy_options` maps policy name -> options."""
+             policy_options: dict[str, dict] | None = None, prefetch_inflight: int = 4,
+             miss_compute: str = "gpu", miss_costs: MissCosts | None = None, embed=None) -> list[dict]:
+    """One result row per (policy, budget), in that order. `policy_options` maps policy name -> options;
+    `miss_compute`, `miss_costs` and `embed` as Replay takes them."""
+    mode_code(miss_compute)
     for p in policies:
         check_simulatable(trace, p)
     routed = _Routed.of(trace)
@@ -213,5 +233,6 @@ def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,
     for p in policies:
         for b in budgets:
             opts = (policy_options or {}).get(p, {})
-            rows.append(Replay(trace, p, b, cost, opts, prefetch_inflight, routed).run())
+            rows.append(Replay(trace, p, b, cost, opts, prefetch_inflight, routed, embed, miss_compute,
+                               miss_costs).run())
     return rows

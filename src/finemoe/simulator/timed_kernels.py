@@ -5,6 +5,8 @@ TimedTransport (simulator/transport.py) for the cache's Python path and by the c
 Copies run on one copy engine, one after another (like one CUDA copy stream): a copy into slot s starts when
 the engine is free, `now` has come and the compute that last read s has finished (read_until[s]), and takes
 copy_s. A copy is done once its end time <= now. A demand stall moves `now` to the last awaited copy's end.
+A layer's CPU half (`--miss-compute cpu|auto`) runs from the moment its routing is on the host, beside the copies;
+the layer computes once both are done (`cpu_half`): the wait beyond the copies is a stall too.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from finemoe.jit import njit
 TIMES = np.dtype([("now", np.float64),           # the current layer's compute start (s)
                   ("engine_free", np.float64),   # end of the last copy issued (s)
                   ("stall", np.float64),         # demand stall since the last drain (s)
-                  ("bytes", np.float64)])        # bytes copied (exact below 2**53)
+                  ("bytes", np.float64),         # bytes copied (exact below 2**53)
+                  ("cpu_wait", np.float64)])     # of the stall, time waited for CPU halves beyond the copies (s)
 
 
 class CopyClock(NamedTuple):
@@ -78,6 +81,18 @@ def load(cc, slots, new, hit):
 
 
 @njit
+def cpu_half(cc, start, seconds):
+    """A layer's CPU-computed misses ran from `start` (its routing on the host) for `seconds`, while its device
+    half's copies ran (`load` has moved now to their end): the compute starts when both are done."""
+    t = cc.times[0]
+    end = start + seconds
+    if end > t.now:
+        t.stall += end - t.now
+        t.cpu_wait += end - t.now
+        t.now = end
+
+
+@njit
 def used(cc, slots, n):
     """The layer computing from now reads slots[:n] until now + layer_s."""
     until = cc.times[0].now + cc.layer_s
@@ -100,5 +115,6 @@ def warm_up() -> None:
     slots, flags = np.zeros(2, np.int64), np.zeros(2, bool)
     copy(cc, slots, 1)
     load(cc, slots, flags, flags.copy())
+    cpu_half(cc, 0.0, 1.0)
     used(cc, slots, 1)
     finished(cc, slots, flags)

@@ -6,6 +6,11 @@ and takes expert_bytes / bandwidth. A copy is done once its end time <= now. A d
 copy is a stall: the clock jumps to the last awaited copy's end. The replay's clock (SimulatedClock)
 advances by the per-layer compute time, so prefetches issued at a layer overlap that layer's compute. As
 on the GPU, a copy into a slot also waits until the compute that last read the slot has finished (`used`).
+
+With `--miss-compute cpu|auto` a layer's misses are split as the engine splits them (experts/miss_split.py, by
+`miss_costs`): a CPU-computed miss copies nothing; the layer's CPU half starts when its routing is on the host and
+takes cpu_layer_s + sum over its experts of (cpu_expert_s + cpu_token_s * (tokens - 1)), beside the device half's
+copies, and the layer computes when both are done (the wait beyond the copies is stall, and `cpu_wait`).
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from finemoe.errors import ConfigError
+from finemoe.experts.miss_split import MissCosts
 from finemoe.experts.transport import Transport
 from finemoe.simulator import timed_kernels
 from finemoe.simulator.timed_kernels import TIMES, CopyClock
 
-_NOW, _ENGINE_FREE, _STALL, _BYTES = (TIMES.names.index(name) for name in ("now", "engine_free", "stall", "bytes"))
+_NOW, _ENGINE_FREE, _STALL, _BYTES, _CPU_WAIT = (TIMES.names.index(name) for name in
+                                                 ("now", "engine_free", "stall", "bytes", "cpu_wait"))
 
 
 @dataclass(frozen=True)
@@ -31,13 +38,19 @@ class CostModel:
     run - resident TPOT) / layers). Resident runs have no such round trip. policy_layer_s: the policy's
     own host time per layer (its `on_layer_routed` and eviction choices), which the engine spends while
     the layer computes: the next layer starts after max(layer_time_s, policy_layer_s); calibrate it from
-    the engine's `critical_path_s_per_iteration` / layers on separate requests."""
+    the engine's `critical_path_s_per_iteration` / layers on separate requests.
+    cpu_expert_s, cpu_token_s, cpu_layer_s: a missed expert computed on the host CPU (`--miss-compute cpu|auto`)
+    for one token, each further token of the same expert, and once per layer with any (the hidden states' round
+    trip): the engine's calibration prints them (experts/calibration.py)."""
 
     expert_bytes: int
     bandwidth_Bps: float = 25e9
     layer_time_s: float = 0.0
     host_layer_s: float = 0.0
     policy_layer_s: float = 0.0
+    cpu_expert_s: float = 0.0
+    cpu_token_s: float = 0.0
+    cpu_layer_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.expert_bytes < 1:
@@ -50,10 +63,19 @@ class CostModel:
             raise ConfigError(f"host time per layer must be >= 0, got {self.host_layer_s}")
         if self.policy_layer_s < 0:
             raise ConfigError(f"policy time per layer must be >= 0, got {self.policy_layer_s}")
+        for name in ("cpu_expert_s", "cpu_token_s", "cpu_layer_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"CPU time {name} must be a finite number of seconds >= 0, got {value!r}")
 
     @property
     def copy_s(self) -> float:
         return 0.0 if math.isinf(self.bandwidth_Bps) else self.expert_bytes / self.bandwidth_Bps
+
+    @property
+    def miss_costs(self) -> MissCosts:
+        """What a miss costs each way, as the engine's split reads it (copy: expert_bytes / bandwidth)."""
+        return MissCosts(self.copy_s, self.cpu_expert_s, self.cpu_token_s, self.cpu_layer_s)
 
 
 class TimedTransport(Transport):
@@ -88,6 +110,12 @@ class TimedTransport(Transport):
     def used(self, slots: np.ndarray) -> None:
         """The layer starting now reads `slots` until now + layer time (called before the clock advances)."""
         timed_kernels.used(self.state, slots, slots.size)
+
+    def cpu_half(self, start: float, seconds: float) -> None:
+        """The layer's CPU half ran from `start` for `seconds` beside its copies (timed_kernels.cpu_half)."""
+        timed_kernels.cpu_half(self.state, start, seconds)
+
+    cpu_wait = property(lambda self: self.times[_CPU_WAIT])
 
     def advance(self, seconds: float) -> None:
         self.times[_NOW] += seconds
