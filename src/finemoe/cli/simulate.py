@@ -7,6 +7,7 @@ import sys
 
 from finemoe.cli.common import parse_policy_options
 from finemoe.errors import ConfigError
+from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES, PrefetchIssue
 from finemoe.simulator import CostModel, simulate
 from finemoe.traces import load_trace
 
@@ -30,6 +31,10 @@ def add_parser(sub) -> None:
     p.add_argument("--expert-bytes", type=int, default=None,
                    help="cost every expert as this many bytes (default: the recorded model's expert size)")
     p.add_argument("--prefetch-inflight", type=int, default=4)
+    p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle",
+                   help="how prefetch copies are issued (as `finemoe generate --prefetch-issue`)")
+    p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                   help="bytes per prefetch chunk under --prefetch-issue idle (a multiple of 256)")
     p.add_argument("--policy-option", action="append", default=[], metavar="[POLICY:]KEY=VALUE",
                    help="policy option (JSON value) for every policy, or for one with a POLICY: prefix")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} (one row per policy and budget)')
@@ -83,10 +88,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"trace {args.trace!r} does not say how large an expert is: pass --expert-bytes N")
     if args.prefetch_inflight < 1:
         raise ConfigError("--prefetch-inflight must be >= 1")
+    issue = PrefetchIssue(args.prefetch_issue, args.copy_chunk_bytes)
     cost = CostModel(int(expert_bytes), _bandwidth(args.bandwidth), args.layer_time_ms / 1e3, args.host_layer_ms / 1e3,
                      args.policy_layer_ms / 1e3)
     rows = simulate(trace, policies, budgets, cost, policy_options(args.policy_option, policies),
-                    args.prefetch_inflight)
+                    args.prefetch_inflight, issue)
     if args.json:
         json.dump({"results": rows}, sys.stdout)
         print()

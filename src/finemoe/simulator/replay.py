@@ -26,6 +26,7 @@ from finemoe.engine.layer_sequence import LayerSequence
 from finemoe.engine.metrics import RequestMetrics, aggregate
 from finemoe.errors import FineMoEError
 from finemoe.experts.cache import ExpertCache
+from finemoe.experts.prefetch_issue import INFLIGHT, PrefetchIssue
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import IterationInfo, LayerRouting, Policy, PolicyContext, RequestInfo
@@ -71,7 +72,7 @@ class Replay:
 
     def __init__(self, trace: Trace, policy: str | Policy, expert_budget, cost: CostModel,
                  policy_options: dict | None = None, prefetch_inflight: int = 4,
-                 routed: _Routed | None = None, embed=None) -> None:
+                 routed: _Routed | None = None, embed=None, issue: PrefetchIssue = INFLIGHT) -> None:
         """`policy`: a registered name (built with `policy_options`), or a policy instance not yet bound.
         `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal."""
         check_simulatable(trace, policy if isinstance(policy, str) else type(policy))
@@ -88,7 +89,7 @@ class Replay:
         self.capacity, self.budget_bytes = capacity_for(cfg, self.g, self.all_resident)
         self.transport = TimedTransport(self.capacity, cost)
         self.cache = ExpertCache(self.g.total_experts, self.g.num_experts, self.capacity, self.transport,
-                                 self.policy, prefetch_inflight)
+                                 self.policy, prefetch_inflight, issue)
         self.policy.bind(PolicyContext(self.g, self.cache.view(), torch.device("cpu"), embed=embed, options=options))
         if self.all_resident:
             self.cache.load_all()
@@ -204,7 +205,8 @@ class Replay:
 
 
 def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,
-             policy_options: dict[str, dict] | None = None, prefetch_inflight: int = 4) -> list[dict]:
+             policy_options: dict[str, dict] | None = None, prefetch_inflight: int = 4,
+             issue: PrefetchIssue = INFLIGHT) -> list[dict]:
     """One result row per (policy, budget), in that order. `policy_options` maps policy name -> options."""
     for p in policies:
         check_simulatable(trace, p)
@@ -213,5 +215,5 @@ def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,
     for p in policies:
         for b in budgets:
             opts = (policy_options or {}).get(p, {})
-            rows.append(Replay(trace, p, b, cost, opts, prefetch_inflight, routed).run())
+            rows.append(Replay(trace, p, b, cost, opts, prefetch_inflight, routed, issue=issue).run())
     return rows
