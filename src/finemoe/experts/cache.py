@@ -96,9 +96,12 @@ class ExpertCache:
         if loaded == sk.NO_ROOM:
             raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {n} experts at once")
         slots = self.scratch_slots[:n].copy()
-        if self.state.issue[0]["partial"] >= 0 and sk.claim_partial(self.state, slots, n):
+        claimed = self.state.issue[0]["partial"] >= 0 and sk.claim_partial(self.state, slots, n)
+        if claimed:
             self._copy_runs(1, demand=True)      # the rest of a partly issued prefetch, first in line
         hit = self.transport.load(slots, base + experts, self.scratch_new[:n])
+        if claimed:
+            hit[slots == self.state.runs.slot[0]] = False    # its copy had not finished when asked: a miss
         return DemandResult(slots, hit, loaded)
 
     def release(self, slots: np.ndarray) -> None:
