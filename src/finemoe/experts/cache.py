@@ -96,7 +96,7 @@ class ExpertCache:
         if loaded == sk.NO_ROOM:
             raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {n} experts at once")
         slots = self.scratch_slots[:n].copy()
-        claimed = self.state.issue[0]["partial"] >= 0 and sk.claim_partial(self.state, slots, n)
+        claimed = self.issue.idle and sk.claim_partial(self.state, slots, n)
         if claimed:
             self._copy_runs(1, demand=True)      # the rest of a partly issued prefetch, first in line
         hit = self.transport.load(slots, base + experts, self.scratch_new[:n])

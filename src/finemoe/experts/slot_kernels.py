@@ -196,39 +196,52 @@ def release(st, slots, n):
 
 
 @njit
+def _placed_prefetch(st, slot, key):
+    _place(st, slot, key)
+    st.flags[slot] = st.flags[slot] | PREFETCHING | UNUSED
+    _dequeue(st, key)
+
+
+@njit
 def _prefetch_one(st, key, rank, slots, i):
     """Place absent `key` as a prefetch into an empty slot (lowest first), else the policy's first victim among slots
-    not pinned, computing, prefetching or unused prefetches, with gate < limit (under the idle rule also < gate[key]:
-    no victim the policy values more than the expert brought in). slots[i] = its slot. Returns whether it found room;
-    a placed key leaves the queue."""
+    not pinned, computing, prefetching or unused prefetches, with gate < limit and (the idle rule) < gate[key]: no
+    victim the policy values more than the expert brought in. slots[i] = its slot. Returns whether it found room; a
+    placed key leaves the queue."""
     filled = st.tally[0].filled
     if filled < st.flags.size:
         slots[i] = filled
-    else:
-        limit = rank.limit[0]
-        if st.issue[0].idle:
-            limit = min(limit, rank.gate[key])
-        if rank_victims(st, 1, PREFETCH_BLOCKED, limit, rank, slots, i) == 0:
-            return False
-    _place(st, slots[i], key)
-    st.flags[slots[i]] = st.flags[slots[i]] | PREFETCHING | UNUSED
-    _dequeue(st, key)
+    elif rank_victims(st, 1, PREFETCH_BLOCKED, min(rank.limit[0], rank.gate[key]), rank, slots, i) == 0:
+        return False
+    _placed_prefetch(st, slots[i], key)
     return True
 
 
 @njit
 def prefetch(st, keys, rank, slots):
-    """Place absent `keys` as prefetches, in order (`_prefetch_one`): the m placed are moved to keys[:m] (in order)
-    with their slots in slots[:m]. Under the inflight rule every key has the same victims, so placement stops at the
-    first key without room; under the idle rule a later key may still find a victim below its own gate. Returns m."""
-    m = 0
-    for i in range(keys.size):
-        key = keys[i]
-        if _prefetch_one(st, key, rank, slots, m):
-            keys[m] = key
-            m += 1
-        elif not st.issue[0].idle:
-            break
+    """Place absent `keys` as prefetches, in order: empty slots, then the policy's victims (`rank`, gate < limit) among
+    slots not pinned, computing, prefetching or unused prefetches; the m placed are moved to keys[:m] (in order) with
+    their slots in slots[:m]. Under the inflight rule every key has the same victims (one scan; placement stops when
+    they run out); under the idle rule each key's own gate also bounds its victims (`_prefetch_one`), so a later key
+    may still find room. Returns m."""
+    n = keys.size
+    if st.issue[0].idle:
+        m = 0
+        for i in range(n):
+            key = keys[i]
+            if _prefetch_one(st, key, rank, slots, m):
+                keys[m] = key
+                m += 1
+        return m
+    filled = st.tally[0].filled
+    n_empty = min(n, st.flags.size - filled)
+    for j in range(n_empty):
+        slots[j] = filled + j
+    m = n_empty
+    if n_empty < n:
+        m += rank_victims(st, n - n_empty, PREFETCH_BLOCKED, rank.limit[0], rank, slots, n_empty)
+    for i in range(m):
+        _placed_prefetch(st, slots[i], keys[i])
     return m
 
 
