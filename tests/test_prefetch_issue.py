@@ -35,6 +35,7 @@ class Valued(Policy):
     """Evicts the lowest `value` first; a prefetch under the idle rule evicts only keys valued below its own."""
 
     name = "test-valued"
+    gate_values_keys = True
 
     def bind(self, ctx):
         super().bind(ctx)
@@ -134,9 +135,13 @@ def test_chunked_copies_land_the_same_bytes_and_a_demand_finishes_a_partly_copie
     assert transport.bytes_copied == 2 * 1440
 
 
-@pytest.mark.parametrize("mode", ["idle", "inflight"])
-def test_under_idle_a_prefetch_never_evicts_an_expert_the_policy_values_more(mode):
-    policy = Valued()
+class Unvalued(Valued):
+    gate_values_keys = False      # its gate orders eviction only: prefetches have no per-key limit
+
+
+@pytest.mark.parametrize("mode,cls", [("idle", Valued), ("inflight", Valued), ("idle", Unvalued)])
+def test_under_idle_a_prefetch_never_evicts_an_expert_the_policy_values_more(mode, cls):
+    policy = cls()
     cache, transport = timed_cache(policy, capacity=3, layers=2, issue=PrefetchIssue(mode, CHUNK), layer_s=10.0)
     layer(cache, transport, policy, 0, [0, 1, 2], layer_s=10.0)      # k0, k1, k2 resident
     layer(cache, transport, policy, 0, [0], layer_s=10.0)            # k0 read by the layer computing now
@@ -144,7 +149,7 @@ def test_under_idle_a_prefetch_never_evicts_an_expert_the_policy_values_more(mod
     policy.value[[J + 1, J + 2]] = [0.3, 0.05]
     cache.enqueue(Prefetch(np.array([J + 1, J + 2]), np.array([2.0, 1.0])))
     cache.pump(0)
-    if mode == "idle":        # J+1 (0.3) may evict k2 (0.1) only; J+2 (0.05) evicts nothing and stays queued
+    if mode == "idle" and cls is Valued:   # J+1 (0.3) may evict k2 (0.1) only; J+2 (0.05) nothing: stays queued
         assert sorted(np.flatnonzero(cache.resident)) == [0, 1, J + 1]
         assert cache.queued == 1
     else:                     # no limit: both victims go, the lowest value first
@@ -156,7 +161,7 @@ def test_finemoe_prefetches_carry_their_guiding_probability_as_the_gate():
     g = geometry(2)
     cache = ExpertCache(g.total_experts, J, 4, TimedTransport(4, CostModel(EXPERT)), policy)
     policy.bind(PolicyContext(g, cache.view(), torch.device("cpu")))
-    assert cache.rank.gate is policy.scores.p and cache.rank.limit[0] == np.inf
+    assert cache.rank.gate is policy.scores.p and cache.rank.limit[0] == np.inf and policy.gate_values_keys
 
 
 def test_the_compiled_decode_loop_replays_the_idle_rule_like_the_per_layer_path():

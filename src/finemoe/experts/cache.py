@@ -83,6 +83,7 @@ class ExpertCache:
         that never evicts has none (the cache holds every expert): slot order stands in."""
         if self._rank is None:
             self._rank = self.policy.eviction_rank() or EvictionRank.of(np.zeros(self.K))
+            self.state.issue[0]["gated"] = self.issue.idle and self.policy.gate_values_keys
         return self._rank
 
     # ---- demand path -------------------------------------------------------------------------

@@ -11,9 +11,10 @@
                 (Transport.idle_bytes); the rest stay queued on the host and go at a later boundary. A demand copy
                 therefore waits behind at most the chunk in flight when the prediction errs, never behind queued
                 whole prefetches;
-            (c) no pollution: a prefetch of key k evicts only victims the policy values less than k, i.e. whose
-                rank gate is below gate[k] (policies/base.py EvictionRank; finemoe's gate is each expert's latest
-                guiding probability p, so a prefetch with probability of use p evicts only experts with p' < p).
+            (c) no pollution: for a policy whose rank gate is its value of holding a key (Policy.gate_values_keys:
+                finemoe, whose gate is each expert's latest guiding probability p, and oracle, minus the next use),
+                a prefetch of key k evicts only victims whose gate is below gate[k]: a prefetch with probability of
+                use p evicts only experts with p' < p. Other policies' prefetches keep their rank's limit only.
 The chunk size trades copy throughput (small copies run below the link's rate) against how long a demand may wait
 behind the chunk in flight: benchmarks/copy_chunks.py measures both.
 """

@@ -39,7 +39,8 @@ TALLY = np.dtype([("filled", np.int64),    # occupied slots
                   ("wasted", np.int64),    # prefetched experts evicted unused
                   ("queued", np.int64)])   # keys in the prefetch queue
 
-ISSUE = np.dtype([("idle", np.int64),          # 1: the idle issue rule (chunks, idle budget, per-prefetch limit)
+ISSUE = np.dtype([("idle", np.int64),          # 1: the idle issue rule (chunks, idle budget)
+                  ("gated", np.int64),         # 1: and a prefetch of k evicts only victims with gate < gate[k]
                   ("chunk_bytes", np.int64),   # bytes per prefetch chunk
                   ("expert_bytes", np.int64),  # bytes per expert copy
                   ("partial", np.int64),       # the slot whose prefetch is partly issued, -1 when none
@@ -77,7 +78,7 @@ class SlotState(NamedTuple):
     def empty(num_keys: int, num_slots: int, idle: bool = False, chunk_bytes: int = 1,
               expert_bytes: int = 1) -> SlotState:
         issue = np.zeros(1, ISSUE)
-        issue[0] = (int(idle), chunk_bytes, expert_bytes, -1, 0)
+        issue[0] = (int(idle), 0, chunk_bytes, expert_bytes, -1, 0)
         return SlotState(np.full(num_keys, -1, np.int64), np.full(num_slots, -1, np.int64),
                          np.zeros(num_slots, np.uint8), np.zeros(num_keys, bool), np.zeros(1, TALLY),
                          np.full(num_keys, np.nan), np.zeros(num_keys, np.int64), issue, CopyRuns.empty(num_slots))
@@ -205,13 +206,16 @@ def _placed_prefetch(st, slot, key):
 @njit
 def _prefetch_one(st, key, rank, slots, i):
     """Place absent `key` as a prefetch into an empty slot (lowest first), else the policy's first victim among slots
-    not pinned, computing, prefetching or unused prefetches, with gate < limit and (the idle rule) < gate[key]: no
+    not pinned, computing, prefetching or unused prefetches, with gate < limit and, when `gated`, < gate[key]: no
     victim the policy values more than the expert brought in. slots[i] = its slot. Returns whether it found room; a
     placed key leaves the queue."""
     filled = st.tally[0].filled
+    limit = rank.limit[0]
+    if st.issue[0].gated:
+        limit = min(limit, rank.gate[key])
     if filled < st.flags.size:
         slots[i] = filled
-    elif rank_victims(st, 1, PREFETCH_BLOCKED, min(rank.limit[0], rank.gate[key]), rank, slots, i) == 0:
+    elif rank_victims(st, 1, PREFETCH_BLOCKED, limit, rank, slots, i) == 0:
         return False
     _placed_prefetch(st, slots[i], key)
     return True
@@ -222,8 +226,8 @@ def prefetch(st, keys, rank, slots):
     """Place absent `keys` as prefetches, in order: empty slots, then the policy's victims (`rank`, gate < limit) among
     slots not pinned, computing, prefetching or unused prefetches; the m placed are moved to keys[:m] (in order) with
     their slots in slots[:m]. Under the inflight rule every key has the same victims (one scan; placement stops when
-    they run out); under the idle rule each key's own gate also bounds its victims (`_prefetch_one`), so a later key
-    may still find room. Returns m."""
+    they run out); under the idle rule each key's own gate may also bound its victims (`_prefetch_one`), so a later
+    key may still find room. Returns m."""
     n = keys.size
     if st.issue[0].idle:
         m = 0
