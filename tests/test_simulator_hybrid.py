@@ -13,7 +13,7 @@ from finemoe.cli.main import main
 from finemoe.simulator import CostModel, simulate
 from finemoe.simulator.tuning import recommend
 from finemoe.traces import Trace
-from test_finemoe_search import topic_trace
+from helpers import topic_trace
 
 
 def one_layer_trace(prompt_experts, decode_experts) -> Trace:

@@ -9,6 +9,7 @@ import torch
 
 from finemoe.errors import BudgetTooSmallError, ConfigError
 from finemoe.experts.miss_split import mode_code
+from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES, PrefetchIssue
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -61,7 +62,10 @@ class EngineConfig:
     expert_budget: device bytes for routed experts ('6GiB', '25%', 0.25, bytes); None = all experts.
     policy: registered policy name (see `finemoe.policies.available()`).
     prefetch_inflight: how many prefetch copies may be queued on the copy stream at once;
-        a demand miss waits behind at most this many.
+        a demand miss waits behind at most this many (prefetch_issue inflight).
+    prefetch_issue, copy_chunk_bytes: how prefetch copies are issued (experts/prefetch_issue.py): inflight (whole
+        copies, up to prefetch_inflight at once; the default) or idle (chunks of copy_chunk_bytes issued only into
+        the copy engine's predicted idle time, no victim the policy values more than the prefetched expert).
     fast_path: decode with a static KV cache and explicit masks (engine/static_kv.py); models it cannot
         serve (sliding-window layers) fall back to transformers' dynamic cache on their own.
     cuda_graphs: on CUDA, replay fast-path decode steps as captured CUDA graphs.
@@ -86,6 +90,8 @@ class EngineConfig:
     max_batch_size: int = 8
     max_model_len: int = 4096
     prefetch_inflight: int = 4
+    prefetch_issue: str = "inflight"
+    copy_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     fast_path: bool = True
     cuda_graphs: bool = True
     compile: bool = False
@@ -94,6 +100,10 @@ class EngineConfig:
     cpu_threads: int | None = None
     seed: int = 0
     show_progress: bool = True
+
+    @property
+    def issue(self) -> PrefetchIssue:
+        return PrefetchIssue(self.prefetch_issue, self.copy_chunk_bytes)
 
     def __post_init__(self) -> None:
         dev = str(self.device)
@@ -109,6 +119,7 @@ class EngineConfig:
             raise ConfigError("max_model_len must be >= 2")
         if self.prefetch_inflight < 1:
             raise ConfigError("prefetch_inflight must be >= 1")
+        _ = self.issue     # validates both
         mode_code(self.miss_compute)
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
                                              or self.cpu_threads < 1):

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from finemoe.config import EngineConfig, default_device
+from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES
 from finemoe.errors import ConfigError
 from finemoe.policies import available
 
@@ -26,6 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--prefetch-inflight", type=int, default=4,
                    help="prefetch copies queued on the copy stream at once "
                         "(a demand miss waits behind at most this many)")
+    p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle",
+                   help="inflight: whole prefetch copies, up to --prefetch-inflight at once (default); idle: "
+                        "prefetch chunks only into copy-engine time the next demand leaves idle, no victim the "
+                        "policy values more than the prefetched expert (docs/FINEMOE.md)")
+    p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                   help="bytes per prefetch chunk under --prefetch-issue idle (a multiple of 256)")
     p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                    help="decode with transformers' dynamic KV cache instead of the static-cache fast path")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -78,6 +85,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     kw = dict(model=args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
               policy=args.policy, policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
               max_batch_size=args.max_batch_size, prefetch_inflight=args.prefetch_inflight, seed=args.seed,
+              prefetch_issue=args.prefetch_issue, copy_chunk_bytes=args.copy_chunk_bytes,
               fast_path=args.fast_path, cuda_graphs=args.cuda_graphs, compile=args.compile,
               prefill_lookahead=args.prefill_lookahead, miss_compute=args.miss_compute,
               cpu_threads=args.cpu_threads)

@@ -8,6 +8,7 @@ import sys
 from finemoe.cli.common import parse_policy_options
 from finemoe.cli.cost_args import add_cost_args, cost_model
 from finemoe.errors import ConfigError
+from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES, PrefetchIssue
 from finemoe.simulator import simulate
 from finemoe.traces import load_trace
 
@@ -23,6 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--expert-budget", default="25%", help="budget or comma-separated budgets: 25%%,50%%,6GiB")
     add_cost_args(p)
     p.add_argument("--prefetch-inflight", type=int, default=4)
+    p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle",
+                   help="how prefetch copies are issued (as `finemoe generate --prefetch-issue`)")
+    p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                   help="bytes per prefetch chunk under --prefetch-issue idle (a multiple of 256)")
     p.add_argument("--policy-option", action="append", default=[], metavar="[POLICY:]KEY=VALUE",
                    help="policy option (JSON value) for every policy, or for one with a POLICY: prefix")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} (one row per policy and budget)')
@@ -59,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"trace {args.trace!r} does not say how large an expert is: pass --expert-bytes N")
     if args.prefetch_inflight < 1:
         raise ConfigError("--prefetch-inflight must be >= 1")
+    issue = PrefetchIssue(args.prefetch_issue, args.copy_chunk_bytes)
     cost = cost_model(args, trace.expert_bytes, [args.miss_compute])
     rows = simulate(trace, policies, budgets, cost, policy_options(args.policy_option, policies),
-                    args.prefetch_inflight, args.miss_compute)
+                    args.prefetch_inflight, args.miss_compute, issue=issue)
     if args.json:
         json.dump({"results": rows}, sys.stdout)
         print()

@@ -57,6 +57,7 @@ class Engine:
         if cfg.cpu_threads is not None:
             torch.set_num_threads(cfg.cpu_threads)   # process-wide: the CPU-computed experts' threads
         self.miss_costs: MissCosts | None = None     # calibrated at the first configuration that needs them
+        self.copy_Bps: float | None = None            # pinned H2D bytes/s, measured when the idle issue rule first runs
         self.pools = None
         self.paths = DecodePaths(self)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
@@ -93,10 +94,10 @@ class Engine:
         self.pools = self.cache = self.runtime = None
         gc.collect()   # the old runtime, cache and policy reference each other: free their slots before allocating
         self.pools = SlotPools(self.store, slots, self.device)
-        transport = (CudaTransport(self.store, self.pools, self.device) if self.device.type == "cuda"
-                     else SyncTransport(self.store, self.pools))
+        transport = (CudaTransport(self.store, self.pools, self.device, self._copy_bandwidth(cfg))
+                     if self.device.type == "cuda" else SyncTransport(self.store, self.pools))
         self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
-                                 self.policy, cfg.prefetch_inflight)
+                                 self.policy, cfg.prefetch_inflight, cfg.issue)
         mode = mode_code(cfg.miss_compute)
         if miss_costs is not None:
             self.miss_costs = miss_costs
@@ -123,6 +124,17 @@ class Engine:
         print(f"finemoe: miss compute {self.cfg.miss_compute}: {calibration.describe(costs, torch.get_num_threads())}",
               file=sys.stderr)
         return costs
+
+    def _copy_bandwidth(self, cfg: EngineConfig) -> float | None:
+        """The pinned host-to-device rate the idle issue rule predicts copy-engine time with (measured once, on
+        CUDA, when a configuration first issues by `idle`; one line to stderr); None otherwise."""
+        if not cfg.issue.idle or self.device.type != "cuda":
+            return self.copy_Bps
+        if self.copy_Bps is None:
+            self.copy_Bps = self.geometry.expert_bytes / calibration.copy_seconds(self.store, self.device)
+            print(f"finemoe: prefetch issue idle: copy {self.copy_Bps / 1e9:.1f} GB/s, chunks of "
+                  f"{cfg.copy_chunk_bytes} B", file=sys.stderr)
+        return self.copy_Bps
 
     def miss_compute_report(self) -> dict:
         """--miss-compute, the CPU threads and the miss costs in use (None when not measured)."""

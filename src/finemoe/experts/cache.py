@@ -7,6 +7,10 @@ only eviction decision). This class drives them and hands each placed expert to 
 Transport: CUDA copies, an immediate CPU copy, or the simulator's clock), which copies. Engine and simulator
 run this same class, so they agree on hits, misses and bytes by construction.
 
+Prefetches are issued by one of two rules (experts/prefetch_issue.py): `inflight` (whole copies, at most
+`prefetch_inflight` in flight) or `idle` (chunks that fit the copy engine's predicted idle time; no victim the
+policy values more than the prefetched expert).
+
 Definitions:
   hit    the expert is resident and its copy had finished when the router asked for it.
   miss   anything else (absent, or still in flight); the layer waits for the copy.
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finemoe.experts import slot_kernels as sk
+from finemoe.experts.prefetch_issue import INFLIGHT, PrefetchIssue
 from finemoe.experts.transport import Transport
 from finemoe.policies.base import CacheView, EvictionRank, Policy, Prefetch
 
@@ -33,7 +38,7 @@ class DemandResult:
 
 class ExpertCache:
     def __init__(self, total_experts: int, num_experts: int, capacity: int, transport: Transport,
-                 policy: Policy, prefetch_inflight: int = 4) -> None:
+                 policy: Policy, prefetch_inflight: int = 4, issue: PrefetchIssue = INFLIGHT) -> None:
         sk.warm_up()
         self.J = num_experts
         self.K = total_experts
@@ -41,7 +46,9 @@ class ExpertCache:
         self.transport = transport
         self.policy = policy
         self.prefetch_inflight = prefetch_inflight
-        self.state = sk.SlotState.empty(total_experts, capacity)
+        self.issue = issue
+        self.state = sk.SlotState.empty(total_experts, capacity, issue.idle, issue.chunk_bytes,
+                                        getattr(transport, "expert_bytes", 1) if issue.idle else 1)
         self._tally = memoryview(self.state.tally.view(np.int64))   # the TALLY fields, for fast scalar reads
         self.slot_of = self.state.slot_of                      # [L*J] slot or -1 (read-only outside)
         self.key_of = self.state.key_of                        # [N] key or -1
@@ -76,6 +83,7 @@ class ExpertCache:
         that never evicts has none (the cache holds every expert): slot order stands in."""
         if self._rank is None:
             self._rank = self.policy.eviction_rank() or EvictionRank.of(np.zeros(self.K))
+            self.state.issue[0]["gated"] = self.issue.idle and self.policy.gate_values_keys
         return self._rank
 
     # ---- demand path -------------------------------------------------------------------------
@@ -89,7 +97,12 @@ class ExpertCache:
         if loaded == sk.NO_ROOM:
             raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {n} experts at once")
         slots = self.scratch_slots[:n].copy()
+        claimed = self.issue.idle and sk.claim_partial(self.state, slots, n)
+        if claimed:
+            self._copy_runs(1, demand=True)      # the rest of a partly issued prefetch, first in line
         hit = self.transport.load(slots, base + experts, self.scratch_new[:n])
+        if claimed:
+            hit[slots == self.state.runs.slot[0]] = False    # its copy had not finished when asked: a miss
         return DemandResult(slots, hit, loaded)
 
     def release(self, slots: np.ndarray) -> None:
@@ -113,6 +126,8 @@ class ExpertCache:
         are in flight. Returns copies issued. With nothing queued there is nothing to drop or issue: return
         at once (which prefetch copies have finished is asked when it matters; a finished copy stays finished).
         simulator/decode_loop.py `pump_timed` is this sequence compiled, over the simulator's clock."""
+        if self.issue.idle:
+            return self._pump_idle(current_layer)
         if not self._tally[_QUEUED]:
             return 0
         sk.drop_stale(self.state, (current_layer + 1) * self.J)
@@ -121,6 +136,25 @@ class ExpertCache:
             return 0
         m = int(sk.best_queued(self.state, budget, self.scratch_keys))
         return self._start_prefetches(self.scratch_keys[:m].copy())
+
+    def _pump_idle(self, current_layer: int) -> int:
+        """The idle rule: drop stale requests, then issue the chunks (of the partly issued prefetch, then of new
+        prefetches) that fit the copy engine's predicted idle bytes. Returns prefetches placed."""
+        if not self._tally[_QUEUED] and self.state.issue[0]["partial"] < 0:
+            return 0
+        if self._tally[_QUEUED]:
+            sk.drop_stale(self.state, (current_layer + 1) * self.J)
+        self._in_flight()
+        n = int(sk.plan_idle(self.state, self.transport.idle_bytes(), self.rank, self.scratch_keys))
+        self._copy_runs(n, demand=False)
+        placed = int(np.count_nonzero(self.state.runs.lo[:n] == 0))
+        self.prefetch_copies += placed
+        return placed
+
+    def _copy_runs(self, n: int, demand: bool) -> None:
+        runs, copy_run = self.state.runs, self.transport.copy_run
+        for i in range(n):
+            copy_run(int(runs.slot[i]), int(runs.key[i]), int(runs.lo[i]), int(runs.hi[i]), demand)
 
     def _in_flight(self) -> int:
         """Prefetch copies still in flight; finished ones lose their mark (a finished copy stays finished)."""
@@ -149,6 +183,7 @@ class ExpertCache:
         return self._start_prefetches(missing) if missing.size else 0
 
     def end_iteration(self) -> None:
+        """Clear the prefetch queue (a partly issued prefetch goes on at the next boundary)."""
         if self._tally[_QUEUED]:
             sk.clear_queue(self.state)
 

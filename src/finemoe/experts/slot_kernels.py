@@ -8,7 +8,10 @@ Python per expert. Copies are not started here: the caller hands each placed exp
 copies, or the simulator's clock).
 
 The prefetch queue is compiled too: `enqueue` records priorities, `drop_stale` drops requests that are no
-longer ahead, `best_queued` picks the best ones (highest priority, then lowest key).
+longer ahead, `best_queued` picks the best ones (highest priority, then lowest key). Under the `idle` issue rule
+(experts/prefetch_issue.py) `plan_idle` places prefetches and cuts their copies into chunk runs that fit a byte
+budget; at most one placed prefetch is partly issued (ISSUE.partial), and `claim_partial` hands its remaining chunks
+to a demand.
 
 State: one SlotState (arrays shared with ExpertCache, never reallocated). Slots [0, filled) are occupied
 (empty slots fill lowest first and a slot never empties again).
@@ -36,6 +39,27 @@ TALLY = np.dtype([("filled", np.int64),    # occupied slots
                   ("wasted", np.int64),    # prefetched experts evicted unused
                   ("queued", np.int64)])   # keys in the prefetch queue
 
+ISSUE = np.dtype([("idle", np.int64),          # 1: the idle issue rule (chunks, idle budget)
+                  ("gated", np.int64),         # 1: and a prefetch of k evicts only victims with gate < gate[k]
+                  ("chunk_bytes", np.int64),   # bytes per prefetch chunk
+                  ("expert_bytes", np.int64),  # bytes per expert copy
+                  ("partial", np.int64),       # the slot whose prefetch is partly issued, -1 when none
+                  ("sent", np.int64)])         # bytes of it issued so far
+
+
+class CopyRuns(NamedTuple):
+    """Copies to issue, byte ranges of experts: run i copies bytes [lo[i], hi[i]) of expert key[i] into slot[i]
+    (hi[i] == expert_bytes: the slot's copy is complete once it lands). int64 [N + 1] each."""
+
+    slot: np.ndarray
+    key: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @staticmethod
+    def empty(num_slots: int) -> CopyRuns:
+        return CopyRuns(*(np.zeros(num_slots + 1, np.int64) for _ in range(4)))
+
 
 class SlotState(NamedTuple):
     """What the cache holds, as the kernels read and write it (K keys = L*J, N slots)."""
@@ -47,12 +71,17 @@ class SlotState(NamedTuple):
     tally: np.ndarray      # TALLY [1]
     qprio: np.ndarray      # float64 [K] priority of each queued key, NaN when not queued (priorities are never NaN)
     qkeys: np.ndarray      # int64 [K] the queued keys, unordered, in qkeys[:queued]
+    issue: np.ndarray      # ISSUE [1] the issue rule and its partly issued prefetch
+    runs: CopyRuns         # the idle rule's copy runs (plan_idle, claim_partial write them)
 
     @staticmethod
-    def empty(num_keys: int, num_slots: int) -> SlotState:
+    def empty(num_keys: int, num_slots: int, idle: bool = False, chunk_bytes: int = 1,
+              expert_bytes: int = 1) -> SlotState:
+        issue = np.zeros(1, ISSUE)
+        issue[0] = (int(idle), 0, chunk_bytes, expert_bytes, -1, 0)
         return SlotState(np.full(num_keys, -1, np.int64), np.full(num_slots, -1, np.int64),
                          np.zeros(num_slots, np.uint8), np.zeros(num_keys, bool), np.zeros(1, TALLY),
-                         np.full(num_keys, np.nan), np.zeros(num_keys, np.int64))
+                         np.full(num_keys, np.nan), np.zeros(num_keys, np.int64), issue, CopyRuns.empty(num_slots))
 
 
 @njit
@@ -67,6 +96,8 @@ def _place(st, slot, key):
             tally.wasted += 1
     else:
         tally.filled += 1
+    if st.issue[0].partial == slot:       # its unissued chunks are dropped with it
+        st.issue[0].partial = -1
     st.flags[slot] = st.flags[slot] & (255 ^ UNUSED ^ PREFETCHING)
     st.key_of[slot] = key
     st.slot_of[key] = slot
@@ -166,11 +197,46 @@ def release(st, slots, n):
 
 
 @njit
+def _placed_prefetch(st, slot, key):
+    _place(st, slot, key)
+    st.flags[slot] = st.flags[slot] | PREFETCHING | UNUSED
+    _dequeue(st, key)
+
+
+@njit
+def _prefetch_one(st, key, rank, slots, i):
+    """Place absent `key` as a prefetch into an empty slot (lowest first), else the policy's first victim among slots
+    not pinned, computing, prefetching or unused prefetches, with gate < limit and, when `gated`, < gate[key]: no
+    victim the policy values more than the expert brought in. slots[i] = its slot. Returns whether it found room; a
+    placed key leaves the queue."""
+    filled = st.tally[0].filled
+    limit = rank.limit[0]
+    if st.issue[0].gated:
+        limit = min(limit, rank.gate[key])
+    if filled < st.flags.size:
+        slots[i] = filled
+    elif rank_victims(st, 1, PREFETCH_BLOCKED, limit, rank, slots, i) == 0:
+        return False
+    _placed_prefetch(st, slots[i], key)
+    return True
+
+
+@njit
 def prefetch(st, keys, rank, slots):
-    """Place absent `keys` as prefetches, in order, while room lasts: empty slots, then the policy's victims
-    (`rank`, those with gate < limit) among slots not pinned, computing, prefetching or unused prefetches.
-    slots[:m] receive the first m keys, which leave the queue. Returns m."""
+    """Place absent `keys` as prefetches, in order: empty slots, then the policy's victims (`rank`, gate < limit) among
+    slots not pinned, computing, prefetching or unused prefetches; the m placed are moved to keys[:m] (in order) with
+    their slots in slots[:m]. Under the inflight rule every key has the same victims (one scan; placement stops when
+    they run out); under the idle rule each key's own gate may also bound its victims (`_prefetch_one`), so a later
+    key may still find room. Returns m."""
     n = keys.size
+    if st.issue[0].idle:
+        m = 0
+        for i in range(n):
+            key = keys[i]
+            if _prefetch_one(st, key, rank, slots, m):
+                keys[m] = key
+                m += 1
+        return m
     filled = st.tally[0].filled
     n_empty = min(n, st.flags.size - filled)
     for j in range(n_empty):
@@ -179,10 +245,74 @@ def prefetch(st, keys, rank, slots):
     if n_empty < n:
         m += rank_victims(st, n - n_empty, PREFETCH_BLOCKED, rank.limit[0], rank, slots, n_empty)
     for i in range(m):
-        _place(st, slots[i], keys[i])
-        st.flags[slots[i]] = st.flags[slots[i]] | PREFETCHING | UNUSED
-        _dequeue(st, keys[i])
+        _placed_prefetch(st, slots[i], keys[i])
     return m
+
+
+@njit
+def _advance(st, budget, n):
+    """Issue the partly issued prefetch's next chunks while each fits `budget` bytes: one run appended at st.runs[n].
+    Returns (runs written, budget left)."""
+    iss, runs = st.issue[0], st.runs
+    slot, lo = iss.partial, iss.sent
+    hi = lo
+    while hi < iss.expert_bytes:
+        size = min(iss.chunk_bytes, iss.expert_bytes - hi)
+        if size > budget:
+            break
+        budget -= size
+        hi += size
+    if hi > lo:
+        runs.slot[n], runs.key[n], runs.lo[n], runs.hi[n] = slot, st.key_of[slot], lo, hi
+        n += 1
+        iss.sent = hi
+        if hi == iss.expert_bytes:
+            iss.partial = -1
+    return n, budget
+
+
+@njit
+def plan_idle(st, budget, rank, order):
+    """The idle issue rule at a layer boundary (stale requests already dropped): chunks worth at most `budget` bytes
+    (the copy engine's predicted idle time before the next demand), first the partly issued prefetch's, then new
+    prefetches placed in queue order (highest priority, then lowest key; a key without room stays queued) and
+    chunked, until the budget ends (the last one may stay partly issued). Writes st.runs[:n]; returns n.
+    order: int64 [K] scratch."""
+    iss = st.issue[0]
+    n = 0
+    if iss.partial >= 0:
+        n, budget = _advance(st, budget, n)
+        if iss.partial >= 0:
+            return n
+    q = st.tally[0].queued
+    if q == 0 or budget < min(iss.chunk_bytes, iss.expert_bytes):
+        return n
+    q = best_queued(st, q, order)
+    for i in range(q):
+        if not _prefetch_one(st, order[i], rank, st.runs.slot, n):
+            continue
+        iss.partial, iss.sent = st.runs.slot[n], 0
+        n, budget = _advance(st, budget, n)
+        if iss.partial >= 0 or budget < min(iss.chunk_bytes, iss.expert_bytes):
+            break
+    return n
+
+
+@njit
+def claim_partial(st, slots, n):
+    """A demand acquired slots[:n]: if the partly issued prefetch is among them, its remaining chunks become one
+    demand run at st.runs[0] (issued before the demand's own copies) and nothing is partly issued any more.
+    Returns the runs written (0 or 1)."""
+    iss, runs = st.issue[0], st.runs
+    p = iss.partial
+    if p < 0:
+        return 0
+    for i in range(n):
+        if slots[i] == p:
+            runs.slot[0], runs.key[0], runs.lo[0], runs.hi[0] = p, st.key_of[p], iss.sent, iss.expert_bytes
+            iss.partial = -1
+            return 1
+    return 0
 
 
 @njit
@@ -289,3 +419,5 @@ def warm_up() -> None:
     prefetch(st, np.array([3], np.int64), rank, slots)
     prefetching_slots(st, slots)
     clear_queue(st)
+    plan_idle(st, 1.0, rank, np.zeros(4, np.int64))
+    claim_partial(st, slots, 1)

@@ -4,10 +4,13 @@ A transport owns the device slot pools (one tensor [N, *shape] per expert tensor
 once) and the copy mechanics. The cache decides *what* goes where; the transport only copies.
 `CudaTransport` copies on a dedicated stream with one event per slot; `SyncTransport` (CPU device)
 copies at once; both copy one slot at a time (`PerSlotTransport`). The simulator's timed transport
-follows the same contract (`Transport`).
+follows the same contract (`Transport`). Under the idle issue rule (experts/prefetch_issue.py) prefetches go as
+byte ranges of an expert (`copy_run`): an expert's bytes are its tensors' bytes in pool order, a range copies the
+pieces of the tensors it covers.
 """
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 
@@ -27,7 +30,12 @@ class Transport(ABC):
           new and its copy had finished; the compute that follows waits for every other slot's copy.
       copy(slots, keys)       prefetch copies, in order, behind those issued so far.
       finished(slots) -> bool [n]   which copies into `slots` have finished (never blocks).
-      used(slots)             the compute just issued reads `slots` (a later copy into them waits for it)."""
+      used(slots)             the compute just issued reads `slots` (a later copy into them waits for it).
+      copy_run(slot, key, lo, hi, demand)   bytes [lo, hi) of expert `key` into `slot`, behind those issued so far
+          (after any compute still reading the slot); the slot's copy has finished once the range ending at the
+          expert's size has landed (ranges of one slot come in order, from 0). `demand`: a demand needs it.
+      idle_bytes() -> float   bytes the copy engine is predicted to move, after its queued work, before the next
+          layer's demand copies are issued (the idle issue rule's budget; inf: copies cost no copy-engine time)."""
 
     bytes_copied: int = 0
 
@@ -42,6 +50,13 @@ class Transport(ABC):
 
     @abstractmethod
     def used(self, slots: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def copy_run(self, slot: int, key: int, lo: int, hi: int, demand: bool) -> None: ...
+
+    def idle_bytes(self) -> float:
+        """Default: copies cost no copy-engine time (they complete when issued)."""
+        return math.inf
 
     def drain_stall_seconds(self) -> float:
         """Stall time accumulated since the last drain (may synchronize: call at iteration end)."""
@@ -68,6 +83,15 @@ class PerSlotTransport(Transport):
 
     def mark_used(self, slots: np.ndarray) -> None:
         """Default: nothing to order (synchronous devices)."""
+
+    def start_range(self, slot: int, key: int, lo: int, hi: int) -> None:
+        """Begin copying bytes [lo, hi) of expert `key` into `slot`. Default, for a transport that copies whole
+        experts only: the whole copy starts with the last range (the slot is usable only then either way)."""
+        if hi == self.expert_bytes:
+            self.start_copy(slot, key)
+
+    def copy_run(self, slot: int, key: int, lo: int, hi: int, demand: bool) -> None:
+        self.start_range(slot, key, lo, hi)
 
     def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray:
         slot_list, new_list = slots.tolist(), new.tolist()
@@ -106,6 +130,18 @@ class SlotPools:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def pieces(self, lo: int, hi: int) -> list[tuple[str, int, int]]:
+        """Bytes [lo, hi) of one expert (its tensors' bytes in pool order) as (name, first, end) element ranges of
+        the flattened tensors it covers. lo and hi fall on element boundaries (prefetch_issue.CHUNK_ALIGN)."""
+        out, offset = [], 0
+        for name, pool in self.tensors.items():
+            size = pool[0].numel() * pool.element_size()
+            a, b = max(lo, offset), min(hi, offset + size)
+            if a < b:
+                out.append((name, (a - offset) // pool.element_size(), (b - offset) // pool.element_size()))
+            offset += size
+        return out
+
 
 class SyncTransport(PerSlotTransport):
     """Host and 'device' share memory (CPU runs): a copy completes before `start_copy` returns."""
@@ -125,6 +161,14 @@ class SyncTransport(PerSlotTransport):
         self._stall += time.perf_counter() - t0
         self.bytes_copied += self.expert_bytes
 
+    def start_range(self, slot: int, key: int, lo: int, hi: int) -> None:
+        layer, expert = divmod(key, self.num_experts)
+        t0 = time.perf_counter()
+        for name, a, b in self.pools.pieces(lo, hi):
+            self.pools.tensors[name][slot].view(-1)[a:b].copy_(self.store.tensors[layer][name][expert].view(-1)[a:b])
+        self._stall += time.perf_counter() - t0
+        self.bytes_copied += hi - lo
+
     def is_done(self, slot: int) -> bool:
         return True
 
@@ -143,9 +187,17 @@ class CudaTransport(PerSlotTransport):
     slot's last use, so eviction never races with a kernel still reading the old expert.
     Stall time is measured on the GPU timeline: events around each wait on the compute stream,
     read back (one sync) by `drain_stall_seconds` at iteration end.
+
+    Ranges (`start_range`, the idle issue rule's chunks) go on the same stream; a slot's completion event is
+    recorded after its last range, and the slot counts as not done while a range is missing. `idle_bytes` predicts
+    the copy engine's idle time on the host, without a sync: the queued work is modelled as every copy issued
+    taking bytes / `bandwidth_Bps` (measured at start) after the previous one; the next demand is expected one
+    layer period (the running mean of the host time between successive demand loads, gaps over 3x the mean, i.e.
+    iteration boundaries, left out) after the last demand load.
     """
 
-    def __init__(self, store: HostExpertStore, pools: SlotPools, device: torch.device) -> None:
+    def __init__(self, store: HostExpertStore, pools: SlotPools, device: torch.device,
+                 bandwidth_Bps: float | None = None) -> None:
         self.store, self.pools, self.device = store, pools, device
         self.num_experts = store.geometry.num_experts
         self.expert_bytes = store.geometry.expert_bytes
@@ -154,8 +206,18 @@ class CudaTransport(PerSlotTransport):
         self.copy_done = [torch.cuda.Event() for _ in range(n)]
         self.last_use: list[torch.cuda.Event | None] = [None] * n
         self._known_done = np.ones(n, dtype=bool)
+        self._partial = np.zeros(n, dtype=bool)      # a range copy into the slot is missing its last range
         self._stall_pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.bytes_copied = 0
+        self.bandwidth_Bps = bandwidth_Bps
+        self._busy_until = 0.0                       # host clock (s): predicted end of the copies issued so far
+        self._last_load = -1.0                       # host clock (s) of the last demand load
+        self._period = 0.0                           # running mean host time between demand loads (s)
+
+    def _queued(self, nbytes: int) -> None:
+        if self.bandwidth_Bps:
+            self._busy_until = max(time.perf_counter(), self._busy_until) + nbytes / self.bandwidth_Bps
+        self.bytes_copied += nbytes
 
     def start_copy(self, slot: int, key: int) -> None:
         layer, expert = divmod(key, self.num_experts)
@@ -167,9 +229,49 @@ class CudaTransport(PerSlotTransport):
                 pool[slot].copy_(self.store.tensors[layer][name][expert], non_blocking=True)
             self.copy_done[slot].record(self.stream)
         self._known_done[slot] = False
-        self.bytes_copied += self.expert_bytes
+        self._partial[slot] = False
+        self._queued(self.expert_bytes)
+
+    def start_range(self, slot: int, key: int, lo: int, hi: int) -> None:
+        """Bytes [lo, hi) of expert `key` into `slot` on the copy stream, from the pinned host tensors (non_blocking:
+        the host returns at once); the first range waits for the compute still reading the slot."""
+        layer, expert = divmod(key, self.num_experts)
+        use = self.last_use[slot]
+        with torch.cuda.stream(self.stream):
+            if use is not None and lo == 0:
+                self.stream.wait_event(use)
+            for name, a, b in self.pools.pieces(lo, hi):
+                src = self.store.tensors[layer][name][expert].view(-1)
+                self.pools.tensors[name][slot].view(-1)[a:b].copy_(src[a:b], non_blocking=True)
+            if hi == self.expert_bytes:
+                self.copy_done[slot].record(self.stream)
+        self._known_done[slot] = False
+        self._partial[slot] = hi < self.expert_bytes
+        self._queued(hi - lo)
+
+    def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray:
+        now = time.perf_counter()
+        if self._last_load >= 0:
+            gap = now - self._last_load
+            if self._period == 0.0:
+                self._period = gap
+            elif gap < 3.0 * self._period:
+                self._period += 0.1 * (gap - self._period)
+        self._last_load = now
+        return super().load(slots, keys, new)
+
+    def idle_bytes(self) -> float:
+        """Predicted bytes the copy engine moves before the next demand load (0 until a layer period and the
+        bandwidth are known). Host clock only: never syncs."""
+        if not self.bandwidth_Bps or self._period == 0.0:
+            return 0.0
+        now = time.perf_counter()
+        idle = self._last_load + self._period - max(now, self._busy_until)
+        return max(idle, 0.0) * self.bandwidth_Bps
 
     def is_done(self, slot: int) -> bool:
+        if self._partial[slot]:
+            return False
         if not self._known_done[slot] and self.copy_done[slot].query():
             self._known_done[slot] = True
         return bool(self._known_done[slot])

@@ -87,11 +87,8 @@ def device_half(st, base, experts, ones, plan):
 
 
 @njit
-def pump_timed(st, first, inflight, rank, cc, keys, slots):
-    """ExpertCache.pump compiled over the timed transport (queue not empty): drop stale requests, count prefetch
-    copies still in flight (finished ones lose their mark), place the best queued keys within the in-flight budget
-    and copy them. Returns the copies issued."""
-    sk.drop_stale(st, first)
+def _clear_finished(st, cc, slots):
+    """Prefetch copies still in flight; finished ones lose their mark (ExpertCache._in_flight, timed)."""
     m = sk.prefetching_slots(st, slots)
     now = cc.times[0].now
     flying = 0
@@ -101,6 +98,33 @@ def pump_timed(st, first, inflight, rank, cc, keys, slots):
             st.flags[s] = st.flags[s] & (255 ^ sk.PREFETCHING)
         else:
             flying += 1
+    return flying
+
+
+@njit
+def _copy_runs(st, cc, n, demand):
+    runs = st.runs
+    for i in range(n):
+        tk.copy_run(cc, runs.slot[i], runs.lo[i], runs.hi[i], demand)
+
+
+@njit
+def pump_timed(st, first, inflight, rank, cc, keys, slots):
+    """ExpertCache.pump compiled over the timed transport (queue not empty, or a prefetch partly issued): drop stale
+    requests, count prefetch copies still in flight (finished ones lose their mark); then, by the cache's issue
+    rule, place the best queued keys within the in-flight budget and copy them whole (inflight), or place and copy
+    the chunks that fit the copy engine's idle bytes (idle: slot_kernels.plan_idle). Returns the prefetches placed."""
+    idle = st.issue[0].idle
+    if st.tally[0].queued > 0:
+        sk.drop_stale(st, first)
+    flying = _clear_finished(st, cc, slots)
+    if idle:
+        n = sk.plan_idle(st, tk.idle_bytes(cc), rank, keys)
+        _copy_runs(st, cc, n, False)
+        placed = 0
+        for i in range(n):
+            placed += st.runs.lo[i] == 0
+        return placed
     budget = inflight - flying
     if budget <= 0 or st.tally[0].queued == 0:
         return 0
@@ -128,6 +152,8 @@ def layer_loop(sorted_topk, topk, probs, aux, ones, access, access_state, routed
         device, m, cpu_s = device_half(st, layer * J, experts, ones, plan)
         n = device.size
         sk.demand(st, layer * J, device, rank, slots, new)   # k <= capacity: always room
+        if st.issue[0].partial >= 0 and sk.claim_partial(st, slots, n):
+            _copy_runs(st, cc, 1, True)              # the rest of a partly issued prefetch, first in line
         hits = tk.load(cc, slots[:n], new[:n], hit[:n])
         if m > 0:
             tk.cpu_half(cc, routed_at, cpu_s)
@@ -139,7 +165,7 @@ def layer_loop(sorted_topk, topk, probs, aux, ones, access, access_state, routed
         n = routed(layer, topk[layer], probs[layer], aux[layer], routed_state, out_keys, out_prio)
         if n > 0:
             sk.enqueue(st, out_keys[:n], out_prio[:n])
-        if st.tally[0].queued > 0:
+        if st.tally[0].queued > 0 or st.issue[0].partial >= 0:
             stats[2] += pump_timed(st, (layer + 1) * J, inflight, rank, cc, keys, slots)
         times.now += step_s                          # the layer computes
 

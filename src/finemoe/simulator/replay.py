@@ -29,6 +29,7 @@ from finemoe.engine.metrics import RequestMetrics, aggregate
 from finemoe.errors import FineMoEError
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.miss_split import GPU, MissCosts, mode_code
+from finemoe.experts.prefetch_issue import INFLIGHT, PrefetchIssue
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import IterationInfo, LayerRouting, Policy, PolicyContext, RequestInfo
@@ -75,7 +76,7 @@ class Replay:
     def __init__(self, trace: Trace, policy: str | Policy, expert_budget, cost: CostModel,
                  policy_options: dict | None = None, prefetch_inflight: int = 4,
                  routed: _Routed | None = None, embed=None, miss_compute: str = "gpu",
-                 miss_costs: MissCosts | None = None) -> None:
+                 miss_costs: MissCosts | None = None, issue: PrefetchIssue = INFLIGHT) -> None:
         """`policy`: a registered name (built with `policy_options`), or a policy instance not yet bound.
         `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal.
         `miss_compute`: gpu | cpu | auto (experts/miss_split.py); `miss_costs`: what the split and the CPU half
@@ -94,7 +95,7 @@ class Replay:
         self.capacity, self.budget_bytes = capacity_for(cfg, self.g, self.all_resident)
         self.transport = TimedTransport(self.capacity, cost)
         self.cache = ExpertCache(self.g.total_experts, self.g.num_experts, self.capacity, self.transport,
-                                 self.policy, prefetch_inflight)
+                                 self.policy, prefetch_inflight, issue)
         self.policy.bind(PolicyContext(self.g, self.cache.view(), torch.device("cpu"), embed=embed, options=options))
         if self.all_resident:
             self.cache.load_all()
@@ -222,9 +223,10 @@ class Replay:
 
 def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,
              policy_options: dict[str, dict] | None = None, prefetch_inflight: int = 4,
-             miss_compute: str = "gpu", miss_costs: MissCosts | None = None, embed=None) -> list[dict]:
+             miss_compute: str = "gpu", miss_costs: MissCosts | None = None, embed=None,
+             issue: PrefetchIssue = INFLIGHT) -> list[dict]:
     """One result row per (policy, budget), in that order. `policy_options` maps policy name -> options;
-    `miss_compute`, `miss_costs` and `embed` as Replay takes them."""
+    `miss_compute`, `miss_costs`, `embed` and `issue` as Replay takes them."""
     mode_code(miss_compute)
     for p in policies:
         check_simulatable(trace, p)
@@ -234,5 +236,5 @@ def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,
         for b in budgets:
             opts = (policy_options or {}).get(p, {})
             rows.append(Replay(trace, p, b, cost, opts, prefetch_inflight, routed, embed, miss_compute,
-                               miss_costs).run())
+                               miss_costs, issue).run())
     return rows

@@ -7,6 +7,9 @@ the engine is free, `now` has come and the compute that last read s has finished
 copy_s. A copy is done once its end time <= now. A demand stall moves `now` to the last awaited copy's end.
 A layer's CPU half (`--miss-compute cpu|auto`) runs from the moment its routing is on the host, beside the copies;
 the layer computes once both are done (`cpu_half`): the wait beyond the copies is a stall too.
+A copy may go in byte ranges (`copy_run`: chunks of the idle issue rule, experts/prefetch_issue.py), each taking its
+share of copy_s; a slot's copy is done once its last range has landed. `ahead_max` records the most prefetch copy
+time ever queued ahead of a demand copy when it was issued (what "a demand never waits behind a prefetch" bounds).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ TIMES = np.dtype([("now", np.float64),           # the current layer's compute s
                   ("engine_free", np.float64),   # end of the last copy issued (s)
                   ("stall", np.float64),         # demand stall since the last drain (s)
                   ("bytes", np.float64),         # bytes copied (exact below 2**53)
-                  ("cpu_wait", np.float64)])     # of the stall, time waited for CPU halves beyond the copies (s)
+                  ("cpu_wait", np.float64),      # of the stall, time waited for CPU halves beyond the copies (s)
+                  ("prefetch_end", np.float64),  # end of the last prefetch copy issued (s)
+                  ("ahead_max", np.float64)])    # most prefetch copy time queued ahead of a demand copy (s)
 
 
 class CopyClock(NamedTuple):
@@ -50,6 +55,40 @@ def copy(cc, slots, m):
         cc.done_at[s] = end
         t.engine_free = end
         t.bytes += cc.expert_bytes
+        t.prefetch_end = end
+
+
+@njit
+def _note_ahead(t):
+    """A demand copy is issued now: record the prefetch copy time queued ahead of it."""
+    t.ahead_max = max(t.ahead_max, t.prefetch_end - t.now)
+
+
+@njit
+def copy_run(cc, s, lo, hi, demand):
+    """Copy bytes [lo, hi) of an expert into slot s behind the copy engine's queue (a prefetch's chunks, or, with
+    `demand`, the rest of a partly issued prefetch a demand needs). The slot's copy is done when the range ending at
+    expert_bytes lands; until then it is not done."""
+    t = cc.times[0]
+    if demand:
+        _note_ahead(t)
+    end = max(t.now, t.engine_free, cc.read_until[s]) + cc.copy_s * ((hi - lo) / cc.expert_bytes)
+    cc.done_at[s] = end if hi >= cc.expert_bytes else np.inf
+    t.engine_free = end
+    t.bytes += hi - lo
+    if not demand:
+        t.prefetch_end = end
+
+
+@njit
+def idle_bytes(cc):
+    """Bytes the copy engine can move between its queued work's end and the next layer's demand, predicted as one
+    layer time (layer_s) from now: (layer_s - queued work) x bandwidth, >= 0 (inf when copies are free)."""
+    if cc.copy_s == 0.0:
+        return np.inf
+    t = cc.times[0]
+    idle = t.now + cc.layer_s - max(t.now, t.engine_free)
+    return max(idle, 0.0) * (cc.expert_bytes / cc.copy_s)
 
 
 @njit
@@ -60,6 +99,10 @@ def load(cc, slots, new, hit):
     now = t.now
     ready = now
     hits = 0
+    for i in range(slots.size):
+        if new[i]:
+            _note_ahead(t)
+            break
     for i in range(slots.size):
         s = slots[i]
         hit[i] = False
@@ -118,3 +161,5 @@ def warm_up() -> None:
     cpu_half(cc, 0.0, 1.0)
     used(cc, slots, 1)
     finished(cc, slots, flags)
+    copy_run(cc, 0, 0, 5, True)
+    idle_bytes(cc)

@@ -102,6 +102,22 @@ class TimedTransport(Transport):
     def copy(self, slots: np.ndarray, keys: np.ndarray) -> None:
         timed_kernels.copy(self.state, slots, slots.size)
 
+    def copy_run(self, slot: int, key: int, lo: int, hi: int, demand: bool) -> None:
+        timed_kernels.copy_run(self.state, slot, lo, hi, demand)
+
+    def idle_bytes(self) -> float:
+        """One layer time after now, less the copy engine's queued work, in bytes (timed_kernels.idle_bytes)."""
+        return float(timed_kernels.idle_bytes(self.state))
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.cost.expert_bytes
+
+    @property
+    def ahead_max_s(self) -> float:
+        """The most prefetch copy time ever queued ahead of a demand copy when it was issued (s)."""
+        return float(self.state.times[0]["ahead_max"])
+
     def finished(self, slots: np.ndarray) -> np.ndarray:
         out = np.empty(slots.size, bool)
         timed_kernels.finished(self.state, slots, out)

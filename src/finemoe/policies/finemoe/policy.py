@@ -48,6 +48,7 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
 @register_policy
 class FineMoEPolicy(Policy):
     name = "finemoe"
+    gate_values_keys = True      # the gate is each expert's latest guiding probability p (eviction.py)
     description = ("FineMoE: per-iteration expert maps (full router softmax of every layer) in a store with "
                    "RDY deduplication; semantic search guides the first d layers, trajectory search the rest; "
                    "prefetch the smallest top set with mass >= 1 - similarity (>= top-k) at priority p/(l - l_now); "

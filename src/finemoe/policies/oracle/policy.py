@@ -15,6 +15,7 @@ from finemoe.traces.format import Trace, load_trace
 @register_policy
 class OraclePolicy(Policy):
     name = "oracle"
+    gate_values_keys = True      # the gate is minus each key's next use (belady.py): sooner = more valuable
     description = (
         "Clairvoyant bound (Belady 1966, with prefetching): fed a recorded trace of the same requests "
         "(option trace=PATH; requests matched by prompt token ids, later trace requests assumed to follow in "

@@ -1,0 +1,196 @@
+"""The idle prefetch issue rule (experts/prefetch_issue.py): chunked prefetch copies, issued only into copy-engine time
+the next demand leaves idle, never evicting an expert the policy values more than the prefetched one.
+
+Timed cases use the simulator's TimedTransport (the engine's cache code over a simulated copy engine)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from finemoe.cli.main import main
+from finemoe.errors import ConfigError
+from finemoe.experts.cache import ExpertCache
+from finemoe.experts.host_store import HostExpertStore
+from finemoe.experts.prefetch_issue import PrefetchIssue
+from finemoe.experts.transport import SlotPools, SyncTransport
+from finemoe.models.adapters import ExpertGeometry
+from finemoe.policies import create_policy
+from finemoe.policies.base import EvictionRank, Policy, PolicyContext, Prefetch
+from finemoe.policies.finemoe import FineMoEPolicy
+from finemoe.simulator import CostModel, TimedTransport
+from finemoe.simulator.replay import Replay
+from helpers import topic_trace
+
+J = 8
+EXPERT = 4096                  # bytes per expert in the timed cases: 1 s per copy at 4096 B/s
+CHUNK = 1024                   # 4 chunks of 0.25 s
+
+
+def geometry(layers: int, expert_bytes: int = EXPERT) -> ExpertGeometry:
+    return ExpertGeometry(layers, J, 2, expert_bytes, {"w": (4, 4)}, torch.float32)
+
+
+class Valued(Policy):
+    """Evicts the lowest `value` first; a prefetch under the idle rule evicts only keys valued below its own."""
+
+    name = "test-valued"
+    gate_values_keys = True
+
+    def bind(self, ctx):
+        super().bind(ctx)
+        self.value = np.zeros(ctx.geometry.total_experts)
+
+    def eviction_rank(self):
+        return EvictionRank.of(self.value)
+
+
+def timed_cache(policy, capacity: int, layers: int, issue: PrefetchIssue, layer_s: float = 1.2,
+                inflight: int = 4) -> tuple[ExpertCache, TimedTransport]:
+    g = geometry(layers)
+    transport = TimedTransport(capacity, CostModel(EXPERT, float(EXPERT), layer_s))
+    cache = ExpertCache(g.total_experts, J, capacity, transport, policy, inflight, issue)
+    policy.bind(PolicyContext(g, cache.view(), torch.device("cpu")))
+    return cache, transport
+
+
+def layer(cache, transport, policy, layer_i: int, experts, prefetch_keys=(), layer_s: float = 1.2):
+    """One MoE layer as the layer sequence runs it: demand, release, queue the prefetches, pump, compute."""
+    e = np.array(experts, np.int64)
+    policy.on_access(layer_i, e, np.ones_like(e))
+    res = cache.acquire(layer_i, e)
+    cache.release(res.slots)
+    if len(prefetch_keys):
+        keys = np.array(prefetch_keys, np.int64)
+        cache.enqueue(Prefetch(keys, -np.arange(keys.size, dtype=np.float64)))
+    cache.pump(layer_i)
+    transport.advance(layer_s)
+    return res.hit
+
+
+def run_layers(issue: PrefetchIssue) -> TimedTransport:
+    """12 layers, 2 demand misses each, and 4 prefetches for the next layer queued at every boundary (the next
+    layer's demand is among neither): copy-bound, 1 s per copy against a 1.2 s layer."""
+    policy = create_policy("lru")
+    cache, transport = timed_cache(policy, capacity=96, layers=12, issue=issue)
+    for i in range(12):
+        layer(cache, transport, policy, i, [0, 1], [(i + 1) * J + j for j in range(4, 8)] if i < 11 else [])
+    return transport
+
+
+def test_a_demand_copy_waits_behind_at_most_one_prefetch_chunk_under_idle_and_behind_whole_copies_under_inflight():
+    chunk_s = CHUNK / EXPERT
+    idle = run_layers(PrefetchIssue("idle", CHUNK))
+    inflight = run_layers(PrefetchIssue("inflight"))
+    assert idle.ahead_max_s <= chunk_s
+    assert inflight.ahead_max_s > 2.0                       # several whole prefetch copies ahead of a demand
+    assert idle.now < inflight.now                          # and the layers finish sooner
+
+
+def test_a_partly_prefetched_expert_demanded_midway_completes_as_demand_without_a_second_copy():
+    policy = create_policy("lru")
+    cache, transport = timed_cache(policy, capacity=8, layers=2, issue=PrefetchIssue("idle", CHUNK), layer_s=0.6)
+    layer(cache, transport, policy, 0, [0], [J + 3], layer_s=0.6)   # k0's demand copy stalls to 1 s; the next
+    assert transport.bytes_copied == EXPERT + 2 * CHUNK              # demand at 1.6 s: 2 chunks fit, 2 stay queued
+    assert cache.state.issue[0]["partial"] >= 0
+    slot = cache.slot_of[J + 3]
+    assert not transport.finished(np.array([slot]))[0]
+    now = transport.now
+    hit = layer(cache, transport, policy, 1, [3], layer_s=0.0)       # demanded with 2 chunks missing
+    assert hit.tolist() == [False]
+    assert transport.bytes_copied == 2 * EXPERT                      # the rest only, not a second whole copy
+    assert transport.now == pytest.approx(now + 0.5) and cache.state.issue[0]["partial"] == -1   # 2 chunks
+    assert cache.prefetch_copies == 1
+
+
+def test_chunked_copies_land_the_same_bytes_and_a_demand_finishes_a_partly_copied_expert():
+    class Budgeted(SyncTransport):
+        budget = 512.0
+
+        def idle_bytes(self) -> float:
+            return self.budget
+
+    shapes = {"w": (8, 40), "b": (40,)}                             # 1280 + 160 B: a chunk straddles the two
+    g = ExpertGeometry(2, J, 2, 1440, shapes, torch.float32)
+    tensors = [{name: torch.randn(J, *s) for name, s in shapes.items()} for _ in range(2)]
+    pools = SlotPools(HostExpertStore(g, tensors, pinned=False), 4, torch.device("cpu"))
+    transport = Budgeted(HostExpertStore(g, tensors, pinned=False), pools)
+    policy = create_policy("lru")
+    cache = ExpertCache(g.total_experts, J, 4, transport, policy, 4, PrefetchIssue("idle", 256))
+    policy.bind(PolicyContext(g, cache.view(), torch.device("cpu")))
+    cache.enqueue(Prefetch(np.array([J + 5, J + 6]), np.array([2.0, 1.0])))
+    cache.pump(0)                                                    # 2 chunks of J+5
+    slot = cache.slot_of[J + 5]
+    assert transport.bytes_copied == 512
+    assert torch.equal(pools.tensors["w"][slot].view(-1)[:128], tensors[1]["w"][5].view(-1)[:128])
+    assert not pools.tensors["w"][slot].view(-1)[128:].any()
+    transport.budget = 1440.0
+    cache.pump(0)                                                    # the rest of J+5, then 512 B of J+6
+    assert torch.equal(pools.tensors["w"][slot], tensors[1]["w"][5])
+    assert torch.equal(pools.tensors["b"][slot], tensors[1]["b"][5])
+    res = cache.acquire(1, np.array([6], np.int64))                  # J+6 demanded with 2 chunks copied
+    assert res.hit.tolist() == [False]
+    for name in shapes:
+        assert torch.equal(pools.tensors[name][res.slots[0]], tensors[1][name][6])
+    assert transport.bytes_copied == 2 * 1440
+
+
+class Unvalued(Valued):
+    gate_values_keys = False      # its gate orders eviction only: prefetches have no per-key limit
+
+
+@pytest.mark.parametrize("mode,cls", [("idle", Valued), ("inflight", Valued), ("idle", Unvalued)])
+def test_under_idle_a_prefetch_never_evicts_an_expert_the_policy_values_more(mode, cls):
+    policy = cls()
+    cache, transport = timed_cache(policy, capacity=3, layers=2, issue=PrefetchIssue(mode, CHUNK), layer_s=10.0)
+    layer(cache, transport, policy, 0, [0, 1, 2], layer_s=10.0)      # k0, k1, k2 resident
+    layer(cache, transport, policy, 0, [0], layer_s=10.0)            # k0 read by the layer computing now
+    policy.value[[1, 2]] = [0.5, 0.1]
+    policy.value[[J + 1, J + 2]] = [0.3, 0.05]
+    cache.enqueue(Prefetch(np.array([J + 1, J + 2]), np.array([2.0, 1.0])))
+    cache.pump(0)
+    if mode == "idle" and cls is Valued:   # J+1 (0.3) may evict k2 (0.1) only; J+2 (0.05) nothing: stays queued
+        assert sorted(np.flatnonzero(cache.resident)) == [0, 1, J + 1]
+        assert cache.queued == 1
+    else:                     # no limit: both victims go, the lowest value first
+        assert sorted(np.flatnonzero(cache.resident)) == [0, J + 1, J + 2]
+
+
+def test_finemoe_prefetches_carry_their_guiding_probability_as_the_gate():
+    policy = FineMoEPolicy(capacity=20, embed=torch.nn.Embedding(50, 8))
+    g = geometry(2)
+    cache = ExpertCache(g.total_experts, J, 4, TimedTransport(4, CostModel(EXPERT)), policy)
+    policy.bind(PolicyContext(g, cache.view(), torch.device("cpu")))
+    assert cache.rank.gate is policy.scores.p and cache.rank.limit[0] == np.inf and policy.gate_values_keys
+
+
+def test_the_compiled_decode_loop_replays_the_idle_rule_like_the_per_layer_path():
+    trace, embed = topic_trace(), torch.nn.Embedding(50, 8)
+    issue = PrefetchIssue("idle", 256)
+    rows = []
+    for per_layer in (False, True):
+        class Policy_(FineMoEPolicy):
+            callbacks_only = per_layer
+
+            def decode_kernels(self, probs):
+                return None if self.callbacks_only else super().decode_kernels(probs)
+        policy = Policy_(capacity=20, prefetch_distance=2, embed=embed)
+        replay = Replay(trace, policy, "40%", CostModel(1000, 1e6, 1e-3, 1e-4), issue=issue)
+        rows.append(replay.run())
+    for key in ("hits", "misses", "bytes_copied", "prefetch_copies", "wasted_prefetches", "tpot_s"):
+        assert rows[0][key] == rows[1][key], key
+    assert rows[0]["prefetch_copies"] > 0
+
+
+def test_bad_prefetch_issue_values_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--prefetch-issue 'fast' is not one of inflight, idle"):
+        PrefetchIssue("fast")
+    for bad in (0, 1000, -256):
+        with pytest.raises(ConfigError, match="multiple of 256"):
+            PrefetchIssue("idle", bad)
+    path = tmp_path / "t.safetensors"
+    topic_trace().save(str(path))
+    for flags in (["--prefetch-issue", "eager"], ["--prefetch-issue", "idle", "--copy-chunk-bytes", "300"]):
+        assert main(["simulate", "--trace", str(path), "--policy", "lru", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and flags[-1] in err
