@@ -18,10 +18,11 @@ import json
 import os
 import statistics
 import threading
-import time
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks_common import median_seconds
 
 
 def expert_weights(hidden: int, inter: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -35,17 +36,6 @@ def expert_mlp(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     """x [T, H] -> [T, H]: silu(gate) * up, then down (the Qwen/Mixtral expert)."""
     gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)     # [T, I] each
     return F.linear(F.silu(gate) * up, w["down"])             # [T, H]
-
-
-def median_s(fn, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def pinned_copy(src: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,8 +89,8 @@ def overlap(host: list[dict[str, torch.Tensor]], cpu_w: list[dict[str, torch.Ten
         t.join()
 
     torch.set_num_threads(threads)
-    return {"copies_only_s": median_s(copies, repeat), "cpu_only_s": median_s(computes, repeat),
-            "both_s": median_s(both, repeat)}
+    return {"copies_only_s": median_seconds(copies, repeat), "cpu_only_s": median_seconds(computes, repeat),
+            "both_s": median_seconds(both, repeat)}
 
 
 def main() -> None:
@@ -130,7 +120,7 @@ def main() -> None:
             torch.set_num_threads(n)
             for t in tokens:
                 x = torch.randn(t, args.hidden, dtype=dtype)
-                cpu[f"{name}/threads{n}/tokens{t}"] = median_s(lambda x=x, w=w: expert_mlp(x, w), args.repeat)
+                cpu[f"{name}/threads{n}/tokens{t}"] = median_seconds(lambda x=x, w=w: expert_mlp(x, w), args.repeat)
     result["cpu_s"] = cpu
     best = {}
     for name in ("bf16", "fp32"):
