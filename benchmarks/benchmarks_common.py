@@ -1,13 +1,10 @@
 """Shared by the GPU benchmark scripts: the Qwen1.5-MoE-A2.7B-shaped random-weight model."""
 from __future__ import annotations
 
-import glob
-import os
 import statistics
 import time
 
 import torch
-from safetensors import safe_open
 from transformers import Qwen2MoeForCausalLM
 
 from finemoe.models.random_shapes import build_random, qwen15_moe_a27b
@@ -35,16 +32,6 @@ def build_model(layers: int, seed: int, device: str, tiny: bool) -> Qwen2MoeForC
     finally:
         torch.set_default_dtype(prev)
     return model.eval()
-
-
-def input_embedding(folder: str) -> torch.nn.Embedding:
-    """The model's input-embedding table from its safetensors files (finemoe's token semantics in a replay)."""
-    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                if key.endswith("embed_tokens.weight"):
-                    return torch.nn.Embedding.from_pretrained(f.get_tensor(key).float())
-    raise SystemExit(f"no embed_tokens.weight in {folder}/*.safetensors")
 
 
 def median_seconds(fn, repeat: int, warmup: int = 1) -> float:

@@ -31,7 +31,7 @@ import tempfile
 import numpy as np
 
 from bench_policies_gpu import subset
-from benchmarks_common import input_embedding
+from finemoe.cli.replay_args import input_embedding
 from finemoe.eval.history import HistoryBuilder, replay_builder
 from finemoe.eval.variants import parse_variants
 from finemoe.policies.base import EvictionRank, Policy, Prefetch, register_policy

@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from benchmarks_common import input_embedding
+from finemoe.cli.replay_args import input_embedding
 from finemoe.simulator import CostModel, simulate
 from finemoe.traces import load_trace
 from finemoe.traces.format import Trace

@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from finemoe.cli.main import main
 from finemoe.simulator import CostModel, simulate
@@ -170,6 +172,23 @@ def test_tune_without_cpu_costs_tunes_gpu_mode_only(trace_file, capsys):
     assert main(["tune", "--trace", trace_file, "--policy", "lru", "--expert-budget", "25%", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["results"]
     assert [(r["policy"], r["miss_compute"]) for r in rows] == [("lru", "gpu")]
+
+
+def test_tune_compares_prefetch_issue_rules_and_simulate_reads_the_recorded_embedding(trace_file, tmp_path, capsys):
+    assert main(["tune", "--trace", trace_file, "--policy", "lru,moe-infinity", "--expert-budget", "25%",
+                 "--bandwidth", "0.001", "--layer-time-ms", "0.5", "--prefetch-issue", "inflight,idle", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["policy"], r["prefetch_issue"]) for r in rows] == [
+        ("lru", "inflight"), ("lru", "idle"), ("moe-infinity", "inflight"), ("moe-infinity", "idle")]
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file({"model.embed_tokens.weight": torch.randn(50, 8)}, str(folder / "model.safetensors"))
+    assert main(["simulate", "--trace", trace_file, "--policy", "finemoe", "--embed-from", str(folder),
+                 "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["results"]
+    assert row["policy"] == "finemoe" and row["hits"] > 0
+    assert main(["simulate", "--trace", trace_file, "--prefetch-issue", "inflight,idle"]) == 2
+    assert "`finemoe tune` compares several" in capsys.readouterr().err
 
 
 def test_tune_leaves_out_a_default_policy_that_cannot_run_and_says_why(trace_file, capsys):

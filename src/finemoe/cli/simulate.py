@@ -7,8 +7,8 @@ import sys
 
 from finemoe.cli.common import parse_policy_options
 from finemoe.cli.cost_args import add_cost_args, cost_model
+from finemoe.cli.replay_args import add_replay_args, embedding, prefetch_issues
 from finemoe.errors import ConfigError
-from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES, PrefetchIssue
 from finemoe.simulator import simulate
 from finemoe.traces import load_trace
 
@@ -23,11 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--policy", default="lru", help="policy or comma-separated policies, e.g. lru,lfu,oracle")
     p.add_argument("--expert-budget", default="25%", help="budget or comma-separated budgets: 25%%,50%%,6GiB")
     add_cost_args(p)
-    p.add_argument("--prefetch-inflight", type=int, default=4)
-    p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle",
-                   help="how prefetch copies are issued (as `finemoe generate --prefetch-issue`)")
-    p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
-                   help="bytes per prefetch chunk under --prefetch-issue idle (a multiple of 256)")
+    add_replay_args(p, "how prefetch copies are issued (as `finemoe generate --prefetch-issue`)")
     p.add_argument("--policy-option", action="append", default=[], metavar="[POLICY:]KEY=VALUE",
                    help="policy option (JSON value) for every policy, or for one with a POLICY: prefix")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} (one row per policy and budget)')
@@ -62,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
     budgets = _split(args.expert_budget, "--expert-budget")
     if not (args.expert_bytes or trace.expert_bytes):
         raise ConfigError(f"trace {args.trace!r} does not say how large an expert is: pass --expert-bytes N")
-    if args.prefetch_inflight < 1:
-        raise ConfigError("--prefetch-inflight must be >= 1")
-    issue = PrefetchIssue(args.prefetch_issue, args.copy_chunk_bytes)
+    issues = prefetch_issues(args)
+    if len(issues) > 1:
+        raise ConfigError("simulate takes one --prefetch-issue; `finemoe tune` compares several")
     cost = cost_model(args, trace.expert_bytes, [args.miss_compute])
     rows = simulate(trace, policies, budgets, cost, policy_options(args.policy_option, policies),
-                    args.prefetch_inflight, args.miss_compute, issue=issue)
+                    args.prefetch_inflight, args.miss_compute, embed=embedding(args), issue=issues[0])
     if args.json:
         json.dump({"results": rows}, sys.stdout)
         print()

@@ -3,15 +3,11 @@ and recommend the setting with the lowest predicted TPOT (no model, no GPU)."""
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import sys
 
-import torch
-from safetensors import safe_open
-
 from finemoe.cli.cost_args import add_cost_args, cost_model
+from finemoe.cli.replay_args import add_replay_args, embedding, prefetch_issues
 from finemoe.cli.simulate import _split, policy_options
 from finemoe.errors import ConfigError
 from finemoe.experts.miss_split import MODES, mode_code
@@ -24,7 +20,8 @@ DEFAULT_BUDGETS = "10%,25%,50%"
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "tune", help="predict TPOT/TTFT/hit rate over budgets x policies x miss-compute modes and recommend one",
-        description="Replays TRACE through the simulator for every budget x policy x --miss-compute mode and "
+        description="Replays TRACE through the simulator for every budget x policy x --miss-compute mode x "
+                    "--prefetch-issue rule and "
                     "prints the predicted table and the setting with the lowest TPOT (per budget, and overall). "
                     "Give it this machine's costs: the engine prints them once at start with --miss-compute cpu|auto "
                     "('copy C ms/expert; CPU X ms/expert + Y ms/extra token, Z ms/layer round trip'): pass "
@@ -41,10 +38,7 @@ def add_parser(sub) -> None:
     add_cost_args(p, miss_compute=False)
     p.add_argument("--policy-option", action="append", default=[], metavar="[POLICY:]KEY=VALUE",
                    help="policy option (JSON value) for every policy, or for one with a POLICY: prefix")
-    p.add_argument("--embed-from", default=None, metavar="MODEL_DIR",
-                   help="the recorded model's folder: its input embedding drives finemoe's token semantics (without "
-                        "it the default list leaves finemoe out, or pass --policy-option finemoe:semantic=prompt)")
-    p.add_argument("--prefetch-inflight", type=int, default=4)
+    add_replay_args(p, "comma-separated prefetch issue rules of inflight,idle to compare (default inflight)")
     p.add_argument("--json", action="store_true",
                    help='print {"results": [...], "recommended": {"per_budget": {...}, "best": {...}}}')
     p.set_defaults(func=run)
@@ -65,13 +59,11 @@ def run(args: argparse.Namespace) -> int:
     policies = default_policies(trace) if args.policy is None else _split(args.policy, "--policy")
     if not (args.expert_bytes or trace.expert_bytes):
         raise ConfigError(f"trace {args.trace!r} does not say how large an expert is: pass --expert-bytes N")
-    if args.prefetch_inflight < 1:
-        raise ConfigError("--prefetch-inflight must be >= 1")
+    issues = prefetch_issues(args)
     modes = _modes(args)
     cost = cost_model(args, trace.expert_bytes, modes)
-    embed = input_embedding(args.embed_from) if args.embed_from else None
     result = tune(trace, budgets, policies, modes, cost, policy_options(args.policy_option, policies),
-                  args.prefetch_inflight, embed, optional=args.policy is None)
+                  args.prefetch_inflight, embedding(args), optional=args.policy is None, issues=issues)
     for policy, why in result.skipped.items():
         print(f"finemoe: tune: {policy} left out: {why}", file=sys.stderr)
     if args.json:
@@ -82,18 +74,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def input_embedding(folder: str):
-    """The model's input-embedding table (torch.nn.Embedding) from its safetensors files."""
-    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                if key.endswith("embed_tokens.weight"):
-                    return torch.nn.Embedding.from_pretrained(f.get_tensor(key).float())
-    raise ConfigError(f"--embed-from {folder!r}: no embed_tokens.weight in its *.safetensors files")
-
-
 def _row(r: dict) -> str:
-    return (f"{r['expert_budget']:>8}  {r['policy']:<14}{r['miss_compute']:<6}{r['hit_rate']:>9.4f}"
+    return (f"{r['expert_budget']:>8}  {r['policy']:<14}{r['miss_compute']:<6}{r['prefetch_issue']:<10}"
+            f"{r['hit_rate']:>9.4f}"
             f"{r['cpu_experts']:>9}{r['bytes_per_token'] / 1e6:>11.3f}{r['ttft_s'] * 1e3:>10.3f}"
             f"{r['tpot_s'] * 1e3:>10.3f}")
 
@@ -103,8 +86,8 @@ def _print(trace, cost, args: argparse.Namespace, result: Tuning) -> None:
           f"{cost.expert_bytes} B, copy {cost.copy_s * 1e3:.3f} ms   CPU {cost.cpu_expert_s * 1e3:.3f} ms/expert "
           f"+ {cost.cpu_token_s * 1e3:.3f} ms/extra token, {cost.cpu_layer_s * 1e3:.3f} ms/layer   "
           f"layer {args.layer_time_ms} ms")
-    header = (f"{'budget':>8}  {'policy':<14}{'mode':<6}{'hit rate':>9}{'CPU exp':>9}{'MB/token':>11}{'TTFT ms':>10}"
-              f"{'TPOT ms':>10}")
+    header = (f"{'budget':>8}  {'policy':<14}{'mode':<6}{'prefetch':<10}{'hit rate':>9}{'CPU exp':>9}{'MB/token':>11}"
+              f"{'TTFT ms':>10}{'TPOT ms':>10}")
     print(header)
     for r in result.rows:
         print(_row(r))
@@ -113,4 +96,4 @@ def _print(trace, cost, args: argparse.Namespace, result: Tuning) -> None:
         print(_row(r))
     b = result.best
     print(f"best: --expert-budget {b['expert_budget']} --policy {b['policy']} --miss-compute {b['miss_compute']} "
-          f"(TPOT {b['tpot_s'] * 1e3:.3f} ms predicted)")
+          f"--prefetch-issue {b['prefetch_issue']} (TPOT {b['tpot_s'] * 1e3:.3f} ms predicted)")

@@ -1,4 +1,5 @@
-"""`finemoe tune`'s core: replay one routing trace over budgets x policies x miss-compute modes and recommend the
+"""`finemoe tune`'s core: replay one routing trace over budgets x policies x miss-compute modes x prefetch issue
+rules and recommend the
 setting with the lowest predicted TPOT (per budget, and overall).
 
 Every row is one simulator Replay (simulator/replay.py) under one CostModel, so the rows compare with each other;
@@ -10,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from finemoe.errors import ConfigError
+from finemoe.experts.prefetch_issue import INFLIGHT, PrefetchIssue
 from finemoe.policies import available, get_policy_class
 from finemoe.simulator.replay import check_simulatable, simulate
 from finemoe.simulator.transport import CostModel
@@ -18,8 +20,8 @@ from finemoe.traces.format import Trace
 # registered policies that are no serving setting: `record` only records routing, `resident` holds every expert
 # (no budget), `oracle` reads the future (an upper bound: name it with --policy to see it)
 NOT_SETTINGS = ("record", "resident", "oracle")
-ROW_KEYS = ("expert_budget", "policy", "miss_compute", "expert_budget_bytes", "cache_slots", "hit_rate", "misses",
-            "cpu_experts", "bytes_per_token", "ttft_s", "tpot_s", "stall_s", "cpu_wait_s")
+ROW_KEYS = ("expert_budget", "policy", "miss_compute", "prefetch_issue", "expert_budget_bytes", "cache_slots",
+            "hit_rate", "misses", "cpu_experts", "bytes_per_token", "ttft_s", "tpot_s", "stall_s", "cpu_wait_s")
 
 
 def default_policies(trace: Trace) -> list[str]:
@@ -35,7 +37,7 @@ def default_policies(trace: Trace) -> list[str]:
 
 @dataclass
 class Tuning:
-    rows: list[dict]                 # one per budget x policy x mode, ROW_KEYS, in that nesting order
+    rows: list[dict]                 # one per budget x policy x mode x issue rule, ROW_KEYS, in that nesting order
     per_budget: dict[str, dict]      # budget -> its row with the lowest TPOT
     best: dict                       # the row with the lowest TPOT overall
     skipped: dict[str, str] = field(default_factory=dict)   # default policy -> why it could not run
@@ -63,7 +65,7 @@ def recommend(rows: list[dict]) -> tuple[dict[str, dict], dict]:
 
 def tune(trace: Trace, budgets: list[str], policies: list[str], modes: list[str], cost: CostModel,
          policy_options: dict[str, dict] | None = None, prefetch_inflight: int = 4, embed=None,
-         optional: bool = False) -> Tuning:
+         optional: bool = False, issues: list[PrefetchIssue] | None = None) -> Tuning:
     """Replay `trace` for every budget x policy x mode under `cost` (its CPU costs charge the CPU half).
     `embed`: the recorded model's input embedding (finemoe's token semantics). `optional`: a policy that cannot
     run on these inputs (a ConfigError, e.g. finemoe without `embed`) is left out and named in `skipped`
@@ -74,19 +76,20 @@ def tune(trace: Trace, budgets: list[str], policies: list[str], modes: list[str]
     for budget in budgets:
         for policy in policies:
             for mode in modes:
-                if policy in skipped:
-                    continue
-                opts = (policy_options or {}).get(policy, {})
-                try:
-                    (res,) = simulate(trace, [policy], [budget], cost, {policy: opts}, prefetch_inflight, mode,
-                                      embed=embed)
-                except ConfigError as e:
-                    if not optional:
-                        raise
-                    skipped[policy] = str(e)
-                    continue
-                res.update(expert_budget=budget, miss_compute=mode)
-                rows.append({k: res[k] for k in ROW_KEYS})
+                for issue in issues or [INFLIGHT]:
+                    if policy in skipped:
+                        continue
+                    opts = (policy_options or {}).get(policy, {})
+                    try:
+                        (res,) = simulate(trace, [policy], [budget], cost, {policy: opts}, prefetch_inflight, mode,
+                                          embed=embed, issue=issue)
+                    except ConfigError as e:
+                        if not optional:
+                            raise
+                        skipped[policy] = str(e)
+                        continue
+                    res.update(expert_budget=budget, miss_compute=mode, prefetch_issue=issue.mode)
+                    rows.append({k: res[k] for k in ROW_KEYS})
     if not rows:
         raise ConfigError("no policy could run: " + "; ".join(f"{p}: {why}" for p, why in skipped.items()))
     per_budget, best = recommend(rows)
