@@ -53,7 +53,14 @@ def repeated(trace: Trace, n: int) -> Trace:
 def compare(args) -> None:
     """Each policy under the baseline source and under this one, in fresh processes, alternating; best CPU s."""
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-    bench = os.path.dirname(os.path.abspath(__file__))
+
+    def script_of(src: str) -> tuple[str, str]:
+        """The sim_speed.py of the checkout that `src` belongs to (each version measured by its own script, which
+        imports only what its version has), and its benchmarks folder; this one where that checkout has none."""
+        bench = os.path.join(os.path.dirname(os.path.abspath(src)), "benchmarks")
+        if not os.path.isfile(os.path.join(bench, "sim_speed.py")):
+            bench = os.path.dirname(os.path.abspath(__file__))
+        return os.path.join(bench, "sim_speed.py"), bench
     argv = ["--trace", args.trace, "--repeat", str(args.repeat), "--expert-budget", args.expert_budget,
             "--expert-bytes", str(args.expert_bytes), "--bandwidth", str(args.bandwidth),
             "--layer-time-ms", str(args.layer_time_ms)] + (["--embed-from", args.embed_from] if args.embed_from else [])
@@ -63,7 +70,8 @@ def compare(args) -> None:
         for r in range(args.rounds):
             for name in (("baseline", "current") if r % 2 == 0 else ("current", "baseline")):
                 src = args.baseline_src if name == "baseline" else here
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--policy", policy],
+                script, bench = script_of(src)
+                out = subprocess.run([sys.executable, script, *argv, "--policy", policy],
                                      env={**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{bench}"},
                                      capture_output=True, text=True, check=True).stdout
                 cpu = float(out.split(" s cpu")[0].split()[-1])
