@@ -18,15 +18,19 @@ Definitions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
 from finemoe.experts import slot_kernels as sk
 from finemoe.experts.prefetch_issue import INFLIGHT, PrefetchIssue
 from finemoe.experts.transport import Transport
+from finemoe.jit import FixedTypes
 from finemoe.policies.base import CacheView, EvictionRank, Policy, Prefetch
 
 _FILLED, _WASTED, _QUEUED = (sk.TALLY.names.index(name) for name in ("filled", "wasted", "queued"))
+_KERNELS = ("demand", "claim_partial", "release", "enqueue", "drop_stale", "best_queued", "plan_idle",
+            "prefetching_slots", "prefetch", "clear_queue")
 
 
 @dataclass
@@ -58,6 +62,9 @@ class ExpertCache:
         self.scratch_keys = np.empty(total_experts, np.int64)
         self.scratch_new = np.empty(max(capacity, 1), bool)
         self.scratch_hit = np.empty(max(capacity, 1), bool)
+        # the slot kernels bound to this cache's argument types (its state, C-contiguous int64/float64 arrays,
+        # Python ints and floats): no per-call type dispatch
+        self.k = SimpleNamespace(**{name: FixedTypes(getattr(sk, name)) for name in _KERNELS})
         self._rank: EvictionRank | None = None   # the policy's eviction rank (asked at the first placement)
         self.prefetch_copies = 0
 
@@ -92,12 +99,13 @@ class ExpertCache:
         Misses are copied at once, ahead of any prefetch not yet issued. The caller has learned this
         layer's routing with a host sync, so the previous layer's compute has finished: its slots are
         no longer computing (the pinned ones of this layer take that role until `release`)."""
+        experts = np.ascontiguousarray(experts, dtype=np.int64)
         n, base = experts.size, layer * self.J
-        loaded = int(sk.demand(self.state, base, experts, self.rank, self.scratch_slots, self.scratch_new))
+        loaded = int(self.k.demand(self.state, base, experts, self.rank, self.scratch_slots, self.scratch_new))
         if loaded == sk.NO_ROOM:
             raise RuntimeError(f"expert cache of {self.capacity} slots cannot hold {n} experts at once")
         slots = self.scratch_slots[:n].copy()
-        claimed = self.issue.idle and sk.claim_partial(self.state, slots, n)
+        claimed = self.issue.idle and self.k.claim_partial(self.state, slots, n)
         if claimed:
             self._copy_runs(1, demand=True)      # the rest of a partly issued prefetch, first in line
         hit = self.transport.load(slots, base + experts, self.scratch_new[:n])
@@ -108,17 +116,17 @@ class ExpertCache:
     def release(self, slots: np.ndarray) -> None:
         """The layer's compute that reads `slots` has been issued. Until the next release a prefetch does not
         evict them: its copy would wait on the copy stream for that compute, and every copy behind it too."""
-        slots = slots.astype(np.int64, copy=False)
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
         self.transport.used(slots)
-        sk.release(self.state, slots, slots.size)
+        self.k.release(self.state, slots, slots.size)
 
     # ---- prefetch path -----------------------------------------------------------------------
     def enqueue(self, prefetch: Prefetch) -> None:
         """Queue `prefetch`: each key at its priority (a key queued again takes the newer priority; -inf
         withdraws it)."""
         if len(prefetch):
-            sk.enqueue(self.state, prefetch.keys.astype(np.int64, copy=False),
-                       prefetch.priority.astype(np.float64, copy=False))
+            self.k.enqueue(self.state, np.ascontiguousarray(prefetch.keys, dtype=np.int64),
+                           np.ascontiguousarray(prefetch.priority, dtype=np.float64))
 
     def pump(self, current_layer: int) -> int:
         """Drop stale requests (layer not ahead of `current_layer`, already resident) and issue the
@@ -130,11 +138,11 @@ class ExpertCache:
             return self._pump_idle(current_layer)
         if not self._tally[_QUEUED]:
             return 0
-        sk.drop_stale(self.state, (current_layer + 1) * self.J)
+        self.k.drop_stale(self.state, (current_layer + 1) * self.J)
         budget = self.prefetch_inflight - self._in_flight()
         if budget <= 0 or not self._tally[_QUEUED]:
             return 0
-        m = int(sk.best_queued(self.state, budget, self.scratch_keys))
+        m = int(self.k.best_queued(self.state, budget, self.scratch_keys))
         return self._start_prefetches(self.scratch_keys[:m].copy())
 
     def _pump_idle(self, current_layer: int) -> int:
@@ -143,9 +151,9 @@ class ExpertCache:
         if not self._tally[_QUEUED] and self.state.issue[0]["partial"] < 0:
             return 0
         if self._tally[_QUEUED]:
-            sk.drop_stale(self.state, (current_layer + 1) * self.J)
+            self.k.drop_stale(self.state, (current_layer + 1) * self.J)
         self._in_flight()
-        n = int(sk.plan_idle(self.state, self.transport.idle_bytes(), self.rank, self.scratch_keys))
+        n = int(self.k.plan_idle(self.state, float(self.transport.idle_bytes()), self.rank, self.scratch_keys))
         self._copy_runs(n, demand=False)
         placed = int(np.count_nonzero(self.state.runs.lo[:n] == 0))
         self.prefetch_copies += placed
@@ -158,7 +166,7 @@ class ExpertCache:
 
     def _in_flight(self) -> int:
         """Prefetch copies still in flight; finished ones lose their mark (a finished copy stays finished)."""
-        m = int(sk.prefetching_slots(self.state, self.scratch_slots))
+        m = int(self.k.prefetching_slots(self.state, self.scratch_slots))
         if not m:
             return 0
         flying = self.scratch_slots[:m]
@@ -169,7 +177,7 @@ class ExpertCache:
     def _start_prefetches(self, keys: np.ndarray) -> int:
         """Copy `keys` (int64, not resident) into slots now, as prefetches (they leave the queue); returns how
         many found room."""
-        m = int(sk.prefetch(self.state, keys, self.rank, self.scratch_slots))
+        m = int(self.k.prefetch(self.state, keys, self.rank, self.scratch_slots))
         if m:
             self.transport.copy(self.scratch_slots[:m].copy(), keys[:m])
         self.prefetch_copies += m
@@ -185,7 +193,7 @@ class ExpertCache:
     def end_iteration(self) -> None:
         """Clear the prefetch queue (a partly issued prefetch goes on at the next boundary)."""
         if self._tally[_QUEUED]:
-            sk.clear_queue(self.state)
+            self.k.clear_queue(self.state)
 
     def load_all(self) -> None:
         """Fill the cache with every expert, key k in slot k (resident policy): capacity must equal L*J."""

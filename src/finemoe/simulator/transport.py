@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
 from finemoe.errors import ConfigError
 from finemoe.experts.miss_split import MissCosts
 from finemoe.experts.transport import Transport
+from finemoe.jit import FixedTypes
 from finemoe.simulator import timed_kernels
 from finemoe.simulator.timed_kernels import TIMES, CopyClock
 
@@ -88,6 +90,10 @@ class TimedTransport(Transport):
         self.state = CopyClock.start(num_slots, cost.copy_s, cost.expert_bytes, cost.layer_time_s)
         self.times = memoryview(self.state.times.view(np.float64))   # the TIMES fields, for fast scalar access
         self._hit = np.zeros(num_slots, bool)
+        # the timed kernels bound to this transport's argument types (jit.FixedTypes: no per-call dispatch)
+        self.k = SimpleNamespace(**{name: FixedTypes(getattr(timed_kernels, name))
+                                    for name in ("load", "copy", "copy_run", "idle_bytes", "finished", "used",
+                                                 "cpu_half")})
 
     now = property(lambda self: self.times[_NOW], lambda self, v: self.times.__setitem__(_NOW, v))
     engine_free = property(lambda self: self.times[_ENGINE_FREE])
@@ -96,18 +102,18 @@ class TimedTransport(Transport):
 
     def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray:
         hit = self._hit[:slots.size]
-        timed_kernels.load(self.state, slots, new, hit)
+        self.k.load(self.state, np.ascontiguousarray(slots, dtype=np.int64), new, hit)
         return hit.copy()
 
     def copy(self, slots: np.ndarray, keys: np.ndarray) -> None:
-        timed_kernels.copy(self.state, slots, slots.size)
+        self.k.copy(self.state, np.ascontiguousarray(slots, dtype=np.int64), slots.size)
 
     def copy_run(self, slot: int, key: int, lo: int, hi: int, demand: bool) -> None:
-        timed_kernels.copy_run(self.state, slot, lo, hi, demand)
+        self.k.copy_run(self.state, int(slot), int(lo), int(hi), bool(demand))
 
     def idle_bytes(self) -> float:
         """One layer time after now, less the copy engine's queued work, in bytes (timed_kernels.idle_bytes)."""
-        return float(timed_kernels.idle_bytes(self.state))
+        return float(self.k.idle_bytes(self.state))
 
     @property
     def expert_bytes(self) -> int:
@@ -120,16 +126,16 @@ class TimedTransport(Transport):
 
     def finished(self, slots: np.ndarray) -> np.ndarray:
         out = np.empty(slots.size, bool)
-        timed_kernels.finished(self.state, slots, out)
+        self.k.finished(self.state, np.ascontiguousarray(slots, dtype=np.int64), out)
         return out
 
     def used(self, slots: np.ndarray) -> None:
         """The layer starting now reads `slots` until now + layer time (called before the clock advances)."""
-        timed_kernels.used(self.state, slots, slots.size)
+        self.k.used(self.state, np.ascontiguousarray(slots, dtype=np.int64), slots.size)
 
     def cpu_half(self, start: float, seconds: float) -> None:
         """The layer's CPU half ran from `start` for `seconds` beside its copies (timed_kernels.cpu_half)."""
-        timed_kernels.cpu_half(self.state, start, seconds)
+        self.k.cpu_half(self.state, float(start), float(seconds))
 
     cpu_wait = property(lambda self: self.times[_CPU_WAIT])
 
