@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from finemoe.experts.prefetch_issue import INFLIGHT, PrefetchIssue
 from finemoe.jit import njit
 from finemoe.policies.base import EvictionRank, LayerKernels, Policy, Prefetch, register_policy
 from finemoe.policies.finemoe import FineMoEPolicy
@@ -31,11 +32,11 @@ def counting(cls):
     return Counted
 
 
-def replay_both(cls, trace, budget, cost, /, miss_compute="gpu", **options):
+def replay_both(cls, trace, budget, cost, /, miss_compute="gpu", issue=INFLIGHT, **options):
     rows, policies = [], []
     for per_layer in (False, True):
         policy = counting(cls)(per_layer=per_layer, **options)
-        rows.append(Replay(trace, policy, budget, cost, miss_compute=miss_compute).run())
+        rows.append(Replay(trace, policy, budget, cost, miss_compute=miss_compute, issue=issue).run())
         policies.append(policy)
     return rows, policies
 
@@ -168,26 +169,37 @@ def test_baseline_policies_replay_in_the_loop_like_their_callbacks(name, options
 HYBRID = CostModel(1000, 2e5, 1e-3, 1e-4, cpu_expert_s=6e-3, cpu_layer_s=1e-3)   # copy 5 ms; auto splits two misses
 
 
+# idle: CPU-computed experts copied for reuse into the idle copy time (layers of 10 ms leave 2000 B per layer)
+ISSUES = {"inflight": (INFLIGHT, HYBRID),
+          "idle": (PrefetchIssue("idle", 256), CostModel(1000, 2e5, 1e-2, 1e-4, cpu_expert_s=6e-3, cpu_layer_s=1e-3))}
+
+
+@pytest.mark.parametrize("issue", ISSUES)
 @pytest.mark.parametrize("mode", ["cpu", "auto"])
 @pytest.mark.parametrize("name,options", [("lru", {}), ("lfu", {}), ("deepspeed", {}), ("oracle", {"prefetch": False}),
                                           ("moe-infinity", {}), ("test-next-layer-guess", {})])
-def test_cpu_computed_misses_replay_in_the_loop_like_the_layer_sequence(name, options, mode):
+def test_cpu_computed_misses_replay_in_the_loop_like_the_layer_sequence(name, options, mode, issue):
     from finemoe.policies import get_policy_class
     trace = repeated_topic_trace()
     if name == "oracle":
         options = {**options, "trace": trace}
-    (a, b), (looped, per_layer) = replay_both(get_policy_class(name), trace, "25%", HYBRID, miss_compute=mode,
-                                              **options)
+    rule, cost = ISSUES[issue]
+    (a, b), (looped, per_layer) = replay_both(get_policy_class(name), trace, "25%", cost, miss_compute=mode,
+                                              issue=rule, **options)
     assert looped.looped > 0 and per_layer.looped == 0
     assert a["cpu_experts"] > 0 and a["cpu_wait_s"] > 0
     assert a["cpu_experts"] < a["misses"] or mode == "cpu"
+    if issue == "idle" and mode == "cpu":                 # copies only those of CPU-computed experts (or prefetches)
+        assert a["prefetch_copies"] > 0 and a["hits"] > 0
     for key in (*FIELDS, "cpu_experts", "cpu_wait_s", "stall_s"):
         assert a[key] == b[key], key
 
 
-def test_finemoe_cpu_computed_misses_replay_in_the_loop_like_the_layer_sequence():
+@pytest.mark.parametrize("issue", ISSUES)
+def test_finemoe_cpu_computed_misses_replay_in_the_loop_like_the_layer_sequence(issue):
     trace, embed = topic_trace(), torch.nn.Embedding(50, 8)
-    (a, b), (looped, _) = replay_both(FineMoEPolicy, trace, "15%", HYBRID, miss_compute="auto", capacity=20,
+    rule, cost = ISSUES[issue]
+    (a, b), (looped, _) = replay_both(FineMoEPolicy, trace, "15%", cost, miss_compute="auto", issue=rule, capacity=20,
                                       prefetch_distance=2, embed=embed)
     assert looped.looped > 60 and 0 < a["cpu_experts"] < a["misses"]
     for key in (*FIELDS, "cpu_experts", "cpu_wait_s", "stall_s"):

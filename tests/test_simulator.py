@@ -137,22 +137,28 @@ def test_simulator_counts_equal_the_engines_on_ref_moe(ref_setup, policy, budget
 HYBRID_COSTS = MissCosts(copy_s=1.0, cpu_s=1.0, cpu_token_s=0.5, cpu_fixed_s=0.25)
 
 
+@pytest.mark.parametrize("issue", ["inflight", "idle"])
 @pytest.mark.parametrize("policy,budget", [("lru", "25%"), ("oracle", "4%")])
-def test_simulator_splits_misses_like_the_engine_in_every_mode(ref_setup, policy, budget):
-    """Each request's hits, misses, bytes and CPU-computed experts, engine against simulator, per --miss-compute."""
+def test_simulator_splits_misses_like_the_engine_in_every_mode(ref_setup, policy, budget, issue):
+    """Each request's hits, misses, bytes and CPU-computed experts, engine against simulator, per --miss-compute and
+    --prefetch-issue (idle: CPU-computed experts are copied for reuse at the next iteration's start)."""
     cfg, prompts, trace = ref_setup
     options = {"trace": trace} if policy == "oracle" else {}
-    engine = Engine.from_config(EngineConfig(policy=policy, policy_options=options, expert_budget=budget, **cfg))
-    cpu_experts = {}
+    engine = Engine.from_config(EngineConfig(policy=policy, policy_options=options, expert_budget=budget,
+                                             prefetch_issue=issue, **cfg))
+    cpu_experts, hits = {}, {}
     for mode in MODES:
         engine.reconfigure(policy, budget, options, miss_compute=mode, miss_costs=HYBRID_COSTS)
         served = engine.generate(prompts, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
         replay = Replay(trace, policy, budget, CostModel(trace.expert_bytes, float("inf")), options,
-                        miss_compute=mode, miss_costs=HYBRID_COSTS)
+                        miss_compute=mode, miss_costs=HYBRID_COSTS, issue=engine.cfg.issue)
         replay.run()
         want = [(r.metrics.hits, r.metrics.misses, int(r.metrics.bytes_copied), r.metrics.cpu_experts) for r in served]
         got = [(m.hits, m.misses, int(m.bytes_copied), m.cpu_experts) for m in replay.metrics]
         assert got == want, mode
         cpu_experts[mode] = sum(m[3] for m in want)
+        hits[mode] = sum(m[0] for m in want)
     engine.close()
     assert cpu_experts["gpu"] == 0 and 0 < cpu_experts["auto"] < cpu_experts["cpu"]
+    if policy == "lru":       # no policy prefetch: in cpu mode only a CPU-computed expert's copy makes a hit
+        assert (hits["cpu"] > 0) == (issue == "idle")

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from finemoe.cli.main import main
+from finemoe.experts.prefetch_issue import PrefetchIssue
 from finemoe.simulator import CostModel, simulate
 from finemoe.simulator.tuning import recommend
 from finemoe.traces import Trace
@@ -56,6 +57,20 @@ def test_auto_runs_the_cpu_half_beside_the_copies_and_waits_for_the_slower():
     assert slow_cpu["cpu_wait_s"] == 0.5 and slow_cpu["stall_s"] == 2.5
     too_slow = run(trace, "auto", layer_time_s=0.5, cpu_expert_s=2.5)
     assert (too_slow["ttft_s"], too_slow["cpu_experts"], too_slow["bytes_copied"]) == (2.5, 0, 4)
+
+
+@pytest.mark.parametrize("issue", ["inflight", "idle"])
+def test_an_expert_computed_on_the_cpu_is_resident_in_the_next_iteration_only_under_idle(issue):
+    # prompt and decode token both route to experts 0, 1; copies are free; every miss runs on the CPU
+    trace = one_layer_trace([[0, 1]], [0, 1])
+    (row,) = simulate(trace, ["lru"], [8], CostModel(expert_bytes=1, bandwidth_Bps=float("inf"), cpu_expert_s=1.0),
+                      miss_compute="cpu", issue=PrefetchIssue(issue, 256))
+    if issue == "idle":    # copied as prefetches at the decode iteration's start: hits there
+        assert (row["hits"], row["misses"], row["cpu_experts"], row["bytes_copied"]) == (2, 2, 2, 2)
+        assert (row["prefetch_copies"], row["wasted_prefetches"]) == (2, 0)
+    else:                  # never copied: missed and computed on the CPU again
+        assert (row["hits"], row["misses"], row["cpu_experts"], row["bytes_copied"]) == (0, 4, 4, 0)
+        assert row["prefetch_copies"] == 0
 
 
 def test_the_cpu_half_starts_after_the_host_round_trip_like_the_copies():

@@ -66,3 +66,18 @@ def test_the_queue_keeps_the_newest_priority_drops_stale_keys_and_issues_the_bes
     assert sk.best_queued(st, 5, out) == 2 and out[:2].tolist() == [7, 5]
     sk.clear_queue(st)
     assert st.tally["queued"] == 0 and np.isnan(st.qprio).all()
+
+
+def test_cpu_computed_keys_queue_at_the_next_start_below_every_policy_prefetch_and_only_under_idle():
+    st = sk.SlotState.empty(K, N, idle=True)
+    sk.note_cpu_keys(st, np.array([5, 2, 6], np.int64))
+    sk.enqueue_cpu_computed(st)
+    assert st.issue[0]["cpu_noted"] == 0 and st.tally[0]["queued"] == 3
+    sk.enqueue(st, np.array([5, 7], np.int64), np.array([0.1, -1e300]))     # the policy's priority wins for 5
+    out = np.zeros(K, np.int64)
+    assert sk.best_queued(st, K, out) == 4
+    assert out[:4].tolist() == [5, 7, 2, 6]          # policy prefetches first, then the CPU keys (lowest key first)
+    inflight = sk.SlotState.empty(K, N)
+    sk.note_cpu_keys(inflight, np.array([5], np.int64))
+    sk.enqueue_cpu_computed(inflight)
+    assert inflight.tally[0]["queued"] == 0

@@ -66,8 +66,9 @@ class LayerSequence:
               miss_mode: int = GPU, costs: MissCosts | None = None) -> LayerDemand:
         """experts [n] distinct (ascending), counts [n] tokens per expert. With `miss_mode` CPU or AUTO the misses
         (experts neither resident nor being copied) are split (experts/miss_split.py, by `costs`): the CPU half
-        goes to step.cpu and is never acquired. The first wave of the rest is acquired (pinned) when it fits the
-        cache; otherwise `waves` acquires them."""
+        goes to step.cpu and is never acquired (cache.note_cpu notes it, for a copy at the next iteration's start
+        under the idle rule). The first wave of the rest is acquired (pinned) when it fits the cache; otherwise
+        `waves` acquires them."""
         self.clock.routing_learned()
         self.policy.on_access(layer, experts, counts)
         cpu = _NONE
@@ -77,6 +78,7 @@ class LayerSequence:
             if on_cpu.size:
                 cpu = experts[on_cpu]
                 experts = np.delete(experts, on_cpu)
+                self.cache.note_cpu(layer, cpu)    # idle rule: copied for reuse from the next iteration's start
         res = self.cache.acquire(layer, experts) if experts.size <= self.cache.capacity else None
         return LayerDemand(layer, experts, routing, res, cpu=cpu)
 

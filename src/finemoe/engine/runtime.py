@@ -126,8 +126,7 @@ class OffloadRuntime:
         self._row_misses = np.zeros(B, np.int64)
         self._row_cpu = np.zeros(B, np.int64)
         self._bytes_at_start = self.cache.transport.bytes_copied
-        self.cache.enqueue(self.policy.on_iteration_start(it))
-        self.cache.pump(-1)
+        self.cache.begin_iteration(self.policy.on_iteration_start(it))
 
     def end_iteration(self) -> IterationStats:
         assert self._it is not None

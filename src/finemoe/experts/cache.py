@@ -9,7 +9,9 @@ run this same class, so they agree on hits, misses and bytes by construction.
 
 Prefetches are issued by one of two rules (experts/prefetch_issue.py): `inflight` (whole copies, at most
 `prefetch_inflight` in flight) or `idle` (chunks that fit the copy engine's predicted idle time; no victim the
-policy values more than the prefetched expert).
+policy values more than the prefetched expert). Under `idle`, an expert computed on the host CPU (--miss-compute
+cpu|auto; `note_cpu`) is queued at the next iteration's start (`begin_iteration`) as a prefetch below every policy
+prefetch: copied for reuse into the idle copy time the policy's prefetches leave, under the same victim rules.
 
 Definitions:
   hit    the expert is resident and its copy had finished when the router asked for it.
@@ -127,6 +129,21 @@ class ExpertCache:
         if len(prefetch):
             self.k.enqueue(self.state, np.ascontiguousarray(prefetch.keys, dtype=np.int64),
                            np.ascontiguousarray(prefetch.priority, dtype=np.float64))
+
+    def begin_iteration(self, prefetch: Prefetch) -> int:
+        """Iteration start: queue the experts computed on the CPU in the last iteration (idle rule; at
+        slot_kernels.CPU_COPY_PRIORITY, below every policy prefetch), then the policy's `prefetch`, and issue
+        (pump(-1)). Returns prefetches issued."""
+        if self.state.issue[0]["cpu_noted"]:
+            sk.enqueue_cpu_computed(self.state)
+        self.enqueue(prefetch)
+        return self.pump(-1)
+
+    def note_cpu(self, layer: int, experts: np.ndarray) -> None:
+        """`experts` of `layer` were computed on the host CPU, not copied: under the idle rule their copies are
+        queued at the next `begin_iteration` (nothing under inflight, where they would delay demand copies)."""
+        if self.issue.idle:
+            sk.note_cpu_keys(self.state, layer * self.J + experts.astype(np.int64, copy=False))
 
     def pump(self, current_layer: int) -> int:
         """Drop stale requests (layer not ahead of `current_layer`, already resident) and issue the

@@ -14,7 +14,11 @@
             (c) no pollution: for a policy whose rank gate is its value of holding a key (Policy.gate_values_keys:
                 finemoe, whose gate is each expert's latest guiding probability p, and oracle, minus the next use),
                 a prefetch of key k evicts only victims whose gate is below gate[k]: a prefetch with probability of
-                use p evicts only experts with p' < p. Other policies' prefetches keep their rank's limit only.
+                use p evicts only experts with p' < p. Other policies' prefetches keep their rank's limit only;
+            (d) an expert computed on the host CPU (--miss-compute cpu|auto) is copied afterwards for reuse: queued at
+                the next iteration's start below every policy prefetch (slot_kernels.CPU_COPY_PRIORITY), so it takes
+                only the idle time the policy's prefetches leave, under (c)'s victim rules. (Not under inflight,
+                where such copies would delay demand copies.)
 The chunk size trades copy throughput (small copies run below the link's rate) against how long a demand may wait
 behind the chunk in flight: benchmarks/copy_chunks.py measures both.
 """

@@ -11,7 +11,9 @@ The prefetch queue is compiled too: `enqueue` records priorities, `drop_stale` d
 longer ahead, `best_queued` picks the best ones (highest priority, then lowest key). Under the `idle` issue rule
 (experts/prefetch_issue.py) `plan_idle` places prefetches and cuts their copies into chunk runs that fit a byte
 budget; at most one placed prefetch is partly issued (ISSUE.partial), and `claim_partial` hands its remaining chunks
-to a demand.
+to a demand. Under the idle rule an expert computed on the host CPU (--miss-compute cpu|auto) is noted (`note_cpu`)
+and queued at the next iteration's start (`enqueue_cpu_computed`) at CPU_COPY_PRIORITY, below every policy
+prefetch: copied for reuse only into the idle copy time the policy's prefetches leave, under the same victim rules.
 
 State: one SlotState (arrays shared with ExpertCache, never reallocated). Slots [0, filled) are occupied
 (empty slots fill lowest first and a slot never empties again).
@@ -34,6 +36,8 @@ HOLD = 16         # (inside `demand` only) holds an expert of the request being 
 DEMAND_BLOCKED = PINNED | HOLD
 PREFETCH_BLOCKED = PINNED | UNUSED | PREFETCHING | COMPUTING
 NO_ROOM = -1        # fewer evictable slots than a demand needs
+CPU_COPY_PRIORITY = -np.finfo(np.float64).max   # a CPU-computed expert's copy: below every policy prefetch
+                                                # (the lowest finite priority; -inf withdraws)
 
 TALLY = np.dtype([("filled", np.int64),    # occupied slots
                   ("wasted", np.int64),    # prefetched experts evicted unused
@@ -44,7 +48,8 @@ ISSUE = np.dtype([("idle", np.int64),          # 1: the idle issue rule (chunks,
                   ("chunk_bytes", np.int64),   # bytes per prefetch chunk
                   ("expert_bytes", np.int64),  # bytes per expert copy
                   ("partial", np.int64),       # the slot whose prefetch is partly issued, -1 when none
-                  ("sent", np.int64)])         # bytes of it issued so far
+                  ("sent", np.int64),          # bytes of it issued so far
+                  ("cpu_noted", np.int64)])    # keys computed on the CPU since the iteration start (cpu_keys)
 
 
 class CopyRuns(NamedTuple):
@@ -73,15 +78,17 @@ class SlotState(NamedTuple):
     qkeys: np.ndarray      # int64 [K] the queued keys, unordered, in qkeys[:queued]
     issue: np.ndarray      # ISSUE [1] the issue rule and its partly issued prefetch
     runs: CopyRuns         # the idle rule's copy runs (plan_idle, claim_partial write them)
+    cpu_keys: np.ndarray   # int64 [K] keys computed on the CPU since the iteration start, in [:issue.cpu_noted]
 
     @staticmethod
     def empty(num_keys: int, num_slots: int, idle: bool = False, chunk_bytes: int = 1,
               expert_bytes: int = 1) -> SlotState:
         issue = np.zeros(1, ISSUE)
-        issue[0] = (int(idle), 0, chunk_bytes, expert_bytes, -1, 0)
+        issue[0] = (int(idle), 0, chunk_bytes, expert_bytes, -1, 0, 0)
         return SlotState(np.full(num_keys, -1, np.int64), np.full(num_slots, -1, np.int64),
                          np.zeros(num_slots, np.uint8), np.zeros(num_keys, bool), np.zeros(1, TALLY),
-                         np.full(num_keys, np.nan), np.zeros(num_keys, np.int64), issue, CopyRuns.empty(num_slots))
+                         np.full(num_keys, np.nan), np.zeros(num_keys, np.int64), issue, CopyRuns.empty(num_slots),
+                         np.zeros(num_keys, np.int64))
 
 
 @njit
@@ -356,6 +363,36 @@ def enqueue(st, keys, priority):
 
 
 @njit
+def note_cpu(st, key):
+    """`key` was computed on the host CPU (not copied): under the idle rule, note it for `enqueue_cpu_computed`
+    (a key is noted at most once per iteration: its layer begins once)."""
+    iss = st.issue[0]
+    if iss.idle and iss.cpu_noted < st.cpu_keys.size:
+        st.cpu_keys[iss.cpu_noted] = key
+        iss.cpu_noted += 1
+
+
+@njit
+def note_cpu_keys(st, keys):
+    for i in range(keys.size):
+        note_cpu(st, keys[i])
+
+
+@njit
+def enqueue_cpu_computed(st):
+    """Queue the keys noted since the last call at CPU_COPY_PRIORITY (a key already queued keeps its priority;
+    one the policy queues later takes the policy's) and forget them."""
+    iss, tally = st.issue[0], st.tally[0]
+    for i in range(iss.cpu_noted):
+        k = st.cpu_keys[i]
+        if st.qprio[k] != st.qprio[k]:        # NaN: not queued yet
+            st.qkeys[tally.queued] = k
+            tally.queued += 1
+            st.qprio[k] = CPU_COPY_PRIORITY
+    iss.cpu_noted = 0
+
+
+@njit
 def clear_queue(st):
     tally = st.tally[0]
     for j in range(tally.queued):
@@ -421,3 +458,5 @@ def warm_up() -> None:
     clear_queue(st)
     plan_idle(st, 1.0, rank, np.zeros(4, np.int64))
     claim_partial(st, slots, 1)
+    note_cpu_keys(st, np.array([1], np.int64))
+    enqueue_cpu_computed(st)

@@ -9,7 +9,8 @@ the same order, with the same arguments (victims from the policy's live Eviction
 between them is gone. The token's k experts must fit the cache (a layer needing more runs the layer sequence's
 waves: the caller's per-layer path). With `--miss-compute cpu|auto` (MissPlan) the layer's absent experts are
 split by the engine's own `split_misses` as LayerSequence.begin splits them: only the device half is demanded,
-and the CPU half's time joins the copies' (timed_kernels.cpu_half).
+and the CPU half's time joins the copies' (timed_kernels.cpu_half); under the idle issue rule the CPU half is noted
+for copying at the next iteration's start (ExpertCache.begin_iteration), as the cache's Python path notes it.
 
 The policy's functions are arguments of `layer_loop`. Numba types a compiled function by its object, so a loop
 called from Python with them would compile in every process (about 2 s): each built-in pair has a compiled wrapper
@@ -55,7 +56,8 @@ class MissPlan(NamedTuple):
 
 @njit
 def device_half(st, base, experts, ones, plan):
-    """LayerSequence.begin's split, compiled: experts [k] ascending. Returns (device experts [n] ascending, CPU
+    """LayerSequence.begin's split, compiled (the CPU half noted in the cache's state as cache.note_cpu notes it):
+    experts [k] ascending. Returns (device experts [n] ascending, CPU
     experts m, seconds of the CPU half)."""
     if plan.mode == GPU:
         return experts, 0, 0.0
@@ -80,6 +82,7 @@ def device_half(st, base, experts, ones, plan):
         if j < a and plan.absent[j] == i:
             j += 1
             if on_cpu[j - 1]:
+                sk.note_cpu(st, base + experts[i])     # ExpertCache.note_cpu
                 continue
         plan.device[n] = experts[i]
         n += 1

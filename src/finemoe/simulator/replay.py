@@ -3,7 +3,7 @@
 Requests run one after another (batch size 1), in trace order. Every callback happens in the order
 the engine makes it (engine/batch.py, engine/runtime.py):
   on_request_start
-  per iteration: on_iteration_start -> enqueue, pump(-1)
+  per iteration: on_iteration_start -> cache.begin_iteration (queue, after the CPU-computed experts' copies, and pump)
     per MoE layer: the engine's own layer sequence (engine/layer_sequence.py) over the timed transport
       and a simulated clock; one-token decode iterations of a policy with compiled callbacks run it compiled
       (decode_loop.py)
@@ -152,8 +152,7 @@ class Replay:
         it = IterationInfo(self.iteration, [self.trace.request_ids[r]], [i], input_ids, i == 0)
         self.iteration += 1
         cache, policy = self.cache, self.policy
-        cache.enqueue(policy.on_iteration_start(it))
-        cache.pump(-1)
+        cache.begin_iteration(policy.on_iteration_start(it))
         probs = (self.trace.probs[a:b].astype(np.float32)                                     # [T, L, J]
                  if self.reports_routing and policy.needs_router_probs else None)
         token = None if probs is None else probs[0]                                            # [L, J]
