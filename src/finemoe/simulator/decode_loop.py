@@ -26,7 +26,7 @@ from finemoe.engine.layer_sequence import LayerSequence
 from finemoe.experts import miss_split
 from finemoe.experts import slot_kernels as sk
 from finemoe.experts.miss_split import GPU, MissCosts
-from finemoe.jit import njit, njit_in_memory
+from finemoe.jit import FixedTypes, njit, njit_in_memory
 from finemoe.policies import deepspeed, trackers
 from finemoe.policies.base import LayerKernels
 from finemoe.policies.finemoe import eviction as finemoe_eviction
@@ -178,37 +178,37 @@ _layer_loop_in_memory = njit_in_memory(layer_loop.py_func)   # for any other pai
 
 # One compiled wrapper per built-in pair (numba caches each on disk): the pair is fixed inside, not an argument.
 @njit
-def _finemoe_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+def _finemoe_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, rest):
     return layer_loop(sorted_topk, topk, probs, aux, ones, finemoe_eviction.use_layer, access_state,
                       finemoe_planner.routed_step, routed_state, *rest)
 
 
 @njit
-def _lru_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+def _lru_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, rest):
     return layer_loop(sorted_topk, topk, probs, aux, ones, trackers.touch_recency, access_state,
                       trackers.no_prefetch, routed_state, *rest)
 
 
 @njit
-def _lfu_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+def _lfu_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, rest):
     return layer_loop(sorted_topk, topk, probs, aux, ones, trackers.touch_frequency, access_state,
                       trackers.no_prefetch, routed_state, *rest)
 
 
 @njit
-def _layer_lru_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+def _layer_lru_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, rest):
     return layer_loop(sorted_topk, topk, probs, aux, ones, deepspeed.touch_layer, access_state,
                       trackers.no_prefetch, routed_state, *rest)
 
 
 @njit
-def _eam_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+def _eam_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, rest):
     return layer_loop(sorted_topk, topk, probs, aux, ones, moe_infinity_steps.eam_access,
                       access_state, moe_infinity_steps.eam_routed, routed_state, *rest)
 
 
 @njit
-def _oracle_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, *rest):
+def _oracle_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, rest):
     return layer_loop(sorted_topk, topk, probs, aux, ones, belady.oracle_access, access_state,
                       belady.oracle_routed, routed_state, *rest)
 
@@ -223,9 +223,11 @@ _SPECIALIZED = {(finemoe_eviction.use_layer, finemoe_planner.routed_step): _fine
 
 def decode_layers(sequence: LayerSequence, kernels: LayerKernels, sorted_topk: np.ndarray, topk: np.ndarray,
                   probs: np.ndarray, ones: np.ndarray, out: tuple[np.ndarray, np.ndarray],
-                  plan: MissPlan) -> tuple[int, int, int]:
+                  plan: MissPlan, bound: dict) -> tuple[int, int, int]:
     """Every layer of a one-token iteration through `layer_loop`. `sequence` runs over a TimedTransport and a
-    SimulatedClock, with a cache of at least k slots. Returns (hits, misses, CPU-computed experts)."""
+    SimulatedClock, with a cache of at least k slots. `bound`: the caller's wrappers bound to its argument types
+    (jit.FixedTypes; one dict per replay, whose arguments keep their types from iteration to iteration).
+    Returns (hits, misses, CPU-computed experts)."""
     cache, clock = sequence.cache, sequence.clock
     if topk.shape[1] > cache.capacity:
         raise ValueError(f"decode_layers: {topk.shape[1]} experts per layer do not fit {cache.capacity} slots")
@@ -236,7 +238,10 @@ def decode_layers(sequence: LayerSequence, kernels: LayerKernels, sorted_topk: n
             *out, plan, stats)
     special = _SPECIALIZED.get((kernels.access, kernels.routed))
     if special is not None:
-        special(*head, kernels.access_state, kernels.routed_state, *tail)
+        loop = bound.get(special)
+        if loop is None:
+            loop = bound[special] = FixedTypes(special)
+        loop(*head, kernels.access_state, kernels.routed_state, tail)
     else:
         _layer_loop_in_memory(*head, kernels.access, kernels.access_state, kernels.routed, kernels.routed_state, *tail)
     cache.prefetch_copies += int(stats[2])

@@ -112,6 +112,7 @@ class Replay:
         self.miss_mode = GPU if self.all_resident else mode_code(miss_compute)
         self.miss_costs = miss_costs or cost.miss_costs
         self.miss_plan = MissPlan.of(self.miss_mode, self.miss_costs, trace.top_k)
+        self.bound_loops: dict = {}     # decode_layers' compiled wrappers bound to this replay's argument types
         self.iteration = 0
         self.metrics: list[RequestMetrics] = []
 
@@ -164,7 +165,7 @@ class Replay:
             routed = self.routed
             hits, misses, cpu = decode_layers(self.sequence, kernels, routed.sorted_topk[a], routed.topk[a],
                                               self.no_probs if token is None else token, routed.ones,
-                                              self.prefetch_out, self.miss_plan)
+                                              self.prefetch_out, self.miss_plan, self.bound_loops)
         else:
             if b - a == 1:   # decode: one token, its k distinct experts (sorted) once each
                 layers = zip(range(self.g.num_layers), self.routed.sorted_topk[a], repeat(self.routed.ones))
