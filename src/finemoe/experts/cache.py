@@ -54,7 +54,7 @@ class ExpertCache:
         self.prefetch_inflight = prefetch_inflight
         self.issue = issue
         self.state = sk.SlotState.empty(total_experts, capacity, issue.idle, issue.chunk_bytes,
-                                        getattr(transport, "expert_bytes", 1) if issue.idle else 1)
+                                        transport.expert_bytes if issue.idle else 1)
         self._tally = memoryview(self.state.tally.view(np.int64))   # the TALLY fields, for fast scalar reads
         self.slot_of = self.state.slot_of                      # [L*J] slot or -1 (read-only outside)
         self.key_of = self.state.key_of                        # [N] key or -1

@@ -35,9 +35,11 @@ class Transport(ABC):
           (after any compute still reading the slot); the slot's copy has finished once the range ending at the
           expert's size has landed (ranges of one slot come in order, from 0). `demand`: a demand needs it.
       idle_bytes() -> float   bytes the copy engine is predicted to move, after its queued work, before the next
-          layer's demand copies are issued (the idle issue rule's budget; inf: copies cost no copy-engine time)."""
+          layer's demand copies are issued (the idle issue rule's budget; inf: copies cost no copy-engine time).
+      expert_bytes            the bytes of one expert's copy (the unit copy_run's ranges cut)."""
 
     bytes_copied: int = 0
+    expert_bytes: int = 1
 
     @abstractmethod
     def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray: ...
