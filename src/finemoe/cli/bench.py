@@ -91,6 +91,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--limit must be >= 2 (a split needs prompts on both sides)")
     variants = parse_variants(args.policies)
     budgets = _split(args.expert_budget, "--expert-budget")
+    if not args.simulate:
+        flags = (("--cpu-expert-ms", args.cpu_expert_ms), ("--cpu-token-ms", args.cpu_token_ms),
+                 ("--cpu-layer-ms", args.cpu_layer_ms))
+        given = [flag for flag, value in flags if value not in (None, "0")]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cost the simulator's CPU half: pass --simulate, or drop them "
+                              "(the engine measures its own costs at start)")
     cost = cost_model(args, 1, [args.miss_compute]) if args.simulate else None
     texts = load_texts(_split(args.prompts, "--prompts"), args.limit, args.seed)
     build_idx, held_idx = split_indices(len(texts), args.split, args.seed)
