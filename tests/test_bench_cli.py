@@ -72,6 +72,7 @@ def test_bench_rejects_bad_input(capsys, prompts, tmp_path):
     assert main(["bench", "--prompts", prompts, "--policies", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown policy" in capsys.readouterr().err
     assert main(["bench", "--prompts", prompts, "--split", "1.5", "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
     assert main(["bench", "--prompts", prompts, "--cpu-expert-ms", "0.3", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "--cpu-expert-ms cost the simulator's CPU half: pass --simulate" in err
