@@ -177,12 +177,11 @@ def main() -> None:
             sim_coll = os.path.join(args.out, f"sim_collection_{len(sims)}.safetensors")
             Replay(build_trace, name, args.budget, cost, {**opts, "collection": sim_coll, "learn": True}).run()
             opts = {**opts, "collection": sim_coll, "learn": False}
-        engine_label = v.label.replace("/async_search=deferred", "")   # deferred models the engine's thread
-        meas = next((r for r in rows if r["policy"] == engine_label), None)
+        meas = next((r for r in rows if r["policy"] == v.label), None)
         if meas is None:
             print(f"  (simulated {v.label!r} has no engine row to compare with; skipped)")
             continue
-        p_s = policy_layer_s.get(engine_label, 0.0)
+        p_s = policy_layer_s.get(v.label, 0.0)
         for calibration, c in costs.items():
             sim = Replay(held_trace, name, args.budget, dataclasses.replace(c, policy_layer_s=p_s), opts, **kw).run()
             sims.append({"policy": v.label, "bandwidth": calibration, "sim_tpot_s": sim["tpot_s"],

@@ -1,4 +1,4 @@
-"""The build/held-out split, policy-variant names, and cutting a trace into a split's requests."""
+"""The build/held-out split and policy-variant names."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +6,7 @@ import pytest
 
 from finemoe.errors import ConfigError, UnknownPolicyError
 from finemoe.eval.split import split_indices
-from finemoe.eval.traceops import select_requests
 from finemoe.eval.variants import parse_variants
-from finemoe.traces import Trace
 
 
 def test_split_is_deterministic_disjoint_and_complete():
@@ -41,12 +39,3 @@ def test_variants_carry_options_and_labels():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_variants("finemoe/search")
 
-
-def test_select_requests_cuts_whole_requests():
-    # request 0: prompt 2 tokens + 1 decode; request 1: prompt 1 token + 2 decodes
-    topk = np.array([[[0]], [[1]], [[2]], [[3]], [[0]], [[1]]], np.uint8)
-    t = Trace("m", 1, 4, 1, np.array([0, 3, 6]), np.array([2, 1], np.int32), np.array([2, 3], np.int32),
-              np.arange(6, dtype=np.int32), topk, request_ids=["a", "b"])
-    sub = select_requests(t, np.array([1]))
-    assert sub.request_ids == ["b"] and sub.num_tokens == 3
-    assert sub.topk[:, 0, 0].tolist() == [3, 0, 1] and sub.prompt_ids(0) == [3]

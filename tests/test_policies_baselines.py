@@ -14,7 +14,6 @@ from finemoe.models.adapters import ExpertGeometry, find_moe_layers
 from finemoe.models.default import build_default_model
 from finemoe.policies import create_policy
 from finemoe.policies.base import CacheView, IterationInfo, LayerRouting, PolicyContext, RequestInfo
-from finemoe.policies.oracle import FutureIndex
 from finemoe.simulator import CostModel, simulate
 from finemoe.traces import Trace, load_trace
 from helpers import reference_greedy, victims
@@ -56,9 +55,13 @@ def test_deepspeed_evicts_from_the_least_recently_used_layer_whatever_the_expert
 
 def test_oracle_evicts_the_expert_used_farthest_in_the_future():
     # expert sequence 0 1 2 0 3 0 1 with 2 slots: at step 2 Belady keeps 0 (needed at step 3), evicts 1
-    future = FutureIndex(one_layer_trace([0, 1, 2, 0, 3, 0, 1]))
-    assert future.distance_to_next_use(arr(0, 1, 3), 2).tolist() == [1, 4, 2]
-    assert np.isinf(future.distance_to_next_use(arr(2), 2)).all()
+    # (next uses after step 2: 0 at 3, 3 at 4, 1 at 6, 2 never)
+    p = bound("oracle", L=1, trace=one_layer_trace([0, 1, 2, 0, 3, 0, 1]), prefetch=False)
+    p.on_request_start(RequestInfo("a", [0]))
+    for step, expert in enumerate([0, 1, 2]):
+        p.on_iteration_start(IterationInfo(step, ["a"], [step], torch.zeros(1, 1), step == 0))
+        p.on_access(0, arr(expert), arr(1))
+    assert victims(p.eviction_rank(), [0, 1, 2, 3], 3) == [2, 1, 3]
 
 
 def test_oracle_batch_prefetches_the_union_of_its_on_trace_rows_needs():

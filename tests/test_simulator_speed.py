@@ -12,8 +12,7 @@ from finemoe.traces import load_trace
 
 def test_flame_trace_replays_with_lru_in_seconds():
     """4 requests x 512 tokens x 8 layers (16k layer steps, about 77k demand copies) at 25%: about 0.15 s on
-    the 2-core dev machine with the compiled cache (1 s with the Python one, 15-20 s before its fast paths).
-    Bound: 20 s."""
+    the 2-core dev machine. Bound: 20 s."""
     trace = load_trace(str(require_shared("data", "traces", "flame_moe_290m.npz")) + "#seq")
     t0 = time.perf_counter()
     (row,) = simulate(trace, ["lru"], ["25%"], CostModel(17301504, 25e9, 0.3e-3))
@@ -24,8 +23,7 @@ def test_flame_trace_replays_with_lru_in_seconds():
 @pytest.mark.parametrize("policy", ["lru", "lfu", "deepspeed"])
 def test_two_thousand_requests_replay_in_seconds(policy):
     """FLAME's 64 short requests repeated 32 times: 2,048 requests, 163,840 layer steps, about 780k demand
-    copies at 25%. The compiled cache replays them in 1.6-2.5 s per policy on the 2-core dev machine (the
-    Python cache before it needed about 3x as long). Bound: 15 s."""
+    copies at 25%. They replay in 1.6-2.5 s per policy on the 2-core dev machine. Bound: 15 s."""
     repeated = load_benchmark("sim_speed").repeated
     trace = repeated(load_trace(str(require_shared("data", "traces", "flame_moe_290m.npz")) + "#first10"), 32)
     t0 = time.perf_counter()

@@ -133,7 +133,7 @@ class EngineConfig:
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
-    def torch_dtype(self, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+    def torch_dtype(self) -> torch.dtype:
         """'auto': bf16 on CUDA; on CPU float32 (CPU bf16 matmuls are slow and not what tests compare)."""
         if self.dtype != "auto":
             return _DTYPES[self.dtype]

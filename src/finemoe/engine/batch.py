@@ -127,8 +127,3 @@ class BatchRunner:
                 self.slot_of_row = list(range(len(keep)))
         self.rows = [self.rows[i] for i in keep]
         self.samplers = [self.samplers[i] for i in keep]
-
-    def cancel_all(self) -> None:
-        for r in self.rows:
-            r.cancel()
-        self._retire()

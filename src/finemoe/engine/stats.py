@@ -62,5 +62,4 @@ class RuntimeTotals:
     stall_s: float = 0.0
     iterations: int = 0
     cpu_experts: int = 0      # missed experts computed on the CPU (counted in misses too)
-    critical_policy_s: float = 0.0
     extra: dict = field(default_factory=dict)

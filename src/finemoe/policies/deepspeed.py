@@ -11,12 +11,11 @@ from finemoe.policies.base import EvictionRank, LayerKernels, Policy, PolicyCont
 
 
 class LayerClock(NamedTuple):
-    """`touch_layer`'s arrays: clock [1] float64 ticks once per layer; layer_last_used [L] float64 (-1: never);
-    key_clock [K] float64: each key's layer's last use (the eviction rank)."""
+    """`touch_layer`'s arrays: clock [1] float64 ticks once per layer; key_clock [K] float64: each key's layer's
+    last use (-1: never; the eviction rank)."""
 
     J: int
     clock: np.ndarray
-    layer_last_used: np.ndarray
     key_clock: np.ndarray
 
 
@@ -24,7 +23,6 @@ class LayerClock(NamedTuple):
 def touch_layer(layer, experts, counts, state):
     """Expert-agnostic LRU: the layer, and so each of its keys, last used now (whichever experts it routed to)."""
     state.clock[0] += 1.0
-    state.layer_last_used[layer] = state.clock[0]
     for key in range(layer * state.J, (layer + 1) * state.J):
         state.key_clock[key] = state.clock[0]
 
@@ -43,13 +41,13 @@ class DeepSpeedPolicy(Policy):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         g = ctx.geometry
-        self.state = LayerClock(g.num_experts, np.zeros(1), np.full(g.num_layers, -1.0), np.full(g.total_experts, -1.0))
-        self.layer_last_used, self.key_clock = self.state.layer_last_used, self.state.key_clock
+        self.state = LayerClock(g.num_experts, np.zeros(1), np.full(g.total_experts, -1.0))
+        self.key_clock = self.state.key_clock
         self.kernels = LayerKernels(touch_layer, self.state, trackers.no_prefetch, (),
                                     np.zeros((g.num_layers, 0), np.float32))
         trackers.warm_up()                                     # compiled (or loaded) now, not in the first request
         one = np.zeros(1, np.int64)
-        touch_layer(0, one, one, LayerClock(1, np.zeros(1), np.zeros(1), np.zeros(1)))
+        touch_layer(0, one, one, LayerClock(1, np.zeros(1), np.zeros(1)))
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         touch_layer(layer, experts, counts, self.state)

@@ -21,7 +21,7 @@ import numpy as np
 from finemoe.errors import TraceError
 
 PARTS = ("seq", "first10", "all")
-TOP_K, NUM_EXPERTS = 6, 64
+NUM_EXPERTS = 64
 
 
 def _scatter_probs(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -65,16 +65,6 @@ def next_use(key, step, timeline):
 
 
 @njit
-def distances(keys, steps, timeline, out):
-    """keys [n] int64, steps [B'] int64 -> out [n] float64: the fewest steps from any of `steps` until the key is
-    next used (inf: never, or no steps)."""
-    for i in range(keys.size):
-        out[i] = np.inf
-        for s in steps:
-            out[i] = min(out[i], next_use(keys[i], s, timeline) - s)
-
-
-@njit
 def refresh_limit(state):
     """A prefetch evicts only keys whose distance exceeds the horizon (that of the farthest key it fetches), i.e.
     neg_next < -(step + horizon); with no row on the trace every key is infinitely far (beyond any finite horizon)."""
@@ -194,4 +184,3 @@ def warm_up() -> None:
         state = state._replace(bases=bases)
         oracle_access(0, i64, i64, state)
         oracle_routed(0, i64, f32, f32, state, np.zeros(K, np.int64), np.zeros(K))
-    distances(i64, i64, timeline, np.zeros(1))

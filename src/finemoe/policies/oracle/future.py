@@ -5,7 +5,7 @@ from collections import defaultdict, deque
 
 import numpy as np
 
-from finemoe.policies.oracle.belady import Timeline, distances
+from finemoe.policies.oracle.belady import Timeline
 from finemoe.traces.format import Trace
 
 
@@ -46,7 +46,6 @@ class FutureIndex:
         self.timeline = Timeline(self.by_key, self._by_key_end, self.by_step, self.next_by_step, self.step_ptr,
                                  self.S1, self.K, J)                          # what belady's kernels read
         self.requests: dict[tuple, deque] = defaultdict(deque)
-        self._trace = trace
         for r in range(trace.num_requests):
             self.requests[tuple(trace.prompt_ids(r))].append(r)
 
@@ -58,9 +57,3 @@ class FutureIndex:
         r = q.popleft()
         q.append(r)
         return r
-
-    def distance_to_next_use(self, keys: np.ndarray, step: int) -> np.ndarray:
-        """Steps from `step` until each key [n] int64 is next used (strictly later); inf if never."""
-        out = np.empty(keys.size)
-        distances(keys, np.array([step], np.int64), self.timeline, out)
-        return out
