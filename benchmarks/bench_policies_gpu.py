@@ -30,13 +30,11 @@ import numpy as np
 import torch
 
 from bench_engine import raw_pinned_copy_gbps
-from benchmarks_common import build_model
+from benchmarks_common import held_out_split, replayed_model
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.replay import RoutingReplay
 from finemoe.eval.variants import parse_variants
-from finemoe.models.default import default_tokenizer
-from finemoe.models.loader import LoadedModel
 from finemoe.simulator.replay import Replay
 from finemoe.simulator.transport import CostModel
 from finemoe.traces.format import Trace, load_trace
@@ -101,13 +99,8 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device == "cuda"
     trace = load_trace(args.trace)
-    order = np.random.default_rng(args.seed).permutation(trace.num_requests).tolist()
-    cut = int(round(args.split * trace.num_requests))
-    build, held = order[:cut][:args.build_limit], order[cut:][:args.eval_limit]
-    model = build_model(trace.num_layers, 0, args.device, args.tiny)
-    engine = Engine(LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random",
-                                f"Qwen1.5-MoE shape, {trace.num_layers} layers, random bf16, "
-                                f"routing replayed from {trace.model}"),
+    build, held = held_out_split(trace.num_requests, args.split, args.seed, args.build_limit, args.eval_limit)
+    engine = Engine(replayed_model(trace, args.device, args.tiny),
                     EngineConfig(device=args.device, policy="resident", show_progress=False))
     replay = RoutingReplay(engine, trace)
     serve(engine, replay, held[:2])  # warm-up

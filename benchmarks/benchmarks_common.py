@@ -4,9 +4,12 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import torch
 from transformers import Qwen2MoeForCausalLM
 
+from finemoe.models.default import default_tokenizer
+from finemoe.models.loader import LoadedModel
 from finemoe.models.random_shapes import build_random, qwen15_moe_a27b
 
 
@@ -44,3 +47,19 @@ def median_seconds(fn, repeat: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def held_out_split(num_requests: int, split: float, seed: int, build_limit: int | None,
+                   eval_limit: int | None) -> tuple[list[int], list[int]]:
+    """A trace's requests shuffled (seeded) and cut at `split`: (build requests, held-out requests), each capped."""
+    order = np.random.default_rng(seed).permutation(num_requests).tolist()
+    cut = int(round(split * num_requests))
+    return order[:cut][:build_limit], order[cut:][:eval_limit]
+
+
+def replayed_model(trace, device: str, tiny: bool) -> LoadedModel:
+    """A Qwen1.5-MoE-shaped random bf16 model with the trace's layer count, to run with the trace's routing."""
+    model = build_model(trace.num_layers, 0, device, tiny)
+    return LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random",
+                       f"Qwen1.5-MoE shape, {trace.num_layers} layers, random bf16, "
+                       f"routing replayed from {trace.model}")

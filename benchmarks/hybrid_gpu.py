@@ -29,16 +29,13 @@ import os
 import tempfile
 import time
 
-import numpy as np
 import torch
 
-from benchmarks_common import build_model
+from benchmarks_common import held_out_split, replayed_model
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.replay import RoutingReplay
 from finemoe.experts import calibration
-from finemoe.models.default import default_tokenizer
-from finemoe.models.loader import LoadedModel
 from finemoe.traces.format import load_trace
 
 MISS_MODES = ("gpu", "cpu", "auto")
@@ -115,13 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not modes or modes[0] != "gpu" or set(modes) - set(MODES):
         raise SystemExit(f"--modes must start with gpu and be among {', '.join(MODES)}")
     trace = load_trace(args.trace)
-    order = np.random.default_rng(args.seed).permutation(trace.num_requests).tolist()
-    cut = int(round(args.split * trace.num_requests))
-    build, held = order[:cut][:args.build_limit], order[cut:][:args.eval_limit]
-    model = build_model(trace.num_layers, 0, args.device, args.tiny)
-    engine = LogitsEngine(LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random",
-                                      f"Qwen1.5-MoE shape, {trace.num_layers} layers, random, routing replayed "
-                                      f"from {trace.model}"),
+    build, held = held_out_split(trace.num_requests, args.split, args.seed, args.build_limit, args.eval_limit)
+    engine = LogitsEngine(replayed_model(trace, args.device, args.tiny),
                           EngineConfig(device=args.device, policy="resident", show_progress=False,
                                        cpu_threads=args.cpu_threads))
     replay = RoutingReplay(engine, trace)
