@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if cost is not None and args.expert_bytes is None:
         cost = dataclasses.replace(cost, expert_bytes=engine.geometry.expert_bytes)
     prompts = tokenize(engine.tokenizer, texts, args.template, args.max_prompt_tokens)
+    engine.check_fits(max(len(p.ids) for p in prompts), args.max_new_tokens)
     plan = BenchPlan(variants, budgets, _distances(args.prefetch_distance), args.max_new_tokens, args.build_batch, cost,
                      trace_dir=args.trace_dir, miss_compute=args.miss_compute)
     with tqdm(total=len(plan.jobs) + (1 if cost else 0), desc="bench", unit="run", file=sys.stderr,
