@@ -10,8 +10,13 @@ def read_prompts(path: str, field: str = "prompt") -> list[dict]:
     """JSONL with a `prompt` field per line -> list of records (clear errors for bad lines)."""
     records = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ConfigError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the line): "
+                                      "save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:

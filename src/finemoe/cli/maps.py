@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from finemoe.cli.common import add_engine_args, engine_config
+from finemoe.cli.preflight import check_out_file
 from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
 from finemoe.prompts import read_prompts
@@ -16,7 +17,8 @@ def add_parser(sub) -> None:
     add_engine_args(b, policy_default="finemoe")
     b.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
     b.add_argument("--max-new-tokens", type=int, default=32)
-    b.add_argument("--out", required=True, help="map store file to write (replaced atomically)")
+    b.add_argument("--out", required=True, help="map store file to write (written atomically)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     b.add_argument("--capacity", type=int, default=1000, help="map store capacity C (default 1000)")
     b.set_defaults(func=build)
 
@@ -26,6 +28,7 @@ def build(args: argparse.Namespace) -> int:
         raise ConfigError("finemoe maps build collects FineMoE maps: drop --policy (or pass --policy finemoe)")
     if args.max_new_tokens < 1 or args.capacity < 1:
         raise ConfigError("--max-new-tokens and --capacity must be >= 1")
+    check_out_file(args.out, overwrite=args.overwrite)
     prompts = [r["prompt"] for r in read_prompts(args.prompts)]
     cfg = engine_config(args)
     cfg.policy_options.update(map_store=args.out, learn=True, fresh=True, capacity=args.capacity)

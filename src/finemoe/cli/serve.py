@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from finemoe.cli.common import add_engine_args, engine_config
+from finemoe.cli.preflight import check_port_free, require_extra
 from finemoe.engine import Engine
 from finemoe.errors import ConfigError
 
@@ -35,11 +36,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--batch-wait-ms must be >= 0")
     if args.save_interval < 0:
         raise ConfigError("--save-interval must be >= 0 seconds")
+    require_extra(["fastapi", "uvicorn", "prometheus_client"], "serve", "finemoe serve")
+    check_port_free(args.host, args.port)
 
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    import uvicorn  # the serve extra; imported here so other subcommands do not need it
+    import uvicorn  # the serve extra (checked above); imported here so other subcommands do not need it
 
     from finemoe.server import create_app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from finemoe.cli.common import add_engine_args, engine_config, parse_policy_options
+from finemoe.cli.preflight import check_out_file
 from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
 from finemoe.prompts import read_prompts
@@ -14,6 +15,7 @@ def add_parser(sub) -> None:
     add_engine_args(p)
     p.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
     p.add_argument("--out", required=True, help="trace file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--template", default="{prompt}", help="prompt template, e.g. 'User: {prompt}\\n\\nAssistant:'")
@@ -36,6 +38,7 @@ def prompt_ids(engine: Engine, records: list[dict], template: str, max_tokens: i
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
+    check_out_file(args.out, overwrite=args.overwrite)
     records = read_prompts(args.prompts)[:args.limit]
     inner = {"inner": args.policy, "inner_options": parse_policy_options(args.policy_option),
              "probs": not args.no_probs}
