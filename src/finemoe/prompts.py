@@ -31,3 +31,17 @@ def read_prompts(path: str, field: str = "prompt") -> list[dict]:
     if not records:
         raise ConfigError(f"prompts file {path!r} holds no prompts")
     return records
+
+
+def templated(tokenizer, records: list[dict], template: str, max_tokens: int | None) -> list[tuple[str, list[int]]]:
+    """(templated text, its token ids cut to the first `max_tokens`) per record; `template` holds {prompt}."""
+    if "{prompt}" not in template:
+        raise ConfigError("--template must contain {prompt}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError("--max-prompt-tokens must be >= 1")
+    out = []
+    for rec in records:
+        text = template.replace("{prompt}", rec["prompt"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        out.append((text, ids[:max_tokens] if max_tokens else ids))
+    return out

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from tqdm import tqdm
 
 from finemoe.config import EngineConfig, default_device
 from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES
@@ -95,3 +98,22 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
               cpu_threads=args.cpu_threads)
     kw.update(overrides)
     return EngineConfig(**kw)
+
+
+def add_progress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr (they are off when stderr is not "
+                                                        "a terminal)")
+
+
+def add_prompt_shaping_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", default="{prompt}",
+                   help="prompt template containing {prompt}, e.g. $'User: {prompt}\\n\\nAssistant:' in bash")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="keep only the first N prompt tokens")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
+
+
+def progress_bar(total: int, desc: str, quiet: bool, stream=None) -> tqdm:
+    """Prompts done, rate and time left on `stream` (stderr); disabled by --quiet or when it is not a terminal."""
+    stream = sys.stderr if stream is None else stream
+    return tqdm(total=total, desc=desc, unit="prompt", file=stream, disable=quiet or not stream.isatty(),
+                dynamic_ncols=True)

@@ -233,21 +233,26 @@ class Engine:
                               f"the prompt to at most {max(limit - max_new_tokens, 0)} tokens "
                               "or lower --max-new-tokens")
 
-    def run(self, requests: list[Request]) -> list[Request]:
-        """Run requests to completion in batches of at most max_batch_size (in submission order)."""
+    def run(self, requests: list[Request], on_batch: Callable[[int], object] | None = None) -> list[Request]:
+        """Run requests to completion in batches of at most max_batch_size (in submission order);
+        `on_batch(n)` after each batch of n requests finishes (a progress bar's update)."""
         for start in range(0, len(requests), self.cfg.max_batch_size):
-            batch = BatchRunner(self, requests[start:start + self.cfg.max_batch_size])
+            chunk = requests[start:start + self.cfg.max_batch_size]
+            batch = BatchRunner(self, chunk)
             while not batch.done:
                 batch.step()
+            if on_batch is not None:
+                on_batch(len(chunk))
         return requests
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[Request]:
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None,
+                 on_batch: Callable[[int], object] | None = None) -> list[Request]:
         params = params or SamplingParams()
         reqs = [self.make_request(p, params) for p in prompts]
         t0 = time.perf_counter()
         for r in reqs:
             r.metrics.t_submit = t0
-        return self.run(reqs)
+        return self.run(reqs, on_batch)
 
     def summary(self, requests: list[Request]) -> dict:
         s = aggregate([r.metrics for r in requests])

@@ -61,9 +61,9 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     source = os.path.expanduser(cfg.model)
     local = os.path.isdir(source)
     if not local and _looks_like_path(source):   # fail now: the hub client would retry a non-repo-id for seconds
-        what = "is a file, not a directory" if os.path.exists(source) else "does not exist"
-        raise ModelLoadError(f"model directory {source!r} {what}: pass a local directory with config.json and "
-                             "*.safetensors, or a hub id such as Qwen/Qwen1.5-MoE-A2.7B")
+        what = "it is a file, not a directory" if os.path.exists(source) else "the directory does not exist"
+        raise ModelLoadError(f"cannot read a model config from {source!r}: {what}: pass a local directory with "
+                             "config.json and *.safetensors, or a hub id such as Qwen/Qwen1.5-MoE-A2.7B")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
