@@ -19,7 +19,9 @@ PROMPTS = ["Hello", "The quick brown fox", "a"]
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    return save_tiny_checkpoint("qwen2_moe", tmp_path_factory.mktemp("fast") / "qwen2_moe")
+    # 1024 positions: a test below generates past the helpers' default 256, which the engine would refuse
+    return save_tiny_checkpoint("qwen2_moe", tmp_path_factory.mktemp("fast") / "qwen2_moe",
+                                max_position_embeddings=1024)
 
 
 def engine_for(path, **kw) -> Engine:

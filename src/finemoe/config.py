@@ -77,6 +77,8 @@ class EngineConfig:
     miss_compute: where a layer's demand misses run (experts/miss_split.py): gpu copies every miss (exact, the
         default); cpu computes every miss on the host CPU from the host copy; auto splits each layer's misses
         by a cost model calibrated at start (experts/calibration.py). cpu and auto are approximate (CPU math).
+    max_model_len: tokens (prompt + generated) per request; None = the model's max_position_embeddings
+        (Engine.max_model_len holds the resolved limit).
     cpu_threads: torch CPU threads (set process-wide at engine start, used by CPU-computed experts);
         None keeps torch's current number.
     """
@@ -88,7 +90,7 @@ class EngineConfig:
     policy: str = "lru"
     policy_options: dict[str, Any] = field(default_factory=dict)
     max_batch_size: int = 8
-    max_model_len: int = 4096
+    max_model_len: int | None = None
     prefetch_inflight: int = 4
     prefetch_issue: str = "inflight"
     copy_chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -115,7 +117,7 @@ class EngineConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not supported: use auto, {', '.join(sorted(_DTYPES))}")
         if self.max_batch_size < 1:
             raise ConfigError("max_batch_size must be >= 1")
-        if self.max_model_len < 2:
+        if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be >= 2")
         if self.prefetch_inflight < 1:
             raise ConfigError("prefetch_inflight must be >= 1")

@@ -27,3 +27,7 @@ class ModelLoadError(FineMoEError):
 
 class TraceError(FineMoEError):
     """A trace file is missing, unreadable, of another version, or inconsistent."""
+
+
+class MissingExtraError(FineMoEError):
+    """A command needs an optional dependency (a pip extra) that is not installed."""

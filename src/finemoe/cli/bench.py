@@ -13,11 +13,11 @@ from tqdm import tqdm
 
 from finemoe.cli.common import add_miss_compute_args
 from finemoe.cli.cost_args import add_cost_args, cost_model
+from finemoe.cli.preflight import check_out_dir, require_extra
 from finemoe.cli.simulate import _split
 from finemoe.config import EngineConfig, default_device
 from finemoe.engine import Engine
 from finemoe.errors import ConfigError
-from finemoe.eval.plots import plot_summary
 from finemoe.eval.report import json_results, table, write_outputs
 from finemoe.eval.runner import Bench, BenchPlan
 from finemoe.eval.split import split_indices
@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-new-tokens and --build-batch must be >= 1")
     if args.limit is not None and args.limit < 2:
         raise ConfigError("--limit must be >= 2 (a split needs prompts on both sides)")
+    require_extra(["matplotlib"], "plot", "finemoe bench (its PNG plots)")
+    check_out_dir(args.out)
     variants = parse_variants(args.policies)
     budgets = _split(args.expert_budget, "--expert-budget")
     if not args.simulate:
@@ -109,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if cost is not None and args.expert_bytes is None:
         cost = dataclasses.replace(cost, expert_bytes=engine.geometry.expert_bytes)
     prompts = tokenize(engine.tokenizer, texts, args.template, args.max_prompt_tokens)
+    engine.check_fits(max(len(p.ids) for p in prompts), args.max_new_tokens)
     plan = BenchPlan(variants, budgets, _distances(args.prefetch_distance), args.max_new_tokens, args.build_batch, cost,
                      trace_dir=args.trace_dir, miss_compute=args.miss_compute)
     with tqdm(total=len(plan.jobs) + (1 if cost else 0), desc="bench", unit="run", file=sys.stderr,
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
             "miss_compute": args.miss_compute,
             **(_simulated_miss_report(cost) if cost else engine.miss_compute_report())}
     write_outputs(args.out, summary, per_request, meta)
+    from finemoe.eval.plots import plot_summary   # matplotlib (the plot extra): `finemoe --help` must not need it
     plot_summary(summary, args.out, title=f"{os.path.basename(str(engine.model_name))}, held-out prompts")
     if args.json:
         json.dump(json_results(summary), sys.stdout)

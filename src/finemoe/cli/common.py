@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+
+from tqdm import tqdm
 
 from finemoe.config import EngineConfig, default_device
 from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES
@@ -24,6 +27,9 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="prompt + generated tokens per request; longer prompts are refused "
+                        "(default: the model's max_position_embeddings)")
     p.add_argument("--prefetch-inflight", type=int, default=4,
                    help="prefetch copies queued on the copy stream at once "
                         "(a demand miss waits behind at most this many)")
@@ -84,10 +90,30 @@ def _with_map_store(opts: dict, args: argparse.Namespace) -> dict:
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     kw = dict(model=args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
               policy=args.policy, policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
-              max_batch_size=args.max_batch_size, prefetch_inflight=args.prefetch_inflight, seed=args.seed,
+              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+              prefetch_inflight=args.prefetch_inflight, seed=args.seed,
               prefetch_issue=args.prefetch_issue, copy_chunk_bytes=args.copy_chunk_bytes,
               fast_path=args.fast_path, cuda_graphs=args.cuda_graphs, compile=args.compile,
               prefill_lookahead=args.prefill_lookahead, miss_compute=args.miss_compute,
               cpu_threads=args.cpu_threads)
     kw.update(overrides)
     return EngineConfig(**kw)
+
+
+def add_progress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr (they are off when stderr is not "
+                                                        "a terminal)")
+
+
+def add_prompt_shaping_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", default="{prompt}",
+                   help="prompt template containing {prompt}, e.g. $'User: {prompt}\\n\\nAssistant:' in bash")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="keep only the first N prompt tokens")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
+
+
+def progress_bar(total: int, desc: str, quiet: bool, stream=None) -> tqdm:
+    """Prompts done, rate and time left on `stream` (stderr); disabled by --quiet or when it is not a terminal."""
+    stream = sys.stderr if stream is None else stream
+    return tqdm(total=total, desc=desc, unit="prompt", file=stream, disable=quiet or not stream.isatty(),
+                dynamic_ncols=True)

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from finemoe.cli.common import add_engine_args, engine_config
+from finemoe.cli.common import add_engine_args, add_progress_args, engine_config, progress_bar
 from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
 from finemoe.prompts import read_prompts
@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object (requests + summary)")
+    add_progress_args(p)
     p.set_defaults(func=run)
 
 
@@ -29,10 +30,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompt is not None else [r["prompt"] for r in read_prompts(args.prompts)]
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
-    engine = Engine.from_config(engine_config(args))
+    engine = Engine.from_config(engine_config(args, show_progress=not args.quiet))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, ignore_eos=args.ignore_eos)
-    reqs = engine.generate(prompts, params)
+    with progress_bar(len(prompts), "generate", args.quiet or args.prompt is not None) as bar:
+        reqs = engine.generate(prompts, params, on_batch=bar.update)
     summary = engine.summary(reqs)
     engine.close()
     rows = [{"prompt": p, "output_token_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason,

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from finemoe.cli.common import add_engine_args, engine_config
+from finemoe.cli.common import (add_engine_args, add_progress_args, add_prompt_shaping_args, engine_config,
+                                progress_bar)
+from finemoe.cli.preflight import check_out_file
 from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
-from finemoe.prompts import read_prompts
+from finemoe.prompts import read_prompts, templated
 
 
 def add_parser(sub) -> None:
@@ -16,8 +18,11 @@ def add_parser(sub) -> None:
     add_engine_args(b, policy_default="finemoe")
     b.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
     b.add_argument("--max-new-tokens", type=int, default=32)
-    b.add_argument("--out", required=True, help="map store file to write (replaced atomically)")
+    b.add_argument("--out", required=True, help="map store file to write (written atomically)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     b.add_argument("--capacity", type=int, default=1000, help="map store capacity C (default 1000)")
+    add_prompt_shaping_args(b)
+    add_progress_args(b)
     b.set_defaults(func=build)
 
 
@@ -26,13 +31,20 @@ def build(args: argparse.Namespace) -> int:
         raise ConfigError("finemoe maps build collects FineMoE maps: drop --policy (or pass --policy finemoe)")
     if args.max_new_tokens < 1 or args.capacity < 1:
         raise ConfigError("--max-new-tokens and --capacity must be >= 1")
-    prompts = [r["prompt"] for r in read_prompts(args.prompts)]
-    cfg = engine_config(args)
+    check_out_file(args.out, overwrite=args.overwrite)
+    records = read_prompts(args.prompts)[:args.limit]
+    cfg = engine_config(args, show_progress=not args.quiet)
     cfg.policy_options.update(map_store=args.out, learn=True, fresh=True, capacity=args.capacity)
     engine = Engine.from_config(cfg)
-    engine.generate(prompts, SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    requests = []
+    for text, ids in templated(engine.tokenizer, records, args.template, args.max_prompt_tokens):
+        requests.append(engine.make_request(ids, params))
+        requests[-1].prompt_text = text        # finemoe's semantic='prompt' embeds the text
+    with progress_bar(len(requests), "maps build", args.quiet) as bar:
+        engine.run(requests, on_batch=bar.update)
     state = engine.policy.state_dict()
     engine.close()
     print(f"wrote {args.out}: {state['store_size']} expert maps (capacity {state['store_capacity']}, "
-          f"{state['store_replaced']} replaced by RDY) from {len(prompts)} prompts")
+          f"{state['store_replaced']} replaced by RDY) from {len(requests)} prompts")
     return 0

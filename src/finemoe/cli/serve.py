@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from finemoe.cli.common import add_engine_args, engine_config
+from finemoe.cli.preflight import check_port_free, require_extra
 from finemoe.engine import Engine
 from finemoe.errors import ConfigError
 
@@ -14,7 +15,6 @@ def add_parser(sub) -> None:
     add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-model-len", type=int, default=4096, help="prompt + generated tokens per request")
     p.add_argument("--default-max-tokens", type=int, default=256,
                    help="max_tokens of a request that sends none (capped by the room left in --max-model-len)")
     p.add_argument("--batch-wait-ms", type=float, default=50.0,
@@ -36,16 +36,18 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--batch-wait-ms must be >= 0")
     if args.save_interval < 0:
         raise ConfigError("--save-interval must be >= 0 seconds")
+    require_extra(["fastapi", "uvicorn", "prometheus_client"], "serve", "finemoe serve")
+    check_port_free(args.host, args.port)
 
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    import uvicorn  # the serve extra; imported here so other subcommands do not need it
+    import uvicorn  # the serve extra (checked above); imported here so other subcommands do not need it
 
     from finemoe.server import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    engine = Engine.from_config(engine_config(args, max_model_len=args.max_model_len))
+    engine = Engine.from_config(engine_config(args))
     app = create_app(engine, default_max_tokens=args.default_max_tokens, save_interval_s=args.save_interval,
                      batch_wait_s=args.batch_wait_ms / 1e3)
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown: open streams get a few seconds to finish, then

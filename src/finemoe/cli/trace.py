@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from finemoe.cli.common import add_engine_args, engine_config, parse_policy_options
+from finemoe.cli.common import (add_engine_args, add_progress_args, add_prompt_shaping_args, engine_config,
+                                parse_policy_options, progress_bar)
+from finemoe.cli.preflight import check_out_file
 from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
-from finemoe.prompts import read_prompts
+from finemoe.prompts import read_prompts, templated
 
 
 def add_parser(sub) -> None:
@@ -14,34 +16,28 @@ def add_parser(sub) -> None:
     add_engine_args(p)
     p.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
     p.add_argument("--out", required=True, help="trace file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
-    p.add_argument("--template", default="{prompt}", help="prompt template, e.g. 'User: {prompt}\\n\\nAssistant:'")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="keep only the first N prompt tokens")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
+    add_prompt_shaping_args(p)
     p.add_argument("--no-probs", action="store_true", help="omit full router probabilities (top-k ids only)")
+    add_progress_args(p)
     p.set_defaults(func=run)
-
-
-def prompt_ids(engine: Engine, records: list[dict], template: str, max_tokens: int | None) -> list[list[int]]:
-    if "{prompt}" not in template:
-        raise ConfigError("--template must contain {prompt}")
-    out = []
-    for rec in records:
-        ids = engine.tokenizer(template.replace("{prompt}", rec["prompt"]), add_special_tokens=False)["input_ids"]
-        out.append(ids[:max_tokens] if max_tokens else ids)
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
+    check_out_file(args.out, overwrite=args.overwrite)
     records = read_prompts(args.prompts)[:args.limit]
     inner = {"inner": args.policy, "inner_options": parse_policy_options(args.policy_option),
              "probs": not args.no_probs}
-    engine = Engine.from_config(engine_config(args, policy="record", policy_options=inner))
+    engine = Engine.from_config(engine_config(args, policy="record", policy_options=inner,
+                                              show_progress=not args.quiet))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed, ignore_eos=args.ignore_eos)
-    engine.generate(prompt_ids(engine, records, args.template, args.max_prompt_tokens), params)
+    ids = [ids for _, ids in templated(engine.tokenizer, records, args.template, args.max_prompt_tokens)]
+    with progress_bar(len(ids), "trace", args.quiet) as bar:
+        engine.generate(ids, params, on_batch=bar.update)
     trace = engine.policy.to_trace(engine.model_name, engine.geometry.expert_bytes)
     trace.prompt_texts = [rec["prompt"] for rec in records]   # every request ran (none is cancelled here)
     engine.close()

@@ -32,6 +32,21 @@ from finemoe.policies import create_policy, get_policy_class
 from finemoe.policies.base import PolicyContext
 
 
+def context_limit(model_config, requested: int | None) -> int:
+    """Tokens (prompt + generated) a request may hold: the model's max_position_embeddings, or `requested`
+    (--max-model-len) when given, which may not exceed it."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if requested is None:
+        if positions is None:
+            raise ConfigError("the model's config has no max_position_embeddings: pass --max-model-len")
+        return int(positions)
+    if positions is not None and requested > positions:
+        raise ConfigError(f"--max-model-len {requested} exceeds the model's {positions} positions "
+                          f"(max_position_embeddings): pass --max-model-len {positions} or less, or drop it")
+    return requested
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, cfg: EngineConfig) -> None:
         self.cfg = cfg
@@ -50,6 +65,7 @@ class Engine:
         self.reference_impl = compute[0][0]
         self._compute_fns = [fn for _, fn in compute]
         capacity_for(cfg, self.geometry, get_policy_class(cfg.policy).keeps_all_resident)  # fail before moving weights
+        self.max_model_len = context_limit(self.model.config, cfg.max_model_len)
         self.model.to(self.device)  # non-expert weights (experts are still wherever they were loaded)
         self.compiled_modules = compile_small_modules(self.model) if cfg.compile and self.device.type == "cuda" else 0
         self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
@@ -205,26 +221,38 @@ class Engine:
             ids, text = list(prompt), None
         if not ids:
             raise ConfigError("the prompt is empty: it must contain at least one token")
-        if len(ids) + params.max_new_tokens > self.cfg.max_model_len:
-            raise ConfigError(f"prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
-                              f"max_model_len {self.cfg.max_model_len}")
+        self.check_fits(len(ids), params.max_new_tokens)
         return Request(ids, params, text)
 
-    def run(self, requests: list[Request]) -> list[Request]:
-        """Run requests to completion in batches of at most max_batch_size (in submission order)."""
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """A one-line ConfigError when a prompt plus its new tokens would exceed the max model length."""
+        limit = self.max_model_len
+        if prompt_tokens + max_new_tokens > limit:
+            raise ConfigError(f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                              f"max_model_len {limit} (the model's context length, or --max-model-len): shorten "
+                              f"the prompt to at most {max(limit - max_new_tokens, 0)} tokens "
+                              "or lower --max-new-tokens")
+
+    def run(self, requests: list[Request], on_batch: Callable[[int], object] | None = None) -> list[Request]:
+        """Run requests to completion in batches of at most max_batch_size (in submission order);
+        `on_batch(n)` after each batch of n requests finishes (a progress bar's update)."""
         for start in range(0, len(requests), self.cfg.max_batch_size):
-            batch = BatchRunner(self, requests[start:start + self.cfg.max_batch_size])
+            chunk = requests[start:start + self.cfg.max_batch_size]
+            batch = BatchRunner(self, chunk)
             while not batch.done:
                 batch.step()
+            if on_batch is not None:
+                on_batch(len(chunk))
         return requests
 
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> list[Request]:
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None,
+                 on_batch: Callable[[int], object] | None = None) -> list[Request]:
         params = params or SamplingParams()
         reqs = [self.make_request(p, params) for p in prompts]
         t0 = time.perf_counter()
         for r in reqs:
             r.metrics.t_submit = t0
-        return self.run(reqs)
+        return self.run(reqs, on_batch)
 
     def summary(self, requests: list[Request]) -> dict:
         s = aggregate([r.metrics for r in requests])

@@ -45,6 +45,12 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()).rstrip(".")
 
 
+def _looks_like_path(source: str) -> bool:
+    """A filesystem path rather than a hub id ('name' or 'org/name')."""
+    return (source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
+            or os.path.exists(source))
+
+
 def load_model(cfg: EngineConfig) -> LoadedModel:
     if cfg.model is None:
         model = build_default_model(cfg.torch_dtype(), seed=cfg.seed)
@@ -52,8 +58,12 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     if is_random_spec(cfg.model):
         model, label = build_random(cfg.model, cfg.device, cfg.torch_dtype(), cfg.seed)
         return LoadedModel(model, default_tokenizer(), cfg.model, label)
-    source = cfg.model
+    source = os.path.expanduser(cfg.model)
     local = os.path.isdir(source)
+    if not local and _looks_like_path(source):   # fail now: the hub client would retry a non-repo-id for seconds
+        what = "it is a file, not a directory" if os.path.exists(source) else "the directory does not exist"
+        raise ModelLoadError(f"cannot read a model config from {source!r}: {what}: pass a local directory with "
+                             "config.json and *.safetensors, or a hub id such as Qwen/Qwen1.5-MoE-A2.7B")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:

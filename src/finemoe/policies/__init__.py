@@ -3,6 +3,7 @@
 Importing this package registers every policy (the imports marked noqa are for their registration)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from finemoe.errors import UnknownPolicyError
@@ -26,8 +27,19 @@ def get_policy_class(name: str) -> type[Policy]:
     return reg[name]
 
 
+def option_names(name: str) -> list[str]:
+    """The options policy `name` takes (its constructor's named parameters)."""
+    params = inspect.signature(get_policy_class(name)).parameters.values()
+    return [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
 def create_policy(name: str, **options: Any) -> Policy:
     cls = get_policy_class(name)
+    valid = option_names(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UnknownPolicyError(f"policy {name!r}: bad options {unknown}: not options of this policy; valid "
+                                 f"options: {', '.join(valid) if valid else 'none (drop --policy-option)'}")
     try:
         return cls(**options)
     except TypeError as e:
@@ -35,4 +47,4 @@ def create_policy(name: str, **options: Any) -> Policy:
 
 
 __all__ = ["CacheView", "IterationInfo", "LayerRouting", "Policy", "PolicyContext", "Prefetch", "RequestInfo",
-           "available", "create_policy", "get_policy_class", "register_policy"]
+           "available", "create_policy", "get_policy_class", "option_names", "register_policy"]

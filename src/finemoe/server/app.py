@@ -54,7 +54,7 @@ def create_app(engine, *, default_max_tokens: int = 256, save_interval_s: float 
     state = ServerState(
         engine=engine, scheduler=Scheduler(engine, metrics, persistence, engine.cfg.max_batch_size, batch_wait_s),
         metrics=metrics, persistence=persistence, tokenizer=copy.deepcopy(engine.tokenizer),
-        model_name=engine.model_name, max_model_len=engine.cfg.max_model_len,
+        model_name=engine.model_name, max_model_len=engine.max_model_len,
         default_max_tokens=default_max_tokens, vocab_size=engine.model.get_input_embeddings().num_embeddings,
         started=int(time.time()))
 
