@@ -198,5 +198,4 @@ class FineMoEPolicy(Policy):
         return True
 
     def close(self) -> None:
-        if self.path and self.learn:
-            self.store.save(self.path)
+        self.save()
