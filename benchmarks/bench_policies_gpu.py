@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from bench_engine import raw_pinned_copy_gbps
-from benchmarks_common import held_out_split, replayed_model
+from benchmarks_common import replayed_model
+from finemoe.eval.split import shuffled_split
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.replay import RoutingReplay
@@ -99,7 +100,8 @@ def main() -> None:
     args = ap.parse_args()
     cuda = args.device == "cuda"
     trace = load_trace(args.trace)
-    build, held = held_out_split(trace.num_requests, args.split, args.seed, args.build_limit, args.eval_limit)
+    build, held = shuffled_split(trace.num_requests, args.split, args.seed)
+    build, held = build[:args.build_limit].tolist(), held[:args.eval_limit].tolist()
     engine = Engine(replayed_model(trace, args.device, args.tiny),
                     EngineConfig(device=args.device, policy="resident", show_progress=False))
     replay = RoutingReplay(engine, trace)

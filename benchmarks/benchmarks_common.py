@@ -4,7 +4,6 @@ from __future__ import annotations
 import statistics
 import time
 
-import numpy as np
 import torch
 from transformers import Qwen2MoeForCausalLM
 
@@ -47,14 +46,6 @@ def median_seconds(fn, repeat: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def held_out_split(num_requests: int, split: float, seed: int, build_limit: int | None,
-                   eval_limit: int | None) -> tuple[list[int], list[int]]:
-    """A trace's requests shuffled (seeded) and cut at `split`: (build requests, held-out requests), each capped."""
-    order = np.random.default_rng(seed).permutation(num_requests).tolist()
-    cut = int(round(split * num_requests))
-    return order[:cut][:build_limit], order[cut:][:eval_limit]
 
 
 def replayed_model(trace, device: str, tiny: bool) -> LoadedModel:

@@ -32,6 +32,7 @@ import numpy as np
 
 from bench_policies_gpu import subset
 from finemoe.cli.replay_args import input_embedding
+from finemoe.eval.split import shuffled_split
 from finemoe.eval.history import HistoryBuilder, replay_builder
 from finemoe.eval.variants import parse_variants
 from finemoe.policies.base import EvictionRank, Policy, Prefetch, register_policy
@@ -162,9 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     trace = load_trace(args.trace)
-    order = np.random.default_rng(args.seed).permutation(trace.num_requests).tolist()
-    cut = int(round(args.split * trace.num_requests))
-    build, held = subset(trace, order[:cut][:args.build_limit]), subset(trace, order[cut:][:args.eval_limit])
+    build, held = shuffled_split(trace.num_requests, args.split, args.seed)
+    build, held = subset(trace, build[:args.build_limit].tolist()), subset(trace, held[:args.eval_limit].tolist())
     cost = CostModel(args.expert_bytes, args.bandwidth * 1e9, args.layer_time_ms / 1e3, args.host_layer_ms / 1e3)
     runs = [("lru", "lru", {}), ("lfu", "lfu", {}), ("oracle/prefetch=false", "oracle", {"prefetch": False}),
             ("oracle", "oracle", {})]

@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from benchmarks_common import held_out_split, replayed_model
+from benchmarks_common import replayed_model
+from finemoe.eval.split import shuffled_split
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.replay import RoutingReplay
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not modes or modes[0] != "gpu" or set(modes) - set(MODES):
         raise SystemExit(f"--modes must start with gpu and be among {', '.join(MODES)}")
     trace = load_trace(args.trace)
-    build, held = held_out_split(trace.num_requests, args.split, args.seed, args.build_limit, args.eval_limit)
+    build, held = shuffled_split(trace.num_requests, args.split, args.seed)
+    build, held = build[:args.build_limit].tolist(), held[:args.eval_limit].tolist()
     engine = LogitsEngine(replayed_model(trace, args.device, args.tiny),
                           EngineConfig(device=args.device, policy="resident", show_progress=False,
                                        cpu_threads=args.cpu_threads))
