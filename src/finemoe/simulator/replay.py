@@ -43,7 +43,7 @@ class SimulationError(FineMoEError):
 
 
 @dataclass
-class _Routed:
+class Routed:
     """One trace, pre-cut for replay: int64 ids and each row's distinct experts sorted."""
 
     topk: np.ndarray           # [N, L, k] int64, router order
@@ -52,9 +52,9 @@ class _Routed:
     layer_base: np.ndarray     # [L, 1] int64 first flat key of each layer
 
     @staticmethod
-    def of(trace: Trace) -> _Routed:
+    def of(trace: Trace) -> Routed:
         topk = trace.topk.astype(np.int64)
-        return _Routed(topk, np.sort(topk, axis=-1), np.ones(trace.top_k, np.int64),
+        return Routed(topk, np.sort(topk, axis=-1), np.ones(trace.top_k, np.int64),
                        (np.arange(trace.num_layers, dtype=np.int64) * trace.num_experts)[:, None])
 
 
@@ -75,7 +75,7 @@ class Replay:
 
     def __init__(self, trace: Trace, policy: str | Policy, expert_budget, cost: CostModel,
                  policy_options: dict | None = None, prefetch_inflight: int = 4,
-                 routed: _Routed | None = None, embed=None, miss_compute: str = "gpu",
+                 routed: Routed | None = None, embed=None, miss_compute: str = "gpu",
                  miss_costs: MissCosts | None = None, issue: PrefetchIssue = INFLIGHT) -> None:
         """`policy`: a registered name (built with `policy_options`), or a policy instance not yet bound.
         `embed`: the recorded model's input-embedding module, for policies with a token-semantic signal.
@@ -86,7 +86,7 @@ class Replay:
         if policy == "oracle":
             options.setdefault("trace", trace)
         self.trace, self.cost = trace, cost
-        self.routed = routed or _Routed.of(trace)
+        self.routed = routed or Routed.of(trace)
         self.g = ExpertGeometry(trace.num_layers, trace.num_experts, trace.top_k, cost.expert_bytes, {}, torch.float16)
         self.policy = create_policy(policy, **options) if isinstance(policy, str) else policy
         cfg = EngineConfig(device="cpu", expert_budget=expert_budget, policy=self.policy.name, show_progress=False,
@@ -230,7 +230,7 @@ def simulate(trace: Trace, policies: list[str], budgets: list, cost: CostModel,
     mode_code(miss_compute)
     for p in policies:
         check_simulatable(trace, p)
-    routed = _Routed.of(trace)
+    routed = Routed.of(trace)
     rows = []
     for p in policies:
         for b in budgets:

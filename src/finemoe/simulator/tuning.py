@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from finemoe.errors import ConfigError
 from finemoe.experts.prefetch_issue import INFLIGHT, PrefetchIssue
 from finemoe.policies import available, get_policy_class
-from finemoe.simulator.replay import check_simulatable, simulate
+from finemoe.simulator.replay import Replay, Routed, check_simulatable
 from finemoe.simulator.transport import CostModel
 from finemoe.traces.format import Trace
 
@@ -72,22 +72,23 @@ def tune(trace: Trace, budgets: list[str], policies: list[str], modes: list[str]
     instead of failing the run (for the default policy list)."""
     for p in policies:
         check_simulatable(trace, p)
+    routed = Routed.of(trace)                      # the trace cut for replay once, shared by every row
     rows, skipped = [], {}
     for budget in budgets:
         for policy in policies:
+            opts = (policy_options or {}).get(policy, {})
             for mode in modes:
                 for issue in issues or [INFLIGHT]:
                     if policy in skipped:
-                        continue
-                    opts = (policy_options or {}).get(policy, {})
+                        break
                     try:
-                        (res,) = simulate(trace, [policy], [budget], cost, {policy: opts}, prefetch_inflight, mode,
-                                          embed=embed, issue=issue)
+                        res = Replay(trace, policy, budget, cost, opts, prefetch_inflight, routed, embed, mode,
+                                     issue=issue).run()
                     except ConfigError as e:
                         if not optional:
                             raise
                         skipped[policy] = str(e)
-                        continue
+                        break
                     res.update(expert_budget=budget, miss_compute=mode, prefetch_issue=issue.mode)
                     rows.append({k: res[k] for k in ROW_KEYS})
     if not rows:
