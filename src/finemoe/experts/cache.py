@@ -54,7 +54,8 @@ class ExpertCache:
         self.prefetch_inflight = prefetch_inflight
         self.issue = issue
         self.state = sk.SlotState.empty(total_experts, capacity, issue.idle, issue.chunk_bytes,
-                                        transport.expert_bytes if issue.idle else 1)
+                                        transport.expert_bytes if issue.idle else 1,
+                                        gated=issue.idle and policy.gate_values_keys)
         self._tally = memoryview(self.state.tally.view(np.int64))   # the TALLY fields, for fast scalar reads
         self.slot_of = self.state.slot_of                      # [L*J] slot or -1 (read-only outside)
         self.key_of = self.state.key_of                        # [N] key or -1
@@ -92,7 +93,6 @@ class ExpertCache:
         that never evicts has none (the cache holds every expert): slot order stands in."""
         if self._rank is None:
             self._rank = self.policy.eviction_rank() or EvictionRank.of(np.zeros(self.K))
-            self.state.issue[0]["gated"] = self.issue.idle and self.policy.gate_values_keys
         return self._rank
 
     # ---- demand path -------------------------------------------------------------------------

@@ -82,9 +82,9 @@ class SlotState(NamedTuple):
 
     @staticmethod
     def empty(num_keys: int, num_slots: int, idle: bool = False, chunk_bytes: int = 1,
-              expert_bytes: int = 1) -> SlotState:
+              expert_bytes: int = 1, gated: bool = False) -> SlotState:
         issue = np.zeros(1, ISSUE)
-        issue[0] = (int(idle), 0, chunk_bytes, expert_bytes, -1, 0, 0)
+        issue[0] = (int(idle), int(gated), chunk_bytes, expert_bytes, -1, 0, 0)
         return SlotState(np.full(num_keys, -1, np.int64), np.full(num_slots, -1, np.int64),
                          np.zeros(num_slots, np.uint8), np.zeros(num_keys, bool), np.zeros(1, TALLY),
                          np.full(num_keys, np.nan), np.zeros(num_keys, np.int64), issue, CopyRuns.empty(num_slots),
