@@ -51,7 +51,7 @@ def test_finemoe_decode_loop_replays_like_its_per_layer_callbacks(options, budge
     for key in FIELDS:
         assert a[key] == b[key], key
     for name in ("p", "freq", "score", "last_used"):
-        assert getattr(looped.scores, name).tobytes() == getattr(per_layer.scores, name).tobytes(), name
+        assert getattr(looped.scores.state, name).tobytes() == getattr(per_layer.scores.state, name).tobytes(), name
     for name in ("maps", "sems", "prefix_norm"):
         assert getattr(looped.store, name).numpy().tobytes() == getattr(per_layer.store, name).numpy().tobytes()
 

@@ -87,7 +87,7 @@ def test_ema_eviction_keeps_the_experts_the_router_has_favoured_lately():
     s = scores(3, "ema")
     observed(s.state, 0, np.array([[0.8, 0.1, 0.1]], np.float32))       # ema = 0.4, 0.05, 0.05
     observed(s.state, 0, np.array([[0.0, 0.2, 0.8]], np.float32))       # ema = 0.2, 0.125, 0.425
-    assert np.allclose(s.ema, [0.2, 0.125, 0.425])
+    assert np.allclose(s.state.ema, [0.2, 0.125, 0.425])
     assert victims(s.rank, list(range(3)), 3) == [1, 0, 2]
     both = scores(3, "ema+p")
     observed(both.state, 0, np.array([[0.0, 0.2, 0.8], [0.0, 0.1, 0.2]], np.float32))   # max over rows: 0, 0.1, 0.4

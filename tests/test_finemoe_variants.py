@@ -96,9 +96,9 @@ def test_window_longer_than_the_prefix_is_the_whole_prefix():
 def test_planner_guides_with_blended_neighbours():
     planner, s = planner_of(two_entry_store(), neighbors=2)
     pf = planner.begin(lambda: t(0.6, 0.8).view(1, 2))                          # d=1: layer 0 only
-    assert pf.keys.tolist() == [1] and s.p[:2].tolist() == pytest.approx([0.6 / 1.4, 0.8 / 1.4])
+    assert pf.keys.tolist() == [1] and s.state.p[:2].tolist() == pytest.approx([0.6 / 1.4, 0.8 / 1.4])
     after = planner.observe(0, np.array([[1, 0]], np.float32))                   # cos y0 = 1, y1 = 0
-    assert after.keys.tolist() == [2] and s.p[2:].tolist() == pytest.approx([1.0, 0.0])
+    assert after.keys.tolist() == [2] and s.state.p[2:].tolist() == pytest.approx([1.0, 0.0])
 
 
 @pytest.mark.parametrize("opts", [{"neighbors": 0}, {"neighbors": True}, {"neighbors": 1.5}, {"window": -1}])

@@ -161,7 +161,7 @@ def test_finemoe_prefetches_carry_their_guiding_probability_as_the_gate():
     g = geometry(2)
     cache = ExpertCache(g.total_experts, J, 4, TimedTransport(4, CostModel(EXPERT)), policy)
     policy.bind(PolicyContext(g, cache.view(), torch.device("cpu")))
-    assert cache.rank.gate is policy.scores.p and cache.rank.limit[0] == np.inf and policy.gate_values_keys
+    assert cache.rank.gate is policy.scores.state.p and cache.rank.limit[0] == np.inf and policy.gate_values_keys
 
 
 def test_the_compiled_decode_loop_replays_the_idle_rule_like_the_per_layer_path():

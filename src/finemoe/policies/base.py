@@ -108,6 +108,11 @@ class Prefetch:
     priority: np.ndarray
 
     @staticmethod
+    def take(keys: np.ndarray, priority: np.ndarray, n: int) -> Prefetch:
+        """The first n entries of a policy's reused output buffers, copied (the buffers are written again)."""
+        return Prefetch(keys[:n].copy(), priority[:n].copy()) if n else _NO_PREFETCH
+
+    @staticmethod
     def empty() -> Prefetch:
         """The shared no-prefetch value (its arrays have no elements to write)."""
         return _NO_PREFETCH

@@ -96,16 +96,14 @@ class EvictionScores:
 
     def __init__(self, total: int, num_experts: int, rule: str = "pfreq", decay: float = 0.5,
                  cold_p: float = 0.0) -> None:
-        self.rule = rule
         last_used = np.full(total, -1.0)
         self.state = Scores(np.zeros(total), np.zeros(total), np.zeros(total), last_used,
                             last_used if rule == "lru" else np.zeros(total), np.zeros(1), num_experts,
                             EVICTION_RULES.index(rule), decay)
-        self.p, self.freq, self.ema, self.last_used, self.score = self.state[:5]   # the same arrays, by name
         # the lowest rule value first, ties to the least recently used; the gate is the latest guiding probability
         # p: with cold_p (admission.py) a prefetch displaces only keys whose p is below it, and under the idle issue
         # rule (experts/prefetch_issue.py) only keys whose p is below the prefetched expert's own p
-        self.rank = EvictionRank.of(self.score, None if rule == "lru" else last_used, self.p,
+        self.rank = EvictionRank.of(self.state.score, None if rule == "lru" else last_used, self.state.p,
                                     np.array([cold_p if cold_p > 0.0 else np.inf]))
 
 

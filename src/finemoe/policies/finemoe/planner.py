@@ -182,7 +182,7 @@ class IterationPlanner:
 
     def _prefetch(self, n: int) -> Prefetch:
         """The first n keys and priorities, copied (the buffers are reused by the next call)."""
-        return Prefetch(self._keys[:n].copy(), self._prio[:n].copy()) if n else Prefetch.empty()
+        return Prefetch.take(self._keys, self._prio, n)
 
     @property
     def seen(self) -> int:

@@ -116,7 +116,7 @@ class MoEInfinityPolicy(Policy):
             if one_row and not self.any_fresh:
                 n = eam_routed(layer, acc.experts, self._no_probs, self._no_probs, self.routed_state, self._keys,
                                self._prio)
-                return Prefetch(self._keys[:n].copy(), self._prio[:n].copy())
+                return Prefetch.take(self._keys, self._prio, n)
             if not one_row:
                 self._count_rows(layer, routing.top_k_on_host(), routing.token_rows)
         acc.layer[0] = -1
@@ -158,7 +158,7 @@ class MoEInfinityPolicy(Policy):
         else:
             share = self.collection.share_of(int(best[0]))
         n = steps.share_prefetch(share, layer, self.distance, self.per_layer, self.taken, self._keys, self._prio)
-        return Prefetch(self._keys[:n].copy(), self._prio[:n].copy())
+        return Prefetch.take(self._keys, self._prio, n)
 
     def eviction_rank(self) -> EvictionRank:
         return self.freq.rank()

@@ -94,7 +94,7 @@ class OraclePolicy(Policy):
     def _prefetch_after(self, layer: int) -> Prefetch:
         """Keys needed in layers layer+1 .. layer+lookahead of this iteration, soonest first (belady.needed_after)."""
         m = oracle_routed(layer, self._keys, self._no_probs, self._no_probs, self.state, self._keys, self._prio)
-        return Prefetch(self._keys[:m].copy(), self._prio[:m].copy())
+        return Prefetch.take(self._keys, self._prio, m)
 
     def eviction_rank(self) -> EvictionRank:
         """Belady's order as a live rank: the farthest next use (by any row of the iteration) first; a prefetch
