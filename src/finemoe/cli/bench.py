@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     mode.add_argument("--engine", dest="simulate", action="store_false", help="evaluate in the engine (default)")
     mode.add_argument("--simulate", dest="simulate", action="store_true",
                       help="record traces with the engine, evaluate routing-driven policies in the simulator")
-    add_cost_args(p, prefix="simulator: ", miss_compute=False)
+    add_cost_args(p, prefix="simulator: ")
     p.add_argument("--trace-dir", default=None,
                    help="keep recorded routing traces here and reuse them in later benches over the same prompts")
     p.add_argument("--build-batch", type=int, default=8, help="batch size for building histories and traces")

@@ -30,15 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="prompt + generated tokens per request; longer prompts are refused "
                         "(default: the model's max_position_embeddings)")
-    p.add_argument("--prefetch-inflight", type=int, default=4,
-                   help="prefetch copies queued on the copy stream at once "
-                        "(a demand miss waits behind at most this many)")
-    p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle",
-                   help="inflight: whole prefetch copies, up to --prefetch-inflight at once (default); idle: "
-                        "prefetch chunks only into copy-engine time the next demand leaves idle, no victim the "
-                        "policy values more than the prefetched expert (docs/FINEMOE.md)")
-    p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
-                   help="bytes per prefetch chunk under --prefetch-issue idle (a multiple of 256)")
+    add_prefetch_args(p)
     p.add_argument("--no-fast-path", dest="fast_path", action="store_false",
                    help="decode with transformers' dynamic KV cache instead of the static-cache fast path")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -51,11 +43,32 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_miss_compute_args(p: argparse.ArgumentParser) -> None:
+PREFETCH_ISSUE_HELP = ("inflight: whole prefetch copies, up to --prefetch-inflight at once (default); idle: prefetch "
+                       "chunks only into copy-engine time the next demand leaves idle, no victim the policy values "
+                       "more than the prefetched expert (docs/FINEMOE.md)")
+
+
+def add_prefetch_args(p: argparse.ArgumentParser, issue_help: str = PREFETCH_ISSUE_HELP) -> None:
+    """How prefetch copies are issued: the engine's flags, which the simulator models."""
+    p.add_argument("--prefetch-inflight", type=int, default=4,
+                   help="prefetch copies queued on the copy stream at once under --prefetch-issue inflight "
+                        "(a demand miss waits behind at most this many)")
+    p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle", help=issue_help)
+    p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                   help="bytes per prefetch chunk under --prefetch-issue idle (a multiple of 256)")
+
+
+def add_miss_compute_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--miss-compute", default="gpu", metavar="{gpu,cpu,auto}",
                    help="where a layer's missed experts run: gpu copies each miss to the device (exact, default); "
                         "cpu computes every miss on the host CPU; auto splits each layer's misses between the two "
-                        "by a cost model calibrated at start. cpu and auto are APPROXIMATE (CPU math differs)")
+                        "by a cost model (the engine's, calibrated at start; the simulator's --cpu-*-ms). cpu and "
+                        "auto are APPROXIMATE (CPU math differs)")
+
+
+def add_miss_compute_args(p: argparse.ArgumentParser) -> None:
+    """--miss-compute and the CPU threads that serve it (the engine's flags)."""
+    add_miss_compute_arg(p)
     p.add_argument("--cpu-threads", type=_whole, default=None, metavar="N",
                    help="torch CPU threads for CPU-computed experts (default: torch's current number)")
 

@@ -23,8 +23,8 @@ CPU_COST_HELP = ("the CPU half of a layer with CPU-computed misses of t_1..t_m t
                  "'CPU X ms/expert + Y ms/extra token, Z ms/layer round trip')")
 
 
-def add_cost_args(p: argparse.ArgumentParser, prefix: str = "", miss_compute: bool = True) -> None:
-    """The copy, compute and host costs, and (with `miss_compute`) --miss-compute; `prefix` starts each help."""
+def add_cost_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The copy, compute and host costs; `prefix` starts each help."""
     p.add_argument("--bandwidth", default="25",
                    help=f"{prefix}host-to-device copy bandwidth in GB/s (10^9 B/s), or inf")
     p.add_argument("--layer-time-ms", type=float, default=0.0, help=f"{prefix}compute time of one MoE layer")
@@ -35,10 +35,6 @@ def add_cost_args(p: argparse.ArgumentParser, prefix: str = "", miss_compute: bo
                         "layer starts after the longer of the two)")
     p.add_argument("--expert-bytes", type=int, default=None,
                    help=f"{prefix}cost every expert as this many bytes (default: the recorded model's expert size)")
-    if miss_compute:
-        p.add_argument("--miss-compute", default="gpu", metavar="{gpu,cpu,auto}",
-                       help="where a layer's missed experts run: gpu copies each miss (the default); cpu computes "
-                            "every miss on the host CPU; auto splits each layer's misses as the engine does")
     add_cpu_cost_args(p, prefix)
 
 

@@ -10,16 +10,13 @@ import os
 import torch
 from safetensors import safe_open
 
+from finemoe.cli.common import add_prefetch_args
 from finemoe.errors import ConfigError
-from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES, PrefetchIssue
+from finemoe.experts.prefetch_issue import PrefetchIssue
 
 
 def add_replay_args(p: argparse.ArgumentParser, issue_help: str) -> None:
-    p.add_argument("--prefetch-inflight", type=int, default=4,
-                   help="prefetch copies in flight at once under --prefetch-issue inflight (as the engine's)")
-    p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle", help=issue_help)
-    p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
-                   help="bytes per prefetch chunk under --prefetch-issue idle (a multiple of 256)")
+    add_prefetch_args(p, issue_help)
     p.add_argument("--embed-from", default=None, metavar="MODEL_DIR",
                    help="the recorded model's folder: its input embedding drives finemoe's token semantics "
                         "(without it, finemoe needs --policy-option finemoe:semantic=prompt)")

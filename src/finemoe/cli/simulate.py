@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from finemoe.cli.common import parse_policy_options
+from finemoe.cli.common import add_miss_compute_arg, parse_policy_options
 from finemoe.cli.cost_args import add_cost_args, cost_model
 from finemoe.cli.replay_args import add_replay_args, embedding, prefetch_issues
 from finemoe.errors import ConfigError
@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--policy", default="lru", help="policy or comma-separated policies, e.g. lru,lfu,oracle")
     p.add_argument("--expert-budget", default="25%", help="budget or comma-separated budgets: 25%%,50%%,6GiB")
     add_cost_args(p)
+    add_miss_compute_arg(p)
     add_replay_args(p, "how prefetch copies are issued (as `finemoe generate --prefetch-issue`)")
     p.add_argument("--policy-option", action="append", default=[], metavar="[POLICY:]KEY=VALUE",
                    help="policy option (JSON value) for every policy, or for one with a POLICY: prefix")

@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
                         "oracle left out)")
     p.add_argument("--miss-compute", default=None, metavar="MODES",
                    help="comma-separated modes of gpu,cpu,auto (default: all three with --cpu-expert-ms, else gpu)")
-    add_cost_args(p, miss_compute=False)
+    add_cost_args(p)
     p.add_argument("--policy-option", action="append", default=[], metavar="[POLICY:]KEY=VALUE",
                    help="policy option (JSON value) for every policy, or for one with a POLICY: prefix")
     add_replay_args(p, "comma-separated prefetch issue rules of inflight,idle to compare (default inflight)")
