@@ -47,15 +47,10 @@ class CopyClock(NamedTuple):
 
 @njit
 def copy(cc, slots, m):
-    """Copy into slots[:m], in order, behind the copy engine's queue."""
-    t = cc.times[0]
+    """Prefetch copies of whole experts into slots[:m], in order, behind the copy engine's queue."""
+    full = np.int64(cc.expert_bytes)
     for i in range(m):
-        s = slots[i]
-        end = max(t.now, t.engine_free, cc.read_until[s]) + cc.copy_s
-        cc.done_at[s] = end
-        t.engine_free = end
-        t.bytes += cc.expert_bytes
-        t.prefetch_end = end
+        copy_run(cc, slots[i], 0, full, False)
 
 
 @njit
@@ -99,19 +94,13 @@ def load(cc, slots, new, hit):
     now = t.now
     ready = now
     hits = 0
-    for i in range(slots.size):
-        if new[i]:
-            _note_ahead(t)
-            break
+    full = np.int64(cc.expert_bytes)
     for i in range(slots.size):
         s = slots[i]
         hit[i] = False
         if new[i]:                                   # copied now, behind the copy engine's queue
-            end = max(now, t.engine_free, cc.read_until[s]) + cc.copy_s
-            cc.done_at[s] = end
-            t.engine_free = end
-            t.bytes += cc.expert_bytes
-            ready = max(ready, end)
+            copy_run(cc, s, 0, full, True)
+            ready = max(ready, cc.done_at[s])
         elif cc.done_at[s] <= now:
             hit[i] = True
             hits += 1
