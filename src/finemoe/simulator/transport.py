@@ -65,10 +65,7 @@ class CostModel:
             raise ConfigError(f"host time per layer must be >= 0, got {self.host_layer_s}")
         if self.policy_layer_s < 0:
             raise ConfigError(f"policy time per layer must be >= 0, got {self.policy_layer_s}")
-        for name in ("cpu_expert_s", "cpu_token_s", "cpu_layer_s"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"CPU time {name} must be a finite number of seconds >= 0, got {value!r}")
+        MissCosts(self.copy_s, self.cpu_expert_s, self.cpu_token_s, self.cpu_layer_s)   # checks the CPU times
 
     @property
     def copy_s(self) -> float:
