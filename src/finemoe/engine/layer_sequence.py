@@ -105,9 +105,5 @@ class LayerSequence:
             step.res, step.hit = None, step.res.hit
         if step.routing is not None:
             self.cache.enqueue(self.policy.on_layer_routed(step.routing))
-        self.end(step.layer)
-
-    def end(self, layer: int) -> None:
-        """The layer's last host work: issue prefetches within the in-flight budget; then the layer computes."""
-        self.cache.pump(layer)
+        self.cache.pump(step.layer)            # prefetches within the issue rule's budget; then the layer computes
         self.clock.layer_computed()
