@@ -136,7 +136,7 @@ def baseline_state(name, policy):
     """The arrays each policy decides from, as bytes."""
     arrays = {"lru": lambda p: [p.recency.last_used, p.recency.clock],
               "lfu": lambda p: [p.freq.uses, p.freq.recency.last_used],
-              "deepspeed": lambda p: [p.state.clock, p.key_clock],
+              "deepspeed": lambda p: [p.state.clock, p.state.last_used],
               "oracle": lambda p: list(p.order),
               "moe-infinity": lambda p: [p.freq.uses, p.freq.recency.last_used, p.collection.unit,
                                          *[p.eams[r] for r in sorted(p.eams)]]}[name](policy)

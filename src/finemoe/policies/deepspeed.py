@@ -1,7 +1,6 @@
 """DeepSpeed-style expert-agnostic offloading: layer-wise on-demand loads, a layer-granular LRU cache."""
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import numpy as np
 
@@ -10,21 +9,13 @@ from finemoe.policies import trackers
 from finemoe.policies.base import EvictionRank, LayerKernels, Policy, PolicyContext, register_policy
 
 
-class LayerClock(NamedTuple):
-    """`touch_layer`'s arrays: clock [1] float64 ticks once per layer; key_clock [K] float64: each key's layer's
-    last use (-1: never; the eviction rank)."""
-
-    J: int
-    clock: np.ndarray
-    key_clock: np.ndarray
-
-
 @njit
 def touch_layer(layer, experts, counts, state):
-    """Expert-agnostic LRU: the layer, and so each of its keys, last used now (whichever experts it routed to)."""
+    """Expert-agnostic LRU over trackers.RecencyState: the layer, and so each of its keys, last used now (whichever
+    experts it routed to)."""
     state.clock[0] += 1.0
     for key in range(layer * state.J, (layer + 1) * state.J):
-        state.key_clock[key] = state.clock[0]
+        state.last_used[key] = state.clock[0]
 
 
 @register_policy
@@ -41,13 +32,11 @@ class DeepSpeedPolicy(Policy):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         g = ctx.geometry
-        self.state = LayerClock(g.num_experts, np.zeros(1), np.full(g.total_experts, -1.0))
-        self.key_clock = self.state.key_clock
-        self.kernels = LayerKernels(touch_layer, self.state, trackers.no_prefetch, (),
-                                    np.zeros((g.num_layers, 0), np.float32))
+        self.state = trackers.RecencyState(g.num_experts, np.zeros(1), np.full(g.total_experts, -1.0))
+        self.kernels = trackers.access_only(touch_layer, self.state, g.num_layers)
         trackers.warm_up()                                     # compiled (or loaded) now, not in the first request
         one = np.zeros(1, np.int64)
-        touch_layer(0, one, one, LayerClock(1, np.zeros(1), np.zeros(1)))
+        touch_layer(0, one, one, trackers.RecencyState(1, np.zeros(1), np.zeros(1)))
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         touch_layer(layer, experts, counts, self.state)
@@ -57,4 +46,5 @@ class DeepSpeedPolicy(Policy):
 
     def eviction_rank(self) -> EvictionRank:
         """The least recently used layer first (each key's layer's last use), lowest key first within it."""
-        return EvictionRank.of(self.key_clock, np.arange(self.key_clock.size, dtype=np.float64))
+        last_used = self.state.last_used
+        return EvictionRank.of(last_used, np.arange(last_used.size, dtype=np.float64))

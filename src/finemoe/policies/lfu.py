@@ -18,8 +18,7 @@ class LFUPolicy(Policy):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         self.freq = FrequencyTracker(ctx.geometry.total_experts, ctx.geometry.num_experts)
-        self.kernels = LayerKernels(trackers.touch_frequency, self.freq.state, trackers.no_prefetch, (),
-                                    np.zeros((ctx.geometry.num_layers, 0), np.float32))
+        self.kernels = trackers.access_only(trackers.touch_frequency, self.freq.state, ctx.geometry.num_layers)
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         self.freq.touch_layer(layer, experts)

@@ -17,8 +17,7 @@ class LRUPolicy(Policy):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         self.recency = RecencyTracker(ctx.geometry.total_experts, ctx.geometry.num_experts)
-        self.kernels = LayerKernels(trackers.touch_recency, self.recency.state, trackers.no_prefetch, (),
-                                    np.zeros((ctx.geometry.num_layers, 0), np.float32))
+        self.kernels = trackers.access_only(trackers.touch_recency, self.recency.state, ctx.geometry.num_layers)
 
     def on_access(self, layer: int, experts: np.ndarray, counts: np.ndarray) -> None:
         self.recency.touch_layer(layer, experts)

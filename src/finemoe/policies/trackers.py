@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from finemoe.jit import njit
-from finemoe.policies.base import EvictionRank
+from finemoe.policies.base import EvictionRank, LayerKernels
 
 
 class RecencyState(NamedTuple):
@@ -48,6 +48,11 @@ def touch_frequency(layer, experts, counts, state):
 def no_prefetch(layer, top_k, probs, aux, state, keys, prio):
     """The routed step (LayerKernels.routed) of a policy that predicts nothing."""
     return 0
+
+
+def access_only(access, access_state, num_layers: int) -> LayerKernels:
+    """The compiled callbacks of a policy that only tracks use (`access`) and predicts nothing."""
+    return LayerKernels(access, access_state, no_prefetch, (), np.zeros((num_layers, 0), np.float32))
 
 
 class RecencyTracker:
