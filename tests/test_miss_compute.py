@@ -138,6 +138,37 @@ def test_calibration_measures_positive_finite_costs(qwen):
     assert 0 <= c.cpu_token_s < 1
     report = engine.miss_compute_report()
     assert report["miss_compute"] == "auto" and report["cpu_threads"] == torch.get_num_threads()
+    assert report["cpu_expert_dtype"] == "float32"          # an fp32 model: the only candidate
+
+
+@pytest.mark.parametrize("choice", ["auto", "model", "float32"])
+def test_cpu_expert_dtype_of_a_bf16_model(qwen, choice):
+    """bf16 weights: the CPU half reads the host store itself (model), a float32 copy of it (float32), or whichever
+    of the two calibration measured faster at one token (auto). Either way it agrees with the device path at bf16
+    precision, and its results come back in the model's dtype."""
+    cfg = EngineConfig(model=str(qwen), device="cpu", dtype="bfloat16", expert_budget="25%", show_progress=False,
+                       cpu_expert_dtype=choice)
+    engine = LogitsEngine(load_model(cfg), cfg)
+    want_tokens, want_logits, _ = run(engine, "gpu", None, PROMPTS[1:2])
+    engine.reconfigure("lru", "25%", miss_compute="cpu")
+    cal = engine.calibration
+    assert set(cal.cpu_s_by_dtype) == {"auto": {"bfloat16", "float32"}, "model": {"bfloat16"},
+                                       "float32": {"float32"}}[choice]
+    if choice == "auto":
+        fastest = min(cal.cpu_s_by_dtype, key=lambda d: cal.cpu_s_by_dtype[d][1])
+        assert str(cal.cpu_dtype) == f"torch.{fastest}"
+    cpu = engine.runtime.cpu_misses
+    assert cpu.dtype == cal.cpu_dtype
+    assert all(t.dtype == cal.cpu_dtype for t in cpu.views[0]._pools.values())
+    engine.logits.clear()
+    reqs = engine.generate(PROMPTS[1:2], SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
+    assert reqs[0].metrics.cpu_experts > 0
+    for got, want in zip(engine.logits, want_logits, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+    timing = engine.summary(reqs)
+    assert timing["cpu_half_layers"] > 0 and timing["cpu_half_compute_s"] > 0
+    assert timing["cpu_half_wait_s"] >= 0
 
 
 def test_generate_json_reports_cpu_experts_and_costs(qwen, capsys):
@@ -150,13 +181,15 @@ def test_generate_json_reports_cpu_experts_and_costs(qwen, capsys):
     assert s["miss_compute"] == "cpu" and s["cpu_threads"] == 1 and s["miss_costs"]["copy_s"] > 0
     assert result["requests"][0]["cpu_experts"] == s["cpu_experts"] == s["misses"] > 0
     assert s["decode_path"].startswith("eager")
-    assert [line for line in out.err.splitlines() if "miss compute cpu" in line][0].endswith("(1 CPU threads)")
+    line = [line for line in out.err.splitlines() if "miss compute cpu" in line][0]
+    assert line.endswith("(1 CPU threads, float32 weights)")
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--miss-compute", "fast"], "--miss-compute 'fast' is not a mode: use one of gpu, cpu, auto"),
     (["--cpu-threads", "0"], "--cpu-threads 0 must be a whole number >= 1"),
     (["--cpu-threads", "many"], "--cpu-threads 'many' must be a whole number >= 1"),
+    (["--cpu-expert-dtype", "fp8"], "--cpu-expert-dtype 'fp8' is not one of auto, model, float32"),
 ])
 def test_bad_flag_values_fail_in_one_line(flags, message, capsys):
     rc = main(["generate", "--device", "cpu", "--prompt", "hi", *flags])

@@ -183,7 +183,7 @@ def test_the_compiled_decode_loop_replays_the_idle_rule_like_the_per_layer_path(
 
 
 def test_bad_prefetch_issue_values_are_one_line_errors(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="--prefetch-issue 'fast' is not one of inflight, idle"):
+    with pytest.raises(ConfigError, match="--prefetch-issue 'fast' is not one of inflight, idle, off"):
         PrefetchIssue("fast")
     for bad in (0, 1000, -256):
         with pytest.raises(ConfigError, match="multiple of 256"):
@@ -194,3 +194,39 @@ def test_bad_prefetch_issue_values_are_one_line_errors(tmp_path, capsys):
         assert main(["simulate", "--trace", str(path), "--policy", "lru", *flags]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and flags[-1] in err
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-loop", "per-layer"])
+def test_off_drops_every_prefetch_and_keeps_the_policys_eviction(compiled):
+    """`off`: the policy still predicts, but nothing it predicts is copied; every expert arrives by demand."""
+    trace, embed = topic_trace(), torch.nn.Embedding(50, 8)
+    rows = {}
+    for mode in ("inflight", "off"):
+        class Policy_(FineMoEPolicy):
+            def decode_kernels(self, probs):
+                return super().decode_kernels(probs) if compiled else None
+        replay = Replay(trace, Policy_(capacity=20, prefetch_distance=2, embed=embed), "40%",
+                        CostModel(1000, 1e6, 1e-3, 1e-4), issue=PrefetchIssue(mode))
+        rows[mode] = replay.run()
+    assert rows["inflight"]["prefetch_copies"] > 0
+    assert rows["off"]["prefetch_copies"] == rows["off"]["wasted_prefetches"] == 0
+    assert rows["off"]["bytes_copied"] == rows["off"]["misses"] * 1000
+
+
+def test_off_in_the_engine_is_exact_and_copies_on_demand_only(tmp_path):
+    from finemoe import EngineConfig
+    from finemoe.engine import Engine, SamplingParams
+    from helpers import save_tiny_checkpoint
+    ckpt = save_tiny_checkpoint("qwen2_moe", tmp_path / "qwen2_moe")
+    out = {}
+    for mode in ("inflight", "off"):
+        engine = Engine.from_config(EngineConfig(model=str(ckpt), device="cpu", expert_budget="50%",
+                                                 policy="mixtral-offloading",
+                                                 prefetch_issue=mode, show_progress=False))
+        reqs = engine.generate(["Hello there", "The quick brown fox"], SamplingParams(max_new_tokens=6,
+                                                                                       ignore_eos=True))
+        s = engine.summary(reqs)
+        out[mode] = ([r.output_ids for r in reqs], s)
+    assert out["off"][0] == out["inflight"][0]
+    assert out["inflight"][1]["prefetch_copies"] > 0 and out["off"][1]["prefetch_copies"] == 0
+    assert out["off"][1]["wasted_prefetches"] == 0

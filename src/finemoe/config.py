@@ -9,6 +9,7 @@ import torch
 
 from finemoe.errors import BudgetTooSmallError, ConfigError
 from finemoe.experts.miss_split import mode_code
+from finemoe.experts.cpu_weights import check_cpu_dtype
 from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES, PrefetchIssue
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -81,6 +82,8 @@ class EngineConfig:
         (Engine.max_model_len holds the resolved limit).
     cpu_threads: torch CPU threads (set process-wide at engine start, used by CPU-computed experts);
         None keeps torch's current number.
+    cpu_expert_dtype: the weights CPU-computed experts read (experts/cpu_weights.py): auto (the faster of the
+        model's dtype and a float32 copy, measured at start), model, or float32.
     """
 
     model: str | None = None
@@ -100,6 +103,7 @@ class EngineConfig:
     prefill_lookahead: bool = False
     miss_compute: str = "gpu"
     cpu_threads: int | None = None
+    cpu_expert_dtype: str = "auto"
     seed: int = 0
     show_progress: bool = True
 
@@ -126,6 +130,7 @@ class EngineConfig:
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
                                              or self.cpu_threads < 1):
             raise ConfigError(f"--cpu-threads {self.cpu_threads!r} must be a whole number >= 1")
+        check_cpu_dtype(self.cpu_expert_dtype)
         if self.expert_budget is not None:
             parse_budget(self.expert_budget, 1 << 40)  # syntax check now, size check once the model is known
         from finemoe.policies import get_policy_class  # late import: policies import config types

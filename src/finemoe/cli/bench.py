@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine.from_config(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                                              show_progress=False, seed=args.seed,
                                              miss_compute="gpu" if cost else args.miss_compute,
-                                             cpu_threads=args.cpu_threads))
+                                             cpu_threads=args.cpu_threads,
+                                             cpu_expert_dtype=args.cpu_expert_dtype))
     if cost is not None and args.expert_bytes is None:
         cost = dataclasses.replace(cost, expert_bytes=engine.geometry.expert_bytes)
     prompts = tokenize(engine.tokenizer, texts, args.template, args.max_prompt_tokens)

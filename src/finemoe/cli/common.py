@@ -45,7 +45,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
 
 PREFETCH_ISSUE_HELP = ("inflight: whole prefetch copies, up to --prefetch-inflight at once (default); idle: prefetch "
                        "chunks only into copy-engine time the next demand leaves idle, no victim the policy values "
-                       "more than the prefetched expert (docs/FINEMOE.md)")
+                       "more than the prefetched expert; off: no prefetch copies, every expert by demand "
+                       "(docs/FINEMOE.md)")
 
 
 def add_prefetch_args(p: argparse.ArgumentParser, issue_help: str = PREFETCH_ISSUE_HELP) -> None:
@@ -53,7 +54,7 @@ def add_prefetch_args(p: argparse.ArgumentParser, issue_help: str = PREFETCH_ISS
     p.add_argument("--prefetch-inflight", type=int, default=4,
                    help="prefetch copies queued on the copy stream at once under --prefetch-issue inflight "
                         "(a demand miss waits behind at most this many)")
-    p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle", help=issue_help)
+    p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle|off", help=issue_help)
     p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                    help="bytes per prefetch chunk under --prefetch-issue idle (a multiple of 256)")
 
@@ -71,6 +72,10 @@ def add_miss_compute_args(p: argparse.ArgumentParser) -> None:
     add_miss_compute_arg(p)
     p.add_argument("--cpu-threads", type=_whole, default=None, metavar="N",
                    help="torch CPU threads for CPU-computed experts (default: torch's current number)")
+    p.add_argument("--cpu-expert-dtype", default="auto", metavar="{auto,model,float32}",
+                   help="weights CPU-computed experts read: model (the host copy in the model's dtype), float32 (a "
+                        "second host copy, 2x the experts' bytes for bf16 models, read faster by torch's CPU kernels) "
+                        "or auto (the faster of the two at start, float32 only if it fits in host memory)")
 
 
 def _whole(text: str):
@@ -108,7 +113,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
               prefetch_issue=args.prefetch_issue, copy_chunk_bytes=args.copy_chunk_bytes,
               fast_path=args.fast_path, cuda_graphs=args.cuda_graphs, compile=args.compile,
               prefill_lookahead=args.prefill_lookahead, miss_compute=args.miss_compute,
-              cpu_threads=args.cpu_threads)
+              cpu_threads=args.cpu_threads, cpu_expert_dtype=args.cpu_expert_dtype)
     kw.update(overrides)
     return EngineConfig(**kw)
 

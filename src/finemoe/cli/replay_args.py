@@ -28,7 +28,7 @@ def prefetch_issues(args: argparse.Namespace) -> list[PrefetchIssue]:
         raise ConfigError("--prefetch-inflight must be >= 1")
     modes = [m.strip() for m in args.prefetch_issue.split(",") if m.strip()]
     if not modes:
-        raise ConfigError("--prefetch-issue is empty: use inflight, idle or inflight,idle")
+        raise ConfigError("--prefetch-issue is empty: use inflight, idle, off or a list such as inflight,idle")
     return [PrefetchIssue(m, args.copy_chunk_bytes) for m in dict.fromkeys(modes)]
 
 

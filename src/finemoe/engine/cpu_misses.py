@@ -13,10 +13,12 @@ The host side is two calls:
      their tokens' hidden states and top-k weights start copying to pinned host buffers on a side stream (the
      compute stream already waits for the demand copies), and the keep mask is written to the device
   2. `finish`: HOST SYNC on those inputs only; the CPU computes every CPU row with the model's own eager
-     experts function over a host view of the whole layer [J, ...], each row as a one-expert token (so no skip
-     index is needed: transformers v5's GPT-OSS eager function has none, the others skip index J); the rows'
-     sums per token, [T, H] with zeros elsewhere, go to the device (pinned, non_blocking, on the compute stream)
-     into the buffer the add reads.
+     experts function over a host view of the whole layer [J, ...] in the CPU half's weight dtype
+     (--cpu-expert-dtype, experts/cpu_weights.py; the inputs are cast to it), each row as a one-expert token (so
+     no skip index is needed: transformers v5's GPT-OSS eager function has none, the others skip index J); the
+     rows' sums per token, [T, H] with zeros elsewhere, in the model's dtype, go to the device (pinned,
+     non_blocking, on the compute stream) into the buffer the add reads.
+  `timing` adds up the host's wall seconds in `start`, waiting for the inputs and computing.
 Both the eager and the captured path run these same calls; they differ only in when the device ops run:
   eager (runtime.run_layer): start; the device half is issued (masked weights); finish into a fresh [T, H]
       buffer; the add. The CPU computes while the GPU copies and computes its half.
@@ -37,13 +39,13 @@ block out again before the copies that read it are done.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from finemoe.experts.hook import SlotExperts, eager_compute_fn
-from finemoe.experts.host_store import HostExpertStore
 from finemoe.models.adapters import MoELayer
 
 
@@ -71,6 +73,21 @@ class StaticResult:
     written: bool = False
 
 
+@dataclass
+class CpuHalfTiming:
+    """Host wall seconds of the CPU halves so far: starting them (`start`: rows found, input copies queued, keep mask
+    written), waiting for their inputs (`finish`'s sync) and computing (through queueing the result's copy)."""
+
+    layers: int = 0
+    start_s: float = 0.0
+    wait_s: float = 0.0
+    compute_s: float = 0.0
+
+    def report(self) -> dict:
+        return {"cpu_half_layers": self.layers, "cpu_half_start_s": self.start_s, "cpu_half_wait_s": self.wait_s,
+                "cpu_half_compute_s": self.compute_s}
+
+
 def with_cpu_result(out: torch.Tensor, cpu_result: torch.Tensor) -> torch.Tensor:
     """The device half's output out [T, H] plus the CPU half's cpu_result [T, H] (zero rows add exactly 0)."""
     return out + cpu_result
@@ -79,12 +96,16 @@ def with_cpu_result(out: torch.Tensor, cpu_result: torch.Tensor) -> torch.Tensor
 class CpuMisses:
     """Computes missed experts on the host CPU (see the module docstring)."""
 
-    def __init__(self, store: HostExpertStore, layers: list[MoELayer], device: torch.device) -> None:
+    def __init__(self, weights: list[dict[str, torch.Tensor]], dtype: torch.dtype, layers: list[MoELayer],
+                 device: torch.device) -> None:
+        """weights[l][name] [J, ...] host: layer l's experts in `dtype`, the CPU half's weights."""
         self.device = device
         self.cuda = device.type == "cuda"
-        self.views = [SlotExperts(layer.experts, store.tensors[layer.index]) for layer in layers]   # [J, ...] host
+        self.dtype = dtype
+        self.views = [SlotExperts(layer.experts, weights[layer.index]) for layer in layers]   # [J, ...] host
         self.fns = [eager_compute_fn(layer.experts) for layer in layers]
-        J = store.geometry.num_experts
+        self.timing = CpuHalfTiming()
+        J = next(iter(weights[0].values())).shape[0]
         self._keep_host = torch.ones((len(layers), J), dtype=torch.float32, pin_memory=self.cuda)   # [L, J]
         self._keep_np = self._keep_host.numpy()
         self.keep = self._keep_host.to(device) if self.cuda else self._keep_host   # [L, J] device, fixed address
@@ -103,6 +124,7 @@ class CpuMisses:
         None; hidden [T, H] and top_k_weights [T, k] on the device, final (the routing's host sync came after
         them on the compute stream). Starts the copies of the CPU rows' inputs to the host and writes the keep
         mask."""
+        t0 = time.perf_counter()
         T = topk.shape[0]
         on = np.isin(topk, cpu)                                              # [T, k]
         if live is not None:
@@ -129,6 +151,7 @@ class CpuMisses:
             idx = torch.from_numpy(tokens)
             hidden_h, weights_h = hidden.index_select(0, idx), top_k_weights.index_select(0, idx)
         self._write_keep(layer, cpu)
+        self.timing.start_s += time.perf_counter() - t0
         return CpuJob(layer, T, torch.from_numpy(row_tok), torch.from_numpy(row_token), torch.from_numpy(row_k),
                       torch.from_numpy(topk[row_tok, row_k]).unsqueeze(1), hidden_h, weights_h, ready)
 
@@ -155,14 +178,19 @@ class CpuMisses:
         """Compute the CPU rows and write their per-token sums into `into` [T, H] on the device (zero for tokens
         without CPU rows; the copy is queued on the current stream); returns `into`.
         HOST SYNC: the CPU rows' inputs (copied to the host in `start`)."""
+        t0 = time.perf_counter()
         if job.ready is not None:
             job.ready.synchronize()
-        x = job.hidden[job.row_token]                                        # [R, H]
-        w = job.weights[job.row_token, job.row_k].unsqueeze(1)               # [R, 1]
+        t1 = time.perf_counter()
+        x = job.hidden[job.row_token].to(self.dtype)                         # [R, H]
+        w = job.weights[job.row_token, job.row_k].unsqueeze(1).to(self.dtype)   # [R, 1]
         rows = self.fns[job.layer](self.views[job.layer], x, job.row_expert, w)   # [R, H] weighted
         sums = torch.zeros((job.num_tokens, rows.shape[1]), dtype=into.dtype, pin_memory=self.cuda)   # [T, H]
         sums.index_add_(0, job.row_tok, rows.to(into.dtype))
-        return into.copy_(sums, non_blocking=self.cuda)
+        out = into.copy_(sums, non_blocking=self.cuda)
+        t = self.timing
+        t.layers, t.wait_s, t.compute_s = t.layers + 1, t.wait_s + t1 - t0, t.compute_s + time.perf_counter() - t1
+        return out
 
     def run_static(self, layer: int, cpu: np.ndarray, topk: np.ndarray, live: np.ndarray | None,
                    hidden: torch.Tensor, top_k_weights: torch.Tensor, result: StaticResult) -> None:

@@ -22,6 +22,7 @@ from finemoe.engine.sampling import SamplingParams
 from finemoe.errors import ConfigError
 from finemoe.experts import calibration, hook
 from finemoe.experts.cache import ExpertCache
+from finemoe.experts.cpu_weights import host_weights
 from finemoe.experts.host_store import HostExpertStore
 from finemoe.experts.miss_split import GPU, MissCosts, mode_code
 from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport
@@ -73,6 +74,8 @@ class Engine:
         if cfg.cpu_threads is not None:
             torch.set_num_threads(cfg.cpu_threads)   # process-wide: the CPU-computed experts' threads
         self.miss_costs: MissCosts | None = None     # calibrated at the first configuration that needs them
+        self.calibration: calibration.Calibration | None = None   # what that calibration measured
+        self._cpu_weights: dict[torch.dtype, list[dict[str, torch.Tensor]]] = {}   # the CPU half's, by dtype
         self.copy_Bps: float | None = None            # pinned H2D bytes/s, measured when the idle issue rule first runs
         self.pools = None
         self.paths = DecodePaths(self)
@@ -86,20 +89,25 @@ class Engine:
     def reconfigure(self, policy: str, expert_budget=None, policy_options: dict | None = None,
                     prefetch_inflight: int | None = None, cuda_graphs: bool | None = None,
                     prefill_lookahead: bool | None = None, miss_compute: str | None = None,
-                    miss_costs: MissCosts | None = None) -> None:
+                    miss_costs: MissCosts | None = None, prefetch_issue: str | None = None,
+                    cpu_expert_dtype: str | None = None) -> None:
         """(Re)build the policy, the slot pools, the cache and the runtime over the same model and host
         store: switch policy or budget without reloading. The previous policy is closed first. `miss_costs`
         replaces the calibrated costs (tests, benchmarks); otherwise they are measured once, when a
-        configuration first computes misses on the CPU."""
+        configuration first computes misses on the CPU (again after `cpu_expert_dtype` changes)."""
         cfg = dataclasses.replace(self.cfg, policy=policy, expert_budget=expert_budget,
                                   policy_options=dict(policy_options or {}),
                                   prefetch_inflight=prefetch_inflight or self.cfg.prefetch_inflight,
                                   cuda_graphs=self.cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
                                   prefill_lookahead=(self.cfg.prefill_lookahead if prefill_lookahead is None
                                                      else prefill_lookahead),
-                                  miss_compute=miss_compute or self.cfg.miss_compute)
+                                  miss_compute=miss_compute or self.cfg.miss_compute,
+                                  prefetch_issue=prefetch_issue or self.cfg.prefetch_issue,
+                                  cpu_expert_dtype=cpu_expert_dtype or self.cfg.cpu_expert_dtype)
         slots, budget = capacity_for(cfg, self.geometry, get_policy_class(policy).keeps_all_resident)
         new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
+        if cfg.cpu_expert_dtype != self.cfg.cpu_expert_dtype:
+            self.calibration = self.miss_costs = None     # measured again for the new choice
         self.cfg = cfg
         if self.policy is not None:
             self.policy.close()
@@ -119,7 +127,7 @@ class Engine:
             self.miss_costs = miss_costs
         elif mode != GPU and self.miss_costs is None:
             self.miss_costs = self._calibrate()
-        cpu_misses = CpuMisses(self.store, self.layers, self.device) if mode != GPU else None
+        cpu_misses = CpuMisses(*self._cpu_half_weights(), self.layers, self.device) if mode != GPU else None
         self.runtime = OffloadRuntime(self.geometry, self.layers, self.cache, self.policy, self.device,
                                       all_resident=self.policy.keeps_all_resident, miss_mode=mode,
                                       costs=self.miss_costs, cpu_misses=cpu_misses)
@@ -134,12 +142,23 @@ class Engine:
         self._checked_dispatch = False
 
     def _calibrate(self) -> MissCosts:
-        """Measure what a miss costs each way on this machine (experts/calibration.py); one line to stderr."""
-        costs = calibration.calibrate(self.store, self.layers[0].experts, int(self.model.config.hidden_size),
-                                      self.device)
-        print(f"finemoe: miss compute {self.cfg.miss_compute}: {calibration.describe(costs, torch.get_num_threads())}",
+        """Measure what a miss costs each way on this machine (experts/calibration.py), choosing the CPU half's
+        weight dtype (--cpu-expert-dtype); one line to stderr."""
+        self.calibration = calibration.calibrate(self.store, self.layers[0].experts,
+                                                 int(self.model.config.hidden_size), self.device,
+                                                 self.cfg.cpu_expert_dtype)
+        print(f"finemoe: miss compute {self.cfg.miss_compute}: "
+              f"{calibration.describe(self.calibration.costs, torch.get_num_threads(), self.calibration.cpu_dtype)}",
               file=sys.stderr)
-        return costs
+        return self.calibration.costs
+
+    def _cpu_half_weights(self) -> tuple[list[dict[str, torch.Tensor]], torch.dtype]:
+        """The host expert tensors the CPU half reads, per layer, and their dtype: the calibration's choice (the
+        model's dtype when costs were given instead), copied once per dtype (experts/cpu_weights.py)."""
+        dtype = self.calibration.cpu_dtype if self.calibration is not None else self.store.dtype
+        if dtype not in self._cpu_weights:
+            self._cpu_weights[dtype] = host_weights(self.store, dtype)
+        return self._cpu_weights[dtype], dtype
 
     def _copy_bandwidth(self, cfg: EngineConfig) -> float | None:
         """The pinned host-to-device rate the idle issue rule predicts copy-engine time with (measured once, on
@@ -155,6 +174,8 @@ class Engine:
     def miss_compute_report(self) -> dict:
         """--miss-compute, the CPU threads and the miss costs in use (None when not measured)."""
         return {"miss_compute": self.cfg.miss_compute, "cpu_threads": torch.get_num_threads(),
+                "cpu_expert_dtype": (str(self.calibration.cpu_dtype).removeprefix("torch.")
+                                     if self.calibration is not None else None),
                 "miss_costs": dataclasses.asdict(self.miss_costs) if self.miss_costs is not None else None}
 
     @classmethod
@@ -265,6 +286,7 @@ class Engine:
             "compiled_modules": self.compiled_modules,
             "hits_per_layer": t.hits.tolist(), "misses_per_layer": t.misses.tolist(),
             **self.miss_compute_report(), "runtime_cpu_experts": t.cpu_experts,
+            **(self.runtime.cpu_misses.timing.report() if self.runtime.cpu_misses is not None else {}),
             "prefetch_copies": self.cache.prefetch_copies, "wasted_prefetches": self.cache.wasted_prefetches,
             "host_expert_bytes": self.store.nbytes, "device_slot_bytes": self.pools.nbytes,
             "peak_host_bytes": peak_host_bytes(), "peak_device_bytes": peak_device_bytes(self.device),

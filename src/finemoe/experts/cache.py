@@ -9,9 +9,10 @@ run this same class, so they agree on hits, misses and bytes by construction.
 
 Prefetches are issued by one of two rules (experts/prefetch_issue.py): `inflight` (whole copies, at most
 `prefetch_inflight` in flight) or `idle` (chunks that fit the copy engine's predicted idle time; no victim the
-policy values more than the prefetched expert). Under `idle`, an expert computed on the host CPU (--miss-compute
-cpu|auto; `note_cpu`) is queued at the next iteration's start (`begin_iteration`) as a prefetch below every policy
-prefetch: copied for reuse into the idle copy time the policy's prefetches leave, under the same victim rules.
+policy values more than the prefetched expert); `off` drops them (demand copies only). Under `idle`, an expert
+computed on the host CPU (--miss-compute cpu|auto; `note_cpu`) is queued at the next iteration's start
+(`begin_iteration`) as a prefetch below every policy prefetch: copied for reuse into the idle copy time the
+policy's prefetches leave, under the same victim rules.
 
 Definitions:
   hit    the expert is resident and its copy had finished when the router asked for it.
@@ -55,7 +56,7 @@ class ExpertCache:
         self.issue = issue
         self.state = sk.SlotState.empty(total_experts, capacity, issue.idle, issue.chunk_bytes,
                                         transport.expert_bytes if issue.idle else 1,
-                                        gated=issue.idle and policy.gate_values_keys)
+                                        gated=issue.idle and policy.gate_values_keys, off=issue.off)
         self._tally = memoryview(self.state.tally.view(np.int64))   # the TALLY fields, for fast scalar reads
         self.slot_of = self.state.slot_of                      # [L*J] slot or -1 (read-only outside)
         self.key_of = self.state.key_of                        # [N] key or -1

@@ -6,7 +6,8 @@ Measured on layer 0's expert 0 of the real model (its host tensors, its own eage
                device: the synchronous copy into a slot-sized buffer, wall time)
   cpu_s, cpu_token_s
                the expert on the CPU for 1, 4 and 16 tokens with torch's current threads (wall time, median),
-               fitted by least squares to cpu_s + cpu_token_s * (tokens - 1)
+               fitted by least squares to cpu_s + cpu_token_s * (tokens - 1), for each candidate weight dtype of
+               `--cpu-expert-dtype` (experts/cpu_weights.py); the faster at one token is kept
   cpu_fixed_s  the CPU path's per-layer round trip: one token's hidden state to a pinned host buffer (synced)
                and a result back (non_blocking, synced); on a CPU device the token gather and the add
 Medians of a few repeats after a warm-up; the whole measurement takes well under a second for
@@ -18,11 +19,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from finemoe.experts.cpu_weights import float32_fits
 from finemoe.experts.hook import SlotExperts, eager_compute_fn
 from finemoe.experts.host_store import HostExpertStore
 from finemoe.experts.miss_split import MissCosts
@@ -69,12 +72,13 @@ def copy_seconds(store: HostExpertStore, device: torch.device) -> float:
     return _median_s(timed)
 
 
-def cpu_seconds(store: HostExpertStore, experts: nn.Module, hidden_size: int) -> dict[int, float]:
-    """tokens -> seconds to compute layer 0's expert 0 on the CPU for that many tokens (the model's eager
-    experts function over the host tensors, as the runtime's CPU path runs it)."""
-    view = SlotExperts(experts, store.tensors[0])
+def cpu_seconds(store: HostExpertStore, experts: nn.Module, hidden_size: int,
+                dtype: torch.dtype | None = None) -> dict[int, float]:
+    """tokens -> seconds to compute layer 0's expert 0 on the CPU for that many tokens, with its weights and inputs
+    in `dtype` (default: the store's): the model's eager experts function, as the runtime's CPU path runs it."""
+    dtype = dtype or store.dtype
+    view = SlotExperts(experts, {name: t[0:1].to(dtype) for name, t in store.tensors[0].items()})   # [1, ...]
     fn = eager_compute_fn(experts)
-    dtype = next(iter(store.tensors[0].values())).dtype
     gen = torch.Generator().manual_seed(0)
     out = {}
     for t in TOKENS:
@@ -113,18 +117,38 @@ def fit_token_cost(seconds: dict[int, float]) -> tuple[float, float]:
     return base, per_token
 
 
-def calibrate(store: HostExpertStore, experts: nn.Module, hidden_size: int, device: torch.device) -> MissCosts:
-    """MissCosts measured on this machine, with torch's current CPU threads."""
-    dtype = next(iter(store.tensors[0].values())).dtype
+@dataclass(frozen=True)
+class Calibration:
+    """What the engine measured at start: the costs it splits by, the CPU half's dtype (chosen by `--cpu-expert-dtype`)
+    and the CPU time of one expert per candidate dtype and token count (seconds)."""
+
+    costs: MissCosts
+    cpu_dtype: torch.dtype
+    cpu_s_by_dtype: dict[str, dict[int, float]]
+
+
+def calibrate(store: HostExpertStore, experts: nn.Module, hidden_size: int, device: torch.device,
+              cpu_dtype: str = "model") -> Calibration:
+    """Measure, with torch's current CPU threads: the copy, the round trip and the CPU time for the candidate dtypes
+    of `cpu_dtype` (experts/cpu_weights.py: auto measures the model's and float32, float32 only when its copy
+    fits in host memory), keeping the faster at one token."""
+    model_dtype = store.dtype
+    candidates = {"model": [model_dtype], "float32": [torch.float32],
+                  "auto": [model_dtype] + ([torch.float32] if model_dtype != torch.float32 and float32_fits(store)
+                                           else [])}[cpu_dtype]
     with torch.inference_mode():
         copy_s = copy_seconds(store, device)
-        cpu_s, cpu_token_s = fit_token_cost(cpu_seconds(store, experts, hidden_size))
-        fixed_s = round_trip_seconds(hidden_size, dtype, device)
-    return MissCosts(copy_s, cpu_s, cpu_token_s, fixed_s)
+        by_dtype = {dtype: cpu_seconds(store, experts, hidden_size, dtype) for dtype in candidates}
+        fixed_s = round_trip_seconds(hidden_size, model_dtype, device)
+    best = min(candidates, key=lambda d: by_dtype[d][1])
+    cpu_s, cpu_token_s = fit_token_cost(by_dtype[best])
+    return Calibration(MissCosts(copy_s, cpu_s, cpu_token_s, fixed_s), best,
+                       {str(d).removeprefix("torch."): s for d, s in by_dtype.items()})
 
 
-def describe(costs: MissCosts, threads: int) -> str:
+def describe(costs: MissCosts, threads: int, cpu_dtype: torch.dtype | None = None) -> str:
     """One line for stderr at start."""
+    dtype = f", {str(cpu_dtype).removeprefix('torch.')} weights" if cpu_dtype is not None else ""
     return (f"copy {costs.copy_s * 1e3:.3f} ms/expert; CPU {costs.cpu_s * 1e3:.3f} ms/expert "
             f"+ {costs.cpu_token_s * 1e3:.3f} ms/extra token, {costs.cpu_fixed_s * 1e3:.3f} ms/layer round trip "
-            f"({threads} CPU threads)")
+            f"({threads} CPU threads{dtype})")

@@ -38,6 +38,11 @@ class HostExpertStore:
             self.pinned = False
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The experts' dtype (layer 0's first tensor)."""
+        return next(iter(self.tensors[0].values())).dtype
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.tensors for t in layer.values())
 

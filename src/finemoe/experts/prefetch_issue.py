@@ -19,6 +19,9 @@
                 the next iteration's start below every policy prefetch (slot_kernels.CPU_COPY_PRIORITY), so it takes
                 only the idle time the policy's prefetches leave, under (c)'s victim rules. (Not under inflight,
                 where such copies would delay demand copies.)
+  off       no prefetch copies: the policy still predicts (its host work and eviction rank are unchanged) but its
+            prefetches, and the prefill lookahead's, are dropped. Every expert arrives by a demand copy: the baseline
+            that shows what a policy's prefetching is worth.
 The chunk size trades copy throughput (small copies run below the link's rate) against how long a demand may wait
 behind the chunk in flight: benchmarks/copy_chunks.py measures both.
 """
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 from finemoe.errors import ConfigError
 
-ISSUE_MODES = ("inflight", "idle")
+ISSUE_MODES = ("inflight", "idle", "off")
 CHUNK_ALIGN = 256          # chunk boundaries stay on element (and DMA-friendly) boundaries
 DEFAULT_CHUNK_BYTES = 4 << 20
 
@@ -48,6 +51,10 @@ class PrefetchIssue:
     @property
     def idle(self) -> bool:
         return self.mode == "idle"
+
+    @property
+    def off(self) -> bool:
+        return self.mode == "off"
 
 
 INFLIGHT = PrefetchIssue()    # the default rule

@@ -44,6 +44,7 @@ TALLY = np.dtype([("filled", np.int64),    # occupied slots
                   ("queued", np.int64)])   # keys in the prefetch queue
 
 ISSUE = np.dtype([("idle", np.int64),          # 1: the idle issue rule (chunks, idle budget)
+                  ("off", np.int64),           # 1: prefetching off (`enqueue` queues nothing)
                   ("gated", np.int64),         # 1: and a prefetch of k evicts only victims with gate < gate[k]
                   ("chunk_bytes", np.int64),   # bytes per prefetch chunk
                   ("expert_bytes", np.int64),  # bytes per expert copy
@@ -82,9 +83,9 @@ class SlotState(NamedTuple):
 
     @staticmethod
     def empty(num_keys: int, num_slots: int, idle: bool = False, chunk_bytes: int = 1,
-              expert_bytes: int = 1, gated: bool = False) -> SlotState:
+              expert_bytes: int = 1, gated: bool = False, off: bool = False) -> SlotState:
         issue = np.zeros(1, ISSUE)
-        issue[0] = (int(idle), int(gated), chunk_bytes, expert_bytes, -1, 0, 0)
+        issue[0] = (int(idle), int(off), int(gated), chunk_bytes, expert_bytes, -1, 0, 0)
         return SlotState(np.full(num_keys, -1, np.int64), np.full(num_slots, -1, np.int64),
                          np.zeros(num_slots, np.uint8), np.zeros(num_keys, bool), np.zeros(1, TALLY),
                          np.full(num_keys, np.nan), np.zeros(num_keys, np.int64), issue, CopyRuns.empty(num_slots),
@@ -349,7 +350,10 @@ def _dequeue(st, key):
 
 @njit
 def enqueue(st, keys, priority):
-    """Queue each key at its priority (a key queued again takes the newer one; -inf withdraws it)."""
+    """Queue each key at its priority (a key queued again takes the newer one; -inf withdraws it). Nothing with
+    prefetching off."""
+    if st.issue[0].off:
+        return
     tally = st.tally[0]
     for i in range(keys.size):
         k = keys[i]
