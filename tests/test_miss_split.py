@@ -49,10 +49,23 @@ def test_ties_go_to_the_exact_device_path():
 
 def test_the_predicted_finish_is_the_slower_half():
     on_cpu = np.empty(6, dtype=np.bool_)
-    finish = split_misses(tokens(*[1] * 6), AUTO, 1.0, 0.5, 0.0, 0.0, on_cpu)
+    finish = split_misses(tokens(*[1] * 6), AUTO, 1.0, 0.5, 0.0, 0.0, 0.0, on_cpu)
     m = int(on_cpu.sum())
     assert m == 4 and finish == max(0.5 * m, 6 - m)
-    assert split_misses(tokens(), AUTO, 1.0, 0.5, 0.0, 0.0, np.empty(0, np.bool_)) == 0.0
+    assert split_misses(tokens(), AUTO, 1.0, 0.5, 0.0, 0.0, 0.0, np.empty(0, np.bool_)) == 0.0
+
+
+def test_copy_work_queued_ahead_sends_more_misses_to_the_cpu():
+    # 4 one-token misses, 1 s either way: with nothing queued 2 go to the CPU (2 s); behind 2 s of queued prefetch
+    # copies a copied miss finishes at 3 s at best, so all 4 go to the CPU (4 s, no wait for the queue)...
+    costs = MissCosts(copy_s=1.0, cpu_s=1.0)
+    assert split(tokens(1, 1, 1, 1), AUTO, costs).sum() == 2
+    assert split(tokens(1, 1, 1, 1), AUTO, costs, queued_s=2.0).sum() == 3      # max(3, 2 + 1) = 3 < 4
+    assert split(tokens(1, 1, 1, 1), AUTO, costs, queued_s=5.0).sum() == 4      # 4 < 5 + 1
+    # ...and the predicted finish counts the queue for the copied half only
+    on_cpu = np.empty(4, dtype=np.bool_)
+    assert split_misses(tokens(1, 1, 1, 1), GPU, 1.0, 1.0, 0.0, 0.0, 2.0, on_cpu) == 6.0
+    assert split_misses(tokens(1, 1, 1, 1), AUTO, 1.0, 1.0, 0.0, 0.0, 5.0, on_cpu) == 4.0
 
 
 def test_auto_is_never_slower_than_either_pure_mode():
@@ -62,9 +75,11 @@ def test_auto_is_never_slower_than_either_pure_mode():
         c = MissCosts(copy_s=float(rng.uniform(0.1, 1)), cpu_s=float(rng.uniform(0.1, 1)),
                       cpu_token_s=float(rng.uniform(0, 0.2)), cpu_fixed_s=float(rng.uniform(0, 0.5)))
         out = np.empty(t.size, dtype=np.bool_)
-        auto = split_misses(t, AUTO, c.copy_s, c.cpu_s, c.cpu_token_s, c.cpu_fixed_s, out)
-        assert auto == pytest.approx(max(c.cpu_time(t[out]), (~out).sum() * c.copy_s))
-        assert auto <= t.size * c.copy_s and auto <= c.cpu_time(t) + 1e-12
+        queued = float(rng.choice([0.0, rng.uniform(0, 2)]))
+        auto = split_misses(t, AUTO, c.copy_s, c.cpu_s, c.cpu_token_s, c.cpu_fixed_s, queued, out)
+        copies = (~out).sum()
+        assert auto == pytest.approx(max(c.cpu_time(t[out]), queued + copies * c.copy_s if copies else 0.0))
+        assert auto <= queued + t.size * c.copy_s and auto <= c.cpu_time(t) + 1e-12
 
 
 def test_bad_modes_and_costs_are_refused_with_the_valid_values():

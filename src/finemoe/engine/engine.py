@@ -117,16 +117,16 @@ class Engine:
         self.paths.drop_graphs()   # captured steps read the old pools and runtime
         self.pools = self.cache = self.runtime = None
         gc.collect()   # the old runtime, cache and policy reference each other: free their slots before allocating
-        self.pools = SlotPools(self.store, slots, self.device)
-        transport = (CudaTransport(self.store, self.pools, self.device, self._copy_bandwidth(cfg))
-                     if self.device.type == "cuda" else SyncTransport(self.store, self.pools))
-        self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
-                                 self.policy, cfg.prefetch_inflight, cfg.issue)
         mode = mode_code(cfg.miss_compute)
         if miss_costs is not None:
             self.miss_costs = miss_costs
         elif mode != GPU and self.miss_costs is None:
             self.miss_costs = self._calibrate()
+        self.pools = SlotPools(self.store, slots, self.device)
+        transport = (CudaTransport(self.store, self.pools, self.device, self._copy_bandwidth(cfg, mode))
+                     if self.device.type == "cuda" else SyncTransport(self.store, self.pools))
+        self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
+                                 self.policy, cfg.prefetch_inflight, cfg.issue)
         cpu_misses = CpuMisses(*self._cpu_half_weights(), self.layers, self.device) if mode != GPU else None
         self.runtime = OffloadRuntime(self.geometry, self.layers, self.cache, self.policy, self.device,
                                       all_resident=self.policy.keeps_all_resident, miss_mode=mode,
@@ -160,10 +160,15 @@ class Engine:
             self._cpu_weights[dtype] = host_weights(self.store, dtype)
         return self._cpu_weights[dtype], dtype
 
-    def _copy_bandwidth(self, cfg: EngineConfig) -> float | None:
-        """The pinned host-to-device rate the idle issue rule predicts copy-engine time with (measured once, on
-        CUDA, when a configuration first issues by `idle`; one line to stderr); None otherwise."""
-        if not cfg.issue.idle or self.device.type != "cuda":
+    def _copy_bandwidth(self, cfg: EngineConfig, mode: int) -> float | None:
+        """The pinned host-to-device rate the transport predicts its queue with, for the idle issue rule's budget
+        and the auto split's copy half: under auto, the calibrated copy time's; under the idle rule, measured once
+        (one line to stderr); None otherwise (and on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        if mode != GPU and self.miss_costs is not None and self.miss_costs.copy_s > 0:
+            return self.geometry.expert_bytes / self.miss_costs.copy_s
+        if not cfg.issue.idle:
             return self.copy_Bps
         if self.copy_Bps is None:
             self.copy_Bps = self.geometry.expert_bytes / calibration.copy_seconds(self.store, self.device)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from finemoe.experts.cache import DemandResult, ExpertCache
-from finemoe.experts.miss_split import GPU, MissCosts, split
+from finemoe.experts.miss_split import AUTO, GPU, MissCosts, split
 from finemoe.policies.base import LayerRouting, Policy
 
 
@@ -65,7 +65,8 @@ class LayerSequence:
     def begin(self, layer: int, experts: np.ndarray, counts: np.ndarray, routing: LayerRouting | None,
               miss_mode: int = GPU, costs: MissCosts | None = None) -> LayerDemand:
         """experts [n] distinct (ascending), counts [n] tokens per expert. With `miss_mode` CPU or AUTO the misses
-        (experts neither resident nor being copied) are split (experts/miss_split.py, by `costs`): the CPU half
+        (experts neither resident nor being copied) are split (experts/miss_split.py, by `costs` and the copy work
+        the transport has queued ahead of them, under AUTO): the CPU half
         goes to step.cpu and is never acquired (cache.note_cpu notes it, for a copy at the next iteration's start
         under the idle rule). The first wave of the rest is acquired (pinned) when it fits the cache; otherwise
         `waves` acquires them."""
@@ -74,7 +75,8 @@ class LayerSequence:
         cpu = _NONE
         if miss_mode != GPU and experts.size:
             absent = np.flatnonzero(~self.cache.resident[layer * self.cache.J + experts])    # [a] positions
-            on_cpu = absent[split(counts[absent].astype(np.int64), miss_mode, costs)]
+            queued = self.cache.transport.queued_seconds() if miss_mode == AUTO else 0.0
+            on_cpu = absent[split(counts[absent].astype(np.int64), miss_mode, costs, queued)]
             if on_cpu.size:
                 cpu = experts[on_cpu]
                 experts = np.delete(experts, on_cpu)

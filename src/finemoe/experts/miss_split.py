@@ -5,8 +5,12 @@ Both halves run at once (the copy engine and the CPU threads), so a layer's miss
 does. `auto` chooses, per layer, the split that minimises that finish time under a cost model calibrated on this
 machine (experts/calibration.py):
 
-    copy half  = (misses copied) * copy_s
+    copy half  = queued_s + (misses copied) * copy_s                                        (0 with none copied)
     CPU half   = cpu_fixed_s + sum over CPU misses of (cpu_s + cpu_token_s * (tokens - 1))      (0 with none)
+
+queued_s is the copy work already queued on the copy engine ahead of the layer's demand copies (a demand copy is
+issued behind the prefetch copies in flight; Transport.queued_seconds predicts it): the more of it, the more a miss
+gains from the CPU, and a layer whose misses all go to the CPU does not wait for it at all.
 
 A miss's CPU cost grows with its tokens and its copy cost does not, so for any number m of CPU misses the best
 choice is the m with the fewest tokens; `split_misses` tries every m and keeps the smallest best one (ties go
@@ -73,21 +77,24 @@ def cpu_seconds(tokens, cpu_s, cpu_token_s, cpu_fixed_s):
 
 
 @njit
-def split_misses(tokens, mode, copy_s, cpu_s, cpu_token_s, cpu_fixed_s, on_cpu):
-    """tokens [n] int64: tokens routed to each missed expert. Writes on_cpu [n] bool (True: computed on the
-    CPU) and returns the predicted finish time of the layer's misses (seconds, both halves at once)."""
+def split_misses(tokens, mode, copy_s, cpu_s, cpu_token_s, cpu_fixed_s, queued_s, on_cpu):
+    """tokens [n] int64: tokens routed to each missed expert; queued_s: copy work queued ahead of the demand
+    copies (s). Writes on_cpu [n] bool (True: computed on the CPU) and returns the predicted finish time of the
+    layer's misses (seconds, both halves at once)."""
     n = tokens.size
     on_cpu[:] = mode == CPU
-    if mode == GPU or n == 0:
-        return n * copy_s
+    if n == 0:
+        return 0.0
+    if mode == GPU:
+        return queued_s + n * copy_s
     if mode == CPU:
         return cpu_seconds(tokens, cpu_s, cpu_token_s, cpu_fixed_s)
     order = np.argsort(tokens, kind="mergesort")        # fewest tokens first (stable: ties keep expert order)
-    best_m, best = 0, n * copy_s
+    best_m, best = 0, queued_s + n * copy_s
     cpu = cpu_fixed_s
     for m in range(1, n + 1):
         cpu += cpu_s + cpu_token_s * (tokens[order[m - 1]] - 1)
-        finish = max(cpu, (n - m) * copy_s)
+        finish = max(cpu, queued_s + (n - m) * copy_s) if m < n else cpu
         if finish < best:
             best_m, best = m, finish
     for i in range(best_m):
@@ -95,8 +102,9 @@ def split_misses(tokens, mode, copy_s, cpu_s, cpu_token_s, cpu_fixed_s, on_cpu):
     return best
 
 
-def split(tokens: np.ndarray, mode: int, costs: MissCosts) -> np.ndarray:
+def split(tokens: np.ndarray, mode: int, costs: MissCosts, queued_s: float = 0.0) -> np.ndarray:
     """tokens [n] int64 per missed expert -> on_cpu [n] bool (see `split_misses`)."""
     on_cpu = np.empty(tokens.size, dtype=np.bool_)
-    split_misses(tokens, mode, costs.copy_s, costs.cpu_s, costs.cpu_token_s, costs.cpu_fixed_s, on_cpu)
+    split_misses(tokens, mode, costs.copy_s, costs.cpu_s, costs.cpu_token_s, costs.cpu_fixed_s, float(queued_s),
+                 on_cpu)
     return on_cpu

@@ -36,6 +36,8 @@ class Transport(ABC):
           expert's size has landed (ranges of one slot come in order, from 0). `demand`: a demand needs it.
       idle_bytes() -> float   bytes the copy engine is predicted to move, after its queued work, before the next
           layer's demand copies are issued (the idle issue rule's budget; inf: copies cost no copy-engine time).
+      queued_seconds() -> float   the copy engine's work queued now, which a demand copy issued now waits behind
+          (seconds; 0 when not known; the auto miss split's copy-half offset, experts/miss_split.py).
       expert_bytes            the bytes of one expert's copy (the unit copy_run's ranges cut)."""
 
     bytes_copied: int = 0
@@ -59,6 +61,10 @@ class Transport(ABC):
     def idle_bytes(self) -> float:
         """Default: copies cost no copy-engine time (they complete when issued)."""
         return math.inf
+
+    def queued_seconds(self) -> float:
+        """Default: copies complete when issued, nothing is ever queued."""
+        return 0.0
 
     def drain_stall_seconds(self) -> float:
         """Stall time accumulated since the last drain (may synchronize: call at iteration end)."""
@@ -191,9 +197,9 @@ class CudaTransport(PerSlotTransport):
     read back (one sync) by `drain_stall_seconds` at iteration end.
 
     Ranges (`start_range`, the idle issue rule's chunks) go on the same stream; a slot's completion event is
-    recorded after its last range, and the slot counts as not done while a range is missing. `idle_bytes` predicts
-    the copy engine's idle time on the host, without a sync: the queued work is modelled as every copy issued
-    taking bytes / `bandwidth_Bps` (measured at start) after the previous one; the next demand is expected one
+    recorded after its last range, and the slot counts as not done while a range is missing. `idle_bytes` and
+    `queued_seconds` predict the copy engine's idle time and queue on the host, without a sync: the queued work is
+    modelled as every copy issued taking bytes / `bandwidth_Bps` (measured at start) after the previous one; the next demand is expected one
     layer period (the running mean of the host time between successive demand loads, gaps over 3x the mean, i.e.
     iteration boundaries, left out) after the last demand load.
     """
@@ -270,6 +276,10 @@ class CudaTransport(PerSlotTransport):
         now = time.perf_counter()
         idle = self._last_load + self._period - max(now, self._busy_until)
         return max(idle, 0.0) * self.bandwidth_Bps
+
+    def queued_seconds(self) -> float:
+        """The copies issued so far predicted to run this much longer (host clock, no sync; 0 without a bandwidth)."""
+        return max(self._busy_until - time.perf_counter(), 0.0) if self.bandwidth_Bps else 0.0
 
     def is_done(self, slot: int) -> bool:
         if self._partial[slot]:

@@ -55,9 +55,9 @@ class MissPlan(NamedTuple):
 
 
 @njit
-def device_half(st, base, experts, ones, plan):
+def device_half(st, base, experts, ones, plan, queued_s):
     """LayerSequence.begin's split, compiled (the CPU half noted in the cache's state as cache.note_cpu notes it):
-    experts [k] ascending. Returns (device experts [n] ascending, CPU
+    experts [k] ascending; queued_s the copy engine's queued work (s, used under AUTO). Returns (device experts [n] ascending, CPU
     experts m, seconds of the CPU half)."""
     if plan.mode == GPU:
         return experts, 0, 0.0
@@ -70,7 +70,7 @@ def device_half(st, base, experts, ones, plan):
         return experts, 0, 0.0
     on_cpu = plan.on_cpu[:a]
     miss_split.split_misses(ones[:a], plan.mode, plan.copy_s, plan.cpu_s, plan.cpu_token_s, plan.cpu_fixed_s,
-                            on_cpu)
+                            queued_s if plan.mode == miss_split.AUTO else 0.0, on_cpu)
     m = 0
     for j in range(a):
         m += on_cpu[j]
@@ -152,7 +152,7 @@ def layer_loop(sorted_topk, topk, probs, aux, ones, access, access_state, routed
         experts = sorted_topk[layer]
         k = experts.size
         access(layer, experts, ones, access_state)
-        device, m, cpu_s = device_half(st, layer * J, experts, ones, plan)
+        device, m, cpu_s = device_half(st, layer * J, experts, ones, plan, tk.queued_seconds(cc))
         n = device.size
         sk.demand(st, layer * J, device, rank, slots, new)   # k <= capacity: always room
         if st.issue[0].partial >= 0 and sk.claim_partial(st, slots, n):

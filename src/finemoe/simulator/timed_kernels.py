@@ -125,6 +125,13 @@ def cpu_half(cc, start, seconds):
 
 
 @njit
+def queued_seconds(cc):
+    """The copy engine's work queued after now (s)."""
+    t = cc.times[0]
+    return max(t.engine_free - t.now, 0.0)
+
+
+@njit
 def used(cc, slots, n):
     """The layer computing from now reads slots[:n] until now + layer_s."""
     until = cc.times[0].now + cc.layer_s

@@ -89,8 +89,8 @@ class TimedTransport(Transport):
         self._hit = np.zeros(num_slots, bool)
         # the timed kernels bound to this transport's argument types (jit.FixedTypes: no per-call dispatch)
         self.k = SimpleNamespace(**{name: FixedTypes(getattr(timed_kernels, name))
-                                    for name in ("load", "copy", "copy_run", "idle_bytes", "finished", "used",
-                                                 "cpu_half")})
+                                    for name in ("load", "copy", "copy_run", "idle_bytes", "queued_seconds",
+                                                 "finished", "used", "cpu_half")})
 
     now = property(lambda self: self.times[_NOW], lambda self, v: self.times.__setitem__(_NOW, v))
     engine_free = property(lambda self: self.times[_ENGINE_FREE])
@@ -111,6 +111,10 @@ class TimedTransport(Transport):
     def idle_bytes(self) -> float:
         """One layer time after now, less the copy engine's queued work, in bytes (timed_kernels.idle_bytes)."""
         return float(self.k.idle_bytes(self.state))
+
+    def queued_seconds(self) -> float:
+        """The copy engine's work queued after now (timed_kernels.queued_seconds)."""
+        return float(self.k.queued_seconds(self.state))
 
     @property
     def expert_bytes(self) -> int:
