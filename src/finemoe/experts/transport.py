@@ -278,7 +278,8 @@ class CudaTransport(PerSlotTransport):
         return max(idle, 0.0) * self.bandwidth_Bps
 
     def queued_seconds(self) -> float:
-        """The copies issued so far predicted to run this much longer (host clock, no sync; 0 without a bandwidth)."""
+        """The copies issued so far are predicted to run this much longer (host clock, no sync; 0 without a
+        bandwidth)."""
         return max(self._busy_until - time.perf_counter(), 0.0) if self.bandwidth_Bps else 0.0
 
     def is_done(self, slot: int) -> bool:

@@ -57,8 +57,8 @@ class MissPlan(NamedTuple):
 @njit
 def device_half(st, base, experts, ones, plan, queued_s):
     """LayerSequence.begin's split, compiled (the CPU half noted in the cache's state as cache.note_cpu notes it):
-    experts [k] ascending; queued_s the copy engine's queued work (s, used under AUTO). Returns (device experts [n] ascending, CPU
-    experts m, seconds of the CPU half)."""
+    experts [k] ascending; queued_s the copy engine's queued work (s, used under AUTO). Returns (device experts [n]
+    ascending, CPU experts m, seconds of the CPU half)."""
     if plan.mode == GPU:
         return experts, 0, 0.0
     a = 0
