@@ -10,8 +10,8 @@ row serves. Rows: policies x budgets x prefetch issue rules x miss modes x CPU w
 CPU half's weights, experts/cpu_weights.py; cpu/auto rows only). lru and lfu predict nothing: they get one issue
 rule. Per row: TPOT median, TTFT, hit rate, MB copied per token, CPU-computed experts per token, the CPU half's
 host time per token (starting, waiting for its inputs, computing); for cpu/auto rows, greedy-token agreement with
-the same policy, budget and issue rule's gpu row and the largest relative logit error (max |l - l_gpu| / max |l_gpu| over
-each request's steps up to its first differing token).
+the same policy, budget and issue rule's gpu row and the largest relative logit error (max |l - l_gpu| /
+max |l_gpu| over each request's steps up to its first differing token).
 Every mode decodes with the segmented CUDA graphs (a hybrid layer's CPU half runs between segment replays:
 engine/cpu_misses.py).
 

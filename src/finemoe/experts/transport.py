@@ -199,8 +199,8 @@ class CudaTransport(PerSlotTransport):
     Ranges (`start_range`, the idle issue rule's chunks) go on the same stream; a slot's completion event is
     recorded after its last range, and the slot counts as not done while a range is missing. `idle_bytes` and
     `queued_seconds` predict the copy engine's idle time and queue on the host, without a sync: the queued work is
-    modelled as every copy issued taking bytes / `bandwidth_Bps` (measured at start) after the previous one; the next demand is expected one
-    layer period (the running mean of the host time between successive demand loads, gaps over 3x the mean, i.e.
+    modelled as every copy issued taking bytes / `bandwidth_Bps` (measured at start) after the previous one; the
+    next demand is expected one layer period (the running mean of the host time between successive demand loads, gaps over 3x the mean, i.e.
     iteration boundaries, left out) after the last demand load.
     """
 
