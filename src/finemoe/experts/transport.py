@@ -200,8 +200,8 @@ class CudaTransport(PerSlotTransport):
     recorded after its last range, and the slot counts as not done while a range is missing. `idle_bytes` and
     `queued_seconds` predict the copy engine's idle time and queue on the host, without a sync: the queued work is
     modelled as every copy issued taking bytes / `bandwidth_Bps` (measured at start) after the previous one; the
-    next demand is expected one layer period (the running mean of the host time between successive demand loads, gaps over 3x the mean, i.e.
-    iteration boundaries, left out) after the last demand load.
+    next demand is expected one layer period (the running mean of the host time between successive demand loads,
+    gaps over 3x the mean, i.e. iteration boundaries, left out) after the last demand load.
     """
 
     def __init__(self, store: HostExpertStore, pools: SlotPools, device: torch.device,
