@@ -17,7 +17,9 @@ engine/cpu_misses.py).
 
 The simulator (`--simulate`, default on) replays the held-out requests of each row with a CostModel calibrated on
 the first `--calibrate` build requests, never on held-out ones: copy rate and CPU costs from the engine's start-up
-calibration (experts/calibration.py; one per CPU weight dtype), layer time from `resident`, host round trip per
+calibration (experts/calibration.py; one per CPU weight dtype), the CPU costs scaled as the engine's split had them
+when the row started (engine/cpu_misses.py: the ratio of measured to calibrated CPU-half time, learned first on the
+calibration requests, then carried from row to row), layer time from `resident`, host round trip per
 layer from lru at 100% once warm, finemoe's and moe-infinity's policy time per layer from their gpu runs on the
 calibration requests. finemoe and moe-infinity learn their simulated histories from the build part, as the engine's
 did. Its error against the engine is reported per row.
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     for dtype in dtypes if set(modes) != {"gpu"} else []:
         engine.reconfigure("lru", budgets[0], miss_compute="auto", cpu_expert_dtype=dtype)   # calibrates
         calibrations[dtype] = engine.calibration
+        serve(engine, replay, calib)         # the CPU half's measured-to-calibrated ratio, learned on build requests
     if not calibrations:
         engine.reconfigure("lru", budgets[0], miss_compute="auto")
         calibrations["auto"] = engine.calibration
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                     for dtype in (dtypes if mode != "gpu" else [None]):
                         engine.reconfigure(policy, budget, opts_of[policy], miss_compute=mode, prefetch_issue=issue,
                                            cpu_expert_dtype=dtype)
+                        cpu_half = engine.runtime.cpu_misses
+                        mc = cpu_half.costs if cpu_half is not None else engine.calibration.costs   # as the row starts
                         keep = len(modes) > 1
                         reqs, logits = serve(engine, replay, held, keep=keep)
                         s = engine.summary(reqs)
@@ -212,13 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
                                "cpu_start_ms_per_token": 1e3 * s.get("cpu_half_start_s", 0.0) / tokens,
                                "cpu_wait_ms_per_token": 1e3 * s.get("cpu_half_wait_s", 0.0) / tokens,
                                "cpu_compute_ms_per_token": 1e3 * s.get("cpu_half_compute_s", 0.0) / tokens,
+                               "cpu_cost_scale_start": cpu_half.scale if cpu_half is not None else None,
+                               "cpu_cost_scale_end": s["cpu_cost_scale"] if cpu_half is not None else None,
                                "decode_path": s["decode_path"]}
                         if mode == "gpu":
                             gpu_row = (reqs, logits)
                         elif keep:
                             row.update(agreement(gpu_row[0], reqs, gpu_row[1], logits))
                         if args.simulate:
-                            mc = engine.calibration.costs      # measured at start-up: copy rate, CPU costs
                             cost = CostModel(engine.geometry.expert_bytes, engine.geometry.expert_bytes / mc.copy_s,
                                              layer_time, host_layer, p_layer[policy], mc.cpu_s, mc.cpu_token_s,
                                              mc.cpu_fixed_s)

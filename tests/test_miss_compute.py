@@ -206,3 +206,28 @@ def test_all_experts_counted_once(qwen):
         hits, misses, _, _ = counts(engine)
         totals.append(hits + misses)
     assert len(set(totals)) == 1
+
+
+def test_the_split_follows_what_the_cpu_half_measures(qwen):
+    """The calibrated CPU cost is scaled by the running ratio of measured to predicted CPU-half time, folded into
+    the costs the split reads every ADAPT_EVERY layers; costs given explicitly stay as given."""
+    from types import SimpleNamespace
+    engine = engine_for(qwen)
+    engine.reconfigure("lru", "25%", miss_compute="auto")            # calibrated: adapts
+    cpu = engine.runtime.cpu_misses
+    assert cpu.adapt and cpu.scale == 1.0
+    base = cpu.base_costs
+    job = SimpleNamespace(row_expert=torch.tensor([[3], [3], [5]]))   # expert 3 with 2 tokens, expert 5 with 1
+    predicted = 2 * base.cpu_s + base.cpu_token_s
+    for i in range(cpu.ADAPT_EVERY):
+        assert cpu.costs.cpu_s == base.cpu_s                          # not folded in yet
+        cpu._adapt(job, 3.0 * predicted)
+    assert 1.0 < cpu.scale < 3.0
+    assert cpu.costs.cpu_s == pytest.approx(base.cpu_s * cpu.scale)
+    assert engine.runtime.cpu_misses is cpu
+    engine.reconfigure("lru", "25%", miss_compute="auto")            # the next configuration starts from it
+    assert engine.runtime.cpu_misses.scale == pytest.approx(cpu.scale)
+    assert engine.miss_compute_report()["cpu_cost_scale"] == pytest.approx(cpu.scale)
+    engine.reconfigure("lru", "25%", miss_compute="auto", miss_costs=EVEN)
+    fixed = engine.runtime.cpu_misses
+    assert not fixed.adapt and fixed.costs == EVEN

@@ -39,6 +39,7 @@ block out again before the copies that read it are done.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from finemoe.experts.hook import SlotExperts, eager_compute_fn
+from finemoe.experts.miss_split import MissCosts
 from finemoe.models.adapters import MoELayer
 
 
@@ -94,11 +96,25 @@ def with_cpu_result(out: torch.Tensor, cpu_result: torch.Tensor) -> torch.Tensor
 
 
 class CpuMisses:
-    """Computes missed experts on the host CPU (see the module docstring)."""
+    """Computes missed experts on the host CPU (see the module docstring).
+
+    `costs` is what the auto split charges a CPU miss: the start-up calibration's, with its CPU times scaled by
+    `scale`, the running ratio of measured to predicted compute time of this process's CPU halves (an exponential
+    mean over the layers that computed on the CPU, folded into `costs` every ADAPT_EVERY such layers). A cold expert
+    under the engine's own load (copies reading host memory beside it, other host threads) can cost more than at
+    start-up; the split follows what the CPU half actually takes."""
+
+    ADAPT_EVERY = 16
+    ADAPT_WEIGHT = 0.1
 
     def __init__(self, weights: list[dict[str, torch.Tensor]], dtype: torch.dtype, layers: list[MoELayer],
-                 device: torch.device) -> None:
-        """weights[l][name] [J, ...] host: layer l's experts in `dtype`, the CPU half's weights."""
+                 device: torch.device, costs: MissCosts, scale: float = 1.0, adapt: bool = True) -> None:
+        """weights[l][name] [J, ...] host: layer l's experts in `dtype`, the CPU half's weights; costs: the
+        calibrated MissCosts; scale: the measured-to-predicted ratio to start from (an earlier configuration's);
+        adapt: follow the measured times (off: `costs` as given, e.g. by tests that fix a split)."""
+        self.base_costs, self.scale, self.adapt = costs, (scale if adapt else 1.0), adapt
+        self.costs = self._scaled()
+        self._since_adapt = 0
         self.device = device
         self.cuda = device.type == "cuda"
         self.dtype = dtype
@@ -174,6 +190,23 @@ class CpuMisses:
             self.keep[layer].copy_(self._keep_host[layer], non_blocking=True)
         self._keep_ones[layer] = cpu.size == 0
 
+    def _scaled(self) -> MissCosts:
+        c = self.base_costs
+        return dataclasses.replace(c, cpu_s=c.cpu_s * self.scale, cpu_token_s=c.cpu_token_s * self.scale)
+
+    def _adapt(self, job: CpuJob, seconds: float) -> None:
+        """One more CPU half measured: `seconds` computing job's rows, against the calibrated prediction."""
+        _, tokens = np.unique(job.row_expert.numpy(), return_counts=True)          # [m] tokens per CPU expert
+        c = self.base_costs
+        predicted = c.cpu_s * tokens.size + c.cpu_token_s * float((tokens - 1).sum())
+        if predicted <= 0.0:
+            return
+        self.scale += self.ADAPT_WEIGHT * (seconds / predicted - self.scale)
+        self._since_adapt += 1
+        if self._since_adapt >= self.ADAPT_EVERY:
+            self._since_adapt = 0
+            self.costs = self._scaled()
+
     def finish(self, job: CpuJob, into: torch.Tensor) -> torch.Tensor:
         """Compute the CPU rows and write their per-token sums into `into` [T, H] on the device (zero for tokens
         without CPU rows; the copy is queued on the current stream); returns `into`.
@@ -188,8 +221,10 @@ class CpuMisses:
         sums = torch.zeros((job.num_tokens, rows.shape[1]), dtype=into.dtype, pin_memory=self.cuda)   # [T, H]
         sums.index_add_(0, job.row_tok, rows.to(into.dtype))
         out = into.copy_(sums, non_blocking=self.cuda)
-        t = self.timing
-        t.layers, t.wait_s, t.compute_s = t.layers + 1, t.wait_s + t1 - t0, t.compute_s + time.perf_counter() - t1
+        t, spent = self.timing, time.perf_counter() - t1
+        t.layers, t.wait_s, t.compute_s = t.layers + 1, t.wait_s + t1 - t0, t.compute_s + spent
+        if self.adapt:
+            self._adapt(job, spent)
         return out
 
     def run_static(self, layer: int, cpu: np.ndarray, topk: np.ndarray, live: np.ndarray | None,

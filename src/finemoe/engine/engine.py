@@ -75,9 +75,10 @@ class Engine:
             torch.set_num_threads(cfg.cpu_threads)   # process-wide: the CPU-computed experts' threads
         self.miss_costs: MissCosts | None = None     # calibrated at the first configuration that needs them
         self.calibration: calibration.Calibration | None = None   # what that calibration measured
+        self.cpu_cost_scale = 1.0     # measured / calibrated CPU-half time so far (engine/cpu_misses.py CpuMisses)
         self._cpu_weights: dict[torch.dtype, list[dict[str, torch.Tensor]]] = {}   # the CPU half's, by dtype
         self.copy_Bps: float | None = None            # pinned H2D bytes/s, measured when the idle issue rule first runs
-        self.pools = None
+        self.pools = self.runtime = None
         self.paths = DecodePaths(self)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
         self.reconfigure(cfg.policy, cfg.expert_budget, cfg.policy_options)
@@ -108,6 +109,7 @@ class Engine:
         new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
         if cfg.cpu_expert_dtype != self.cfg.cpu_expert_dtype:
             self.calibration = self.miss_costs = None     # measured again for the new choice
+            self.cpu_cost_scale = 1.0
         self.cfg = cfg
         if self.policy is not None:
             self.policy.close()
@@ -115,11 +117,13 @@ class Engine:
         for layer in self.layers:  # drop every reference to the old slots before allocating the new ones
             layer.experts.finemoe_layer = None
         self.paths.drop_graphs()   # captured steps read the old pools and runtime
+        if self.runtime is not None and self.runtime.cpu_misses is not None:
+            self.cpu_cost_scale = self.runtime.cpu_misses.scale     # what this machine's CPU halves took so far
         self.pools = self.cache = self.runtime = None
         gc.collect()   # the old runtime, cache and policy reference each other: free their slots before allocating
         mode = mode_code(cfg.miss_compute)
         if miss_costs is not None:
-            self.miss_costs = miss_costs
+            self.miss_costs, self.calibration = miss_costs, None
         elif mode != GPU and self.miss_costs is None:
             self.miss_costs = self._calibrate()
         self.pools = SlotPools(self.store, slots, self.device)
@@ -127,7 +131,9 @@ class Engine:
                      if self.device.type == "cuda" else SyncTransport(self.store, self.pools))
         self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
                                  self.policy, cfg.prefetch_inflight, cfg.issue)
-        cpu_misses = CpuMisses(*self._cpu_half_weights(), self.layers, self.device) if mode != GPU else None
+        cpu_misses = (CpuMisses(*self._cpu_half_weights(), self.layers, self.device, self.miss_costs,
+                                self.cpu_cost_scale, adapt=self.calibration is not None and miss_costs is None)
+                      if mode != GPU else None)
         self.runtime = OffloadRuntime(self.geometry, self.layers, self.cache, self.policy, self.device,
                                       all_resident=self.policy.keeps_all_resident, miss_mode=mode,
                                       costs=self.miss_costs, cpu_misses=cpu_misses)
@@ -181,6 +187,8 @@ class Engine:
         return {"miss_compute": self.cfg.miss_compute, "cpu_threads": torch.get_num_threads(),
                 "cpu_expert_dtype": (str(self.calibration.cpu_dtype).removeprefix("torch.")
                                      if self.calibration is not None else None),
+                "cpu_cost_scale": (self.runtime.cpu_misses.scale if self.runtime is not None
+                                   and self.runtime.cpu_misses is not None else self.cpu_cost_scale),
                 "miss_costs": dataclasses.asdict(self.miss_costs) if self.miss_costs is not None else None}
 
     @classmethod

@@ -224,7 +224,8 @@ class OffloadRuntime:
         need = topk if self._live_tokens is None else topk[self._live_tokens]
         experts, counts = np.unique(need, return_counts=True)
         routing = self._routing(layer, top_k_index)             # queued before any copy wait
-        demand = self.sequence.begin(layer, experts, counts, routing, self.miss_mode, self.costs)
+        costs = self.cpu_misses.costs if self.cpu_misses is not None else self.costs
+        demand = self.sequence.begin(layer, experts, counts, routing, self.miss_mode, costs)
         res, cap = demand.res, self.cache.capacity
         if res is None:
             return LayerStep(topk, demand, -1, -1)

@@ -1,11 +1,11 @@
 """What a missed expert costs each way on this machine, measured at engine start (`--miss-compute cpu|auto`):
 the MissCosts that experts/miss_split.py splits a layer's misses by.
 
-Measured on layer 0's expert 0 of the real model (its host tensors, its own eager experts function):
+Measured on layer 0's experts of the real model (its host tensors, its own eager experts function):
   copy_s       one expert host -> device: pinned copies on a side stream timed with CUDA events (on a CPU
                device: the synchronous copy into a slot-sized buffer, wall time)
   cpu_s, cpu_token_s
-               the expert on the CPU for 1, 4 and 16 tokens with torch's current threads (wall time, median),
+               an expert on the CPU, cold (a different one each call), for 1, 4 and 16 tokens with torch's current threads (wall time, median),
                fitted by least squares to cpu_s + cpu_token_s * (tokens - 1), for each candidate weight dtype of
                `--cpu-expert-dtype` (experts/cpu_weights.py); the faster at one token is kept
   cpu_fixed_s  the CPU path's per-layer round trip: one token's hidden state to a pinned host buffer (synced)
@@ -32,6 +32,7 @@ from finemoe.experts.miss_split import MissCosts
 
 TOKENS = (1, 4, 16)
 REPEAT = 5
+COLD_EXPERTS = 8      # distinct experts cycled by the CPU measurement (8 Qwen1.5-MoE experts: 138 MB bf16, 277 MB fp32)
 
 
 def _median_s(fn: Callable[[], float], repeat: int = REPEAT) -> float:
@@ -74,18 +75,27 @@ def copy_seconds(store: HostExpertStore, device: torch.device) -> float:
 
 def cpu_seconds(store: HostExpertStore, experts: nn.Module, hidden_size: int,
                 dtype: torch.dtype | None = None) -> dict[int, float]:
-    """tokens -> seconds to compute layer 0's expert 0 on the CPU for that many tokens, with its weights and inputs
-    in `dtype` (default: the store's): the model's eager experts function, as the runtime's CPU path runs it."""
+    """tokens -> seconds to compute one of layer 0's experts on the CPU for that many tokens, with its weights and
+    inputs in `dtype` (default: the store's): the model's eager experts function, as the runtime's CPU path runs it.
+    Cold, as a missed expert is: the calls cycle through COLD_EXPERTS distinct experts, so the weights come from
+    memory, not from a cache warmed by the previous call (one expert's weights fit the last-level cache of a server
+    CPU: timing one expert again and again put the H100 host's fp32 expert at 0.30 ms, the engine then measured
+    0.8 ms)."""
     dtype = dtype or store.dtype
-    view = SlotExperts(experts, {name: t[0:1].to(dtype) for name, t in store.tensors[0].items()})   # [1, ...]
+    J = next(iter(store.tensors[0].values())).shape[0]
+    n = min(J, COLD_EXPERTS)
+    view = SlotExperts(experts, {name: t[:n].to(dtype) for name, t in store.tensors[0].items()})   # [n, ...]
     fn = eager_compute_fn(experts)
     gen = torch.Generator().manual_seed(0)
-    out = {}
+    out, calls = {}, iter(range(1 << 30))
     for t in TOKENS:
         x = torch.randn(t, hidden_size, generator=gen).to(dtype)          # [t, H]
-        idx = torch.zeros((t, 1), dtype=torch.int64)                      # [t, 1] every token to expert 0
         w = torch.ones((t, 1), dtype=dtype)                               # [t, 1]
-        out[t] = _median_s(_wall(lambda x=x, idx=idx, w=w: fn(view, x, idx, w)))
+
+        def one(x=x, w=w) -> object:
+            idx = torch.full((x.shape[0], 1), next(calls) % n, dtype=torch.int64)   # [t, 1] the next expert
+            return fn(view, x, idx, w)
+        out[t] = _median_s(_wall(one))
     return out
 
 
