@@ -219,7 +219,7 @@ def test_the_split_follows_what_the_cpu_half_measures(qwen):
     base = cpu.base_costs
     job = SimpleNamespace(row_expert=torch.tensor([[3], [3], [5]]))   # expert 3 with 2 tokens, expert 5 with 1
     predicted = 2 * base.cpu_s + base.cpu_token_s
-    for i in range(cpu.ADAPT_EVERY):
+    for _ in range(cpu.ADAPT_EVERY):
         assert cpu.costs.cpu_s == base.cpu_s                          # not folded in yet
         cpu._adapt(job, 3.0 * predicted)
     assert 1.0 < cpu.scale < 3.0
