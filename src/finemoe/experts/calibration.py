@@ -6,8 +6,8 @@ Measured on layer 0's experts of the real model (its host tensors, its own eager
                device: the synchronous copy into a slot-sized buffer, wall time)
   cpu_s, cpu_token_s
                an expert on the CPU, cold (a different one each call), for 1, 4 and 16 tokens with torch's current
-               threads (wall time, median), fitted by least squares to cpu_s + cpu_token_s * (tokens - 1), for each candidate weight dtype of
-               `--cpu-expert-dtype` (experts/cpu_weights.py); the faster at one token is kept
+               threads (wall time, median), fitted by least squares to cpu_s + cpu_token_s * (tokens - 1), for each
+               candidate weight dtype of `--cpu-expert-dtype` (experts/cpu_weights.py); the faster at one token is kept
   cpu_fixed_s  the CPU path's per-layer round trip: one token's hidden state to a pinned host buffer (synced)
                and a result back (non_blocking, synced); on a CPU device the token gather and the add
 Medians of a few repeats after a warm-up; the whole measurement takes well under a second for
