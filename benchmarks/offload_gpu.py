@@ -9,9 +9,9 @@ moe-infinity's collection (gpu mode, inflight) and calibrates the simulator, and
 row serves. Rows: policies x budgets x prefetch issue rules x miss modes x CPU weight dtypes (`--cpu-dtypes`: the
 CPU half's weights, experts/cpu_weights.py; cpu/auto rows only). lru and lfu predict nothing: they get one issue
 rule. Per row: TPOT median, TTFT, hit rate, MB copied per token, CPU-computed experts per token, the CPU half's
-host time per token (starting, waiting for its inputs, computing); for cpu/auto rows, greedy-token agreement with the same
-policy, budget and issue rule's gpu row and the largest relative logit error (max |l - l_gpu| / max |l_gpu| over
-each request's steps up to its first differing token).
+host time per token (starting, waiting for its inputs, computing); for cpu/auto rows, greedy-token agreement with
+the same policy, budget and issue rule's gpu row and the largest relative logit error (max |l - l_gpu| / max |l_gpu|
+over each request's steps up to its first differing token).
 Every mode decodes with the segmented CUDA graphs (a hybrid layer's CPU half runs between segment replays:
 engine/cpu_misses.py).
 
@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{k} " + ", ".join(f"{t} tok {s * 1e3:.3f}" for t, s in v.items()) for k, v in c.cpu_s_by_dtype.items())
             + f" ms -> {calibration.describe(c.costs, result['cpu_threads'], c.cpu_dtype)}")
     print(f"{'policy':13s} {'budget':>6s} {'issue':8s} {'mode':5s} {'dtype':15s} {'TPOT ms':>8s} {'TTFT ms':>8s} "
-          f"{'hit':>6s} {'MB/tok':>7s} {'cpu/tok':>7s} {'CPU start/wait/compute ms/tok':>29s} {'agree':>6s} {'max err':>8s} "
-          f"{'sim ms':>7s} {'sim err':>7s}")
+          f"{'hit':>6s} {'MB/tok':>7s} {'cpu/tok':>7s} {'CPU start/wait/compute ms/tok':>29s} {'agree':>6s} "
+          f"{'max err':>8s} {'sim ms':>7s} {'sim err':>7s}")
     for r in rows:
         agree = f"{r['token_agreement']:6.3f}" if "token_agreement" in r else f"{'-':>6s}"
         cpu_half = "/".join(f"{r[f'cpu_{k}_ms_per_token']:.2f}" for k in ("start", "wait", "compute"))
