@@ -23,6 +23,7 @@ from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.metrics import peak_host_bytes
 from finemoe.models.default import default_tokenizer
+from finemoe.models.kv_cache import cache_kwargs, returned_cache
 from finemoe.models.loader import LoadedModel
 
 
@@ -41,14 +42,15 @@ def plain_loop(model, ids: torch.Tensor, n: int) -> tuple[list[int], float, floa
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [int(tok)]
     ttft = time.perf_counter() - t0
-    cache, steps = out.past_key_values, []
+    cache, steps = returned_cache(model, out), []
     pos = torch.tensor([[ids.shape[1] - 1]], device=ids.device)
     for _ in range(n - 1):
         s = time.perf_counter()
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         pos = pos + 1
-        out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=True,
+                    **cache_kwargs(model, cache))
+        cache = returned_cache(model, out)
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(tok))  # sync per step, as any server must
         steps.append(time.perf_counter() - s)

@@ -28,6 +28,7 @@ from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.static_kv import StaticState, bucket_length
 from finemoe.models.compile import compile_small_modules
 from finemoe.models.default import default_tokenizer
+from finemoe.models.kv_cache import cache_kwargs
 from finemoe.models.loader import LoadedModel
 
 
@@ -42,8 +43,8 @@ def plain_static(model, ids: torch.Tensor, n: int, graph: bool) -> tuple[list[in
     the median step time. `graph`: replay the step as one CUDA graph (plain transformers, graphed)."""
     st = StaticState(model, ids.shape[0], bucket_length(ids.shape[1] + n), ids.device)
     mask4, pos = st.prefill_inputs(torch.ones_like(ids))
-    out = model(input_ids=ids, attention_mask=mask4, position_ids=pos, past_key_values=st.kv, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask4, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **cache_kwargs(model, st.kv))
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens, times = [int(tok)], []
     step = st.step

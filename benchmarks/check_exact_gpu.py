@@ -23,6 +23,7 @@ from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.static_kv import StaticState, bucket_length
 from finemoe.eval.variants import parse_variants
 from finemoe.models.default import default_tokenizer
+from finemoe.models.kv_cache import cache_kwargs
 from finemoe.models.loader import LoadedModel
 
 POLICIES = "lru,lfu,deepspeed,finemoe,finemoe/neighbors=1,moe-infinity,promoe,mixtral-offloading"
@@ -82,8 +83,8 @@ def _reference(model, ids: torch.Tensor, n: int) -> list[list[int]]:
     bench_fast_path.plain_static, for any batch size)."""
     st = StaticState(model, ids.shape[0], bucket_length(ids.shape[1] + n), ids.device)
     mask4, pos = st.prefill_inputs(torch.ones_like(ids))
-    out = model(input_ids=ids, attention_mask=mask4, position_ids=pos, past_key_values=st.kv, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask4, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **cache_kwargs(model, st.kv))
     tok = out.logits[:, -1].argmax(-1, keepdim=True)                                  # [B, 1]
     steps = [tok]
     while len(steps) < n:

@@ -11,25 +11,16 @@ import sys
 
 from tqdm import tqdm
 
-from finemoe.cli.common import add_miss_compute_args
+from finemoe.cli.common import add_miss_compute_args, add_template_arg
 from finemoe.cli.cost_args import add_cost_args, cost_model
 from finemoe.cli.preflight import check_out_dir, require_extra
 from finemoe.cli.simulate import _split
-from finemoe.config import EngineConfig, default_device
-from finemoe.engine import Engine
 from finemoe.errors import ConfigError
-from finemoe.eval.report import json_results, table, write_outputs
-from finemoe.eval.runner import Bench, BenchPlan
-from finemoe.eval.split import split_indices
-from finemoe.eval.variants import parse_variants
-from finemoe.eval.workload import load_texts, tokenize
-from finemoe.simulator import CostModel
 
 TEMPLATE = "User: {prompt}\n\nAssistant:"
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="evaluate policies on held-out prompts (history from a build split)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id or local directory; default: the built-in random model")
     p.add_argument("--prompts", required=True, help="JSONL file(s) with a 'prompt' field, comma-separated")
     p.add_argument("--policies", default="finemoe,lru",
@@ -39,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of --limit's subsample")
     p.add_argument("--limit", type=int, default=None, help="at most N prompts per file (seeded subsample)")
     p.add_argument("--max-prompt-tokens", type=int, default=64, help="truncate each templated prompt to N tokens")
-    p.add_argument("--template", default=TEMPLATE, help="prompt template containing {prompt}")
+    add_template_arg(p, TEMPLATE)
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per request (EOS ignored)")
     p.add_argument("--prefetch-distance", default=None,
                    help="d or comma-separated d values for finemoe (and promoe's stride); default: the policy's")
@@ -51,8 +42,10 @@ def add_parser(sub) -> None:
     p.add_argument("--trace-dir", default=None,
                    help="keep recorded routing traces here and reuse them in later benches over the same prompts")
     p.add_argument("--build-batch", type=int, default=8, help="batch size for building histories and traces")
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None, metavar="cuda|cpu",
+                   help="where the model runs (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", default="auto", metavar="auto|bf16|fp16|fp32",
+                   help="weights' dtype; auto is bf16 on CUDA, fp32 on the CPU")
     add_miss_compute_args(p)
     p.add_argument("--out", default="bench-out", help="folder for requests.csv, summary.json/csv and PNGs")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} instead of the table')
@@ -71,7 +64,7 @@ def _distances(text: str | None) -> list[int | None]:
     return out
 
 
-def _simulated_miss_report(cost: CostModel) -> dict:
+def _simulated_miss_report(cost) -> dict:
     """The miss costs a simulated bench charged (the engine's report's keys)."""
     return {"cpu_threads": None, "miss_costs": dataclasses.asdict(cost.miss_costs)}
 
@@ -85,6 +78,14 @@ def _commit() -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from finemoe.config import EngineConfig, default_device   # torch: not for --help
+    from finemoe.engine import Engine
+    from finemoe.eval.report import json_results, table, write_outputs
+    from finemoe.eval.runner import Bench, BenchPlan
+    from finemoe.eval.split import split_indices
+    from finemoe.eval.variants import parse_variants
+    from finemoe.eval.workload import load_texts, tokenize
+
     if args.max_new_tokens < 1 or args.build_batch < 1:
         raise ConfigError("--max-new-tokens and --build-batch must be >= 1")
     if args.limit is not None and args.limit < 2:
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     texts = load_texts(_split(args.prompts, "--prompts"), args.limit, args.seed)
     build_idx, held_idx = split_indices(len(texts), args.split, args.seed)
     # simulate mode records its traces exactly (gpu) and replays them in --miss-compute's mode
-    engine = Engine.from_config(EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+    engine = Engine.from_config(EngineConfig(model=args.model, device=args.device or default_device(),
+                                             dtype=args.dtype,
                                              show_progress=False, seed=args.seed,
                                              miss_compute="gpu" if cost else args.miss_compute,
                                              cpu_threads=args.cpu_threads,

@@ -1,4 +1,6 @@
-"""Flags shared by subcommands, and the one place they become an EngineConfig."""
+"""Flags shared by subcommands, and the one place they become an EngineConfig.
+
+Building a parser imports nothing heavy (no torch): `finemoe COMMAND --help` answers at once."""
 from __future__ import annotations
 
 import argparse
@@ -7,26 +9,38 @@ import sys
 
 from tqdm import tqdm
 
-from finemoe.config import EngineConfig, default_device
+from finemoe.errors import ConfigError, UnknownPolicyError
 from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES
-from finemoe.errors import ConfigError
-from finemoe.policies import available
+from finemoe.prompts import unescape_template
+
+# The registered policies a user may name (finemoe.policies.available(), which imports torch to find them; a test
+# keeps the two equal). The internal `record` wrapper of `finemoe trace` is not one of them.
+POLICIES = ("deepspeed", "finemoe", "lfu", "lru", "mixtral-offloading", "moe-infinity", "oracle", "promoe", "resident")
+DEFAULT_POLICY = "lru"   # the fastest exact policy needing no history, as measured on the GPU (README)
 
 
-def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> None:
-    p.add_argument("--model", default=None,
+def add_engine_args(p: argparse.ArgumentParser, *, policy: bool = True, map_store: bool = True) -> None:
+    """The engine's flags. `policy=False`: the command fixes the policy (no --policy); `map_store=False`: it has
+    no use for --map-store."""
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
                    help="hub id or local directory (safetensors); default: the built-in seeded random Qwen2-MoE")
-    p.add_argument("--expert-budget", default=None,
+    p.add_argument("--expert-budget", default=None, metavar="B",
                    help="device bytes for routed experts: 6GiB, 512MB, 25%% of all expert bytes, or 0.25 "
                         "(default: 100%%)")
-    p.add_argument("--policy", default=policy_default, help=f"prefetch/eviction policy: {', '.join(available())}")
+    if policy:
+        p.add_argument("--policy", default=DEFAULT_POLICY, metavar="NAME",
+                       help=f"prefetch/eviction policy: {', '.join(POLICIES)}")
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (JSON value), repeatable, e.g. --policy-option prefetch_distance=2")
-    p.add_argument("--map-store", default=None, metavar="PATH",
-                   help="finemoe map store (policy option map_store): read if present, learned into, saved at exit")
-    p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    if map_store:
+        p.add_argument("--map-store", default=None, metavar="PATH",
+                       help="finemoe map store (policy option map_store): read if present, learned into, saved at "
+                            "exit")
+    p.add_argument("--device", default=None, metavar="cuda|cpu", help="where the model runs (default: cuda when "
+                                                                      "present, else cpu)")
+    p.add_argument("--dtype", default="auto", metavar="auto|bf16|fp16|fp32",
+                   help="weights' dtype; auto is bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="requests decoded together")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="prompt + generated tokens per request; longer prompts are refused "
                         "(default: the model's max_position_embeddings)")
@@ -40,7 +54,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--prefill-lookahead", action="store_true",
                    help="during prefill, copy the experts the next layer's router predicts while this layer computes")
     add_miss_compute_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of sampling and of the built-in model's weights")
 
 
 PREFETCH_ISSUE_HELP = ("inflight: whole prefetch copies, up to --prefetch-inflight at once (default); idle: prefetch "
@@ -51,11 +66,11 @@ PREFETCH_ISSUE_HELP = ("inflight: whole prefetch copies, up to --prefetch-inflig
 
 def add_prefetch_args(p: argparse.ArgumentParser, issue_help: str = PREFETCH_ISSUE_HELP) -> None:
     """How prefetch copies are issued: the engine's flags, which the simulator models."""
-    p.add_argument("--prefetch-inflight", type=int, default=4,
+    p.add_argument("--prefetch-inflight", type=int, default=4, metavar="N",
                    help="prefetch copies queued on the copy stream at once under --prefetch-issue inflight "
                         "(a demand miss waits behind at most this many)")
     p.add_argument("--prefetch-issue", default="inflight", metavar="inflight|idle|off", help=issue_help)
-    p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+    p.add_argument("--copy-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, metavar="N",
                    help="bytes per prefetch chunk under --prefetch-issue idle (a multiple of 256)")
 
 
@@ -105,9 +120,20 @@ def _with_map_store(opts: dict, args: argparse.Namespace) -> dict:
     return opts
 
 
-def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
-    kw = dict(model=args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
-              policy=args.policy, policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
+def public_policy(name: str) -> str:
+    """`name` if a user may pick it (POLICIES), else the one-line error listing them."""
+    if name not in POLICIES:
+        raise UnknownPolicyError(f"unknown policy {name!r}; available policies: {', '.join(POLICIES)}")
+    return name
+
+
+def engine_config(args: argparse.Namespace, **overrides):
+    """The EngineConfig of the engine flags (add_engine_args); `overrides` replace fields."""
+    from finemoe.config import EngineConfig, default_device   # imports torch: not while building the parser
+
+    kw = dict(model=args.model, device=args.device or default_device(), dtype=args.dtype,
+              expert_budget=args.expert_budget, policy=public_policy(args.policy),
+              policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
               prefetch_inflight=args.prefetch_inflight, seed=args.seed,
               prefetch_issue=args.prefetch_issue, copy_chunk_bytes=args.copy_chunk_bytes,
@@ -124,10 +150,19 @@ def add_progress_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_prompt_shaping_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--template", default="{prompt}",
-                   help="prompt template containing {prompt}, e.g. $'User: {prompt}\\n\\nAssistant:' in bash")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="keep only the first N prompt tokens")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
+    add_template_arg(p)
+    p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N", help="keep only the first N prompt "
+                                                                                     "tokens")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts of the file")
+
+
+TEMPLATE_HELP = ("prompt template containing {prompt}; \\n and \\t in it are a newline and a tab, e.g. "
+                 "'User: {prompt}\\n\\nAssistant:'")
+
+
+def add_template_arg(p: argparse.ArgumentParser, default: str = "{prompt}") -> None:
+    p.add_argument("--template", default=default, type=unescape_template, metavar="TEXT",
+                   help=TEMPLATE_HELP + (f" (default: {default!r})" if default != "{prompt}" else ""))
 
 
 def progress_bar(total: int, desc: str, quiet: bool, stream=None) -> tqdm:

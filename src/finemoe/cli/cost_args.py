@@ -13,8 +13,6 @@ import argparse
 import math
 
 from finemoe.errors import ConfigError
-from finemoe.experts.miss_split import GPU, mode_code
-from finemoe.simulator import CostModel
 
 MAX_GBPS = 1e5   # 100 TB/s: a larger --bandwidth is a value in B/s passed as GB/s
 CPU_COST_HELP = ("the CPU half of a layer with CPU-computed misses of t_1..t_m tokens takes cpu-layer-ms + "
@@ -76,6 +74,8 @@ def milliseconds(text: str | None, flag: str, positive: bool = False) -> float:
 def cpu_costs(args: argparse.Namespace, modes: list[str]) -> tuple[float, float, float]:
     """(cpu_expert_s, cpu_token_s, cpu_layer_s) of the CPU cost flags; --cpu-expert-ms is needed when any of
     `modes` computes misses on the CPU (0 otherwise when not given)."""
+    from finemoe.experts.miss_split import GPU, mode_code   # numba: not for --help
+
     hybrid = [m for m in modes if mode_code(m) != GPU]
     if args.cpu_expert_ms is None:
         if hybrid:
@@ -89,8 +89,10 @@ def cpu_costs(args: argparse.Namespace, modes: list[str]) -> tuple[float, float,
             milliseconds(args.cpu_layer_ms, "--cpu-layer-ms"))
 
 
-def cost_model(args: argparse.Namespace, expert_bytes: int, modes: list[str]) -> CostModel:
-    """The CostModel of the cost flags, experts costed at `expert_bytes` (--expert-bytes overrides)."""
+def cost_model(args: argparse.Namespace, expert_bytes: int, modes: list[str]):
+    """The simulator's CostModel of the cost flags, experts costed at `expert_bytes` (--expert-bytes overrides)."""
+    from finemoe.simulator import CostModel   # numba and torch: not for --help
+
     cpu_expert_s, cpu_token_s, cpu_layer_s = cpu_costs(args, modes)
     return CostModel(int(args.expert_bytes or expert_bytes), bandwidth(args.bandwidth), args.layer_time_ms / 1e3,
                      args.host_layer_ms / 1e3, args.policy_layer_ms / 1e3, cpu_expert_s, cpu_token_s, cpu_layer_s)

@@ -5,21 +5,24 @@ import argparse
 import json
 import sys
 
-from finemoe.cli.common import add_engine_args, add_progress_args, engine_config, progress_bar
-from finemoe.engine import Engine, SamplingParams
+from finemoe.cli.common import add_engine_args, add_progress_args, add_template_arg, engine_config, progress_bar
 from finemoe.errors import ConfigError
-from finemoe.prompts import read_prompts
+from finemoe.prompts import chat_prompts, fill_template, read_prompts
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with experts offloaded to host memory")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts", help="JSONL file with a 'prompt' field per line")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    src.add_argument("--prompt", metavar="TEXT", help="one prompt")
+    src.add_argument("--prompts", metavar="FILE.jsonl", help="JSONL file with a 'prompt' field per line")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--chat", action="store_true",
+                       help="send each prompt as a user message formatted by the tokenizer's chat template")
+    add_template_arg(shape)
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: keep the smallest set of tokens whose probability reaches P")
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object (requests + summary)")
     add_progress_args(p)
@@ -27,16 +30,23 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from finemoe.engine import Engine, SamplingParams   # torch: not for --help
+
     prompts = [args.prompt] if args.prompt is not None else [r["prompt"] for r in read_prompts(args.prompts)]
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
+    texts = fill_template(args.template, prompts)
     engine = Engine.from_config(engine_config(args, show_progress=not args.quiet))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, ignore_eos=args.ignore_eos)
-    with progress_bar(len(prompts), "generate", args.quiet or args.prompt is not None) as bar:
-        reqs = engine.generate(prompts, params, on_batch=bar.update)
-    summary = engine.summary(reqs)
-    engine.close()
+    try:
+        if args.chat:
+            texts = chat_prompts(engine.tokenizer, prompts)
+        with progress_bar(len(prompts), "generate", args.quiet or args.prompt is not None) as bar:
+            reqs = engine.generate(texts, params, on_batch=bar.update)
+        summary = engine.summary(reqs)
+    finally:
+        engine.close()
     rows = [{"prompt": p, "output_token_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason,
              **r.metrics.as_dict()} for p, r in zip(prompts, reqs)]
     if args.json:

@@ -6,29 +6,30 @@ import argparse
 from finemoe.cli.common import (add_engine_args, add_progress_args, add_prompt_shaping_args, engine_config,
                                 progress_bar)
 from finemoe.cli.preflight import check_out_file
-from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
 from finemoe.prompts import read_prompts, templated
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("maps", help="FineMoE expert-map stores")
-    maps_sub = p.add_subparsers(dest="maps_command", required=True)
-    b = maps_sub.add_parser("build", help="serve prompts with every expert resident and store their expert maps")
-    add_engine_args(b, policy_default="finemoe")
-    b.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
-    b.add_argument("--max-new-tokens", type=int, default=32)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    maps_sub = p.add_subparsers(dest="maps_command", required=True, metavar="SUBCOMMAND")
+    b = maps_sub.add_parser("build", help="serve prompts and store their FineMoE expert maps",
+                            description="Serve prompts with the finemoe policy (every expert resident unless "
+                                        "--expert-budget says otherwise) and store their expert maps.",
+                            epilog=p.epilog, formatter_class=p.formatter_class)
+    add_engine_args(b, policy=False, map_store=False)
+    b.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="JSONL file with a 'prompt' field per line")
+    b.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate per prompt")
     b.add_argument("--out", required=True, help="map store file to write (written atomically)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
-    b.add_argument("--capacity", type=int, default=1000, help="map store capacity C (default 1000)")
+    b.add_argument("--capacity", type=int, default=1000, metavar="C", help="map store capacity (maps kept)")
     add_prompt_shaping_args(b)
     add_progress_args(b)
-    b.set_defaults(func=build)
+    b.set_defaults(func=build, policy="finemoe")
 
 
 def build(args: argparse.Namespace) -> int:
-    if args.policy != "finemoe":
-        raise ConfigError("finemoe maps build collects FineMoE maps: drop --policy (or pass --policy finemoe)")
+    from finemoe.engine import Engine, SamplingParams   # torch: not for --help
+
     if args.max_new_tokens < 1 or args.capacity < 1:
         raise ConfigError("--max-new-tokens and --capacity must be >= 1")
     check_out_file(args.out, overwrite=args.overwrite)

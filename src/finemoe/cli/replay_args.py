@@ -7,9 +7,6 @@ import argparse
 import glob
 import os
 
-import torch
-from safetensors import safe_open
-
 from finemoe.cli.common import add_prefetch_args
 from finemoe.errors import ConfigError
 from finemoe.experts.prefetch_issue import PrefetchIssue
@@ -32,12 +29,16 @@ def prefetch_issues(args: argparse.Namespace) -> list[PrefetchIssue]:
     return [PrefetchIssue(m, args.copy_chunk_bytes) for m in dict.fromkeys(modes)]
 
 
-def embedding(args: argparse.Namespace) -> torch.nn.Embedding | None:
+def embedding(args: argparse.Namespace):
+    """--embed-from's input embedding (torch.nn.Embedding), or None."""
     return input_embedding(args.embed_from) if args.embed_from else None
 
 
-def input_embedding(folder: str) -> torch.nn.Embedding:
+def input_embedding(folder: str):
     """The model's input-embedding table (torch.nn.Embedding) from its safetensors files."""
+    import torch   # not for --help
+    from safetensors import safe_open
+
     for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():

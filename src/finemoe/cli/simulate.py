@@ -5,22 +5,20 @@ import argparse
 import json
 import sys
 
-from finemoe.cli.common import add_miss_compute_arg, parse_policy_options
+from finemoe.cli.common import DEFAULT_POLICY, add_miss_compute_arg, parse_policy_options, public_policy
 from finemoe.cli.cost_args import add_cost_args, cost_model
 from finemoe.cli.replay_args import add_replay_args, embedding, prefetch_issues
 from finemoe.errors import ConfigError
-from finemoe.simulator import simulate
-from finemoe.traces import load_trace
 
 ROW_KEYS = ("policy", "expert_budget_bytes", "hits", "misses", "hit_rate", "bytes_copied", "bytes_per_token",
             "cpu_experts", "ttft_s", "tpot_s")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("simulate", help="predict hit rate, bytes and TTFT/TPOT of policies from a routing trace")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True,
                    help="trace from `finemoe trace`, or the FLAME-MoE .npz (suffix #seq, #first10 or #all)")
-    p.add_argument("--policy", default="lru", help="policy or comma-separated policies, e.g. lru,lfu,oracle")
+    p.add_argument("--policy", default=DEFAULT_POLICY, metavar="P[,P...]",
+                   help="policy or comma-separated policies, e.g. lru,lfu,oracle")
     p.add_argument("--expert-budget", default="25%", help="budget or comma-separated budgets: 25%%,50%%,6GiB")
     add_cost_args(p)
     add_miss_compute_arg(p)
@@ -54,8 +52,11 @@ def policy_options(items: list[str], policies: list[str]) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from finemoe.simulator import simulate   # numba and torch: not for --help
+    from finemoe.traces import load_trace
+
     trace = load_trace(args.trace)
-    policies = _split(args.policy, "--policy")
+    policies = [public_policy(p) for p in _split(args.policy, "--policy")]
     budgets = _split(args.expert_budget, "--expert-budget")
     if not (args.expert_bytes or trace.expert_bytes):
         raise ConfigError(f"trace {args.trace!r} does not say how large an expert is: pass --expert-bytes N")

@@ -4,20 +4,18 @@ from __future__ import annotations
 import argparse
 
 from finemoe.cli.common import (add_engine_args, add_progress_args, add_prompt_shaping_args, engine_config,
-                                parse_policy_options, progress_bar)
+                                parse_policy_options, progress_bar, public_policy)
 from finemoe.cli.preflight import check_out_file
-from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
 from finemoe.prompts import read_prompts, templated
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help="record per-token routing (top-k ids, router probabilities) to a trace file")
-    add_engine_args(p)
-    p.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p, map_store=False)
+    p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="JSONL file with a 'prompt' field per line")
     p.add_argument("--out", required=True, help="trace file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate per prompt")
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     add_prompt_shaping_args(p)
     p.add_argument("--no-probs", action="store_true", help="omit full router probabilities (top-k ids only)")
@@ -26,11 +24,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from finemoe.engine import Engine, SamplingParams   # torch: not for --help
+
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
     check_out_file(args.out, overwrite=args.overwrite)
     records = read_prompts(args.prompts)[:args.limit]
-    inner = {"inner": args.policy, "inner_options": parse_policy_options(args.policy_option),
+    inner = {"inner": public_policy(args.policy), "inner_options": parse_policy_options(args.policy_option),
              "probs": not args.no_probs}
     engine = Engine.from_config(engine_config(args, policy="record", policy_options=inner,
                                               show_progress=not args.quiet))

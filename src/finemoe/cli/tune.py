@@ -6,31 +6,26 @@ import argparse
 import json
 import sys
 
+from finemoe.cli.common import public_policy
 from finemoe.cli.cost_args import add_cost_args, cost_model
 from finemoe.cli.replay_args import add_replay_args, embedding, prefetch_issues
 from finemoe.cli.simulate import _split, policy_options
 from finemoe.errors import ConfigError
-from finemoe.experts.miss_split import MODES, mode_code
-from finemoe.simulator.tuning import Tuning, default_policies, tune
-from finemoe.traces import load_trace
 
 DEFAULT_BUDGETS = "10%,25%,50%"
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "tune", help="predict TPOT/TTFT/hit rate over budgets x policies x miss-compute modes and recommend one",
-        description="Replays TRACE through the simulator for every budget x policy x --miss-compute mode x "
-                    "--prefetch-issue rule and "
-                    "prints the predicted table and the setting with the lowest TPOT (per budget, and overall). "
-                    "Give it this machine's costs: the engine prints them once at start with --miss-compute cpu|auto "
-                    "('copy C ms/expert; CPU X ms/expert + Y ms/extra token, Z ms/layer round trip'): pass "
-                    "--cpu-expert-ms X --cpu-token-ms Y --cpu-layer-ms Z, and --bandwidth as expert bytes / C.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Replays TRACE through the simulator for every budget x policy x --miss-compute mode x "
+                     "--prefetch-issue rule and prints the predicted table and the setting with the lowest TPOT (per "
+                     "budget, and overall). Give it this machine's costs: the engine prints them once at start with "
+                     "--miss-compute cpu|auto ('copy C ms/expert; CPU X ms/expert + Y ms/extra token, Z ms/layer "
+                     "round trip'): pass --cpu-expert-ms X --cpu-token-ms Y --cpu-layer-ms Z, and --bandwidth as "
+                     "expert bytes / C.")
     p.add_argument("--trace", required=True,
                    help="trace from `finemoe trace`, or the FLAME-MoE .npz (suffix #seq, #first10 or #all)")
-    p.add_argument("--expert-budget", default=DEFAULT_BUDGETS,
-                   help="comma-separated budgets (default 10%%,25%%,50%%)")
-    p.add_argument("--policy", default=None,
+    p.add_argument("--expert-budget", default=DEFAULT_BUDGETS, help="comma-separated budgets")
+    p.add_argument("--policy", default=None, metavar="P[,P...]",
                    help="comma-separated policies (default: the routing-only policies the trace can drive, "
                         "oracle left out)")
     p.add_argument("--miss-compute", default=None, metavar="MODES",
@@ -45,6 +40,8 @@ def add_parser(sub) -> None:
 
 
 def _modes(args: argparse.Namespace) -> list[str]:
+    from finemoe.experts.miss_split import MODES, mode_code   # numba: not for --help
+
     if args.miss_compute is None:
         return list(MODES) if args.cpu_expert_ms is not None else ["gpu"]
     modes = _split(args.miss_compute, "--miss-compute")
@@ -54,9 +51,13 @@ def _modes(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from finemoe.simulator.tuning import default_policies, tune   # numba and torch: not for --help
+    from finemoe.traces import load_trace
+
     trace = load_trace(args.trace)
     budgets = list(dict.fromkeys(_split(args.expert_budget, "--expert-budget")))
-    policies = default_policies(trace) if args.policy is None else _split(args.policy, "--policy")
+    policies = (default_policies(trace) if args.policy is None
+                else [public_policy(p) for p in _split(args.policy, "--policy")])
     if not (args.expert_bytes or trace.expert_bytes):
         raise ConfigError(f"trace {args.trace!r} does not say how large an expert is: pass --expert-bytes N")
     issues = prefetch_issues(args)
@@ -81,7 +82,8 @@ def _row(r: dict) -> str:
             f"{r['tpot_s'] * 1e3:>10.3f}")
 
 
-def _print(trace, cost, args: argparse.Namespace, result: Tuning) -> None:
+def _print(trace, cost, args: argparse.Namespace, result) -> None:
+    """The table of `result` (a simulator.tuning.Tuning) and its recommendations."""
     print(f"trace: {trace.source} ({trace.num_requests} requests, {trace.num_tokens} tokens)   expert "
           f"{cost.expert_bytes} B, copy {cost.copy_s * 1e3:.3f} ms   CPU {cost.cpu_expert_s * 1e3:.3f} ms/expert "
           f"+ {cost.cpu_token_s * 1e3:.3f} ms/extra token, {cost.cpu_layer_s * 1e3:.3f} ms/layer   "

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from finemoe.engine.graphs import SegmentedGraph
+from finemoe.models.kv_cache import cache_kwargs, returned_cache
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,10 @@ class DynamicDecoder:
         self.positions: torch.Tensor | None = None  # [B, 1] position of the last token
 
     def _forward(self, ids, mask, pos):
-        out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                                use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        model = self.engine.model
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **cache_kwargs(model, self.cache))
+        self.cache = returned_cache(model, out)
         return out.logits[:, -1, :]
 
     def prefill(self, it, token_rows, ids, mask):
@@ -66,8 +68,9 @@ class StaticDecoder:
         return self.engine.iterate(it, token_rows, lambda: self._prefill_forward(ids, mask4, pos))
 
     def _prefill_forward(self, ids, mask4, pos):
-        out = self.engine.model(input_ids=ids, attention_mask=mask4, position_ids=pos,
-                                past_key_values=self.state.kv, use_cache=True, logits_to_keep=1)
+        model = self.engine.model
+        out = model(input_ids=ids, attention_mask=mask4, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **cache_kwargs(model, self.state.kv))
         return out.logits[:, -1, :]
 
     def decode(self, it, token_rows, last):

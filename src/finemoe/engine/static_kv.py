@@ -19,6 +19,7 @@ import torch
 from transformers import StaticCache
 
 from finemoe.engine.graphs import SegmentedGraph
+from finemoe.models.kv_cache import cache_kwargs
 
 log = logging.getLogger(__name__)
 LENGTH_BUCKET = 256   # static caches are sized in multiples of this many tokens
@@ -73,7 +74,7 @@ class StaticState:
         """One decode step from the fixed buffers -> last-token logits [B, V]. Capturable: no host sync."""
         allowed = self.pad_ok & (self.kv_index <= self.cur)                           # [B, S]
         out = self.model(input_ids=self.ids, attention_mask=allowed[:, None, None, :], position_ids=self.pos,
-                         past_key_values=self.kv, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, self.kv))
         self.pos.add_(1)
         self.cur.add_(1)
         return out.logits[:, -1, :]

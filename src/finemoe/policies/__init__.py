@@ -17,7 +17,8 @@ from finemoe.traces import recorder  # noqa: F401  (registration: the `record` w
 
 
 def available() -> list[str]:
-    return sorted(registry())
+    """The policies a user may pick (internal ones, such as the trace recorder, left out)."""
+    return sorted(name for name, cls in registry().items() if not cls.internal)
 
 
 def get_policy_class(name: str) -> type[Policy]:

@@ -182,6 +182,7 @@ class Policy(ABC):
       needs_router_probs: LayerRouting.probs is filled (a softmax and a small host copy per layer).
       needs_hidden_states: LayerRouting.hidden is filled and ctx.route is usable (engine only).
       keeps_all_resident: the cache holds every expert; loaded once at start.
+      internal: a tool of finemoe's own commands (the trace recorder), left out of `available()` and the CLI.
       gate_values_keys: the rank's gate is the policy's value of holding each key, comparable across keys (finemoe:
           the latest guiding probability of use): under the idle prefetch issue rule a prefetch of key k evicts only
           victims with gate < gate[k] (experts/prefetch_issue.py); other policies' prefetches have no such limit.
@@ -193,6 +194,7 @@ class Policy(ABC):
     needs_hidden_states: ClassVar[bool] = False
     keeps_all_resident: ClassVar[bool] = False
     gate_values_keys: ClassVar[bool] = False
+    internal: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:

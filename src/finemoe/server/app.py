@@ -1,7 +1,12 @@
 """The FastAPI app: OpenAI-compatible routes over one engine, its scheduler thread and its metrics.
 
     POST /v1/completions        POST /v1/chat/completions     (stream or not)
-    GET  /v1/models             GET  /health                  GET /metrics (Prometheus)
+    GET  /v1/models             GET  /v1/models/{id}
+    GET  /health                GET  /metrics (Prometheus)
+
+With an API key every /v1 route needs `Authorization: Bearer KEY` (401 in OpenAI's error format otherwise);
+/health and /metrics stay open for load balancers and Prometheus scrapers (they show the model, policy and
+counters, never prompts or outputs).
 
 The scheduler thread starts with the app and stops at shutdown, which cancels what is still
 running and closes the engine (a persisting policy saves its state there).
@@ -10,11 +15,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
@@ -46,15 +52,21 @@ class ServerState:
 
 
 def create_app(engine, *, default_max_tokens: int = 256, save_interval_s: float = 60.0,
-               batch_wait_s: float = 0.05) -> FastAPI:
+               batch_wait_s: float = 0.05, served_model_name: str | None = None, chat_template: str | None = None,
+               api_key: str | None = None) -> FastAPI:
     """An app serving `engine`, which it owns: shutdown closes it. Batch size and max model length come
-    from engine.cfg; `batch_wait_s` is how long, after a batch of n ends, the next waits for n requests."""
+    from engine.cfg; `batch_wait_s` is how long, after a batch of n ends, the next waits for n requests.
+    `served_model_name`: the model id clients send (default engine.model_name); `chat_template`: Jinja text
+    replacing the tokenizer's for chat requests; `api_key`: required as a Bearer token on the /v1 routes."""
     metrics = ServerMetrics()
     persistence = PolicyPersistence(engine, save_interval_s)
+    tokenizer = copy.deepcopy(engine.tokenizer)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     state = ServerState(
         engine=engine, scheduler=Scheduler(engine, metrics, persistence, engine.cfg.max_batch_size, batch_wait_s),
-        metrics=metrics, persistence=persistence, tokenizer=copy.deepcopy(engine.tokenizer),
-        model_name=engine.model_name, max_model_len=engine.max_model_len,
+        metrics=metrics, persistence=persistence, tokenizer=tokenizer,
+        model_name=served_model_name or engine.model_name, max_model_len=engine.max_model_len,
         default_max_tokens=default_max_tokens, vocab_size=engine.model.get_input_embeddings().num_embeddings,
         started=int(time.time()))
 
@@ -72,8 +84,20 @@ def create_app(engine, *, default_max_tokens: int = 256, save_interval_s: float 
                   lifespan=lifespan)
     app.state.finemoe = state
     _add_error_handlers(app, metrics)
-    _add_routes(app, state)
+    _add_routes(app, state, api_key)
     return app
+
+
+def _bearer_check(api_key: str):
+    """A dependency refusing a request without `Authorization: Bearer <api_key>` (401, OpenAI's error format)."""
+    async def check(http: HTTPRequest) -> None:
+        scheme, _, token = http.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError("no API key was provided: send 'Authorization: Bearer KEY' (the openai client's "
+                           "api_key)", status=401, code="invalid_api_key")
+        if not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError("incorrect API key provided", status=401, code="invalid_api_key")
+    return check
 
 
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
@@ -95,7 +119,9 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         return JSONResponse(body, status_code=500)
 
 
-def _add_routes(app: FastAPI, state: ServerState) -> None:
+def _add_routes(app: FastAPI, state: ServerState, api_key: str | None) -> None:
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_check(api_key))] if api_key else [])
+
     async def generate(http: HTTPRequest, model_cls) -> Response:
         body = parse_body(await http.body(), model_cls)
         gen = generation.submit(state, body)
@@ -107,18 +133,30 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         except generation.ClientGone:
             return Response(status_code=499)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(http: HTTPRequest) -> Response:
         return await generate(http, CompletionRequest)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(http: HTTPRequest) -> Response:
         return await generate(http, ChatCompletionRequest)
 
-    @app.get("/v1/models")
+    def model_card() -> dict:
+        return {"id": state.model_name, "object": "model", "created": state.started, "owned_by": "finemoe",
+                "max_model_len": state.max_model_len}
+
+    @v1.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.started,
-                                             "owned_by": "finemoe", "max_model_len": state.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != state.model_name:
+            raise APIError(f"the model {model_id!r} does not exist: this server serves {state.model_name!r}",
+                           status=404, type="invalid_request_error", param="model", code="model_not_found")
+        return model_card()
+
+    app.include_router(v1)
 
     @app.get("/health")
     async def health() -> JSONResponse:

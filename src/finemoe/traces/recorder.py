@@ -32,6 +32,7 @@ class RecordingPolicy(Policy):
     description = ("Runs policy `inner` (default lru) unchanged and records every request's routing for "
                    "`finemoe trace` (top-k ids and the full router softmax per token and layer).")
     needs_router_probs = True
+    internal = True   # `finemoe trace` runs it; users pick the inner policy
 
     def __init__(self, inner: str = "lru", inner_options: dict[str, Any] | None = None, probs: bool = True) -> None:
         policies = registry()   # filled by importing finemoe.policies, which also registers this class
