@@ -32,10 +32,12 @@ Both the eager and the captured path run these same calls; they differ only in w
       here (it is in the next segment).
 `gpu` mode captures neither op: its graphs are the plain ones.
 
-Host buffer reuse: the keep mask's pinned host row for layer l is rewritten only at layer l's next visit, and
-every layer's routing sync (runtime._sync_routing_to_host, on the compute stream) has finished the previous
-copy from it by then. The other pinned buffers come from torch's caching host allocator, which does not hand a
-block out again before the copies that read it are done.
+Host buffer reuse: every pinned host buffer is preallocated per layer (the keep mask's row; the inputs' and the
+result's buffers, grown when a layer needs more rows): allocating pinned memory on the hot path can wait on the
+driver. Layer l's buffers are rewritten only at layer l's next visit. By then the host has read the inputs (after
+their sync), and the copies from the keep row and the result buffer, queued on the compute stream, have finished:
+a later routing sync (runtime._sync_routing_to_host, on the compute stream) or the iteration's sampling came after
+them.
 """
 from __future__ import annotations
 
@@ -121,6 +123,7 @@ class CpuMisses:
         self.views = [SlotExperts(layer.experts, weights[layer.index]) for layer in layers]   # [J, ...] host
         self.fns = [eager_compute_fn(layer.experts) for layer in layers]
         self.timing = CpuHalfTiming()
+        self._host: dict[tuple[int, str], torch.Tensor] = {}   # (layer, kind) -> pinned host buffer (_host_buffer)
         J = next(iter(weights[0].values())).shape[0]
         self._keep_host = torch.ones((len(layers), J), dtype=torch.float32, pin_memory=self.cuda)   # [L, J]
         self._keep_np = self._keep_host.numpy()
@@ -158,7 +161,8 @@ class CpuMisses:
                 else:
                     idx = torch.from_numpy(tokens).to(self.device)
                     src_h, src_w = hidden.index_select(0, idx), top_k_weights.index_select(0, idx)
-                hidden_h, weights_h = self._to_host(src_h), self._to_host(src_w)     # [U, H], [U, k]
+                hidden_h = self._to_host(layer, "hidden", src_h)                      # [U, H]
+                weights_h = self._to_host(layer, "weights", src_w)                    # [U, k]
                 ready = torch.cuda.Event()
                 ready.record(self.side)
         elif whole:
@@ -171,12 +175,18 @@ class CpuMisses:
         return CpuJob(layer, T, torch.from_numpy(row_tok), torch.from_numpy(row_token), torch.from_numpy(row_k),
                       torch.from_numpy(topk[row_tok, row_k]).unsqueeze(1), hidden_h, weights_h, ready)
 
-    @staticmethod
-    def _to_host(t: torch.Tensor) -> torch.Tensor:
-        """A pinned host copy of t, in flight on the current stream."""
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        return host
+    def _host_buffer(self, layer: int, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Layer `layer`'s pinned host buffer `kind`, as a [shape] view: allocated once (grown when a layer needs
+        more rows), so the hot path never waits on the pinned allocator (see the module docstring for reuse)."""
+        buf = self._host.get((layer, kind))
+        if buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != shape[1:] or buf.dtype != dtype:
+            buf = torch.empty((max(shape[0], 1), *shape[1:]), dtype=dtype, pin_memory=self.cuda)
+            self._host[(layer, kind)] = buf
+        return buf[:shape[0]]
+
+    def _to_host(self, layer: int, kind: str, t: torch.Tensor) -> torch.Tensor:
+        """A pinned host copy of t in layer `layer`'s buffer `kind`, in flight on the current stream."""
+        return self._host_buffer(layer, kind, tuple(t.shape), t.dtype).copy_(t, non_blocking=True)
 
     def _write_keep(self, layer: int, cpu: np.ndarray) -> None:
         """keep[layer] <- 0 at `cpu` [m], 1 elsewhere (queued on the current stream; skipped when it is all ones
@@ -218,7 +228,7 @@ class CpuMisses:
         x = job.hidden[job.row_token].to(self.dtype)                         # [R, H]
         w = job.weights[job.row_token, job.row_k].unsqueeze(1).to(self.dtype)   # [R, 1]
         rows = self.fns[job.layer](self.views[job.layer], x, job.row_expert, w)   # [R, H] weighted
-        sums = torch.zeros((job.num_tokens, rows.shape[1]), dtype=into.dtype, pin_memory=self.cuda)   # [T, H]
+        sums = self._host_buffer(job.layer, "sums", (job.num_tokens, rows.shape[1]), into.dtype).zero_()   # [T, H]
         sums.index_add_(0, job.row_tok, rows.to(into.dtype))
         out = into.copy_(sums, non_blocking=self.cuda)
         t, spent = self.timing, time.perf_counter() - t1
