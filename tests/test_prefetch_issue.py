@@ -230,3 +230,23 @@ def test_off_in_the_engine_is_exact_and_copies_on_demand_only(tmp_path):
     assert out["off"][0] == out["inflight"][0]
     assert out["inflight"][1]["prefetch_copies"] > 0 and out["off"][1]["prefetch_copies"] == 0
     assert out["off"][1]["wasted_prefetches"] == 0
+
+
+def test_moe_infinity_gates_its_prefetches_by_the_matched_usage_share():
+    """moe-infinity's value of holding a key is its usage share in the latest match: under the idle rule a prefetch
+    evicts only experts the match uses less. The compiled decode loop and the per-layer path decide alike."""
+    from finemoe.policies.moe_infinity import MoEInfinityPolicy
+    trace = topic_trace()
+    rows = []
+    for per_layer in (False, True):
+        class Policy_(MoEInfinityPolicy):
+            def decode_kernels(self, probs):
+                return None if per_layer else super().decode_kernels(probs)
+        policy = Policy_()
+        replay = Replay(trace, policy, "40%", CostModel(1000, 1e6, 1e-3, 1e-4), issue=PrefetchIssue("idle", 256))
+        rows.append(replay.run())
+        assert replay.cache.rank.gate is policy.gate and policy.gate_values_keys
+        assert policy.gate.max() > 0 and policy.gate.max() <= 1.0
+    for key in ("hits", "misses", "bytes_copied", "prefetch_copies", "wasted_prefetches", "tpot_s"):
+        assert rows[0][key] == rows[1][key], key
+    assert rows[0]["prefetch_copies"] > 0

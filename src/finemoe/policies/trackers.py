@@ -86,9 +86,10 @@ class FrequencyTracker:
         """`experts` [n] int64 (distinct ids within `layer`) used once more, now."""
         touch_frequency(layer, experts, experts, self.state)
 
-    def rank(self) -> EvictionRank:
-        """The fewest uses first, then the least recently used, then slot, as the cache's live eviction rank."""
-        return EvictionRank.of(self.uses, self.recency.last_used)
+    def rank(self, gate: np.ndarray | None = None) -> EvictionRank:
+        """The fewest uses first, then the least recently used, then slot, as the cache's live eviction rank
+        (gate: the policy's value of holding each key, default the use counts)."""
+        return EvictionRank.of(self.uses, self.recency.last_used, gate)
 
 
 def warm_up() -> None:

@@ -24,9 +24,12 @@ class MoEInfinityPolicy(Policy):
         "against a collection of past requests' matrices (capacity 1000, oldest replaced; loaded from and "
         "atomically saved to `collection`, and learnt online at each request end); the best match's most used "
         "experts of the next `prefetch_distance` layers are prefetched, priority = usage share / distance. "
-        "Eviction is LFU over all requests. Simplified: MoE-Infinity's own cache priority and its multi-GPU "
+        "Eviction is LFU over all requests; the value of holding an expert (its rank's gate) is its usage share "
+        "in the latest match, so under --prefetch-issue idle a prefetch evicts only experts the match uses less. "
+        "Simplified: MoE-Infinity's own cache priority and its multi-GPU "
         "I/O are not modelled.")
     needs_router_probs = False
+    gate_values_keys = True
 
     def __init__(self, collection: str | None = None, capacity: int = 1000, learn: bool = True,
                  prefetch_distance: int = 2, per_layer: int | None = None) -> None:
@@ -59,6 +62,7 @@ class MoEInfinityPolicy(Policy):
         self.access_state = AccessState(self.freq.state, self.accessed)
         self.routed_state: RoutedState | None = None                    # a one-row iteration's steps.eam_routed state
         self.taken = np.zeros(self.J, bool)                             # share_prefetch's scratch
+        self.gate = np.zeros(LJ)                                        # [L*J] usage share in the latest match
         self._keys, self._prio = np.zeros(LJ, np.int64), np.zeros(LJ)   # a prefetch's buffers
         self._no_probs, self._no_aux = np.zeros(0, np.float32), np.zeros((self.L, 0), np.float32)
 
@@ -93,7 +97,8 @@ class MoEInfinityPolicy(Policy):
         self.routed_state = None
         if B == 1:
             self.routed_state = RoutedState(self.accessed, self.J, self.batch_eam[0], self.batch_dots[0],
-                                            self.collection.stored(), self.distance, self.per_layer, self.taken)
+                                            self.collection.stored(), self.distance, self.per_layer, self.taken,
+                                            self.gate)
         return self._prefetch_after(-1)
 
     def on_iteration_end(self, it: IterationInfo) -> None:
@@ -157,11 +162,13 @@ class MoEInfinityPolicy(Policy):
             share = np.stack([self.collection.share_of(c) for c in best.tolist()]).max(axis=0)   # [L, J]
         else:
             share = self.collection.share_of(int(best[0]))
+        self.gate[:] = share.reshape(-1)
         n = steps.share_prefetch(share, layer, self.distance, self.per_layer, self.taken, self._keys, self._prio)
         return Prefetch.take(self._keys, self._prio, n)
 
     def eviction_rank(self) -> EvictionRank:
-        return self.freq.rank()
+        """LFU (then least recently used); gate: each key's usage share in the latest match."""
+        return self.freq.rank(self.gate)
 
     def state_dict(self) -> dict:
         return {"collection": self.collection.unit[:self.collection.size].copy()}

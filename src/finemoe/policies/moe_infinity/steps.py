@@ -38,6 +38,7 @@ class RoutedState(NamedTuple):
     distance: int         # layers prefetched ahead
     per_layer: int        # experts prefetched per layer
     taken: np.ndarray     # [J] bool scratch of `share_prefetch`
+    gate: np.ndarray      # [K] float64 each key's usage share in the latest match (the eviction rank's gate)
 
 
 @njit
@@ -87,6 +88,11 @@ def eam_routed(layer, top_k, probs, aux, state, keys, prio):
     if layer + 1 >= stored.share.shape[1] or stored.size == 0:
         return 0
     best = matching.match(state.eam, state.dots, stored)
+    share = stored.share[best]
+    L, J = share.shape
+    for target in range(L):
+        for j in range(J):
+            state.gate[target * J + j] = share[target, j]
     return share_prefetch(stored.share[best], layer, state.distance, state.per_layer, state.taken, keys, prio)
 
 
@@ -99,7 +105,8 @@ def warm_up() -> None:
     eam_access(0, one, ones, AccessState(frequency, accessed))
     stored = StoredRows(np.ones((C, L * J), np.float32), np.ones((L * J, C)), np.ones((C, L, J), np.float32),
                         np.zeros(C, np.int64), C, 0.5)
-    state = RoutedState(accessed, J, np.zeros(L * J, np.float32), np.zeros(C), stored, 1, 1, np.zeros(J, np.bool_))
+    state = RoutedState(accessed, J, np.zeros(L * J, np.float32), np.zeros(C), stored, 1, 1, np.zeros(J, np.bool_),
+                        np.zeros(L * J))
     f32 = np.zeros(0, np.float32)
     eam_routed(0, one, f32, f32, state, np.zeros(L * J, np.int64), np.zeros(L * J))
     matching.warm_up()
