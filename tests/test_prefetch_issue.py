@@ -240,8 +240,10 @@ def test_moe_infinity_gates_its_prefetches_by_the_matched_usage_share():
     rows = []
     for per_layer in (False, True):
         class Policy_(MoEInfinityPolicy):
+            callbacks_only = per_layer
+
             def decode_kernels(self, probs):
-                return None if per_layer else super().decode_kernels(probs)
+                return None if self.callbacks_only else super().decode_kernels(probs)
         policy = Policy_()
         replay = Replay(trace, policy, "40%", CostModel(1000, 1e6, 1e-3, 1e-4), issue=PrefetchIssue("idle", 256))
         rows.append(replay.run())
