@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                                            cpu_expert_dtype=dtype)
                         cpu_half = engine.runtime.cpu_misses
                         mc = cpu_half.costs if cpu_half is not None else engine.calibration.costs   # as the row starts
+                        scale_start = cpu_half.scale if cpu_half is not None else None
                         keep = len(modes) > 1
                         reqs, logits = serve(engine, replay, held, keep=keep)
                         s = engine.summary(reqs)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
                                "cpu_start_ms_per_token": 1e3 * s.get("cpu_half_start_s", 0.0) / tokens,
                                "cpu_wait_ms_per_token": 1e3 * s.get("cpu_half_wait_s", 0.0) / tokens,
                                "cpu_compute_ms_per_token": 1e3 * s.get("cpu_half_compute_s", 0.0) / tokens,
-                               "cpu_cost_scale_start": cpu_half.scale if cpu_half is not None else None,
+                               "cpu_cost_scale_start": scale_start,
                                "cpu_cost_scale_end": s["cpu_cost_scale"] if cpu_half is not None else None,
                                "decode_path": s["decode_path"]}
                         if mode == "gpu":
