@@ -130,8 +130,9 @@ def add_prompt_shaping_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts of the file")
 
 
-def progress_bar(total: int, desc: str, quiet: bool, stream=None) -> tqdm:
-    """Prompts done, rate and time left on `stream` (stderr); disabled by --quiet or when it is not a terminal."""
+def progress_bar(total: int, desc: str, quiet: bool, stream=None, initial: int = 0) -> tqdm:
+    """Prompts done (from `initial`, those a resumed run kept), rate and time left on `stream` (stderr); disabled by
+    --quiet or when it is not a terminal."""
     stream = sys.stderr if stream is None else stream
-    return tqdm(total=total, desc=desc, unit="prompt", file=stream, disable=quiet or not stream.isatty(),
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="prompt", file=stream,
+                disable=quiet or not stream.isatty(), dynamic_ncols=True)

@@ -7,7 +7,7 @@ import sys
 
 from finemoe.cli.common import add_miss_compute_arg, parse_policy_options
 from finemoe.cli.cost_args import add_cost_args, cost_model
-from finemoe.cli.replay_args import add_replay_args, embedding, prefetch_issues
+from finemoe.cli.replay_args import add_replay_args, prefetch_issues, semantic_source
 from finemoe.errors import ConfigError
 from finemoe.simulator import simulate
 from finemoe.traces import load_trace
@@ -63,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     if len(issues) > 1:
         raise ConfigError("simulate takes one --prefetch-issue; `finemoe tune` compares several")
     cost = cost_model(args, trace.expert_bytes, [args.miss_compute])
-    rows = simulate(trace, policies, budgets, cost, policy_options(args.policy_option, policies),
-                    args.prefetch_inflight, args.miss_compute, embed=embedding(args), issue=issues[0])
+    options = policy_options(args.policy_option, policies)
+    embed = semantic_source(args, trace, options, "simulate")
+    rows = simulate(trace, policies, budgets, cost, options, args.prefetch_inflight, args.miss_compute, embed=embed,
+                    issue=issues[0])
     if args.json:
         json.dump({"results": rows}, sys.stdout)
         print()

@@ -7,7 +7,7 @@ import json
 import sys
 
 from finemoe.cli.cost_args import add_cost_args, cost_model
-from finemoe.cli.replay_args import add_replay_args, embedding, prefetch_issues
+from finemoe.cli.replay_args import add_replay_args, prefetch_issues, semantic_source
 from finemoe.cli.simulate import _split, policy_options
 from finemoe.errors import ConfigError
 from finemoe.experts.miss_split import MODES, mode_code
@@ -62,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
     issues = prefetch_issues(args)
     modes = _modes(args)
     cost = cost_model(args, trace.expert_bytes, modes)
-    result = tune(trace, budgets, policies, modes, cost, policy_options(args.policy_option, policies),
-                  args.prefetch_inflight, embedding(args), optional=args.policy is None, issues=issues)
+    options = policy_options(args.policy_option, policies)
+    embed = semantic_source(args, trace, options, "tune")
+    result = tune(trace, budgets, policies, modes, cost, options, args.prefetch_inflight, embed,
+                  optional=args.policy is None, issues=issues)
     for policy, why in result.skipped.items():
         print(f"finemoe: tune: {policy} left out: {why}", file=sys.stderr)
     if args.json:
