@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"results": rows}, sys.stdout)
         print()
         return 0
-    print(f"trace: {trace.source} ({trace.model}; {trace.num_requests} requests, {trace.num_tokens} tokens)   "
-          f"expert {cost.expert_bytes} B   bandwidth {args.bandwidth} GB/s   layer {args.layer_time_ms} ms   "
-          f"misses on {args.miss_compute}")
+    print(f"simulated   trace: {trace.source} ({trace.model}; {trace.num_requests} requests, "
+          f"{trace.num_tokens} tokens)   expert {cost.expert_bytes} B   bandwidth {args.bandwidth} GB/s   "
+          f"layer {args.layer_time_ms} ms   misses on {args.miss_compute}")
     print(f"{'policy':<14}{'budget B':>14}{'hit rate':>10}{'misses':>10}{'CPU exp':>9}{'bytes/token':>14}"
           f"{'TTFT ms':>10}{'TPOT ms':>10}{'req/s':>9}")
     for r in rows:

@@ -84,7 +84,7 @@ def _row(r: dict) -> str:
 
 
 def _print(trace, cost, args: argparse.Namespace, result: Tuning) -> None:
-    print(f"trace: {trace.source} ({trace.num_requests} requests, {trace.num_tokens} tokens)   expert "
+    print(f"simulated   trace: {trace.source} ({trace.num_requests} requests, {trace.num_tokens} tokens)   expert "
           f"{cost.expert_bytes} B, copy {cost.copy_s * 1e3:.3f} ms   CPU {cost.cpu_expert_s * 1e3:.3f} ms/expert "
           f"+ {cost.cpu_token_s * 1e3:.3f} ms/extra token, {cost.cpu_layer_s * 1e3:.3f} ms/layer   "
           f"layer {args.layer_time_ms} ms")
