@@ -59,30 +59,30 @@ def build(args: argparse.Namespace) -> int:
     options = dict(cfg.policy_options)
     cfg.policy_options.update(map_store=partial, learn=True, fresh=saved is None, capacity=args.capacity)
     engine = Engine.from_config(cfg)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     shaped = templated(engine.tokenizer, records, args.template, args.max_prompt_tokens)
     prompts = [ids for _, ids in shaped]
     progress = BuildProgress(engine.model_name, args.max_new_tokens, args.capacity, options, 0, prompts_digest([]))
     if saved is not None:
-        check_resumable(saved, dataclasses.replace(progress, done=saved.done, digest=saved.digest), prompts, partial)
+        progress = dataclasses.replace(progress, done=saved.done, digest=saved.digest)
+        check_resumable(saved, progress, prompts, partial)
         print(f"finemoe: maps build: resuming {partial}: {saved.done} of {len(prompts)} prompts done", file=sys.stderr)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     requests = []
-    for text, ids in shaped[saved.done if saved else 0:]:
+    for text, ids in shaped[progress.done:]:
         requests.append(engine.make_request(ids, params))
         requests[-1].prompt_text = text        # finemoe's semantic='prompt' embeds the text
-    done = saved.done if saved else 0
     every = -(-args.checkpoint_every // cfg.max_batch_size) * cfg.max_batch_size   # whole batches: same as one run
-    try:
-        with progress_bar(len(prompts), "maps build", args.quiet, initial=done) as bar:
-            for start in range(0, len(requests), every):
+    with progress_bar(len(prompts), "maps build", args.quiet, initial=progress.done) as bar:
+        for start in range(0, len(requests), every):
+            try:
                 engine.run(requests[start:start + every], on_batch=bar.update)
-                done += len(requests[start:start + every])
-                progress = dataclasses.replace(progress, done=done, digest=prompts_digest(prompts[:done]))
-                engine.policy.store.save(partial, progress.metadata())
-    except KeyboardInterrupt:
-        print(f"finemoe: maps build interrupted: {progress.done} of {len(prompts)} prompts kept in {partial}; "
-              "repeat the command with --resume to continue", file=sys.stderr)
-        raise
+            except KeyboardInterrupt:
+                print(f"\nfinemoe: maps build interrupted: {progress.done} of {len(prompts)} prompts kept in "
+                      f"{partial}; repeat the command with --resume to continue", file=sys.stderr)
+                raise
+            done = progress.done + len(requests[start:start + every])
+            progress = dataclasses.replace(progress, done=done, digest=prompts_digest(prompts[:done]))
+            engine.policy.store.save(partial, progress.metadata())          # atomic: the store with its progress
     state = engine.policy.state_dict()
     engine.close()                             # the finemoe policy saves its store to `partial` (no progress)
     os.replace(partial, args.out)
