@@ -67,6 +67,7 @@ def test_every_plot_starts_at_zero_says_the_setup_and_shows_the_baseline(figures
     for fig in figures.values():
         (ax,) = fig.axes
         assert ax.get_ylim()[0] == 0
-        assert "simulated" in ax.get_title() and "25%" in ax.get_title() and "held-out prompts" in ax.get_title()
+        title = ax.get_title().replace("\n", " ")          # wrapped to the figure's width
+        assert "simulated" in title and "25%" in title and "held-out prompts" in title
         labels = ax.get_legend_handles_labels()[1]
         assert "finemoe" in labels and "lru (no d)" in labels

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 
 import matplotlib
 
@@ -57,7 +58,7 @@ def summary_figures(summary: list[dict], title: str = "") -> dict[str, plt.Figur
             _bars(ax, rows, key, scale, main_mode)
         ax.set_ylim(bottom=0)
         ax.set_ylabel(label)
-        ax.set_title(title or f"budget {', '.join(map(str, budgets))}", fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(title or f"budget {', '.join(map(str, budgets))}", 85)), fontsize=8)
         if len(budgets) > 1 or len(distances) > 1:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -75,6 +76,7 @@ def _by_distance(ax, rows: list[dict], policies: list[str], key: str, scale: flo
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=f"C{i}", label=p)
         elif mine:
             ax.axhline(mine[0][key] * scale, ls="--", lw=1, color=f"C{i}", label=f"{p} (no d)")
+    ax.set_xticks(sorted({r["prefetch_distance"] for r in rows if r["prefetch_distance"] is not None}))
     ax.set_xlabel("prefetch distance d")
 
 
