@@ -29,6 +29,7 @@ def _bench(capsys, prompts, out, *extra):
 def _check_outputs(out, rows, n_held_out):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["meta"]["held_out_prompts"] == n_held_out
+    assert summary["meta"]["warm_up_s"] > 0                   # the engine warmed up before timing, reported apart
     assert [r["policy"] for r in summary["results"]] == [r["policy"] for r in rows]
     lines = (out / "requests.csv").read_text().strip().splitlines()
     assert len(lines) == 1 + n_held_out * len(rows)          # header + one line per held-out request per row

@@ -5,6 +5,7 @@ import torch
 
 from finemoe.policies.finemoe.map_store import MapStore, StoreSpec
 from finemoe.policies.finemoe.search import SemanticMemo, best_entries, semantic_topk
+from finemoe.traces import TraceError
 
 
 def softmax_rows(rng, shape, sharp):
@@ -76,10 +77,30 @@ def test_a_host_embedding_table_gives_the_modules_vectors():
     ctx = PolicyContext(ExpertGeometry(2, 4, 1, 1, {}, torch.float32), CacheView(np.zeros(8, bool), 2),
                         torch.device("cpu"), embed=emb)
     fast, module = TokenEmbedder(ctx), TokenEmbedder(ctx)
-    module.table = None
-    assert fast.table is not None
+    module.host_rows = None
+    assert fast.host_rows is not None
     decode = IterationInfo(0, ["a", "b"], [3, 1], torch.tensor([[4], [9]]), False)
     with torch.inference_mode():
         want = emb(torch.tensor([4, 9]))
     assert torch.equal(torch.as_tensor(fast.embed(decode, [5, 5], False)), want)
     assert torch.equal(module.embed(decode, [5, 5], False), want)
+
+
+def test_a_traces_recorded_rows_give_the_modules_vectors():
+    from finemoe.models.adapters import ExpertGeometry
+    from finemoe.policies.base import CacheView, IterationInfo, PolicyContext
+    from finemoe.policies.finemoe.embedding import TokenEmbedder
+    from finemoe.traces.token_rows import TokenRows, embedding_rows
+    emb = torch.nn.Embedding(50, 8)
+    rows = TokenRows(*embedding_rows(emb, np.array([9, 4, 4, 17]), torch.device("cpu")))
+    ctx = PolicyContext(ExpertGeometry(2, 4, 1, 1, {}, torch.float32), CacheView(np.zeros(8, bool), 2),
+                        torch.device("cpu"), embed=rows)
+    embedder = TokenEmbedder(ctx)
+    assert embedder.dim == 8
+    decode = IterationInfo(0, ["a", "b"], [3, 1], torch.tensor([[4], [9]]), False)
+    prefill = IterationInfo(0, ["a"], [0], torch.tensor([[17, 4, 9]]), True)
+    with torch.inference_mode():
+        assert torch.equal(torch.as_tensor(embedder.embed(decode, [5, 5], False)), emb(torch.tensor([4, 9])))
+        assert torch.allclose(embedder.embed(prefill, [3], False), emb(torch.tensor([17, 4, 9])).mean(0, keepdim=True))
+    with pytest.raises(TraceError, match="do not cover token ids \\[5\\]"):
+        rows(torch.tensor([4, 5]))

@@ -62,3 +62,14 @@ def test_trace_shapes_prompts_with_the_same_flags(tmp_path, prompts):
                  "--template", "Q: {prompt} A:", "--max-prompt-tokens", "6", "--limit", "3", "--quiet"]) == 0
     trace = load_trace(str(out))
     assert trace.num_requests == 3 and all(len(trace.prompt_ids(i)) == 6 for i in range(3))
+
+
+@pytest.mark.parametrize("command", [["trace", "--out", "{tmp}/t.safetensors"], ["generate"],
+                                     ["maps", "build", "--out", "{tmp}/m.safetensors"]], ids=lambda c: c[0])
+def test_each_long_command_shows_the_same_bar_on_a_terminal(monkeypatch, tmp_path, prompts, command):
+    stderr = Terminal()
+    monkeypatch.setattr("sys.stderr", stderr)
+    argv = [a.format(tmp=tmp_path) for a in command]
+    assert main([*argv, "--device", "cpu", "--prompts", prompts, "--max-new-tokens", "1", "--max-batch-size", "5"]) == 0
+    desc = "maps build" if command[0] == "maps" else command[0]
+    assert f"{desc}: 100%" in stderr.getvalue() and "5/5" in stderr.getvalue() and "prompt/s" in stderr.getvalue()

@@ -36,6 +36,7 @@ def test_models_and_health(server, client):
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL and health["max_batch_size"] == 8
     assert "next batch" in health["batching"].lower()
+    assert health["warm_up_s"] > 0           # warmed up before accepting requests, reported apart from any TTFT
 
 
 def test_completion_counts_tokens_and_stops_at_max_tokens(client):

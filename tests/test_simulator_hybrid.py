@@ -207,13 +207,14 @@ def test_tune_compares_prefetch_issue_rules_and_simulate_reads_the_recorded_embe
 
 
 def test_tune_leaves_out_a_default_policy_that_cannot_run_and_says_why(trace_file, capsys):
-    assert main(["tune", "--trace", trace_file, "--expert-budget", "25%", "--json"]) == 0
+    token = ["--policy-option", "finemoe:semantic=token"]     # this trace holds no input embedding
+    assert main(["tune", "--trace", trace_file, "--expert-budget", "25%", "--json", *token]) == 0
     out = capsys.readouterr()
     result = json.loads(out.out)
     ran = {r["policy"] for r in result["results"]}
     assert "finemoe" not in ran and "lru" in ran
     assert "input embedding" in result["skipped"]["finemoe"] and "finemoe left out" in out.err
-    assert main(["tune", "--trace", trace_file, "--policy", "finemoe"]) == 2        # named: its error, in one line
+    assert main(["tune", "--trace", trace_file, "--policy", "finemoe", *token]) == 2   # named: its error, one line
     assert "input embedding" in capsys.readouterr().err
 
 

@@ -84,6 +84,8 @@ class EngineConfig:
         None keeps torch's current number.
     cpu_expert_dtype: the weights CPU-computed experts read (experts/cpu_weights.py): auto (the faster of the
         model's dtype and a float32 copy, measured at start), model, or float32.
+    warm_up: before the configured policy is built, run one short request under a stand-in policy, so one-time
+        first-use costs stay out of every request's TTFT (engine/warmup.py; `Engine.warm_up_s` reports them).
     """
 
     model: str | None = None
@@ -106,6 +108,7 @@ class EngineConfig:
     cpu_expert_dtype: str = "auto"
     seed: int = 0
     show_progress: bool = True
+    warm_up: bool = False
 
     @property
     def issue(self) -> PrefetchIssue:

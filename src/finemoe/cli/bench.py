@@ -80,7 +80,7 @@ def _commit() -> str | None:
 def run(args: argparse.Namespace) -> int:
     from finemoe.config import EngineConfig, default_device   # torch: not for --help
     from finemoe.engine import Engine
-    from finemoe.eval.report import json_results, table, write_outputs
+    from finemoe.eval.report import json_results, setup_line, table, write_outputs
     from finemoe.eval.runner import Bench, BenchPlan
     from finemoe.eval.split import split_indices
     from finemoe.eval.variants import parse_variants
@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
                                              show_progress=False, seed=args.seed,
                                              miss_compute="gpu" if cost else args.miss_compute,
                                              cpu_threads=args.cpu_threads,
-                                             cpu_expert_dtype=args.cpu_expert_dtype))
+                                             cpu_expert_dtype=args.cpu_expert_dtype, warm_up=True))
+    print(f"finemoe: warm-up {engine.warm_up_s:.2f} s (one-time, before timing)", file=sys.stderr)
     if cost is not None and args.expert_bytes is None:
         cost = dataclasses.replace(cost, expert_bytes=engine.geometry.expert_bytes)
     prompts = tokenize(engine.tokenizer, texts, args.template, args.max_prompt_tokens)
@@ -131,16 +132,16 @@ def run(args: argparse.Namespace) -> int:
             "bandwidth_GBps": args.bandwidth if cost else None, "layer_time_ms": args.layer_time_ms if cost else None,
             "host_layer_ms": args.host_layer_ms if cost else None,
             "policy_layer_ms": args.policy_layer_ms if cost else None, "commit": _commit(),
-            "miss_compute": args.miss_compute,
+            "miss_compute": args.miss_compute, "warm_up_s": engine.warm_up_s,
             **(_simulated_miss_report(cost) if cost else engine.miss_compute_report())}
     write_outputs(args.out, summary, per_request, meta)
     from finemoe.eval.plots import plot_summary   # matplotlib (the plot extra): `finemoe --help` must not need it
-    plot_summary(summary, args.out, title=f"{os.path.basename(str(engine.model_name))}, held-out prompts")
+    setup = setup_line(meta, budgets)
+    plot_summary(summary, args.out, title=f"{os.path.basename(str(engine.model_name))}: {setup}")
     if args.json:
         json.dump(json_results(summary), sys.stdout)
         print()
     else:
-        print(f"model {engine.model_name}; {held_idx.size} held-out of {len(texts)} prompts; mode "
-              f"{meta['mode']}; outputs in {args.out}")
+        print(f"model {engine.model_name}; {setup} (of {len(texts)} prompts); outputs in {args.out}")
         print(table(summary))
     return 0

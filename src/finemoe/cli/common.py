@@ -165,8 +165,9 @@ def add_template_arg(p: argparse.ArgumentParser, default: str = "{prompt}") -> N
                    help=TEMPLATE_HELP + (f" (default: {default!r})" if default != "{prompt}" else ""))
 
 
-def progress_bar(total: int, desc: str, quiet: bool, stream=None) -> tqdm:
-    """Prompts done, rate and time left on `stream` (stderr); disabled by --quiet or when it is not a terminal."""
+def progress_bar(total: int, desc: str, quiet: bool, stream=None, initial: int = 0) -> tqdm:
+    """Prompts done (from `initial`, those a resumed run kept), rate and time left on `stream` (stderr); disabled by
+    --quiet or when it is not a terminal."""
     stream = sys.stderr if stream is None else stream
-    return tqdm(total=total, desc=desc, unit="prompt", file=stream, disable=quiet or not stream.isatty(),
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="prompt", file=stream,
+                disable=quiet or not stream.isatty(), dynamic_ncols=True)

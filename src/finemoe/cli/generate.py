@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1")
     texts = fill_template(args.template, prompts)
-    engine = Engine.from_config(engine_config(args, show_progress=not args.quiet))
+    engine = Engine.from_config(engine_config(args, show_progress=not args.quiet, warm_up=True))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, ignore_eos=args.ignore_eos)
     try:
@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         with progress_bar(len(prompts), "generate", args.quiet or args.prompt is not None) as bar:
             reqs = engine.generate(texts, params, on_batch=bar.update)
         summary = engine.summary(reqs)
+        print(f"finemoe: warm-up {engine.warm_up_s:.2f} s (one-time, before timing: in no request's TTFT)",
+              file=sys.stderr)
     finally:
         engine.close()
     rows = [{"prompt": p, "output_token_ids": r.output_ids, "text": r.text, "finish_reason": r.finish_reason,
@@ -53,13 +55,14 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"requests": rows, "summary": summary}, sys.stdout)
         print()
         return 0
-    print(f"model: {engine.model_label}   policy: {summary['policy']}   device: {summary['device']}   "
+    print(f"model: {engine.model_label}   mode: engine   policy: {summary['policy']}   device: {summary['device']}   "
           f"expert cache: {summary['cache_slots']} slots ({summary['expert_budget_bytes']} bytes)   "
-          f"decode: {summary['decode_path']}")
+          f"decode: {summary['decode_path']}   requests: {summary['requests']}")
     for row in rows:
         print(f"\n>>> {row['prompt']}\n{row['text']}")
     print(f"\nTTFT {summary['ttft_s'] * 1e3:.1f} ms   TPOT {summary['tpot_s'] * 1e3:.2f} ms   "
           f"hit rate {summary['hit_rate']:.3f} ({summary['hits']} hits, {summary['misses']} misses)   "
           f"copied {summary['bytes_copied'] / 2**20:.1f} MiB   stall {summary['stall_s'] * 1e3:.1f} ms   "
-          f"peak host {summary['peak_host_bytes'] / 2**20:.0f} MiB")
+          f"peak host {summary['peak_host_bytes'] / 2**20:.0f} MiB   (medians over {summary['requests']} requests; "
+          f"warm-up {summary['warm_up_s']:.2f} s apart)")
     return 0

@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     from finemoe.server import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    engine = Engine.from_config(engine_config(args))
+    engine = Engine.from_config(engine_config(args, warm_up=True))
+    logging.getLogger("finemoe").info("warm-up %.2f s before accepting requests (in no request's TTFT)",
+                                      engine.warm_up_s)
     app = create_app(engine, default_max_tokens=args.default_max_tokens, save_interval_s=args.save_interval,
                      batch_wait_s=args.batch_wait_ms / 1e3, served_model_name=args.served_model_name,
                      chat_template=chat_template, api_key=args.api_key)

@@ -7,7 +7,7 @@ import sys
 
 from finemoe.cli.common import DEFAULT_POLICY, add_miss_compute_arg, parse_policy_options, public_policy
 from finemoe.cli.cost_args import add_cost_args, cost_model
-from finemoe.cli.replay_args import add_replay_args, embedding, prefetch_issues
+from finemoe.cli.replay_args import add_replay_args, prefetch_issues, semantic_source
 from finemoe.errors import ConfigError
 
 ROW_KEYS = ("policy", "expert_budget_bytes", "hits", "misses", "hit_rate", "bytes_copied", "bytes_per_token",
@@ -64,15 +64,17 @@ def run(args: argparse.Namespace) -> int:
     if len(issues) > 1:
         raise ConfigError("simulate takes one --prefetch-issue; `finemoe tune` compares several")
     cost = cost_model(args, trace.expert_bytes, [args.miss_compute])
-    rows = simulate(trace, policies, budgets, cost, policy_options(args.policy_option, policies),
-                    args.prefetch_inflight, args.miss_compute, embed=embedding(args), issue=issues[0])
+    options = policy_options(args.policy_option, policies)
+    embed = semantic_source(args, trace, options, "simulate")
+    rows = simulate(trace, policies, budgets, cost, options, args.prefetch_inflight, args.miss_compute, embed=embed,
+                    issue=issues[0])
     if args.json:
         json.dump({"results": rows}, sys.stdout)
         print()
         return 0
-    print(f"trace: {trace.source} ({trace.model}; {trace.num_requests} requests, {trace.num_tokens} tokens)   "
-          f"expert {cost.expert_bytes} B   bandwidth {args.bandwidth} GB/s   layer {args.layer_time_ms} ms   "
-          f"misses on {args.miss_compute}")
+    print(f"simulated   trace: {trace.source} ({trace.model}; {trace.num_requests} requests, "
+          f"{trace.num_tokens} tokens)   expert {cost.expert_bytes} B   bandwidth {args.bandwidth} GB/s   "
+          f"layer {args.layer_time_ms} ms   misses on {args.miss_compute}")
     print(f"{'policy':<14}{'budget B':>14}{'hit rate':>10}{'misses':>10}{'CPU exp':>9}{'bytes/token':>14}"
           f"{'TTFT ms':>10}{'TPOT ms':>10}{'req/s':>9}")
     for r in rows:

@@ -8,7 +8,7 @@ import sys
 
 from finemoe.cli.common import public_policy
 from finemoe.cli.cost_args import add_cost_args, cost_model
-from finemoe.cli.replay_args import add_replay_args, embedding, prefetch_issues
+from finemoe.cli.replay_args import add_replay_args, prefetch_issues, semantic_source
 from finemoe.cli.simulate import _split, policy_options
 from finemoe.errors import ConfigError
 
@@ -63,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     issues = prefetch_issues(args)
     modes = _modes(args)
     cost = cost_model(args, trace.expert_bytes, modes)
-    result = tune(trace, budgets, policies, modes, cost, policy_options(args.policy_option, policies),
-                  args.prefetch_inflight, embedding(args), optional=args.policy is None, issues=issues)
+    options = policy_options(args.policy_option, policies)
+    embed = semantic_source(args, trace, options, "tune")
+    result = tune(trace, budgets, policies, modes, cost, options, args.prefetch_inflight, embed,
+                  optional=args.policy is None, issues=issues)
     for policy, why in result.skipped.items():
         print(f"finemoe: tune: {policy} left out: {why}", file=sys.stderr)
     if args.json:
@@ -84,7 +86,7 @@ def _row(r: dict) -> str:
 
 def _print(trace, cost, args: argparse.Namespace, result) -> None:
     """The table of `result` (a simulator.tuning.Tuning) and its recommendations."""
-    print(f"trace: {trace.source} ({trace.num_requests} requests, {trace.num_tokens} tokens)   expert "
+    print(f"simulated   trace: {trace.source} ({trace.num_requests} requests, {trace.num_tokens} tokens)   expert "
           f"{cost.expert_bytes} B, copy {cost.copy_s * 1e3:.3f} ms   CPU {cost.cpu_expert_s * 1e3:.3f} ms/expert "
           f"+ {cost.cpu_token_s * 1e3:.3f} ms/extra token, {cost.cpu_layer_s * 1e3:.3f} ms/layer   "
           f"layer {args.layer_time_ms} ms")

@@ -19,6 +19,7 @@ from finemoe.engine.paths import DecodePaths
 from finemoe.engine.request import Request
 from finemoe.engine.runtime import LayerExecutor, OffloadRuntime
 from finemoe.engine.sampling import SamplingParams
+from finemoe.engine.warmup import stand_in, warm_up
 from finemoe.errors import ConfigError
 from finemoe.experts import calibration, hook
 from finemoe.experts.cache import ExpertCache
@@ -81,11 +82,19 @@ class Engine:
         self.pools = self.runtime = None
         self.paths = DecodePaths(self)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
-        self.reconfigure(cfg.policy, cfg.expert_budget, cfg.policy_options)
+        if cfg.warm_up:
+            self.reconfigure(*stand_in(cfg))     # the configured policy never sees the warm-up request
+        else:
+            self.reconfigure(cfg.policy, cfg.expert_budget, cfg.policy_options)
         hook.activate(self.model, [layer.experts for layer in self.layers])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = self._eos_ids()
         self._iteration = 0
+        self.warm_up_s: float | None = None     # seconds of the one-time warm-up (engine/warmup.py), None: none ran
+        if cfg.warm_up:
+            self.warm_up_s = warm_up(self)
+            self.reconfigure(cfg.policy, cfg.expert_budget, cfg.policy_options)
+            self._iteration = 0
 
     def reconfigure(self, policy: str, expert_budget=None, policy_options: dict | None = None,
                     prefetch_inflight: int | None = None, cuda_graphs: bool | None = None,
@@ -295,6 +304,7 @@ class Engine:
             "policy": self.cfg.policy, "expert_budget_bytes": self.budget_bytes, "cache_slots": self.cache.capacity,
             "expert_bytes": self.geometry.expert_bytes, "total_expert_bytes": self.geometry.total_bytes,
             "device": str(self.device), "model": self.model_name, "model_label": self.model_label,
+            "warm_up_s": self.warm_up_s,
             "experts_impl": f"finemoe over {self.reference_impl}", "decode_path": self.decode_path,
             "compiled_modules": self.compiled_modules,
             "hits_per_layer": t.hits.tolist(), "misses_per_layer": t.misses.tolist(),

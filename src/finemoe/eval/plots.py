@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 
 import matplotlib
 
@@ -21,16 +22,23 @@ def _save(fig, path: str) -> str:
 
 
 def plot_summary(summary: list[dict], out_dir: str, title: str = "") -> list[str]:
-    """One figure per metric. Several budgets: metric vs budget, a line per policy; several distances:
-    metric vs distance for the policies that use one; otherwise bars per policy. Latency of rows whose mode
-    differs from the majority (engine rows in a simulated run) is left out: the clocks are not comparable."""
+    """`summary_figures` saved as OUT_DIR/<metric>.png; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
+    return [_save(fig, os.path.join(out_dir, f"{key}.png")) for key, fig in summary_figures(summary, title).items()]
+
+
+def summary_figures(summary: list[dict], title: str = "") -> dict[str, plt.Figure]:
+    """One figure per metric (key -> figure). Several budgets: metric vs budget, a line per policy; several
+    distances: metric vs distance for the policies that use one, and every other policy (the baselines) as a
+    dashed level line; otherwise bars per policy. Every y axis starts at zero. Latency of rows whose mode differs
+    from the majority (engine rows in a simulated run) is left out: the clocks are not comparable. `title` says
+    the setup (mode, device, budget, bandwidth, sample size: report.setup_line)."""
     policies = list(dict.fromkeys(r["policy"] for r in summary))
     budgets = list(dict.fromkeys(r["expert_budget"] for r in summary))
     distances = sorted({r["prefetch_distance"] for r in summary if r["prefetch_distance"] is not None})
     modes = [r["mode"] for r in summary]
     main_mode = max(set(modes), key=modes.count)
-    paths = []
+    figures = {}
     for key, label, scale in METRICS:
         rows = [r for r in summary if r[key] is not None and r[key] == r[key]
                 and (key == "hit_rate" or key == "bytes_per_token" or r["mode"] == main_mode)]
@@ -45,27 +53,41 @@ def plot_summary(summary: list[dict], out_dir: str, title: str = "") -> list[str
                     ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
             ax.set_xlabel("expert budget (% of all experts)")
         elif len(distances) > 1:
-            for p in policies:
-                pts = sorted((r["prefetch_distance"], r[key] * scale) for r in rows
-                             if r["policy"] == p and r["prefetch_distance"] is not None)
-                if pts:
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
-            ax.set_xlabel("prefetch distance d")
+            _by_distance(ax, rows, policies, key, scale)
         else:
-            names = [r["policy"] for r in rows]
-            colors = ["tab:blue" if r["mode"] == main_mode else "tab:orange" for r in rows]
-            ax.bar(range(len(rows)), [r[key] * scale for r in rows], color=colors)
-            if any(c == "tab:orange" for c in colors):
-                ax.text(0.99, 0.97, f"orange: measured in the {rows[colors.index('tab:orange')]['mode']}",
-                        transform=ax.transAxes, ha="right", va="top", fontsize=7)
-            ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+            _bars(ax, rows, key, scale, main_mode)
+        ax.set_ylim(bottom=0)
         ax.set_ylabel(label)
-        ax.set_title(title or f"budget {', '.join(map(str, budgets))}", fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(title or f"budget {', '.join(map(str, budgets))}", 85)), fontsize=8)
         if len(budgets) > 1 or len(distances) > 1:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        paths.append(_save(fig, os.path.join(out_dir, f"{key}.png")))
-    return paths
+        fig.tight_layout()
+        figures[key] = fig
+    return figures
+
+
+def _by_distance(ax, rows: list[dict], policies: list[str], key: str, scale: float) -> None:
+    """Metric vs prefetch distance per policy that has one; a policy without one (a baseline) as a level line."""
+    for i, p in enumerate(policies):
+        mine = [r for r in rows if r["policy"] == p]
+        pts = sorted((r["prefetch_distance"], r[key] * scale) for r in mine if r["prefetch_distance"] is not None)
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=f"C{i}", label=p)
+        elif mine:
+            ax.axhline(mine[0][key] * scale, ls="--", lw=1, color=f"C{i}", label=f"{p} (no d)")
+    ax.set_xticks(sorted({r["prefetch_distance"] for r in rows if r["prefetch_distance"] is not None}))
+    ax.set_xlabel("prefetch distance d")
+
+
+def _bars(ax, rows: list[dict], key: str, scale: float, main_mode: str) -> None:
+    names = [r["policy"] for r in rows]
+    colors = ["tab:blue" if r["mode"] == main_mode else "tab:orange" for r in rows]
+    ax.bar(range(len(rows)), [r[key] * scale for r in rows], color=colors)
+    if any(c == "tab:orange" for c in colors):
+        ax.text(0.99, 0.97, f"orange: measured in the {rows[colors.index('tab:orange')]['mode']}",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7)
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
 
 
 def plot_entropy(results: dict[str, dict], path: str) -> str:
@@ -92,6 +114,7 @@ def plot_cdf(latencies: dict[str, list[float]], path: str, title: str, xlabel: s
         xs = sorted(xs)
         ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
     ax.set_xlabel(xlabel)
+    ax.set_ylim(0, 1.02)
     ax.set_ylabel("fraction of requests")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

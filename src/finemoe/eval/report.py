@@ -36,6 +36,17 @@ def json_results(summary: list[dict]) -> dict:
     return {"results": [{k: _clean(v) for k, v in r.items()} for r in summary]}
 
 
+def setup_line(meta: dict, budgets: list[str]) -> str:
+    """What a bench measured, for its table header and plot titles: mode, device, budget, bandwidth, sample size."""
+    if meta["mode"] == "simulate":
+        how = (f"simulated from traces recorded on {meta['device']} ({meta['bandwidth_GBps']} GB/s copies, layer "
+               f"{meta['layer_time_ms']} ms)")
+    else:
+        how = f"engine on {meta['device']} (measured copies)"
+    return (f"{how}; budget {', '.join(map(str, budgets))}; {meta['held_out_prompts']} held-out prompts x "
+            f"{meta['max_new_tokens']} new tokens")
+
+
 def _ms(x) -> str:
     return "-" if x is None or x != x else f"{x * 1e3:.2f}"
 

@@ -167,7 +167,7 @@ def _add_routes(app: FastAPI, state: ServerState, api_key: str | None) -> None:
                 "cache_slots": e.cache.capacity, "max_batch_size": state.scheduler.max_batch_size,
                 "max_model_len": state.max_model_len, "queue_depth": state.scheduler.queue_depth,
                 "running": state.scheduler.running, "policy_state": state.scheduler.policy_state,
-                "policy_saves": state.persistence.saves,
+                "policy_saves": state.persistence.saves, "warm_up_s": e.warm_up_s,
                 "batching": BATCHING}
         return JSONResponse(body, status_code=200 if alive else 503)
 

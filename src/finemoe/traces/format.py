@@ -15,9 +15,13 @@ Arrays (safetensors):
                                enough to recompute embeddings for semantic prefetching
   topk        uint8|int16 [N, L, k]  chosen experts per token and layer, router order (highest first)
   probs       float16 [N, L, J]      full router softmax (only when header.has_probs)
+  embed_ids   int32 [U]        the distinct routed token ids, sorted (only when header.has_embedding) ...
+  embed_rows  float32 [U, H]   ... and the recorded model's input-embedding row of each: what finemoe's token
+                               semantics read when the trace is replayed without the model (traces/token_rows.py)
 Header (safetensors metadata key "finemoe_trace", JSON): format_version, model, num_layers,
 num_experts, top_k, expert_bytes (bytes of one routed expert of the recorded model, or null),
-has_probs, probs_note (how probs were obtained), source, request_ids [R], prompt_texts [R] (or nulls).
+has_probs, probs_note (how probs were obtained), source, request_ids [R], prompt_texts [R] (or nulls),
+has_embedding (absent in traces recorded before it: read as false).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from safetensors.numpy import load_file, save_file
 from finemoe.errors import TraceError
 from finemoe.storage import save_atomic
 from finemoe.traces.flame import read_flame
+from finemoe.traces.token_rows import TokenRows
 
 FORMAT_VERSION = 1
 HEADER_KEY = "finemoe_trace"
@@ -54,6 +59,8 @@ class Trace:
     source: str = ""
     request_ids: list[str] = field(default_factory=list)
     prompt_texts: list[str | None] = field(default_factory=list)
+    embed_ids: np.ndarray | None = None      # [U] sorted distinct token ids with a recorded input-embedding row
+    embed_rows: np.ndarray | None = None     # [U, H] float32 those rows
 
     def __post_init__(self) -> None:
         R = len(self.prompt_lens)
@@ -76,6 +83,14 @@ class Trace:
     def has_probs(self) -> bool:
         return self.probs is not None
 
+    @property
+    def has_embedding(self) -> bool:
+        return self.embed_rows is not None
+
+    def embedding(self) -> TokenRows | None:
+        """The recorded model's input embedding over this trace's token ids, or None when it was not recorded."""
+        return TokenRows(self.embed_ids, self.embed_rows) if self.has_embedding else None
+
     def prompt_ids(self, r: int) -> list[int]:
         a = int(self.offsets[r])
         return self.token_ids[a:a + int(self.prompt_lens[r])].tolist()
@@ -92,7 +107,8 @@ class Trace:
         return Trace(self.model, self.num_layers, self.num_experts, self.top_k, self.offsets[:n + 1].copy(),
                      self.prompt_lens[:n].copy(), self.iterations[:n].copy(), self.token_ids[:end],
                      self.topk[:end], None if self.probs is None else self.probs[:end], self.expert_bytes,
-                     self.probs_note, self.source, self.request_ids[:n], self.prompt_texts[:n])
+                     self.probs_note, self.source, self.request_ids[:n], self.prompt_texts[:n], self.embed_ids,
+                     self.embed_rows)
 
     def validate(self) -> None:
         R, L, J, k = self.num_requests, self.num_layers, self.num_experts, self.top_k
@@ -112,6 +128,15 @@ class Trace:
             problems.append(f"topk holds expert ids outside 0..{J - 1}")
         if self.probs is not None and self.probs.shape != (N, L, J):
             problems.append(f"probs has shape {self.probs.shape}, expected ({N}, {L}, {J})")
+        if (self.embed_ids is None) != (self.embed_rows is None):
+            problems.append("embed_ids and embed_rows come together")
+        elif self.embed_ids is not None and (self.embed_rows.ndim != 2
+                                             or self.embed_ids.shape != (self.embed_rows.shape[0],)):
+            problems.append(f"embed_ids {self.embed_ids.shape} and embed_rows {self.embed_rows.shape} must be "
+                            "[U] and [U, H]")
+        elif self.embed_ids is not None and (np.any(np.diff(self.embed_ids) <= 0)
+                                             or np.setdiff1d(self.token_ids, self.embed_ids).size):
+            problems.append("embed_ids must be sorted, distinct and cover every routed token id")
         if len(self.request_ids) != R or len(self.prompt_texts) != R:
             problems.append("request_ids and prompt_texts need one entry per request")
         if problems:
@@ -122,7 +147,8 @@ class Trace:
         return {"format_version": FORMAT_VERSION, "model": self.model, "num_layers": self.num_layers,
                 "num_experts": self.num_experts, "top_k": self.top_k, "expert_bytes": self.expert_bytes,
                 "has_probs": self.has_probs, "probs_note": self.probs_note if self.has_probs else None,
-                "source": self.source, "request_ids": self.request_ids, "prompt_texts": self.prompt_texts}
+                "source": self.source, "request_ids": self.request_ids, "prompt_texts": self.prompt_texts,
+                "has_embedding": self.has_embedding}
 
     def save(self, path: str) -> None:
         """Write atomically (temp file + rename): a crash never leaves a half-written trace."""
@@ -132,6 +158,9 @@ class Trace:
                   "topk": np.ascontiguousarray(self.topk.astype(id_dtype))}
         if self.probs is not None:
             arrays["probs"] = np.ascontiguousarray(self.probs.astype(np.float16))
+        if self.embed_rows is not None:
+            arrays["embed_ids"] = self.embed_ids.astype(np.int32)
+            arrays["embed_rows"] = np.ascontiguousarray(self.embed_rows.astype(np.float32))
         save_atomic(lambda tmp: save_file(arrays, tmp, metadata={HEADER_KEY: json.dumps(self.header())}), path)
 
 
@@ -157,4 +186,5 @@ def load_trace(path: str) -> Trace:
                  offsets=arrays["offsets"], prompt_lens=arrays["prompt_lens"], iterations=arrays["iterations"],
                  token_ids=arrays["token_ids"], topk=arrays["topk"], probs=arrays.get("probs"),
                  expert_bytes=h.get("expert_bytes"), probs_note=h.get("probs_note") or "", source=str(path),
-                 request_ids=list(h["request_ids"]), prompt_texts=list(h["prompt_texts"]))
+                 request_ids=list(h["request_ids"]), prompt_texts=list(h["prompt_texts"]),
+                 embed_ids=arrays.get("embed_ids"), embed_rows=arrays.get("embed_rows"))

@@ -3,7 +3,8 @@
 `record` runs any routing-driven policy (`inner`, default lru) unchanged and, as a side effect, keeps
 per request the routed token ids and, per token and layer, the top-k ids and full router softmax.
 Prefill is recorded as one iteration holding every prompt token (padding dropped), each decode step
-as one iteration of one token: exactly how the simulator replays a trace.
+as one iteration of one token: exactly how the simulator replays a trace. The trace also keeps the model's
+input-embedding row of every distinct routed token (finemoe's token semantics in the simulator).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from finemoe.errors import ConfigError, UnknownPolicyError
 from finemoe.policies.base import (EvictionRank, IterationInfo, LayerRouting, Policy, PolicyContext, Prefetch,
                                    RequestInfo, register_policy, registry)
 from finemoe.traces.format import Trace
+from finemoe.traces.token_rows import embedding_rows
 
 
 class _RequestLog:
@@ -113,13 +115,17 @@ class RecordingPolicy(Policy):
             raise ConfigError("record: no request ran, so there is nothing to write")
         lengths = np.array([sum(t.size for t in log.tokens) for log in logs], np.int64)
         g = self.ctx.geometry
+        token_ids = np.concatenate([np.concatenate(log.tokens) for log in logs]).astype(np.int32)
+        embed_ids, embed_rows = (embedding_rows(self.ctx.embed, token_ids, self.ctx.device)
+                                 if self.ctx.embed is not None else (None, None))
         return Trace(
             model=model, num_layers=g.num_layers, num_experts=g.num_experts, top_k=g.top_k,
             offsets=np.concatenate([[0], np.cumsum(lengths)]),
             prompt_lens=np.array([log.prompt_len for log in logs], np.int32),
             iterations=np.array([len(log.tokens) for log in logs], np.int32),
-            token_ids=np.concatenate([np.concatenate(log.tokens) for log in logs]).astype(np.int32),
+            token_ids=token_ids,
             topk=np.concatenate([np.concatenate(log.topk) for log in logs]),
             probs=np.concatenate([np.concatenate(log.probs) for log in logs]) if self.keep_probs else None,
             expert_bytes=expert_bytes, source=f"finemoe trace of {model}",
-            request_ids=[log.info.request_id for log in logs], prompt_texts=[log.info.prompt_text for log in logs])
+            request_ids=[log.info.request_id for log in logs], prompt_texts=[log.info.prompt_text for log in logs],
+            embed_ids=embed_ids, embed_rows=embed_rows)

