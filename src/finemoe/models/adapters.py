@@ -164,6 +164,11 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         base = "model.layers" if getattr(model, "model", None) is not None else "layers"
         found.append(MoELayer(len(found), i, router, experts, f"{base}.{i}.{name}", top_k))
     if not found:
+        overriding = {type(m).__name__ for m in model.modules() if hasattr(m, "_is_expert_parallel")}
+        if overriding:   # a subclass of a decorated class whose own forward does its math outside the interface
+            raise _unsupported(model, f"{', '.join(sorted(overriding))} overrides the forward that "
+                                      "@use_experts_implementation dispatches, so its experts run outside "
+                                      "transformers' experts interface")
         raise _unsupported(model, "it has no MoE layer whose experts dispatch through transformers' experts "
                                   "interface (@use_experts_implementation)")
     return found
