@@ -67,10 +67,10 @@ class Engine:
         self._compute_fns = [fn for _, fn in compute]
         capacity_for(cfg, self.geometry, get_policy_class(cfg.policy).keeps_all_resident)  # fail before moving weights
         self.max_model_len = context_limit(self.model.config, cfg.max_model_len)
-        self.model.to(self.device)  # non-expert weights (experts are still wherever they were loaded)
-        self.compiled_modules = compile_small_modules(self.model) if cfg.compile and self.device.type == "cuda" else 0
         self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
                                                show_progress=cfg.show_progress)
+        self.model.to(self.device)  # non-expert weights only: the experts modules no longer hold any
+        self.compiled_modules = compile_small_modules(self.model) if cfg.compile and self.device.type == "cuda" else 0
         if cfg.cpu_threads is not None:
             torch.set_num_threads(cfg.cpu_threads)   # process-wide: the CPU-computed experts' threads
         self.miss_costs: MissCosts | None = None     # calibrated at the first configuration that needs them
