@@ -153,12 +153,19 @@ def load_row(name: str, over: dict, args, dtype: torch.dtype, layers: int) -> di
         size = sum(f.stat().st_size for f in root.glob("*.safetensors"))
         t0 = time.perf_counter()
         engine = Engine.from_config(EngineConfig(model=str(root), device=args.device, dtype=args.dtype,
-                                                 expert_budget=_min_budget(spec, over, dtype), show_progress=False))
+                                                 expert_budget=_min_budget(spec, over, dtype),
+                                                 max_model_len=_context(args), max_batch_size=1, show_progress=False))
         seconds = time.perf_counter() - t0
         engine.close()
         return {"layers": layers, "checkpoint_bytes": size, "load_s": seconds, "load_GBps": size / seconds / 1e9}
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _context(args) -> int:
+    """--max-model-len for the runs: the measured request rounded up to 256 tokens (the KV cache the device
+    memory check reserves; the model's own context would reserve tens of GB)."""
+    return -(-(args.prompt_len + args.new_tokens) // 256) * 256
 
 
 def _min_budget(spec: str, over: dict, dtype: torch.dtype) -> int:
@@ -182,7 +189,7 @@ def run_shape(name: str, args) -> dict:
     built_s = time.perf_counter() - t0
     loaded = LoadedModel(model, default_tokenizer(), spec, f"{spec} (random {dtype})")
     engine = Engine(loaded, EngineConfig(device=args.device, dtype=args.dtype, expert_budget=args.budget,
-                                         show_progress=False))
+                                         max_model_len=_context(args), max_batch_size=1, show_progress=False))
     pin_s = time.perf_counter() - t0 - built_s
     g = engine.geometry
     result = {"shape": name, "source": SHAPES[name].source, "layers": layers, "all_layers": tiny_layers or

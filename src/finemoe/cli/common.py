@@ -17,8 +17,9 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
     p.add_argument("--model", default=None,
                    help="hub id or local directory (safetensors); default: the built-in seeded random Qwen2-MoE")
     p.add_argument("--expert-budget", default=None,
-                   help="device bytes for routed experts: 6GiB, 512MB, 25%% of all expert bytes, or 0.25 "
-                        "(default: 100%%)")
+                   help="device bytes for routed experts: 6GiB, 512MB, 25%% of all expert bytes, 0.25, or auto "
+                        "(what is free after the other weights, the KV cache, CUDA graphs and a margin; "
+                        "default: auto on a GPU, 100%% on the CPU)")
     p.add_argument("--policy", default=policy_default, help=f"prefetch/eviction policy: {', '.join(available())}")
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (JSON value), repeatable, e.g. --policy-option prefetch_distance=2")
