@@ -73,8 +73,12 @@ def _unsupported(model: nn.Module, reason: str) -> UnsupportedModelError:
 def is_experts_module(module: nn.Module) -> bool:
     """True for an instance of a class decorated with transformers' `@use_experts_implementation` (the decorator
     wraps `forward` and sets the layout flags the experts functions read)."""
-    return (hasattr(type(module).forward, "__wrapped__") and hasattr(module, "is_concatenated")
-            and hasattr(module, "_is_expert_parallel"))
+    return hasattr(type(module).forward, "__wrapped__") and _decorated(module)
+
+
+def _decorated(module: nn.Module) -> bool:
+    """The layout flags `@use_experts_implementation`'s __init__ sets (transformers 5.17 and later)."""
+    return all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "is_concatenated"))
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -164,7 +168,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         base = "model.layers" if getattr(model, "model", None) is not None else "layers"
         found.append(MoELayer(len(found), i, router, experts, f"{base}.{i}.{name}", top_k))
     if not found:
-        overriding = {type(m).__name__ for m in model.modules() if hasattr(m, "_is_expert_parallel")}
+        overriding = {type(m).__name__ for m in model.modules() if _decorated(m)}
         if overriding:   # a subclass of a decorated class whose own forward does its math outside the interface
             raise _unsupported(model, f"{', '.join(sorted(overriding))} overrides the forward that "
                                       "@use_experts_implementation dispatches, so its experts run outside "
