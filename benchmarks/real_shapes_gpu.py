@@ -159,9 +159,10 @@ def load_row(name: str, over: dict, args, dtype: torch.dtype, layers: int) -> di
         t1 = time.perf_counter()
         engine = Engine(loaded, cfg)             # experts into the pinned host store, the rest to the device
         t2 = time.perf_counter()
+        in_place = engine.store.pinned_in_place
         engine.close()
         return {"layers": layers, "checkpoint_bytes": size, "read_s": t1 - t0, "store_and_place_s": t2 - t1,
-                "load_s": t2 - t0, "load_GBps": size / (t2 - t0) / 1e9}
+                "load_s": t2 - t0, "load_GBps": size / (t2 - t0) / 1e9, "tensors_pinned_in_place": in_place}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -199,7 +200,8 @@ def run_shape(name: str, args) -> dict:
     result = {"shape": name, "source": SHAPES[name].source, "layers": layers, "all_layers": tiny_layers or
               SHAPES[name].layers, "moe_layers": g.num_layers, "experts": g.num_experts, "top_k": g.top_k,
               "expert_bytes": g.expert_bytes, "total_expert_bytes": g.total_bytes, "build_s": built_s,
-              "pin_and_place_s": pin_s, "rows": serve_rows(engine, args)}
+              "pin_and_place_s": pin_s, "tensors_pinned_in_place": engine.store.pinned_in_place,
+              "rows": serve_rows(engine, args)}
     if device.type == "cuda":
         result["raw_pinned_GBps"] = raw_pinned_gbps(g.num_experts * g.expert_bytes, device)
         result["demand_copy_GBps"] = demand_copy_gbps(engine)
