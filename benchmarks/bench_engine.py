@@ -112,19 +112,18 @@ class PlainToggle:
         from finemoe.models.adapters import expert_tensor_names, find_moe_layers
         self.model = model
         self.impl = model.config._experts_implementation
+        self.layers = find_moe_layers(model)   # found once: the toggles below take and give back their weights
         self.saved = [{n: getattr(layer.experts, n).detach().clone() for n in expert_tensor_names(layer.experts)}
-                      for layer in find_moe_layers(model)]
+                      for layer in self.layers]
 
     def plain(self):
-        from finemoe.models.adapters import find_moe_layers
-        for layer, tensors in zip(find_moe_layers(self.model), self.saved):
+        for layer, tensors in zip(self.layers, self.saved):
             for n, t in tensors.items():
                 layer.experts.register_parameter(n, torch.nn.Parameter(t, requires_grad=False))
         self.model.set_experts_implementation(self.impl)
 
     def finemoe(self):
-        from finemoe.models.adapters import find_moe_layers
-        for layer, tensors in zip(find_moe_layers(self.model), self.saved):
+        for layer, tensors in zip(self.layers, self.saved):
             for n in tensors:
                 delattr(layer.experts, n)
         self.model.set_experts_implementation("finemoe")

@@ -7,11 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from finemoe import EngineConfig, FineMoEError, parse_budget
 from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import BudgetTooSmallError, ConfigError, ModelLoadError, UnknownPolicyError, UnsupportedModelError
-from finemoe.models import supported_model_types
 from finemoe.models.default import default_tokenizer
 from helpers import CONFIGS, NUM_EXPERTS, TOP_K, VOCAB, save_tiny_checkpoint
-
-ALL_SEVEN = {"qwen2_moe", "qwen3_moe", "mixtral", "phimoe", "olmoe", "deepseek_v2", "gpt_oss"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def test_every_error_is_a_finemoe_error():
         assert issubclass(cls, FineMoEError)
 
 
-def test_unsupported_architecture_names_it_and_lists_the_supported_ones(tmp_path):
+def test_unsupported_architecture_names_it_and_the_reason(tmp_path):
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
@@ -44,9 +41,7 @@ def test_unsupported_architecture_names_it_and_lists_the_supported_ones(tmp_path
         engine_for(tmp_path)
     msg = str(err.value)
     assert "'llama'" in msg and "LlamaForCausalLM" in msg
-    assert set(supported_model_types()) == ALL_SEVEN
-    for model_type in ALL_SEVEN:
-        assert model_type in msg
+    assert "experts interface" in msg and "\n" not in msg
 
 
 def test_budget_below_one_layers_top_k_says_the_minimum(tiny_dir, expert_bytes):

@@ -60,7 +60,11 @@ class EngineConfig:
     """Everything the engine needs; validated once in `__post_init__`.
 
     model: hub id or local directory; None runs the built-in seeded random Qwen2-MoE.
-    expert_budget: device bytes for routed experts ('6GiB', '25%', 0.25, bytes); None = all experts.
+    expert_budget: device bytes for routed experts ('6GiB', '25%', 0.25, bytes), or 'auto': what is free on the
+        device after the non-expert weights, the KV cache, CUDA graphs and a margin (engine/memory_fit.py).
+        None = auto where there is a device figure (CUDA, or device_free_bytes given), else all experts.
+        On CUDA an explicit budget that does not fit is refused with the numbers.
+    device_free_bytes: the free device memory auto sizes from (tests inject it); None = measured on CUDA.
     policy: registered policy name (see `finemoe.policies.available()`).
     prefetch_inflight: how many prefetch copies may be queued on the copy stream at once;
         a demand miss waits behind at most this many (prefetch_issue inflight).
@@ -92,6 +96,7 @@ class EngineConfig:
     device: str = field(default_factory=default_device)
     dtype: str = "auto"
     expert_budget: str | int | float | None = None
+    device_free_bytes: int | None = None
     policy: str = "lru"
     policy_options: dict[str, Any] = field(default_factory=dict)
     max_batch_size: int = 8
@@ -134,8 +139,12 @@ class EngineConfig:
                                              or self.cpu_threads < 1):
             raise ConfigError(f"--cpu-threads {self.cpu_threads!r} must be a whole number >= 1")
         check_cpu_dtype(self.cpu_expert_dtype)
-        if self.expert_budget is not None:
+        if self.expert_budget is not None and str(self.expert_budget).strip().lower() != "auto":
             parse_budget(self.expert_budget, 1 << 40)  # syntax check now, size check once the model is known
+        if self.device_free_bytes is not None and (isinstance(self.device_free_bytes, bool) or
+                                                   not isinstance(self.device_free_bytes, int) or
+                                                   self.device_free_bytes < 0):
+            raise ConfigError(f"device_free_bytes {self.device_free_bytes!r} must be a whole number of bytes >= 0")
         from finemoe.policies import get_policy_class  # late import: policies import config types
         get_policy_class(self.policy)
 
@@ -150,7 +159,7 @@ class EngineConfig:
         return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -165,13 +174,13 @@ def capacity_for(cfg: EngineConfig, geometry: Any, keeps_all_resident: bool) -> 
     if keeps_all_resident:
         if budget < total:
             raise ConfigError(f"policy {cfg.policy!r} keeps every expert on the device and needs the whole "
-                              f"{_fmt_bytes(total)} ({total} bytes); drop --expert-budget or pass 100%")
+                              f"{fmt_bytes(total)} ({total} bytes); drop --expert-budget or pass 100%")
         return geometry.total_experts, total
     slots = min(budget // geometry.expert_bytes, geometry.total_experts)
     if slots < geometry.top_k:
         need = geometry.min_budget_bytes
         raise BudgetTooSmallError(
-            f"expert budget {_fmt_bytes(budget)} ({budget} bytes) holds {slots} experts, but one layer's top-k "
+            f"expert budget {fmt_bytes(budget)} ({budget} bytes) holds {slots} experts, but one layer's top-k "
             f"needs {geometry.top_k} experts of {geometry.expert_bytes} bytes: pass --expert-budget {need} "
-            f"({_fmt_bytes(need)}) or more")
+            f"({fmt_bytes(need)}) or more")
     return int(slots), int(budget)

@@ -25,8 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, policy: bool = True, map_stor
     p.add_argument("--model", default=None, metavar="PATH_OR_ID",
                    help="hub id or local directory (safetensors); default: the built-in seeded random Qwen2-MoE")
     p.add_argument("--expert-budget", default=None, metavar="B",
-                   help="device bytes for routed experts: 6GiB, 512MB, 25%% of all expert bytes, or 0.25 "
-                        "(default: 100%%)")
+                   help="device bytes for routed experts: 6GiB, 512MB, 25%% of all expert bytes, 0.25, or auto "
+                        "(what is free after the other weights, the KV cache, CUDA graphs and a margin; "
+                        "default: auto on a GPU, 100%% on the CPU)")
     if policy:
         p.add_argument("--policy", default=DEFAULT_POLICY, metavar="NAME",
                        help=f"prefetch/eviction policy: {', '.join(POLICIES)}")

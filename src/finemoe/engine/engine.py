@@ -14,6 +14,7 @@ import torch
 from finemoe.config import EngineConfig, capacity_for
 from finemoe.engine.batch import BatchRunner
 from finemoe.engine.cpu_misses import CpuMisses
+from finemoe.engine import memory_fit
 from finemoe.engine.metrics import aggregate, peak_device_bytes, peak_host_bytes
 from finemoe.engine.paths import DecodePaths
 from finemoe.engine.request import Request
@@ -66,12 +67,17 @@ class Engine:
         compute = [hook.reference_compute_fn(self.model, layer.experts) for layer in self.layers]
         self.reference_impl = compute[0][0]
         self._compute_fns = [fn for _, fn in compute]
-        capacity_for(cfg, self.geometry, get_policy_class(cfg.policy).keeps_all_resident)  # fail before moving weights
         self.max_model_len = context_limit(self.model.config, cfg.max_model_len)
-        self.model.to(self.device)  # non-expert weights (experts are still wherever they were loaded)
-        self.compiled_modules = compile_small_modules(self.model) if cfg.compile and self.device.type == "cuda" else 0
+        self.memory_plan = memory_fit.plan(self.model, self.layers, cfg, self.device, self.max_model_len)
+        choice = memory_fit.resolve_budget(cfg, self.geometry, self.memory_plan)   # fail before moving weights
+        capacity_for(dataclasses.replace(cfg, expert_budget=choice.budget), self.geometry,
+                     get_policy_class(cfg.policy).keeps_all_resident)
+        if choice.note is not None:
+            print(f"finemoe: {choice.note}", file=sys.stderr)
         self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
                                                show_progress=cfg.show_progress)
+        self.model.to(self.device)  # non-expert weights only: the experts modules no longer hold any
+        self.compiled_modules = compile_small_modules(self.model) if cfg.compile and self.device.type == "cuda" else 0
         if cfg.cpu_threads is not None:
             torch.set_num_threads(cfg.cpu_threads)   # process-wide: the CPU-computed experts' threads
         self.miss_costs: MissCosts | None = None     # calibrated at the first configuration that needs them
@@ -82,10 +88,10 @@ class Engine:
         self.pools = self.runtime = None
         self.paths = DecodePaths(self)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
-        if cfg.warm_up:
-            self.reconfigure(*stand_in(cfg))     # the configured policy never sees the warm-up request
+        if cfg.warm_up:      # the configured policy never sees the warm-up request
+            self.reconfigure(*stand_in(dataclasses.replace(cfg, expert_budget=choice.budget)))
         else:
-            self.reconfigure(cfg.policy, cfg.expert_budget, cfg.policy_options)
+            self.reconfigure(cfg.policy, choice.budget, cfg.policy_options)
         hook.activate(self.model, [layer.experts for layer in self.layers])
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = self._eos_ids()
@@ -93,7 +99,7 @@ class Engine:
         self.warm_up_s: float | None = None     # seconds of the one-time warm-up (engine/warmup.py), None: none ran
         if cfg.warm_up:
             self.warm_up_s = warm_up(self)
-            self.reconfigure(cfg.policy, cfg.expert_budget, cfg.policy_options)
+            self.reconfigure(cfg.policy, choice.budget, cfg.policy_options)
             self._iteration = 0
 
     def reconfigure(self, policy: str, expert_budget=None, policy_options: dict | None = None,

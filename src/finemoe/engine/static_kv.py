@@ -31,8 +31,9 @@ def static_cache_blocker(model) -> str | None:
         probe = StaticCache(config=model.config, max_cache_len=8)
     except Exception as e:  # noqa: BLE001  (any construction failure means: not supported)
         return f"transformers' StaticCache does not support it ({type(e).__name__}: {e})"
-    kinds = [n for n, flags in (("sliding-window", probe.is_sliding), ("linear-attention", probe.is_linear))
-             if any(flags)]
+    indexed = [hasattr(layer, "indexer_keys") for layer in probe.layers]   # DSA: the indexer attends over its own
+    kinds = [n for n, flags in (("sliding-window", probe.is_sliding), ("linear-attention", probe.is_linear),
+                                ("sparse-attention indexer", indexed)) if any(flags)]   # key cache, unmasked
     if kinds:
         return f"it has {' and '.join(kinds)} layers (the fast path builds full-attention masks only)"
     return None

@@ -16,18 +16,38 @@ def _pin_in_place(t: torch.Tensor) -> None:
                            "is the host memory lock limit (ulimit -l) too low?")
 
 
+MMAP_THRESHOLD_MAX = 32 * 2**20   # glibc serves every allocation at least this large from its own mmap
+
+
+def pinnable_where_it_lies(t: torch.Tensor) -> bool:
+    """True for a contiguous CPU tensor that is its storage's only view, start to end, whose memory torch's CPU
+    allocator owns (a resizable storage: not a view of a safetensors file mapping) and is large enough to be its
+    own mapping, so page-locking it in place pins its bytes and nothing another tensor could pin too. The loader
+    leaves stacked expert tensors like this (transformers builds them from per-expert checkpoint weights), and so
+    does a model built on the CPU."""
+    nbytes = t.numel() * t.element_size()
+    storage = t.untyped_storage()
+    return (t.device.type == "cpu" and t.is_contiguous() and t.storage_offset() == 0 and nbytes >= MMAP_THRESHOLD_MAX
+            and storage.nbytes() == nbytes and storage.resizable())
+
+
 class HostExpertStore:
     """`tensors[layer][name]` is a host tensor [J, *shape] holding expert weights of one MoE layer.
 
     Built by `take_from`, which moves each layer's expert tensors off its module one layer at a time
     (so at most one extra layer is alive during the move) and removes them from the module, so
     the model's own forward can no longer see them: only the finemoe experts implementation can run.
+    On CUDA a tensor `pinnable_where_it_lies` is page-locked in place (no second copy: the host peak stays one
+    copy of the experts); others (device tensors, views of a checkpoint's file mapping) are copied into exact-size
+    pinned tensors, one layer at a time.
     """
 
-    def __init__(self, geometry: ExpertGeometry, tensors: list[dict[str, torch.Tensor]], pinned: bool) -> None:
+    def __init__(self, geometry: ExpertGeometry, tensors: list[dict[str, torch.Tensor]], pinned: bool,
+                 pinned_in_place: int = 0) -> None:
         self.geometry = geometry
         self.tensors = tensors
         self.pinned = pinned
+        self.pinned_in_place = pinned_in_place   # tensors page-locked where the loader left them (no second copy)
 
     def close(self) -> None:
         """Unpin (page-unlock) the host tensors; the store must not be used afterwards."""
@@ -50,11 +70,16 @@ class HostExpertStore:
     def take_from(cls, layers: list[MoELayer], geometry: ExpertGeometry, pin: bool,
                   show_progress: bool = False) -> HostExpertStore:
         tensors: list[dict[str, torch.Tensor]] = []
+        in_place = 0
         for layer in tqdm(layers, desc="experts -> host", disable=not show_progress, unit="layer"):
             moved: dict[str, torch.Tensor] = {}
             for name in expert_tensor_names(layer.experts):
                 src = getattr(layer.experts, name).detach()
-                if pin:
+                if pin and pinnable_where_it_lies(src):
+                    _pin_in_place(src)
+                    dst = src
+                    in_place += 1
+                elif pin:
                     dst = torch.empty(src.shape, dtype=src.dtype)
                     _pin_in_place(dst)
                     dst.copy_(src)
@@ -66,4 +91,4 @@ class HostExpertStore:
                 delattr(layer.experts, name)  # the module no longer owns a copy
                 del src
             tensors.append(moved)
-        return cls(geometry, tensors, pin)
+        return cls(geometry, tensors, pin, in_place)

@@ -10,12 +10,13 @@ import os
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from finemoe.config import EngineConfig
-from finemoe.errors import ModelLoadError
-from finemoe.models.adapters import family_for, find_moe_layers
+from finemoe.errors import ModelLoadError, UnsupportedModelError
+from finemoe.models.adapters import architecture_of, find_moe_layers
 from finemoe.models.default import DEFAULT_MODEL_LABEL, DEFAULT_MODEL_NAME, build_default_model, default_tokenizer
 from finemoe.models.random_shapes import build_random, is_random_spec
 
@@ -29,13 +30,15 @@ class LoadedModel:
 
 
 def _expert_device_map(config, device: str) -> dict[str, str]:
-    """Device map: each MoE layer's `experts` on the CPU, everything else on `device`."""
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    dmap = {}
-    layers_prefix = "model.layers"
-    for layer in find_moe_layers(skeleton):
-        dmap[f"{layers_prefix}.{layer.decoder_index}.mlp.experts"] = "cpu"
+    """Device map: each MoE layer's experts module on the CPU, everything else on `device`. Built from a meta
+    skeleton, so an architecture finemoe cannot offload fails here, before any weight is read."""
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{architecture_of(config)} has no causal-LM class in transformers "
+                                    f"{transformers.__version__}: {_one_line(e)}") from None
+    dmap = {layer.path: "cpu" for layer in find_moe_layers(skeleton)}
     dmap[""] = device
     return dmap
 
@@ -71,12 +74,12 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         raise ModelLoadError(f"cannot read a model config from {source!r} as a {where}: {_one_line(e)}. "
                              "Pass a local directory with config.json and *.safetensors, "
                              "or a reachable hub id.") from None
-    family_for(config)  # unsupported architectures fail here, before any weight is read
     dtype = cfg.torch_dtype()
     device = cfg.device if cfg.device != "cuda" else "cuda:0"
+    device_map = _expert_device_map(config, device)   # unsupported architectures fail here, before any weight
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, device_map=_expert_device_map(config, device), use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                                     use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as e:
         raise ModelLoadError(f"cannot load weights or tokenizer from {source!r}: {_one_line(e)}") from None
