@@ -26,7 +26,10 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "lru") -> 
                    help="finemoe map store (policy option map_store): read if present, learned into, saved at exit")
     p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
+                   help="continuous batching's tokens per engine step: one per running request, prompt chunks "
+                        "fill the rest (long prompts prefill over several steps)")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="prompt + generated tokens per request; longer prompts are refused "
                         "(default: the model's max_position_embeddings)")
@@ -109,6 +112,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
     kw = dict(model=args.model, device=args.device, dtype=args.dtype, expert_budget=args.expert_budget,
               policy=args.policy, policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+              max_num_batched_tokens=args.max_num_batched_tokens,
               prefetch_inflight=args.prefetch_inflight, seed=args.seed,
               prefetch_issue=args.prefetch_issue, copy_chunk_bytes=args.copy_chunk_bytes,
               fast_path=args.fast_path, cuda_graphs=args.cuda_graphs, compile=args.compile,

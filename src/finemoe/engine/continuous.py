@@ -137,6 +137,14 @@ class ContinuousBatch:
             gen.manual_seed(r.params.seed if r.params.seed is not None else int(time.time_ns() % (2**31)))
         return RowSampler(r.params, gen)
 
+    def abort(self) -> None:
+        """End every row (after an engine failure: their state is not to be trusted); the batch is empty after."""
+        for i, s in enumerate(self.slots):
+            if s is not None:
+                s.request.cancel()
+                self.engine.policy.on_request_end(s.info())
+                self.slots[i] = None
+
     def _retire(self) -> None:
         for i, s in enumerate(self.slots):
             if s is not None and s.request.finished:
