@@ -196,10 +196,10 @@ class ContinuousBatch:
             ids[s.row, T - n:] = toks
             write[s.row, T - n:] = np.arange(s.cached, s.cached + n)
             token_rows[s.row, T - n:] = i
-        live = [s.row for s in plan.rows]
+        rows_ids = torch.from_numpy(ids[[s.row for s in plan.rows]]).to(self.engine.device)        # [P, T]
         it = IterationInfo(self.engine.next_iteration_index(), [s.request.request_id for s in plan.rows],
-                           [len(s.request.output_ids) for s in plan.rows], torch.from_numpy(ids[live]),
-                           plan.prefill)
+                           [len(s.request.output_ids) for s in plan.rows], rows_ids, plan.prefill,
+                           [len(t) for t in plan.tokens] if plan.prefill else None)
         if plan.prefill:
             ids_t, write_t = (torch.from_numpy(a).to(self.engine.device) for a in (ids, write))
             logits = self.engine.iterate(it, token_rows.reshape(-1), lambda: self.forward(ids_t, write_t))
