@@ -1,5 +1,5 @@
 """Online serving with real arrival times: next-batch admission against continuous batching at the same load
-(docs/BENCHMARKS.md, "`finemoe serve` online: continuous batching"; issue 22).
+(issue 22's GPU targets: TTFT p99, throughput and TPOT p50 against batch 1).
 
 Requests arrive as in an Azure LLM-inference workload (../shared/data/workloads/, arrival_s and output_tokens),
 carry real prompts (../shared/data/prompts/, cycled, cut to --max-prompt-tokens) and generate the workload's
