@@ -116,3 +116,22 @@ def test_run_continuous_equals_next_batch_generate(qwen):
 def test_token_budget_below_the_batch_size_is_refused():
     with pytest.raises(Exception, match="max-num-batched-tokens 2 is below --max-batch-size 4"):
         EngineConfig(device="cpu", max_batch_size=4, max_num_batched_tokens=2)
+
+
+def test_a_mixed_step_tells_policies_each_rows_real_tokens(qwen):
+    """A step where one request decodes while another prefills a chunk: IterationInfo.tokens and the token rows
+    name exactly each row's real tokens (right-aligned); every other cell is a dead row."""
+    engine = qwen.engine(rows=2, tokens=5)
+    seen = []
+    engine.iteration_hooks.append(lambda it, token_rows: seen.append((it, token_rows.copy())))
+    batch = engine.continuous_batch()
+    a, b = (engine.make_request(ids, SamplingParams(max_new_tokens=4, ignore_eos=True)) for ids in qwen.ids[:2])
+    batch.admit(a)
+    batch.step()                                  # a's 5-token prompt in one chunk, its first token
+    batch.admit(b)
+    batch.step()                                  # a decodes (1 token), b prefills 4 of its 25 prompt tokens
+    it, token_rows = seen[-1]
+    assert it.is_prefill and it.request_ids == [a.request_id, b.request_id] and it.tokens == [1, 4]
+    assert it.input_ids.shape == (2, 4) and it.input_ids[1].tolist() == qwen.ids[1][:4]
+    rows = token_rows.reshape(2, 4)
+    assert rows[0].tolist() == [-2, -2, -2, 0] and rows[1].tolist() == [1, 1, 1, 1]
