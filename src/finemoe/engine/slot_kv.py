@@ -130,7 +130,7 @@ def layer_windows(model) -> dict[str, int | None]:
     """The masks the model's forward reads, by layer type, with their window (None: full attention). A model
     without `layer_types` builds one mask for every layer (sliding when its config has a window)."""
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    window = getattr(text, "sliding_window", None)
+    window = getattr(text, "sliding_window", None) or None     # 0 means none (e.g. Qwen2-MoE without windows)
     kinds = getattr(text, "layer_types", None)
     if not kinds:
         return {"full_attention": window}
