@@ -35,7 +35,7 @@ def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL and health["max_batch_size"] == 8
-    assert "next batch" in health["batching"].lower()
+    assert health["scheduling"] == "continuous" and "every engine step" in health["batching"]
     assert health["warm_up_s"] > 0           # warmed up before accepting requests, reported apart from any TTFT
 
 

@@ -84,6 +84,8 @@ class EngineConfig:
         by a cost model calibrated at start (experts/calibration.py). cpu and auto are approximate (CPU math).
     max_model_len: tokens (prompt + generated) per request; None = the model's max_position_embeddings
         (Engine.max_model_len holds the resolved limit).
+    max_num_batched_tokens: continuous batching's token budget per step (engine/continuous.py): every running
+        request's decode token counts first, prompt chunks of prefilling requests fill the rest.
     cpu_threads: torch CPU threads (set process-wide at engine start, used by CPU-computed experts);
         None keeps torch's current number.
     cpu_expert_dtype: the weights CPU-computed experts read (experts/cpu_weights.py): auto (the faster of the
@@ -101,6 +103,7 @@ class EngineConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     max_batch_size: int = 8
     max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
     prefetch_inflight: int = 4
     prefetch_issue: str = "inflight"
     copy_chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -131,6 +134,10 @@ class EngineConfig:
             raise ConfigError("max_batch_size must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be >= 2")
+        if self.max_num_batched_tokens < self.max_batch_size:
+            raise ConfigError(f"--max-num-batched-tokens {self.max_num_batched_tokens} is below --max-batch-size "
+                              f"{self.max_batch_size}: every running request decodes a token each step; raise it "
+                              f"to at least {self.max_batch_size}")
         if self.prefetch_inflight < 1:
             raise ConfigError("prefetch_inflight must be >= 1")
         _ = self.issue     # validates both

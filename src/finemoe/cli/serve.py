@@ -8,6 +8,7 @@ import os
 from finemoe.cli.common import add_engine_args, engine_config
 from finemoe.cli.preflight import check_port_free, require_extra
 from finemoe.errors import ConfigError
+from finemoe.server.scheduler import SCHEDULING
 
 API_KEY_ENV = "FINEMOE_API_KEY"
 
@@ -25,9 +26,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"stay open); default: ${API_KEY_ENV} if set, else no key")
     p.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                    help="max_tokens of a request that sends none (capped by the room left in --max-model-len)")
+    p.add_argument("--scheduling", choices=SCHEDULING, default=SCHEDULING[0],
+                   help="continuous: requests join and leave the running batch at every step, prompts prefill in "
+                        "chunks within --max-num-batched-tokens; next-batch: a request that arrives while a batch "
+                        "runs waits for the next batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
+                   help="continuous: tokens per engine step, one per running request, prompt chunks fill the rest "
+                        "(long prompts prefill over several steps); at least --max-batch-size")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="requests that may wait for the engine; beyond them a request gets 429 with Retry-After "
+                        "(0 = unbounded)")
     p.add_argument("--batch-wait-ms", type=float, default=50.0, metavar="MS",
-                   help="after a batch of n requests ends, wait up to this long for n requests to start the next "
-                        "(its clients tend to come back together); a request at an idle server starts at once")
+                   help="next-batch: after a batch of n requests ends, wait up to this long for n requests to start "
+                        "the next (its clients tend to come back together); a request at an idle server starts at once")
     p.add_argument("--save-interval", type=float, default=60.0, metavar="SECONDS",
                    help="save a learning policy's state (e.g. the finemoe --map-store) this often; 0 = only at exit")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -62,6 +73,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port {args.port} is not a TCP port: use 0..65535")
     if args.default_max_tokens < 1:
         raise ConfigError("--default-max-tokens must be >= 1")
+    if args.max_queue < 0:
+        raise ConfigError("--max-queue must be >= 0 (0 = unbounded)")
     if args.batch_wait_ms < 0:
         raise ConfigError("--batch-wait-ms must be >= 0")
     if args.save_interval < 0:
@@ -85,11 +98,12 @@ def run(args: argparse.Namespace) -> int:
     from finemoe.server import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    engine = Engine.from_config(engine_config(args, warm_up=True))
+    engine = Engine.from_config(engine_config(args, warm_up=True, max_num_batched_tokens=args.max_num_batched_tokens))
     logging.getLogger("finemoe").info("warm-up %.2f s before accepting requests (in no request's TTFT)",
                                       engine.warm_up_s)
     app = create_app(engine, default_max_tokens=args.default_max_tokens, save_interval_s=args.save_interval,
-                     batch_wait_s=args.batch_wait_ms / 1e3, served_model_name=args.served_model_name,
+                     batch_wait_s=args.batch_wait_ms / 1e3, scheduling=args.scheduling,
+                     max_queue=args.max_queue or None, served_model_name=args.served_model_name,
                      chat_template=chat_template, api_key=args.api_key)
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown: open streams get a few seconds to finish, then
     # the app's lifespan stops the scheduler and closes the engine (a persisting policy saves there).

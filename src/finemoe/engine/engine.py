@@ -13,12 +13,14 @@ import torch
 
 from finemoe.config import EngineConfig, capacity_for
 from finemoe.engine.batch import BatchRunner
+from finemoe.engine.continuous import ContinuousBatch
 from finemoe.engine.cpu_misses import CpuMisses
 from finemoe.engine import memory_fit
 from finemoe.engine.metrics import aggregate, peak_device_bytes, peak_host_bytes
 from finemoe.engine.paths import DecodePaths
 from finemoe.engine.request import Request
 from finemoe.engine.runtime import LayerExecutor, OffloadRuntime
+from finemoe.engine.slot_kv import slot_kv_blocker
 from finemoe.engine.sampling import SamplingParams
 from finemoe.engine.warmup import stand_in, warm_up
 from finemoe.errors import ConfigError
@@ -87,6 +89,7 @@ class Engine:
         self.copy_Bps: float | None = None            # pinned H2D bytes/s, measured when the idle issue rule first runs
         self.pools = self.runtime = None
         self.paths = DecodePaths(self)
+        self.continuous_blocker = slot_kv_blocker(self.model)   # why continuous batching cannot run (None: it can)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
         if cfg.warm_up:      # the configured policy never sees the warm-up request
             self.reconfigure(*stand_in(dataclasses.replace(cfg, expert_budget=choice.budget)))
@@ -292,6 +295,28 @@ class Engine:
                 batch.step()
             if on_batch is not None:
                 on_batch(len(chunk))
+        return requests
+
+    def continuous_batch(self) -> ContinuousBatch:
+        """A running batch that requests join and leave at every step (engine/continuous.py); ConfigError when
+        this model cannot run one."""
+        if self.continuous_blocker is not None:
+            raise ConfigError(f"continuous batching cannot serve this model: {self.continuous_blocker}; "
+                              "use next-batch scheduling")
+        return ContinuousBatch(self)
+
+    def run_continuous(self, requests: list[Request], on_step: Callable[[list], object] | None = None
+                       ) -> list[Request]:
+        """Run requests to completion with continuous batching: admitted first come, first served whenever the
+        batch has room; `on_step(outputs)` after every step."""
+        batch = self.continuous_batch()
+        queue = list(reversed(requests))
+        while queue or not batch.done:
+            while queue and batch.has_room():
+                batch.admit(queue.pop())
+            out = batch.step()
+            if on_step is not None:
+                on_step(out)
         return requests
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | None = None,

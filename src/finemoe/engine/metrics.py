@@ -17,6 +17,7 @@ class RequestMetrics:
     the requests in it."""
 
     t_submit: float = field(default_factory=time.perf_counter)
+    t_admit: float | None = None      # left the server's queue for the engine (server/scheduler.py)
     t_first: float | None = None
     t_last: float | None = None
     tokens: int = 0

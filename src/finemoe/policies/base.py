@@ -66,14 +66,17 @@ class RequestInfo:
 
 @dataclass(frozen=True)
 class IterationInfo:
-    """One forward pass. `input_ids` [B, T] (T = padded prompt length at prefill, 1 at decode);
-    `steps[b]` is row b's iteration number within its request (0 = prefill)."""
+    """One forward pass. `input_ids` [B, T] (T = padded prompt length at prefill, 1 at decode); each row's real
+    tokens are its last ones. `steps[b]` is row b's tokens generated so far (0 = prefill). `tokens[b]`: row b's
+    real tokens in this pass, where rows differ otherwise than by prompt length (continuous batching: a prompt
+    chunk, or 1 for a row decoding beside prefills); None: its whole prompt at prefill, 1 at decode."""
 
     index: int
     request_ids: list[str]
     steps: list[int]
     input_ids: torch.Tensor
     is_prefill: bool
+    tokens: list[int] | None = None
 
 
 @dataclass(frozen=True)

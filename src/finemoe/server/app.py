@@ -32,9 +32,14 @@ from finemoe.server.protocol import APIError, ChatCompletionRequest, CompletionR
 from finemoe.server.scheduler import Scheduler
 
 log = logging.getLogger("finemoe.server")
-BATCHING = ("requests queue and run in batches of up to max_batch_size; decode steps of a batch share one "
-            "forward pass; a request that arrives while a batch runs joins the NEXT batch (the engine has no "
-            "in-flight joining); a finished or disconnected request leaves its batch at the next step")
+BATCHING = {
+    "continuous": ("every engine step decodes every running request and admits queued ones first come, first served "
+                   "while the batch has a free row (max_batch_size) and token budget (max_num_batched_tokens; long "
+                   "prompts prefill in chunks); a finished or disconnected request frees its row at the next step"),
+    "next-batch": ("requests queue and run in batches of up to max_batch_size; decode steps of a batch share one "
+                   "forward pass; a request that arrives while a batch runs joins the NEXT batch; a finished or "
+                   "disconnected request leaves its batch at the next step"),
+}
 
 
 @dataclass
@@ -52,19 +57,22 @@ class ServerState:
 
 
 def create_app(engine, *, default_max_tokens: int = 256, save_interval_s: float = 60.0,
-               batch_wait_s: float = 0.05, served_model_name: str | None = None, chat_template: str | None = None,
+               batch_wait_s: float = 0.05, scheduling: str = "continuous", max_queue: int | None = None,
+               served_model_name: str | None = None, chat_template: str | None = None,
                api_key: str | None = None) -> FastAPI:
-    """An app serving `engine`, which it owns: shutdown closes it. Batch size and max model length come
-    from engine.cfg; `batch_wait_s` is how long, after a batch of n ends, the next waits for n requests.
+    """An app serving `engine`, which it owns: shutdown closes it. Batch size, token budget and max model length
+    come from engine.cfg; `scheduling` and `batch_wait_s` (next-batch: how long, after a batch of n ends, the next
+    waits for n requests) see server/scheduler.py; beyond `max_queue` waiting requests a request gets 429.
     `served_model_name`: the model id clients send (default engine.model_name); `chat_template`: Jinja text
     replacing the tokenizer's for chat requests; `api_key`: required as a Bearer token on the /v1 routes."""
     metrics = ServerMetrics()
     persistence = PolicyPersistence(engine, save_interval_s)
+    scheduler = Scheduler(engine, metrics, persistence, engine.cfg.max_batch_size, batch_wait_s, scheduling, max_queue)
     tokenizer = copy.deepcopy(engine.tokenizer)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     state = ServerState(
-        engine=engine, scheduler=Scheduler(engine, metrics, persistence, engine.cfg.max_batch_size, batch_wait_s),
+        engine=engine, scheduler=scheduler,
         metrics=metrics, persistence=persistence, tokenizer=tokenizer,
         model_name=served_model_name or engine.model_name, max_model_len=engine.max_model_len,
         default_max_tokens=default_max_tokens, vocab_size=engine.model.get_input_embeddings().num_embeddings,
@@ -74,7 +82,7 @@ def create_app(engine, *, default_max_tokens: int = 256, save_interval_s: float 
     async def lifespan(app: FastAPI):
         state.scheduler.start()
         log.info("serving %s (%s) with policy %r; %s", state.model_name, engine.model_label, engine.cfg.policy,
-                 BATCHING)
+                 BATCHING[state.scheduler.scheduling])
         try:
             yield
         finally:
@@ -105,7 +113,7 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
         if e.status < 500:
             metrics.requests.labels("invalid").inc()
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
@@ -166,9 +174,11 @@ def _add_routes(app: FastAPI, state: ServerState, api_key: str | None) -> None:
                 "policy": e.cfg.policy, "device": str(e.device), "expert_budget_bytes": e.budget_bytes,
                 "cache_slots": e.cache.capacity, "max_batch_size": state.scheduler.max_batch_size,
                 "max_model_len": state.max_model_len, "queue_depth": state.scheduler.queue_depth,
-                "running": state.scheduler.running, "policy_state": state.scheduler.policy_state,
-                "policy_saves": state.persistence.saves, "warm_up_s": e.warm_up_s,
-                "batching": BATCHING}
+                "max_queue": state.scheduler.max_queue, "running": state.scheduler.running,
+                "policy_state": state.scheduler.policy_state, "policy_saves": state.persistence.saves,
+                "warm_up_s": e.warm_up_s, "scheduling": state.scheduler.scheduling,
+                "max_num_batched_tokens": e.cfg.max_num_batched_tokens,
+                "batching": BATCHING[state.scheduler.scheduling]}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics")

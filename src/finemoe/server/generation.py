@@ -16,7 +16,7 @@ from starlette.requests import Request as HTTPRequest
 
 from finemoe.engine import SamplingParams
 from finemoe.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, usage
-from finemoe.server.scheduler import Event, Job
+from finemoe.server.scheduler import Event, Job, QueueFull
 from finemoe.server.textstream import IncrementalText
 
 DISCONNECT_POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
@@ -66,8 +66,12 @@ def submit(state, body: CompletionRequest | ChatCompletionRequest) -> Generation
     request = state.engine.make_request(ids, params)  # pure bookkeeping for token ids: safe off the engine thread
     request.prompt_text = text
     job = Job(request, asyncio.get_running_loop())
+    try:
+        state.scheduler.submit(job)
+    except QueueFull as e:
+        raise APIError(str(e), status=429, type="requests", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(e.retry_after_s)}) from None
     state.metrics.prompt_tokens.inc(len(ids))
-    state.scheduler.submit(job)
     prefix = "chatcmpl" if chat else "cmpl"
     return Generation(chat, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_name, job, len(ids),
                       stop, bool(body.stream_options and body.stream_options.include_usage))

@@ -9,11 +9,13 @@ import math
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from finemoe.server.scheduler import SchedulerMetrics
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
 OUTCOMES = ("stop", "length", "cancelled", "error", "invalid")
 
 
-class ServerMetrics:
+class ServerMetrics(SchedulerMetrics):
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
@@ -26,9 +28,11 @@ class ServerMetrics:
         self.misses = Counter("finemoe_expert_misses", "Expert uses that waited for a copy", registry=r)
         self.bytes_copied = Counter("finemoe_expert_bytes_copied", "Expert bytes copied host -> device", registry=r)
         self.occupancy = Gauge("finemoe_expert_cache_occupancy_ratio", "Resident experts / cache slots", registry=r)
-        self.queue_depth = Gauge("finemoe_queue_depth", "Requests waiting for the next batch", registry=r)
-        self.running = Gauge("finemoe_running_requests", "Requests in the batch being decoded", registry=r)
-        self.batch_size = Histogram("finemoe_batch_size", "Requests per batch formed by the scheduler",
+        self.queue_depth = Gauge("finemoe_queue_depth", "Requests waiting in the queue", registry=r)
+        self.running = Gauge("finemoe_running_requests", "Requests in the engine's batch", registry=r)
+        self.queue_wait = Histogram("finemoe_queue_wait_seconds", "Queue entry to admission into the engine",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("finemoe_batch_size", "Requests in the batch at each engine step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.requests = Counter("finemoe_requests", "Finished requests by outcome", ["outcome"], registry=r)
         self.prompt_tokens = Counter("finemoe_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
@@ -37,6 +41,16 @@ class ServerMetrics:
             self.requests.labels(outcome)
         self._totals_owner = None
         self._seen = (0, 0, 0)
+
+    def on_queue(self, waiting: int, running: int) -> None:
+        self.queue_depth.set(waiting)
+        self.running.set(running)
+
+    def on_admit(self, request, wait_s: float) -> None:
+        self.queue_wait.observe(wait_s)
+
+    def on_finish(self, reason: str) -> None:
+        self.requests.labels(reason).inc()
 
     def on_request_done(self, request) -> None:
         """A request left the engine (scheduler thread)."""
@@ -48,8 +62,9 @@ class ServerMetrics:
         self.output_tokens.inc(m.tokens)
         self.requests.labels(request.finish_reason or "error").inc()
 
-    def on_step(self, engine) -> None:
+    def on_step(self, engine, running: int) -> None:
         """After each engine iteration: move counters by the runtime's totals since the last look."""
+        self.batch_size.observe(running)
         totals = engine.runtime.totals
         if totals is not self._totals_owner:  # a (re)configured runtime starts its totals at zero
             self._totals_owner, self._seen = totals, (0, 0, 0)

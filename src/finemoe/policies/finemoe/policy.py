@@ -140,7 +140,7 @@ class FineMoEPolicy(Policy):
         """The current iteration's semantic embeddings [B, E] (computed once per iteration)."""
         if self.sem is None:
             it = self.iteration
-            lens = [self.prompt_lens.get(rid, it.input_ids.shape[1]) for rid in it.request_ids]
+            lens = it.tokens or [self.prompt_lens.get(rid, it.input_ids.shape[1]) for rid in it.request_ids]
             self.sem = self.embedder.embed(it, lens, last_only=self.prefill == "last")
         return self.sem
 
