@@ -1,0 +1,107 @@
+"""Continuous batching on the GPU (engine/continuous.py, issue 22): its greedy tokens against plain transformers'.
+
+A Qwen1.5-MoE-A2.7B-shaped random bf16 model; prompts of different lengths, each with its own number of new tokens.
+  alone      every request runs by itself through the continuous batch, one after another (slot KV cache,
+             chunked prefill, decode CUDA graphs of bucket 1). Reference: plain transformers through the static-cache
+             step, the same prompt alone (check_exact_gpu._reference). Must be exact.
+  staggered  3 rows, requests queued at different steps, joining and leaving a running batch. Reference: the same,
+             each prompt alone. On the CPU in fp32 this is exact (tests/test_continuous_batching.py); in bf16 on the GPU
+             a row's matmuls run in batches of other sizes than alone, whose kernels may round differently, so the
+             fraction of equal tokens is reported, not required.
+Per policy (resident, and each of --policies at --budget). Short table last; JSON to --out.
+
+    PYTHONPATH=src:benchmarks python3 benchmarks/check_continuous_gpu.py --out $OUT/continuous.json
+    PYTHONPATH=src:benchmarks python3 benchmarks/check_continuous_gpu.py --device cpu --tiny --layers 2   (smoke)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks_common import build_model
+from check_exact_gpu import _reference
+from finemoe.config import EngineConfig
+from finemoe.engine import Engine, SamplingParams
+from finemoe.models.default import default_tokenizer
+from finemoe.models.loader import LoadedModel
+
+PROMPT_LENS = (40, 64, 23, 50)
+NEW_TOKENS = (24, 12, 24, 20)       # the second request leaves early
+ARRIVALS = (0, 2, 3, 6)             # the step at which each request is queued (staggered)
+
+
+def staggered(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    """Queue request i at step ARRIVALS[i], admit first come first served while the batch has room, step until
+    every request is done -> each request's tokens."""
+    batch = engine.continuous_batch()
+    reqs = [engine.make_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+            for p, n in zip(prompts, NEW_TOKENS)]
+    queue, step = [], 0
+    while step <= max(ARRIVALS) or queue or not batch.done:
+        queue += [r for r, a in zip(reqs, ARRIVALS) if a == step]
+        while queue and batch.has_room():
+            batch.admit(queue.pop(0))
+        batch.step()
+        step += 1
+    return [r.output_ids for r in reqs]
+
+
+def alone(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    """Each request by itself through the continuous batch (the next queued only once it is done)."""
+    out = []
+    for p, n in zip(prompts, NEW_TOKENS):
+        req = engine.make_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+        engine.run_continuous([req])
+        out.append(req.output_ids)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--policies", default="lru,finemoe")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test of this script)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    model = build_model(args.layers, 0, args.device, args.tiny)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    refs = [_reference(model, torch.tensor([p], device=args.device), n)[0] for p, n in zip(prompts, NEW_TOKENS)]
+    loaded = LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random", "Qwen1.5-MoE-A2.7B shape, random bf16")
+    rows = []
+    engine = Engine(loaded, EngineConfig(device=args.device, policy="resident", show_progress=False,
+                                         max_batch_size=3, max_num_batched_tokens=64))
+    for mode in ("alone", "staggered"):
+        for policy in ["resident"] + args.policies.split(","):
+            engine.reconfigure(policy, None if policy == "resident" else args.budget)
+            got = (alone if mode == "alone" else staggered)(engine, prompts)
+            equal = sum(a == b for x, y in zip(got, refs) for a, b in zip(x, y))
+            total = sum(len(y) for y in refs)
+            rows.append({"mode": mode, "policy": policy, "budget": "100%" if policy == "resident" else args.budget,
+                         "requests_exact": sum(x == y for x, y in zip(got, refs)), "requests": len(refs),
+                         "token_agreement": equal / total})
+            print(f"  {mode} {policy}: {rows[-1]['requests_exact']}/{len(refs)} requests exact", flush=True)
+    engine.close()
+    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+              "layers": args.layers, "rows": rows,
+              "alone_exact": all(r["requests_exact"] == r["requests"] for r in rows if r["mode"] == "alone")}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"\n{result['device']}, torch {torch.__version__}, {args.layers} layers, prompts {PROMPT_LENS}, "
+          f"new tokens {NEW_TOKENS}, prefill chunks of 64 tokens")
+    print(f"{'mode':10s} {'policy':10s} {'budget':>6s} {'exact requests':>14s} {'equal tokens':>12s}")
+    for r in rows:
+        print(f"{r['mode']:10s} {r['policy']:10s} {r['budget']:>6s} {r['requests_exact']:>10d}/{r['requests']:<3d} "
+              f"{r['token_agreement']:12.3f}")
+    print("ALONE EXACT" if result["alone_exact"] else "ALONE NOT EXACT")
+    return result
+
+
+if __name__ == "__main__":
+    main()
