@@ -113,9 +113,11 @@ def test_run_continuous_equals_next_batch_generate(qwen):
     assert all(r.metrics.hits + r.metrics.misses > 0 for r in cont)
 
 
-def test_token_budget_below_the_batch_size_is_refused():
+def test_token_budget_below_the_batch_size_is_refused_and_the_default_follows_the_batch_size():
     with pytest.raises(Exception, match="max-num-batched-tokens 2 is below --max-batch-size 4"):
         EngineConfig(device="cpu", max_batch_size=4, max_num_batched_tokens=2)
+    assert EngineConfig(device="cpu", max_batch_size=4).step_tokens == 2048
+    assert EngineConfig(device="cpu", max_batch_size=4096).step_tokens == 4096     # generate's batches need no flag
 
 
 def test_a_mixed_step_tells_policies_each_rows_real_tokens(qwen):

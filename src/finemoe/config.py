@@ -55,6 +55,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+DEFAULT_STEP_TOKENS = 2048   # max_num_batched_tokens when not given (at least max_batch_size)
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs; validated once in `__post_init__`.
@@ -85,7 +88,8 @@ class EngineConfig:
     max_model_len: tokens (prompt + generated) per request; None = the model's max_position_embeddings
         (Engine.max_model_len holds the resolved limit).
     max_num_batched_tokens: continuous batching's token budget per step (engine/continuous.py): every running
-        request's decode token counts first, prompt chunks of prefilling requests fill the rest.
+        request's decode token counts first, prompt chunks of prefilling requests fill the rest. None: 2048, or
+        max_batch_size when that is larger (`step_tokens` holds the resolved budget).
     cpu_threads: torch CPU threads (set process-wide at engine start, used by CPU-computed experts);
         None keeps torch's current number.
     cpu_expert_dtype: the weights CPU-computed experts read (experts/cpu_weights.py): auto (the faster of the
@@ -103,7 +107,7 @@ class EngineConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     max_batch_size: int = 8
     max_model_len: int | None = None
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None
     prefetch_inflight: int = 4
     prefetch_issue: str = "inflight"
     copy_chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -117,6 +121,13 @@ class EngineConfig:
     seed: int = 0
     show_progress: bool = True
     warm_up: bool = False
+
+    @property
+    def step_tokens(self) -> int:
+        """Continuous batching's token budget per step (max_num_batched_tokens resolved)."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return max(DEFAULT_STEP_TOKENS, self.max_batch_size)
 
     @property
     def issue(self) -> PrefetchIssue:
@@ -134,7 +145,7 @@ class EngineConfig:
             raise ConfigError("max_batch_size must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError("max_model_len must be >= 2")
-        if self.max_num_batched_tokens < self.max_batch_size:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_batch_size:
             raise ConfigError(f"--max-num-batched-tokens {self.max_num_batched_tokens} is below --max-batch-size "
                               f"{self.max_batch_size}: every running request decodes a token each step; raise it "
                               f"to at least {self.max_batch_size}")

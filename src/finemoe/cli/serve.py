@@ -30,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continuous: requests join and leave the running batch at every step, prompts prefill in "
                         "chunks within --max-num-batched-tokens; next-batch: a request that arrives while a batch "
                         "runs waits for the next batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N",
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                    help="continuous: tokens per engine step, one per running request, prompt chunks fill the rest "
-                        "(long prompts prefill over several steps); at least --max-batch-size")
+                        "(long prompts prefill over several steps); at least --max-batch-size (default: 2048, or "
+                        "--max-batch-size when larger)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="requests that may wait for the engine; beyond them a request gets 429 with Retry-After "
                         "(0 = unbounded)")

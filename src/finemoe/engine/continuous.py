@@ -95,7 +95,7 @@ class ContinuousBatch:
     def __init__(self, engine, max_num_batched_tokens: int | None = None) -> None:
         self.engine = engine
         self.max_rows = engine.cfg.max_batch_size
-        self.budget = max_num_batched_tokens or engine.cfg.max_num_batched_tokens
+        self.budget = max_num_batched_tokens or engine.cfg.step_tokens
         self.kv = SlotKV(num_attention_layers(engine.model), self.max_rows, 1, engine.device)
         self.windows = layer_windows(engine.model)
         self.additive = getattr(engine.model.config, "_attn_implementation", "sdpa") == "eager"

@@ -177,7 +177,7 @@ def _add_routes(app: FastAPI, state: ServerState, api_key: str | None) -> None:
                 "max_queue": state.scheduler.max_queue, "running": state.scheduler.running,
                 "policy_state": state.scheduler.policy_state, "policy_saves": state.persistence.saves,
                 "warm_up_s": e.warm_up_s, "scheduling": state.scheduler.scheduling,
-                "max_num_batched_tokens": e.cfg.max_num_batched_tokens,
+                "max_num_batched_tokens": e.cfg.step_tokens,
                 "batching": BATCHING[state.scheduler.scheduling]}
         return JSONResponse(body, status_code=200 if alive else 503)
 
