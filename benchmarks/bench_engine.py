@@ -15,10 +15,9 @@ import json
 import statistics
 import time
 
-import numpy as np
 import torch
 
-from benchmarks_common import build_model  # noqa: E402  (same folder)
+from benchmarks_common import demand_load_gbps, build_model  # noqa: E402  (same folder)
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.metrics import peak_host_bytes
@@ -86,22 +85,6 @@ def raw_pinned_copy_gbps(nbytes: int, chunks: int = 1, reps: int = 5) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return nbytes / statistics.median(times[1:]) / 1e9
-
-
-def demand_load_gbps(engine: Engine, layers: int) -> float:
-    """Fill one layer's 60 experts through the cache's demand path (all misses) and time the copy stream."""
-    J = engine.geometry.num_experts
-    engine.reconfigure("lru", J * engine.geometry.expert_bytes)
-    tr, rates = engine.cache.transport, []
-    for layer in range(min(layers, 6)):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(tr.stream)
-        res = engine.cache.acquire(layer, np.arange(J))
-        b.record(tr.stream)
-        b.synchronize()
-        engine.cache.release(res.slots)
-        rates.append(J * engine.geometry.expert_bytes / (a.elapsed_time(b) / 1e3) / 1e9)
-    return statistics.median(rates[1:])
 
 
 class PlainToggle:

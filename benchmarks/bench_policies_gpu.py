@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from bench_engine import raw_pinned_copy_gbps
-from benchmarks_common import replayed_model
+from benchmarks_common import serve_replayed, replayed_model
 from finemoe.eval.split import shuffled_split
 from finemoe.config import EngineConfig
-from finemoe.engine import Engine, SamplingParams
+from finemoe.engine import Engine
 from finemoe.engine.replay import RoutingReplay
 from finemoe.eval.variants import parse_variants
 from finemoe.simulator.replay import Replay
@@ -74,15 +74,6 @@ def fit_bandwidth(trace: Trace, budget: str, cost: CostModel, target_tpot_s: flo
     return (lo * hi) ** 0.5
 
 
-def serve(engine: Engine, replay: RoutingReplay, idx: list[int]) -> list:
-    reqs = []
-    for r in idx:
-        req = replay.request_for(r, SamplingParams())
-        engine.run([req])
-        reqs.append(req)
-    return reqs
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", required=True)
@@ -105,7 +96,7 @@ def main() -> None:
     engine = Engine(replayed_model(trace, args.device, args.tiny),
                     EngineConfig(device=args.device, policy="resident", show_progress=False))
     replay = RoutingReplay(engine, trace)
-    serve(engine, replay, held[:2])  # warm-up
+    serve_replayed(engine, replay, held[:2])  # warm-up
     rows, t_all = [], time.perf_counter()
 
     def measure(name: str, reqs, policy) -> dict:
@@ -122,15 +113,15 @@ def main() -> None:
 
     calib = build[:args.calibrate]
     L = trace.num_layers
-    resident_calib = engine.summary(serve(engine, replay, calib))["tpot_s"]
+    resident_calib = engine.summary(serve_replayed(engine, replay, calib))["tpot_s"]
     engine.reconfigure("lru", "100%")
-    serve(engine, replay, calib)                                                   # fill the cache
-    lru_full_calib = engine.summary(serve(engine, replay, calib))["tpot_s"]        # every use a hit
+    serve_replayed(engine, replay, calib)                                                   # fill the cache
+    lru_full_calib = engine.summary(serve_replayed(engine, replay, calib))["tpot_s"]        # every use a hit
     layer_time, host_layer = resident_calib / L, max(lru_full_calib - resident_calib, 0.0) / L
     engine.reconfigure("lru", args.budget)
-    lru_budget_calib = engine.summary(serve(engine, replay, calib))["tpot_s"]     # cold start, as the simulator
+    lru_budget_calib = engine.summary(serve_replayed(engine, replay, calib))["tpot_s"]   # cold, as the simulator
     engine.reconfigure("resident", None)
-    rows.append(measure("resident", serve(engine, replay, held), engine.policy))
+    rows.append(measure("resident", serve_replayed(engine, replay, held), engine.policy))
     eb = engine.geometry.expert_bytes
     raw = max(raw_pinned_copy_gbps(60 * eb, reps=9), raw_pinned_copy_gbps(60 * eb, chunks=60, reps=9)) if cuda else 25.0
     stores, policy_layer_s = {}, {}
@@ -141,17 +132,17 @@ def main() -> None:
         elif name == "finemoe":
             stores[v.label] = os.path.join(args.out, f"store_{len(stores)}.safetensors")
             engine.reconfigure(name, args.budget, {**opts, "map_store": stores[v.label], "fresh": True, "learn": True})
-            serve(engine, replay, build)
+            serve_replayed(engine, replay, build)
             opts = {**opts, "map_store": stores[v.label], "learn": False}
         elif name == "moe-infinity":
             stores[v.label] = os.path.join(args.out, f"collection_{len(stores)}.safetensors")
             engine.reconfigure(name, args.budget, {**opts, "collection": stores[v.label], "learn": True})
-            serve(engine, replay, build)
+            serve_replayed(engine, replay, build)
             opts = {**opts, "collection": stores[v.label], "learn": False}
         engine.reconfigure(name, args.budget, opts)
-        policy_layer_s[v.label] = policy_time_per_layer(engine, serve(engine, replay, calib), L)
+        policy_layer_s[v.label] = policy_time_per_layer(engine, serve_replayed(engine, replay, calib), L)
         engine.reconfigure(name, args.budget, opts)
-        rows.append(measure(v.label, serve(engine, replay, held), engine.policy))
+        rows.append(measure(v.label, serve_replayed(engine, replay, held), engine.policy))
     engine.reconfigure("resident", None)
     sims = []
     held_trace = subset(trace, held)

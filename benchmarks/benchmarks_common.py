@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import torch
 from transformers import Qwen2MoeForCausalLM
 
@@ -54,3 +55,32 @@ def replayed_model(trace, device: str, tiny: bool) -> LoadedModel:
     return LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random",
                        f"Qwen1.5-MoE shape, {trace.num_layers} layers, random bf16, "
                        f"routing replayed from {trace.model}")
+
+
+def serve_replayed(engine, replay, idx: list[int]) -> list:
+    """Serve trace requests `idx` one at a time (batch 1) with their recorded routing -> the finished requests."""
+    from finemoe.engine import SamplingParams
+    reqs = []
+    for r in idx:
+        req = replay.request_for(r, SamplingParams())
+        engine.run([req])
+        reqs.append(req)
+    return reqs
+
+
+def demand_load_gbps(engine, layers: int | None = None) -> float:
+    """GB/s of one layer's experts loaded through the cache's demand path (all misses), timed on the copy stream
+    with CUDA events; the median over up to 6 layers, the first left out as warm-up when there are more."""
+    J = engine.geometry.num_experts
+    layers = engine.geometry.num_layers if layers is None else layers
+    engine.reconfigure("lru", J * engine.geometry.expert_bytes)
+    tr, rates = engine.cache.transport, []
+    for layer in range(min(layers, 6)):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(tr.stream)
+        res = engine.cache.acquire(layer, np.arange(J))
+        b.record(tr.stream)
+        b.synchronize()
+        engine.cache.release(res.slots)
+        rates.append(J * engine.geometry.expert_bytes / (a.elapsed_time(b) / 1e3) / 1e9)
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)

@@ -56,9 +56,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks_common import build_model, replayed_model
+from benchmarks_common import serve_replayed, build_model, replayed_model
 from finemoe.config import EngineConfig
-from finemoe.engine import Engine, SamplingParams
+from finemoe.engine import Engine
 from finemoe.engine.replay import RoutingReplay
 from finemoe.eval.split import shuffled_split
 from finemoe.traces.format import load_trace
@@ -171,15 +171,6 @@ def stage_accelerate(args, ckpt: Path, trace, held: list[int], gpu_expert_layers
             "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in reqs)}
 
 
-def serve(engine: Engine, replay: RoutingReplay, idx: list[int]) -> list:
-    reqs = []
-    for r in idx:
-        req = replay.request_for(r, SamplingParams())
-        engine.run([req])
-        reqs.append(req)
-    return reqs
-
-
 def finemoe_row(engine: Engine, reqs: list, trace, idx: list[int], policy: str, budget: str, mode: str) -> dict:
     s = engine.summary(reqs)
     tokens = s["output_tokens"]
@@ -195,8 +186,8 @@ def stage_finemoe(args, trace, build_idx: list[int], held: list[int]) -> dict:
                     EngineConfig(device=args.device, policy="resident", show_progress=False,
                                  cpu_threads=args.cpu_threads))
     replay = RoutingReplay(engine, trace)
-    serve(engine, replay, held[:2])                                        # warm-up
-    rows = [finemoe_row(engine, serve(engine, replay, held), trace, held, "resident", "100%", "gpu")]
+    serve_replayed(engine, replay, held[:2])                                        # warm-up
+    rows = [finemoe_row(engine, serve_replayed(engine, replay, held), trace, held, "resident", "100%", "gpu")]
     stores = tempfile.mkdtemp(prefix="peers_finemoe_")
     for policy in args.policies.split(","):
         opts = {}
@@ -204,11 +195,12 @@ def stage_finemoe(args, trace, build_idx: list[int], held: list[int]) -> dict:
             path = os.path.join(stores, "finemoe.safetensors")
             engine.reconfigure(policy, args.budget, {"map_store": path, "learn": True, "fresh": True},
                                miss_compute="gpu")
-            serve(engine, replay, build_idx)
+            serve_replayed(engine, replay, build_idx)
             opts = {"map_store": path, "learn": False}
         for mode in args.modes.split(","):
             engine.reconfigure(policy, args.budget, opts, miss_compute=mode)
-            rows.append(finemoe_row(engine, serve(engine, replay, held), trace, held, policy, args.budget, mode))
+            reqs = serve_replayed(engine, replay, held)
+            rows.append(finemoe_row(engine, reqs, trace, held, policy, args.budget, mode))
             print(f"  finemoe {policy} {args.budget} {mode}: TPOT {rows[-1]['tpot_s'] * 1e3:.2f} ms", flush=True)
     cpu_threads = torch.get_num_threads()
     engine.close()

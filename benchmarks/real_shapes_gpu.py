@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks_common import demand_load_gbps
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.metrics import peak_host_bytes
@@ -102,22 +103,6 @@ def raw_pinned_gbps(nbytes: int, device: torch.device, reps: int = 5) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return nbytes / float(np.median(times[1:])) / 1e9
-
-
-def demand_copy_gbps(engine: Engine) -> float:
-    """One layer's experts through the cache's demand path (all misses), timed on the copy stream."""
-    J, rates = engine.geometry.num_experts, []
-    engine.reconfigure("lru", J * engine.geometry.expert_bytes)
-    tr = engine.cache.transport
-    for layer in range(min(engine.geometry.num_layers, 4)):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(tr.stream)
-        res = engine.cache.acquire(layer, np.arange(J))
-        b.record(tr.stream)
-        b.synchronize()
-        engine.cache.release(res.slots)
-        rates.append(J * engine.geometry.expert_bytes / (a.elapsed_time(b) / 1e3) / 1e9)
-    return float(np.median(rates[1:] if len(rates) > 1 else rates))
 
 
 def serve_rows(engine: Engine, args) -> list[dict]:
@@ -204,7 +189,7 @@ def run_shape(name: str, args) -> dict:
               "rows": serve_rows(engine, args)}
     if device.type == "cuda":
         result["raw_pinned_GBps"] = raw_pinned_gbps(g.num_experts * g.expert_bytes, device)
-        result["demand_copy_GBps"] = demand_copy_gbps(engine)
+        result["demand_copy_GBps"] = demand_load_gbps(engine, 4)
         for row in result["rows"]:
             row["copy_floor_s"] = row["decode_bytes_per_token"] / (result["raw_pinned_GBps"] * 1e9)
     result["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0

@@ -33,11 +33,7 @@ class BatchRunner:
             engine.policy.on_request_start(RequestInfo(r.request_id, r.prompt_ids, r.prompt_text))
 
     def _sampler(self, r: Request) -> RowSampler:
-        gen = None
-        if not r.params.greedy:
-            gen = torch.Generator(device=self.engine.device)
-            gen.manual_seed(r.params.seed if r.params.seed is not None else int(time.time_ns() % (2**31)))
-        return RowSampler(r.params, gen)
+        return RowSampler.for_params(r.params, self.engine.device)
 
     @property
     def done(self) -> bool:

@@ -132,11 +132,7 @@ class ContinuousBatch:
         self.engine.policy.on_request_start(self.slots[row].info())
 
     def _sampler(self, r: Request) -> RowSampler:
-        gen = None
-        if not r.params.greedy:
-            gen = torch.Generator(device=self.engine.device)
-            gen.manual_seed(r.params.seed if r.params.seed is not None else int(time.time_ns() % (2**31)))
-        return RowSampler(r.params, gen)
+        return RowSampler.for_params(r.params, self.engine.device)
 
     def abort(self) -> None:
         """End every row (after an engine failure: their state is not to be trusted); the batch is empty after."""

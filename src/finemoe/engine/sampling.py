@@ -1,6 +1,7 @@
 """Sampling parameters and the token sampler (greedy, temperature, top-p, per-request seeds)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,16 @@ class SamplingParams:
 class RowSampler:
     params: SamplingParams
     generator: torch.Generator | None = field(default=None)
+
+    @classmethod
+    def for_params(cls, params: SamplingParams, device: torch.device) -> RowSampler:
+        """A request's sampler: greedy, or with its own generator on `device`, seeded by params.seed (else by the
+        clock)."""
+        gen = None
+        if not params.greedy:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % (2**31)))
+        return cls(params, gen)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [V] float -> token id tensor [] (on device; no sync)."""
