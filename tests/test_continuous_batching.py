@@ -137,3 +137,21 @@ def test_a_mixed_step_tells_policies_each_rows_real_tokens(qwen):
     assert it.input_ids.shape == (2, 4) and it.input_ids[1].tolist() == qwen.ids[1][:4]
     rows = token_rows.reshape(2, 4)
     assert rows[0].tolist() == [-2, -2, -2, 0] and rows[1].tolist() == [1, 1, 1, 1]
+
+
+def test_a_finished_request_frees_its_row_before_the_next_step(qwen):
+    """One row: as soon as its request has produced its last token the row is free (has_room, done), without a
+    further step; a server loop that steps only while requests run must never wait on a finished one."""
+    engine = qwen.engine(rows=1)
+    batch = engine.continuous_batch()
+    first = engine.make_request(qwen.ids[0], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    batch.admit(first)
+    assert not batch.has_room()
+    while not first.finished:
+        batch.step()
+    assert batch.has_room() and batch.done
+    second = engine.make_request(qwen.ids[1], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    batch.admit(second)
+    while not second.finished:
+        batch.step()
+    assert first.output_ids == qwen.alone[0][:3] and second.output_ids == qwen.alone[1][:3]

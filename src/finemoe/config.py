@@ -163,8 +163,9 @@ class EngineConfig:
                                                    not isinstance(self.device_free_bytes, int) or
                                                    self.device_free_bytes < 0):
             raise ConfigError(f"device_free_bytes {self.device_free_bytes!r} must be a whole number of bytes >= 0")
-        from finemoe.policies import get_policy_class  # late import: policies import config types
+        from finemoe.policies import check_option_names, get_policy_class  # late: policies import config types
         get_policy_class(self.policy)
+        check_option_names(self.policy, self.policy_options)
 
     @property
     def torch_device(self) -> torch.device:

@@ -11,7 +11,7 @@ import sys
 
 from tqdm import tqdm
 
-from finemoe.cli.common import add_miss_compute_args, add_template_arg
+from finemoe.cli.common import positive, add_miss_compute_args, add_template_arg
 from finemoe.cli.cost_args import add_cost_args, cost_model
 from finemoe.cli.preflight import check_out_dir, require_extra
 from finemoe.cli.simulate import _split
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-budget", default="25%", help="budget or comma-separated budgets: 25%%,50%%,6GiB")
     p.add_argument("--split", type=float, default=0.7, help="fraction of the prompts that builds histories")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of --limit's subsample")
-    p.add_argument("--limit", type=int, default=None, help="at most N prompts per file (seeded subsample)")
+    p.add_argument("--limit", type=positive, default=None, help="at most N prompts per file (seeded subsample)")
     p.add_argument("--max-prompt-tokens", type=int, default=64, help="truncate each templated prompt to N tokens")
     add_template_arg(p, TEMPLATE)
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per request (EOS ignored)")
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     plan = BenchPlan(variants, budgets, _distances(args.prefetch_distance), args.max_new_tokens, args.build_batch, cost,
                      trace_dir=args.trace_dir, miss_compute=args.miss_compute)
     with tqdm(total=len(plan.jobs) + (1 if cost else 0), desc="bench", unit="run", file=sys.stderr,
-              disable=False) as bar:
+              disable=None) as bar:     # None: shown on a terminal only
         bench = Bench(engine, [prompts[i] for i in build_idx], [prompts[i] for i in held_idx], plan,
                       progress=lambda label: (bar.set_postfix_str(label[:40]), bar.update(1)))
         summary, per_request = bench.run()

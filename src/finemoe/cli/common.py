@@ -94,6 +94,17 @@ def add_miss_compute_args(p: argparse.ArgumentParser) -> None:
                         "or auto (the faster of the two at start, float32 only if it fits in host memory)")
 
 
+def positive(text: str) -> int:
+    """A whole number >= 1 (argparse turns the ValueError into a one-line usage error naming the flag)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive.__name__ = "whole number >= 1"   # how argparse names the type in its error
+
+
 def _whole(text: str):
     """An int when `text` is one; otherwise the text itself, for EngineConfig's one-line error."""
     try:
@@ -154,7 +165,7 @@ def add_prompt_shaping_args(p: argparse.ArgumentParser) -> None:
     add_template_arg(p)
     p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N", help="keep only the first N prompt "
                                                                                      "tokens")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts of the file")
+    p.add_argument("--limit", type=positive, default=None, metavar="N", help="only the first N prompts of the file")
 
 
 TEMPLATE_HELP = ("prompt template containing {prompt}; \\n and \\t in it are a newline and a tab, e.g. "

@@ -74,11 +74,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"simulated   trace: {trace.source} ({trace.model}; {trace.num_requests} requests, "
           f"{trace.num_tokens} tokens)   expert {cost.expert_bytes} B   bandwidth {args.bandwidth} GB/s   "
-          f"layer {args.layer_time_ms} ms   misses on {args.miss_compute}")
+          f"layer {args.layer_time_ms} ms   misses on {args.miss_compute}   (sim req/s: the simulator's own speed, "
+          "wall clock, not a prediction)")
     print(f"{'policy':<14}{'budget B':>14}{'hit rate':>10}{'misses':>10}{'CPU exp':>9}{'bytes/token':>14}"
-          f"{'TTFT ms':>10}{'TPOT ms':>10}{'req/s':>9}")
+          f"{'TTFT ms':>10}{'TPOT ms':>10}{'sim req/s':>10}")
     for r in rows:
         print(f"{r['policy']:<14}{r['expert_budget_bytes']:>14}{r['hit_rate']:>10.4f}{r['misses']:>10}"
               f"{r['cpu_experts']:>9}{r['bytes_per_token']:>14.0f}{r['ttft_s'] * 1e3:>10.3f}"
-              f"{r['tpot_s'] * 1e3:>10.3f}{r['requests_per_s']:>9.1f}")
+              f"{r['tpot_s'] * 1e3:>10.3f}{r['requests_per_s']:>10.1f}")
     return 0

@@ -112,10 +112,13 @@ class ContinuousBatch:
 
     @property
     def done(self) -> bool:
+        self._retire()
         return not self.running
 
     def has_room(self) -> bool:
-        """A free row, and token budget left this step after the decodes and the admitted prompts' rest."""
+        """A free row, and token budget left this step after the decodes and the admitted prompts' rest. A row
+        whose request has finished or was cancelled is free (retired here)."""
+        self._retire()
         run = self.running
         if len(run) >= self.max_rows:
             return False

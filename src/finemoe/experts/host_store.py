@@ -71,7 +71,8 @@ class HostExpertStore:
                   show_progress: bool = False) -> HostExpertStore:
         tensors: list[dict[str, torch.Tensor]] = []
         in_place = 0
-        for layer in tqdm(layers, desc="experts -> host", disable=not show_progress, unit="layer"):
+        for layer in tqdm(layers, desc="experts -> host", disable=None if show_progress else True,
+                          unit="layer"):   # disable=None: shown on a terminal only
             moved: dict[str, torch.Tensor] = {}
             for name in expert_tensor_names(layer.experts):
                 src = getattr(layer.experts, name).detach()

@@ -34,13 +34,19 @@ def option_names(name: str) -> list[str]:
     return [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 
 
-def create_policy(name: str, **options: Any) -> Policy:
-    cls = get_policy_class(name)
+def check_option_names(name: str, options: dict[str, Any]) -> None:
+    """A one-line UnknownPolicyError naming the valid options when `options` has a key policy `name` does not take
+    (checked before any model loads: EngineConfig)."""
     valid = option_names(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise UnknownPolicyError(f"policy {name!r}: bad options {unknown}: not options of this policy; valid "
                                  f"options: {', '.join(valid) if valid else 'none (drop --policy-option)'}")
+
+
+def create_policy(name: str, **options: Any) -> Policy:
+    cls = get_policy_class(name)
+    check_option_names(name, options)
     try:
         return cls(**options)
     except TypeError as e:
@@ -48,4 +54,4 @@ def create_policy(name: str, **options: Any) -> Policy:
 
 
 __all__ = ["CacheView", "IterationInfo", "LayerRouting", "Policy", "PolicyContext", "Prefetch", "RequestInfo",
-           "available", "create_policy", "get_policy_class", "option_names", "register_policy"]
+           "available", "check_option_names", "create_policy", "get_policy_class", "option_names", "register_policy"]
