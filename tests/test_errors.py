@@ -140,3 +140,26 @@ def test_bad_sampling_parameters(kwargs):
 def test_bad_engine_settings(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         EngineConfig(**{"device": "cpu", **kwargs})
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--prompt", "hi", "--policy", "lru", "--map-store", "{tmp}/m.safetensors"],
+     "--map-store is the finemoe policy's map store, not lru's"),
+    (["generate", "--prompt", "hi", "--policy", "finemoe", "--map-store", "{tmp}"], "is a directory"),
+    (["simulate", "--trace", "{tmp}", "--policy", "lru"], "is a directory"),
+    (["generate", "--prompt", "hi", "--policy-option", "bogus=1"], "bad options ['bogus']"),
+])
+def test_misdirected_paths_and_values_name_the_problem(argv, message, tmp_path, capsys):
+    from finemoe.cli.main import main
+    rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_limit_below_one_is_a_usage_error(tmp_path, capsys):
+    from finemoe.cli.main import main
+    with pytest.raises(SystemExit) as e:
+        main(["trace", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "t.safetensors"),
+              "--limit", "0"])
+    assert e.value.code == 2
+    assert "argument --limit: invalid whole number >= 1 value: '0'" in capsys.readouterr().err

@@ -128,6 +128,9 @@ def parse_policy_options(items: list[str]) -> dict:
 
 def _with_map_store(opts: dict, args: argparse.Namespace) -> dict:
     if getattr(args, "map_store", None):
+        if getattr(args, "policy", "finemoe") != "finemoe":
+            raise ConfigError(f"--map-store is the finemoe policy's map store, not {args.policy}'s: drop it, or pass "
+                              "--policy finemoe")
         opts["map_store"] = args.map_store
     return opts
 

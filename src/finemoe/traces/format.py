@@ -168,6 +168,8 @@ def load_trace(path: str) -> Trace:
     """Read a trace: a finemoe .safetensors trace, or the FLAME-MoE .npz (through its adapter)."""
     if str(path).partition("#")[0].endswith(".npz"):
         return Trace(**read_flame(path))
+    if os.path.isdir(path):
+        raise TraceError(f"trace {path!r} is a directory: give the trace's file path")
     if not os.path.isfile(path):
         raise TraceError(f"trace file {path!r} does not exist: record one with `finemoe trace --out {path}`")
     try:

@@ -231,6 +231,8 @@ def host_f32(x: Any) -> np.ndarray:
 
 def _read(path: str) -> tuple[StoreSpec, torch.Tensor, torch.Tensor]:
     fix = "rebuild it with `finemoe maps build` (or delete it to start an empty online store)"
+    if os.path.isdir(path):
+        raise MapStoreError(f"map store {path!r} is a directory: give the store's file path")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -246,6 +248,7 @@ def _read(path: str) -> tuple[StoreSpec, torch.Tensor, torch.Tensor]:
         raise
     except FileNotFoundError:
         raise MapStoreError(f"map store {path!r} does not exist; build one with `finemoe maps build`") from None
+
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers and data
         raise MapStoreError(f"map store {path!r} is truncated or corrupt ({type(e).__name__}: {e}); {fix}") from None
     L, J, E = spec.num_layers, spec.num_experts, spec.embed_dim
