@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from finemoe.config import EngineConfig, parse_devices
+from types import SimpleNamespace
+
+from finemoe.config import EngineConfig, capacity_for, parse_devices
 from finemoe.errors import ConfigError
 
 
@@ -39,3 +41,18 @@ def test_duplicates_and_disagreeing_device_are_refused(monkeypatch):
         parse_devices("cuda:0,cuda:1", "cuda:1")
     with pytest.raises(ConfigError, match="--device cpu and --devices cuda:0 disagree"):
         parse_devices("cuda:0", "cpu")
+
+
+def test_a_resident_policy_is_refused_on_several_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = EngineConfig(policy="resident", devices="cuda:0,cuda:1")
+    with pytest.raises(ConfigError, match="'resident' keeps every expert on one device"):
+        capacity_for(cfg, SimpleNamespace(total_bytes=1000), keeps_all_resident=True)
+
+
+def test_the_idle_issue_rule_is_refused_on_several_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="--prefetch-issue idle is not available with several --devices"):
+        EngineConfig(devices="cuda:0,cuda:1", prefetch_issue="idle")

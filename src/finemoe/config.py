@@ -227,9 +227,13 @@ def fmt_bytes(n: float) -> str:
 
 
 def capacity_for(cfg: EngineConfig, geometry: Any, keeps_all_resident: bool) -> tuple[int, int]:
-    """(slots, budget bytes) for this config; a clear error when the budget cannot work."""
+    """(slots, budget bytes) for this config, per device (several --devices: experts/placement.py spreads them);
+    a clear error when the budget cannot work."""
     total = geometry.total_bytes
     budget = parse_budget(cfg.expert_budget, total)
+    if keeps_all_resident and len(cfg.devices or ()) > 1:
+        raise ConfigError(f"policy {cfg.policy!r} keeps every expert on one device: run it with --device, not "
+                          "several --devices")
     if keeps_all_resident:
         if budget < total:
             raise ConfigError(f"policy {cfg.policy!r} keeps every expert on the device and needs the whole "
