@@ -51,6 +51,36 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def parse_devices(text: str | list[str] | tuple[str, ...], device: str) -> tuple[str, ...]:
+    """`--devices cuda:0,cuda:1` (or one device, e.g. cpu) as a tuple of device names, checked: each is cpu or
+    cuda:N of a visible GPU, none repeats, cpu stands alone, and `device` (--device) agrees with the first (a
+    device without an index agrees with any index of its type). One-line ConfigError otherwise."""
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    if not items or any(not t for t in items):
+        raise ConfigError(f"--devices {text!r} has an empty entry: list devices separated by commas, "
+                          "e.g. cuda:0,cuda:1")
+    for t in items:
+        m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", t)
+        if not m:
+            raise ConfigError(f"--devices: device {t!r} is not supported: use cpu, or cuda:N entries (cuda:0,cuda:1)")
+        if m.group(1) == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--devices: {t!r} was requested but no CUDA GPU is visible: pass --devices cpu")
+            if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+                raise ConfigError(f"--devices: {t!r} is not available: {torch.cuda.device_count()} GPU(s) are "
+                                  f"visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if len(items) > 1 and ("cpu" in items or "cuda" in items):
+        raise ConfigError(f"--devices {','.join(items)}: several devices must all be GPUs with an index "
+                          "(cuda:0,cuda:1); cpu runs alone")
+    if len(set(items)) < len(items):
+        raise ConfigError(f"--devices {','.join(items)} names a device twice: list each GPU once")
+    first, dev = torch.device(items[0]), torch.device(device)
+    if dev.type != first.type or (dev.index is not None and dev.index != first.index):
+        raise ConfigError(f"--device {device} and --devices {','.join(items)} disagree: pass only --devices (its "
+                          "first device runs the model's non-expert weights)")
+    return tuple(items)
+
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -68,6 +98,10 @@ class EngineConfig:
         None = auto where there is a device figure (CUDA, or device_free_bytes given), else all experts.
         On CUDA an explicit budget that does not fit is refused with the numbers.
     device_free_bytes: the free device memory auto sizes from (tests inject it); None = measured on CUDA.
+    devices: several GPUs of one host ('cuda:0,cuda:1', or a tuple): the expert cache's slots are spread over all
+        of them (experts/placement.py), the non-expert weights and every layer's compute stay on the first, and an
+        expert resident on another GPU reaches it by a peer copy (experts/multi_device.py). One device ('cpu')
+        is the same as `device`. None: `device` alone. The budget is per device.
     policy: registered policy name (see `finemoe.policies.available()`).
     prefetch_inflight: how many prefetch copies may be queued on the copy stream at once;
         a demand miss waits behind at most this many (prefetch_issue inflight).
@@ -100,6 +134,7 @@ class EngineConfig:
 
     model: str | None = None
     device: str = field(default_factory=default_device)
+    devices: str | tuple[str, ...] | None = None
     dtype: str = "auto"
     expert_budget: str | int | float | None = None
     device_free_bytes: int | None = None
@@ -134,6 +169,12 @@ class EngineConfig:
         return PrefetchIssue(self.prefetch_issue, self.copy_chunk_bytes)
 
     def __post_init__(self) -> None:
+        if self.devices is not None:
+            self.devices = parse_devices(self.devices, str(self.device))
+            self.device = self.devices[0]
+            if len(self.devices) > 1 and self.prefetch_issue == "idle":
+                raise ConfigError("--prefetch-issue idle is not available with several --devices: use the default "
+                                  "--prefetch-issue inflight")
         dev = str(self.device)
         if dev.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"device {dev!r} is not supported: use 'cuda' or 'cpu'")
@@ -187,9 +228,13 @@ def fmt_bytes(n: float) -> str:
 
 
 def capacity_for(cfg: EngineConfig, geometry: Any, keeps_all_resident: bool) -> tuple[int, int]:
-    """(slots, budget bytes) for this config; a clear error when the budget cannot work."""
+    """(slots, budget bytes) for this config, per device (several --devices: experts/placement.py spreads them);
+    a clear error when the budget cannot work."""
     total = geometry.total_bytes
     budget = parse_budget(cfg.expert_budget, total)
+    if keeps_all_resident and len(cfg.devices or ()) > 1:
+        raise ConfigError(f"policy {cfg.policy!r} keeps every expert on one device: run it with --device, not "
+                          "several --devices")
     if keeps_all_resident:
         if budget < total:
             raise ConfigError(f"policy {cfg.policy!r} keeps every expert on the device and needs the whole "

@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser, *, policy: bool = True, map_stor
                             "exit")
     p.add_argument("--device", default=None, metavar="cuda|cpu", help="where the model runs (default: cuda when "
                                                                       "present, else cpu)")
+    p.add_argument("--devices", default=None, metavar="cuda:0,cuda:1",
+                   help="several GPUs of one host: the expert cache spreads over all of them (--expert-budget is per "
+                        "GPU), the model runs on the first; one device (e.g. cpu) is the same as --device")
     p.add_argument("--dtype", default="auto", metavar="auto|bf16|fp16|fp32",
                    help="weights' dtype; auto is bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="requests decoded together")
@@ -146,7 +149,9 @@ def engine_config(args: argparse.Namespace, **overrides):
     """The EngineConfig of the engine flags (add_engine_args); `overrides` replace fields."""
     from finemoe.config import EngineConfig, default_device   # imports torch: not while building the parser
 
-    kw = dict(model=args.model, device=args.device or default_device(), dtype=args.dtype,
+    devices = getattr(args, "devices", None)
+    first = devices.split(",")[0].strip() if devices else None
+    kw = dict(model=args.model, device=args.device or first or default_device(), devices=devices, dtype=args.dtype,
               expert_budget=args.expert_budget, policy=public_policy(args.policy),
               policy_options=_with_map_store(parse_policy_options(args.policy_option), args),
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,

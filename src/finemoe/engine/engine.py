@@ -28,7 +28,9 @@ from finemoe.experts import calibration, hook
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.cpu_weights import host_weights
 from finemoe.experts.host_store import HostExpertStore
+from finemoe.experts import multi_device
 from finemoe.experts.miss_split import GPU, MissCosts, mode_code
+from finemoe.experts.placement import Placement, place
 from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport
 from finemoe.models.adapters import find_moe_layers, geometry_of
 from finemoe.models.compile import compile_small_modules
@@ -88,6 +90,7 @@ class Engine:
         self._cpu_weights: dict[torch.dtype, list[dict[str, torch.Tensor]]] = {}   # the CPU half's, by dtype
         self.copy_Bps: float | None = None            # pinned H2D bytes/s, measured when the idle issue rule first runs
         self.pools = self.runtime = None
+        self.device_pools: list[SlotPools] = []      # every device's slot pool (one device: [pools])
         self.paths = DecodePaths(self)
         self.continuous_blocker = slot_kv_blocker(self.model)   # why continuous batching cannot run (None: it can)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
@@ -109,11 +112,12 @@ class Engine:
                     prefetch_inflight: int | None = None, cuda_graphs: bool | None = None,
                     prefill_lookahead: bool | None = None, miss_compute: str | None = None,
                     miss_costs: MissCosts | None = None, prefetch_issue: str | None = None,
-                    cpu_expert_dtype: str | None = None) -> None:
+                    cpu_expert_dtype: str | None = None, placement: Placement | None = None) -> None:
         """(Re)build the policy, the slot pools, the cache and the runtime over the same model and host
         store: switch policy or budget without reloading. The previous policy is closed first. `miss_costs`
         replaces the calibrated costs (tests, benchmarks); otherwise they are measured once, when a
-        configuration first computes misses on the CPU (again after `cpu_expert_dtype` changes)."""
+        configuration first computes misses on the CPU (again after `cpu_expert_dtype` changes). `placement`
+        replaces the one --devices gives (experts/placement.py; tests: several pools on one CPU)."""
         cfg = dataclasses.replace(self.cfg, policy=policy, expert_budget=expert_budget,
                                   policy_options=dict(policy_options or {}),
                                   prefetch_inflight=prefetch_inflight or self.cfg.prefetch_inflight,
@@ -124,6 +128,9 @@ class Engine:
                                   prefetch_issue=prefetch_issue or self.cfg.prefetch_issue,
                                   cpu_expert_dtype=cpu_expert_dtype or self.cfg.cpu_expert_dtype)
         slots, budget = capacity_for(cfg, self.geometry, get_policy_class(policy).keeps_all_resident)
+        placement = placement or self._placement(cfg, slots)
+        if placement is not None:
+            slots, budget = placement.num_slots, budget * len(placement.devices)
         new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
         if cfg.cpu_expert_dtype != self.cfg.cpu_expert_dtype:
             self.calibration = self.miss_costs = None     # measured again for the new choice
@@ -138,15 +145,21 @@ class Engine:
         if self.runtime is not None and self.runtime.cpu_misses is not None:
             self.cpu_cost_scale = self.runtime.cpu_misses.scale     # what this machine's CPU halves took so far
         self.pools = self.cache = self.runtime = None
+        self.device_pools = []
         gc.collect()   # the old runtime, cache and policy reference each other: free their slots before allocating
         mode = mode_code(cfg.miss_compute)
         if miss_costs is not None:
             self.miss_costs, self.calibration = miss_costs, None
         elif mode != GPU and self.miss_costs is None:
             self.miss_costs = self._calibrate()
-        self.pools = SlotPools(self.store, slots, self.device)
-        transport = (CudaTransport(self.store, self.pools, self.device, self._copy_bandwidth(cfg, mode))
-                     if self.device.type == "cuda" else SyncTransport(self.store, self.pools))
+        if placement is not None:
+            self.device_pools, transport = multi_device.build(self.store, placement, self._copy_bandwidth(cfg, mode))
+            self.pools = self.device_pools[transport.compute]
+        else:
+            self.pools = SlotPools(self.store, slots, self.device)
+            self.device_pools = [self.pools]
+            transport = (CudaTransport(self.store, self.pools, self.device, self._copy_bandwidth(cfg, mode))
+                         if self.device.type == "cuda" else SyncTransport(self.store, self.pools))
         self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
                                  self.policy, cfg.prefetch_inflight, cfg.issue)
         cpu_misses = (CpuMisses(*self._cpu_half_weights(), self.layers, self.device, self.miss_costs,
@@ -164,6 +177,15 @@ class Engine:
         if self.policy.keeps_all_resident:
             self.runtime.mark_resident_all()
         self._checked_dispatch = False
+
+    def _placement(self, cfg: EngineConfig, slots_per_device: int) -> Placement | None:
+        """Several --devices: `slots_per_device` on each (at most every expert once in all), the model on the
+        first (experts/placement.py, primary); None on one device."""
+        if len(cfg.devices or ()) < 2:
+            return None
+        g = self.geometry
+        return place(cfg.devices, slots_per_device, g.total_experts, g.num_experts, g.expert_bytes,
+                     np.zeros(g.num_layers, np.int64), 0)
 
     def _calibrate(self) -> MissCosts:
         """Measure what a miss costs each way on this machine (experts/calibration.py), choosing the CPU half's
@@ -342,10 +364,21 @@ class Engine:
             **self.miss_compute_report(), "runtime_cpu_experts": t.cpu_experts,
             **(self.runtime.cpu_misses.timing.report() if self.runtime.cpu_misses is not None else {}),
             "prefetch_copies": self.cache.prefetch_copies, "wasted_prefetches": self.cache.wasted_prefetches,
-            "host_expert_bytes": self.store.nbytes, "device_slot_bytes": self.pools.nbytes,
+            "host_expert_bytes": self.store.nbytes, "device_slot_bytes": sum(p.nbytes for p in self.device_pools),
+            **self._device_copies(),
             "peak_host_bytes": peak_host_bytes(), "peak_device_bytes": peak_device_bytes(self.device),
         })
         return s
+
+    def _device_copies(self) -> dict:
+        """Several devices: the devices, and host against peer copies (whole experts) and bytes."""
+        t = self.cache.transport
+        if not isinstance(t, multi_device.MultiDeviceTransport):
+            return {}
+        return {"devices": list(t.placement.devices), "slots_per_device": [t.placement.slots_on(d) for d in
+                                                                            range(len(t.parts))],
+                "host_copies": t.host_copies, "peer_copies": t.peer_copies,
+                "peer_bytes_copied": t.peer_bytes_copied}
 
     def close(self) -> None:
         """Close the policy (persisting policies save) and unpin the host expert store. Terminal."""

@@ -188,7 +188,7 @@ class OffloadRuntime:
         layer, weights = cut.layer, cut.top_k_weights
         if cut.cpu_result is not None:
             weights = self.cpu_misses.device_weights(layer, cut.top_k_index, weights)
-        out = ex.compute_fn(ex.window(0, self.cache.capacity), cut.hidden, self._lut_dev[layer][cut.top_k_index],
+        out = ex.compute_fn(ex.window(0, self.pool_size), cut.hidden, self._lut_dev[layer][cut.top_k_index],
                             weights)
         return out if cut.cpu_result is None else with_cpu_result(out, cut.cpu_result.out)
 
@@ -210,7 +210,12 @@ class OffloadRuntime:
     def graph_ready(self) -> bool:
         """Whether a captured decode graph can run this runtime's layers: every layer's experts fit in one
         window of the whole pool (slot ids < MAX_GROUPS), which the caller must also check per batch size."""
-        return self.all_resident or self.cache.capacity <= self.max_groups
+        return self.all_resident or self.pool_size <= self.max_groups
+
+    @property
+    def pool_size(self) -> int:
+        """Slots of the compute device's pool: the cache's capacity on one device (several: experts/multi_device)."""
+        return self.cache.transport.compute_pool_size(self.cache.capacity)
 
     def begin_layer(self, layer: int, top_k_index: torch.Tensor, router_out=None) -> LayerStep:
         """Host work before layer `layer`'s experts compute: learn the routing (one named sync), snapshot
@@ -226,16 +231,17 @@ class OffloadRuntime:
         routing = self._routing(layer, top_k_index)             # queued before any copy wait
         costs = self.cpu_misses.costs if self.cpu_misses is not None else self.costs
         demand = self.sequence.begin(layer, experts, counts, routing, self.miss_mode, costs)
-        res, cap = demand.res, self.cache.capacity
+        res, cap = demand.res, self.pool_size
         if res is None:
             return LayerStep(topk, demand, -1, -1)
-        if cap <= self.max_groups or res.slots.size == 0:
+        slots = self.cache.transport.compute_slots(res.slots)   # [n] in the compute pool (several devices: staged)
+        if cap <= self.max_groups or slots.size == 0:
             lo, hi = 0, min(cap, self.max_groups)
         else:
-            lo, hi = int(res.slots.min()), int(res.slots.max()) + 1
+            lo, hi = int(slots.min()), int(slots.max()) + 1
         if hi - lo > self.max_groups:
             return LayerStep(topk, demand, -1, -1)
-        self._lut_np[layer, demand.experts] = res.slots - lo
+        self._lut_np[layer, demand.experts] = slots - lo
         self._lut_np[layer, demand.cpu] = 0      # computed on the CPU: any slot of the window, at weight 0
         if self._lut_dev is not self._lut_host:
             self._lut_dev[layer].copy_(self._lut_host[layer], non_blocking=True)

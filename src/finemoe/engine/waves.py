@@ -20,10 +20,11 @@ def run_in_waves(runtime, ex, hidden, top_k_index, top_k_weights, demand) -> tor
 
     def compute(wave: np.ndarray, res) -> None:
         nonlocal weighted
-        for lo in np.unique(res.slots // w) * w:                          # slot windows of <= max_groups
-            sel = (res.slots >= lo) & (res.slots < lo + w)
+        slots = runtime.cache.transport.compute_slots(res.slots)          # [n] in the compute pool
+        for lo in np.unique(slots // w) * w:                              # slot windows of <= max_groups
+            sel = (slots >= lo) & (slots < lo + w)
             lut = torch.full((runtime.g.num_experts,), -1, dtype=torch.int64)
-            lut[torch.from_numpy(wave[sel])] = torch.from_numpy(res.slots[sel] - lo)
+            lut[torch.from_numpy(wave[sel])] = torch.from_numpy(slots[sel] - lo)
             slot_of_row = lut.to(runtime.device)[flat_idx]                  # [S], -1 outside this window
             rows = torch.nonzero(slot_of_row >= 0).squeeze(1)            # [R]  (syncs)
             proj = ex.compute_fn(ex.window(int(lo), int(lo) + w), hidden[rows // k],

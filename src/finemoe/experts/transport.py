@@ -38,7 +38,10 @@ class Transport(ABC):
           layer's demand copies are issued (the idle issue rule's budget; inf: copies cost no copy-engine time).
       queued_seconds() -> float   the copy engine's work queued now, which a demand copy issued now waits behind
           (seconds; 0 when not known; the auto miss split's copy-half offset, experts/miss_split.py).
-      expert_bytes            the bytes of one expert's copy (the unit copy_run's ranges cut)."""
+      expert_bytes            the bytes of one expert's copy (the unit copy_run's ranges cut).
+      compute_slots(slots) -> [n]   after `load`: where the compute reads `slots` in the compute device's pool
+          (one device: the slots themselves; several: experts/multi_device.py, peer copies into staging slots).
+      compute_pool_size(capacity) -> int   the compute device's pool size (the window the compute may read)."""
 
     bytes_copied: int = 0
     expert_bytes: int = 1
@@ -69,6 +72,14 @@ class Transport(ABC):
     def drain_stall_seconds(self) -> float:
         """Stall time accumulated since the last drain (may synchronize: call at iteration end)."""
         return 0.0
+
+    def compute_slots(self, slots: np.ndarray) -> np.ndarray:
+        """Default (one device): the compute reads the cache's slots themselves."""
+        return slots
+
+    def compute_pool_size(self, capacity: int) -> int:
+        """Default (one device): the pool is the cache's `capacity` slots."""
+        return capacity
 
     def finish_all(self) -> None:
         """Block until every copy issued so far has landed (start-up only: e.g. after loading every expert)."""

@@ -1,0 +1,126 @@
+"""Issue 25 on two GPUs: one expert cache over both (`--devices cuda:0,cuda:1`) against one GPU.
+
+A random Qwen1.5-MoE-A2.7B-shaped bf16 model (`random:qwen1.5-moe-a2.7b`, its own random routers) decodes the same
+seeded random prompts at batch 1 under `--policy` in three rows: one GPU at `--budget` (25%), one GPU at twice that
+(50%), and two GPUs at `--budget` each (experts/placement.py: the model on cuda:0, half the slots on cuda:1, an
+expert resident on cuda:1 reaching cuda:0 by a peer copy). Per row: TPOT median, hit rate, host and peer copies
+per token. Then the copy rates: one expert's host (pinned) -> cuda:0 copy and its cuda:1 -> cuda:0 peer copy, median
+over `--repeat` copies (GB/s). Greedy tokens of the two-GPU row must equal the one-GPU rows' (reported).
+
+    PYTHONPATH=src:benchmarks python3 benchmarks/multi_gpu.py --out $OUT/multi_gpu.json
+CPU smoke run (the built-in tiny model, two slot pools on the CPU standing in for the GPUs): --device cpu --tiny.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from finemoe.config import EngineConfig, parse_budget
+from finemoe.engine import Engine, SamplingParams
+from finemoe.experts.placement import place
+
+SHAPE = "random:qwen1.5-moe-a2.7b"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_rate(src: torch.Tensor, dst: torch.Tensor, repeat: int) -> float:
+    """Bytes/s of dst.copy_(src), median of `repeat` timed copies after one warm-up."""
+    times = []
+    for i in range(repeat + 1):
+        sync(dst.device)
+        sync(src.device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        sync(dst.device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return src.numel() * src.element_size() / float(np.median(times))
+
+
+def copy_rates(engine: Engine, devices: tuple[str, str], repeat: int) -> dict:
+    """One expert's bytes, host (the pinned store) -> devices[0] and devices[1] -> devices[0]."""
+    g = engine.geometry
+    host = torch.cat([t[0].reshape(-1).view(torch.uint8) for t in engine.store.tensors[0].values()])
+    if engine.device.type == "cuda":
+        host = host.pin_memory()
+    a = torch.empty_like(host, device=devices[0])
+    b = torch.empty_like(host, device=devices[1])
+    b.copy_(host)
+    assert host.numel() == g.expert_bytes
+    return {"expert_bytes": g.expert_bytes, "host_copy_Bps": copy_rate(host, a, repeat),
+            "peer_copy_Bps": copy_rate(b, a, repeat)}
+
+
+def run_row(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[dict, list]:
+    reqs = engine.generate(prompts, params)
+    s = engine.summary(reqs)
+    tokens = sum(len(r.output_ids) for r in reqs)
+    row = {"tpot_s": s["tpot_s"], "hit_rate": s["hit_rate"], "cache_slots": s["cache_slots"],
+           "host_copies_per_token": s.get("host_copies", s["bytes_copied"] / s["expert_bytes"]) / tokens,
+           "peer_copies_per_token": s.get("peer_copies", 0) / tokens, "summary": s}
+    return row, [r.output_ids for r in reqs]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--budget", default="25%", help="per GPU")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=20, help="timed copies per copy rate")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="the built-in tiny model (CPU smoke test of this script)")
+    ap.add_argument("--out", default="multi_gpu.json")
+    args = ap.parse_args(argv)
+    cpu = args.device == "cpu"
+    devices = ("cpu", "cpu") if cpu else ("cuda:0", "cuda:1")
+    if not cpu and torch.cuda.device_count() < 2:
+        raise SystemExit(f"this benchmark needs two GPUs; {torch.cuda.device_count()} visible (use --device cpu "
+                         "--tiny for the smoke run)")
+    engine = Engine.from_config(EngineConfig(model=None if args.tiny else SHAPE, device=devices[0],
+                                             policy=args.policy, expert_budget=args.budget, show_progress=False,
+                                             warm_up=not cpu))
+    g = engine.geometry
+    rng = np.random.default_rng(0)
+    vocab = engine.model.config.vocab_size
+    prompts = [rng.integers(1, vocab, args.prompt_tokens).tolist() for _ in range(args.prompts)]
+    params = SamplingParams(max_new_tokens=args.new_tokens)
+    budget = parse_budget(args.budget, g.total_bytes)
+    rows, outputs = [], {}
+    for label, per_device, pools in (("1 GPU", budget, 1), ("1 GPU", 2 * budget, 1), ("2 GPUs", budget, 2)):
+        slots = min(per_device // g.expert_bytes, g.total_experts)
+        placement = (place(devices, slots, g.total_experts, g.num_experts, g.expert_bytes,
+                           np.zeros(g.num_layers, np.int64), 0) if pools == 2 else None)
+        engine.reconfigure(args.policy, per_device, placement=placement)
+        row, outputs[(label, per_device)] = run_row(engine, prompts, params)
+        row.update(config=label, budget_per_device=f"{100 * per_device / g.total_bytes:.0f}%")
+        rows.append(row)
+    two = outputs[("2 GPUs", budget)]
+    rates = copy_rates(engine, devices, args.repeat)
+    result = {"model": "built-in tiny" if args.tiny else SHAPE, "policy": args.policy, "device": args.device,
+              "rows": rows, "copy_rates": rates,
+              "two_gpu_tokens_equal_one_gpu": two == outputs[("1 GPU", budget)] == outputs[("1 GPU", 2 * budget)]}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"{'config':8} {'budget/GPU':>10} {'slots':>6} {'TPOT ms':>8} {'hit rate':>8} {'host/tok':>8} "
+          f"{'peer/tok':>8}")
+    for r in rows:
+        print(f"{r['config']:8} {r['budget_per_device']:>10} {r['cache_slots']:>6} {1e3 * r['tpot_s']:8.2f} "
+              f"{r['hit_rate']:8.3f} {r['host_copies_per_token']:8.2f} {r['peer_copies_per_token']:8.2f}")
+    print(f"copy of one expert ({rates['expert_bytes']} B): host -> {devices[0]} {rates['host_copy_Bps'] / 1e9:.1f} "
+          f"GB/s, {devices[1]} -> {devices[0]} {rates['peer_copy_Bps'] / 1e9:.1f} GB/s; two-GPU tokens equal "
+          f"one-GPU tokens: {result['two_gpu_tokens_equal_one_gpu']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

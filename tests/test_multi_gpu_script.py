@@ -1,0 +1,21 @@
+"""benchmarks/multi_gpu.py (issue 25) in its CPU smoke mode: the built-in tiny model, two slot pools on the CPU
+standing in for two GPUs. The numbers that matter come from a two-GPU run."""
+from __future__ import annotations
+
+import json
+
+from conftest import load_benchmark
+
+
+def test_tiny_cpu_run(tmp_path, capsys):
+    out = tmp_path / "multi_gpu.json"
+    result = load_benchmark("multi_gpu").main(["--device", "cpu", "--tiny", "--prompts", "2", "--prompt-tokens",
+                                               "5", "--new-tokens", "4", "--repeat", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"][0]["config"] == "1 GPU"
+    one, double, two = result["rows"]
+    assert [r["budget_per_device"] for r in result["rows"]] == ["25%", "50%", "25%"]
+    assert two["cache_slots"] == double["cache_slots"] == 2 * one["cache_slots"]
+    assert one["peer_copies_per_token"] == 0 < two["peer_copies_per_token"]
+    assert result["two_gpu_tokens_equal_one_gpu"] is True
+    assert result["copy_rates"]["host_copy_Bps"] > 0 and result["copy_rates"]["peer_copy_Bps"] > 0
+    assert "2 GPUs" in capsys.readouterr().out
