@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cost_args(p)
     p.add_argument("--policy-option", action="append", default=[], metavar="[POLICY:]KEY=VALUE",
                    help="policy option (JSON value) for every policy, or for one with a POLICY: prefix")
-    add_replay_args(p, "comma-separated prefetch issue rules of inflight,idle to compare (default inflight)")
+    add_replay_args(p, "comma-separated prefetch issue rules of inflight,idle,off to compare (default inflight)")
     p.add_argument("--json", action="store_true",
                    help='print {"results": [...], "recommended": {"per_budget": {...}, "best": {...}}}')
     p.set_defaults(func=run)

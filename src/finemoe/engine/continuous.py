@@ -15,7 +15,8 @@ cache's TRASH column and are DEAD_ROW to the offload runtime (their experts are 
 step reads and writes fixed-address buffers only: on CUDA it is captured once per row bucket
 (graphs.SegmentedGraph) and replayed; steps with prefill work run eagerly.
 
-A request that finishes or is cancelled frees its row at the start of the next step (`policy.on_request_end`);
+A request that finishes or is cancelled frees its row at once: `has_room`, `done` and `step` retire it first
+(`policy.on_request_end`);
 `admit` fills free rows (lowest first, `policy.on_request_start`). Who is admitted when is the caller's FCFS
 queue (server/scheduler.py, `Engine.run_continuous`): `has_room()` says whether another request can start now.
 """
