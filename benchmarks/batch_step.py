@@ -19,6 +19,7 @@ import torch
 from benchmarks_common import build_model
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
+from finemoe.eval.variants import parse_variants
 from finemoe.models.default import default_tokenizer
 from finemoe.models.loader import LoadedModel
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--budget", default="25%")
-    ap.add_argument("--policies", default="lru,lfu,finemoe,moe-infinity")
+    ap.add_argument("--policies", default="lru,lru/order=next_visit,lfu,finemoe,moe-infinity",
+                    help="POLICY[/KEY=VALUE...] variants, comma-separated")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU)")
     ap.add_argument("--out", default=None)
@@ -43,12 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = torch.randint(2, model.config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     rows = []
-    for policy in ["resident"] + args.policies.split(","):
-        engine.reconfigure(policy, None if policy == "resident" else args.budget)
+    for v in parse_variants("resident," + args.policies):
+        budget = None if v.policy == "resident" else args.budget
+        engine.reconfigure(v.policy, budget, dict(v.options))
         engine.generate(prompts[:1], SamplingParams(max_new_tokens=2, ignore_eos=True))     # warm-up
-        engine.reconfigure(policy, None if policy == "resident" else args.budget)
+        engine.reconfigure(v.policy, budget, dict(v.options))
         s = engine.summary(engine.generate(prompts, params))
-        rows.append({"policy": policy, "budget": "100%" if policy == "resident" else args.budget,
+        policy = v.label
+        rows.append({"policy": policy, "budget": "100%" if budget is None else args.budget,
                      "cache_slots": s["cache_slots"], "hit_rate": s["hit_rate"],
                      "mb_per_step": s["bytes_per_token"] * args.batch / 1e6, "step_s": s["tpot_s"]})
         print(f"  {policy}: hit {s['hit_rate']:.3f} step {s['tpot_s'] * 1e3:.1f} ms", flush=True)
@@ -60,9 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(result, f, indent=1)
     print(f"\n{result['device']}; {args.layers} layers; batch {args.batch}; {args.prompt_len}-token random prompts; "
           f"{args.new_tokens} new tokens; decode step = TPOT")
-    print(f"{'policy':14s} {'budget':>6s} {'slots':>6s} {'hit':>6s} {'MB/step':>8s} {'step ms':>8s}")
+    print(f"{'policy':24s} {'budget':>6s} {'slots':>6s} {'hit':>6s} {'MB/step':>8s} {'step ms':>8s}")
     for r in rows:
-        print(f"{r['policy']:14s} {r['budget']:>6s} {r['cache_slots']:6d} {r['hit_rate']:6.3f} "
+        print(f"{r['policy']:24s} {r['budget']:>6s} {r['cache_slots']:6d} {r['hit_rate']:6.3f} "
               f"{r['mb_per_step']:8.1f} {r['step_s'] * 1e3:8.1f}")
     return result
 

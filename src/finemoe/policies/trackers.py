@@ -44,6 +44,27 @@ def touch_frequency(layer, experts, counts, state):
     touch_recency(layer, experts, counts, state.recency)
 
 
+class NextVisitState(NamedTuple):
+    """`touch_next_visit`'s arrays: recency, and ahead [K] float64 = minus the number of layers after the current one
+    before each key's layer runs again (decode visits the layers in order, cyclically): the farthest, first."""
+
+    recency: RecencyState
+    L: int
+    ahead: np.ndarray
+
+
+@njit
+def touch_next_visit(layer, experts, counts, state):
+    """`touch_recency`, and every key's distance to its layer's next visit after `layer`: keys of `layer` itself are
+    L - 1 layers away (their next use is the next iteration's), those of layer + 1 are 0 away."""
+    touch_recency(layer, experts, counts, state.recency)
+    J, L = state.recency.J, state.L
+    for m in range(L):
+        d = -float((m - layer - 1) % L)
+        for j in range(J):
+            state.ahead[m * J + j] = d
+
+
 @njit
 def no_prefetch(layer, top_k, probs, aux, state, keys, prio):
     """The routed step (LayerKernels.routed) of a policy that predicts nothing."""
@@ -73,6 +94,26 @@ class RecencyTracker:
         touch_recency(layer, experts, experts, self.state)
 
 
+class NextVisitTracker:
+    """Recency plus each key's distance to its layer's next visit: evict the expert whose layer runs farthest ahead,
+    then the least recently used. Under the cyclic layer order of decode this is Belady's choice among layers, and it
+    does not cycle when a step needs more distinct experts than the cache holds (where LRU evicts exactly the experts
+    the next layers need)."""
+
+    def __init__(self, total: int, num_experts: int) -> None:
+        self.recency = RecencyTracker(total, num_experts)
+        self.ahead = np.zeros(total)
+        self.state = NextVisitState(self.recency.state, total // num_experts, self.ahead)
+
+    def touch_layer(self, layer: int, experts: np.ndarray) -> None:
+        """`experts` [n] int64 (ids within `layer`) used now; every key's distance from `layer` updated."""
+        touch_next_visit(layer, experts, experts, self.state)
+
+    def rank(self) -> EvictionRank:
+        """The farthest next visit first, then the least recently used, then slot."""
+        return EvictionRank.of(self.ahead, self.recency.last_used)
+
+
 class FrequencyTracker:
     """Per-expert use counts over flat keys (one count per layer-iteration that used the expert), with recency as
     the tie-break; the eviction order of every LFU-evicting policy."""
@@ -98,4 +139,5 @@ def warm_up() -> None:
     recency = RecencyState(2, np.zeros(1), np.zeros(2))
     touch_recency(0, one, one, recency)
     touch_frequency(0, one, one, FrequencyState(recency, np.zeros(2)))
+    touch_next_visit(0, one, one, NextVisitState(recency, 1, np.zeros(2)))
     no_prefetch(0, one, f32, f32, (), one, np.zeros(1))
