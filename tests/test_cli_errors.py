@@ -97,7 +97,7 @@ def test_unknown_policy_option_lists_the_valid_ones():
                                                  "prefetch_distance"):
         create_policy("finemoe", prefetch_distanse=2)
     with pytest.raises(UnknownPolicyError, match="valid options: none"):
-        create_policy("lru", nope=1)
+        create_policy("lfu", nope=1)
 
 
 @pytest.mark.parametrize("path", ["/no/such/model", "./not-here", "~/not-here-either", "a/b/c"])
