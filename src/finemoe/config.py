@@ -96,8 +96,10 @@ class EngineConfig:
     expert_budget: device bytes for routed experts ('6GiB', '25%', 0.25, bytes), or 'auto': what is free on the
         device after the non-expert weights, the KV cache, CUDA graphs and a margin (engine/memory_fit.py).
         None = auto where there is a device figure (CUDA, or device_free_bytes given), else all experts.
-        On CUDA an explicit budget that does not fit is refused with the numbers.
-    device_free_bytes: the free device memory auto sizes from (tests inject it); None = measured on CUDA.
+        On CUDA an explicit budget that does not fit is refused with the numbers (every device's, several
+        --devices: auto gives each device the slots its own memory leaves).
+    device_free_bytes: the free device memory auto sizes from (tests inject it): one figure for every device, or a
+        tuple with one per --devices entry; None = measured on CUDA.
     devices: several GPUs of one host ('cuda:0,cuda:1', or a tuple): the expert cache's slots are spread over all
         of them (experts/placement.py), the non-expert weights and every layer's compute stay on the first, and an
         expert resident on another GPU reaches it by a peer copy (experts/multi_device.py). One device ('cpu')
@@ -137,7 +139,7 @@ class EngineConfig:
     devices: str | tuple[str, ...] | None = None
     dtype: str = "auto"
     expert_budget: str | int | float | None = None
-    device_free_bytes: int | None = None
+    device_free_bytes: int | tuple[int, ...] | None = None
     policy: str = "lru"
     policy_options: dict[str, Any] = field(default_factory=dict)
     max_batch_size: int = 8
@@ -200,13 +202,25 @@ class EngineConfig:
         check_cpu_dtype(self.cpu_expert_dtype)
         if self.expert_budget is not None and str(self.expert_budget).strip().lower() != "auto":
             parse_budget(self.expert_budget, 1 << 40)  # syntax check now, size check once the model is known
-        if self.device_free_bytes is not None and (isinstance(self.device_free_bytes, bool) or
-                                                   not isinstance(self.device_free_bytes, int) or
-                                                   self.device_free_bytes < 0):
-            raise ConfigError(f"device_free_bytes {self.device_free_bytes!r} must be a whole number of bytes >= 0")
+        self._check_free_bytes()
         from finemoe.policies import check_option_names, get_policy_class  # late: policies import config types
         get_policy_class(self.policy)
         check_option_names(self.policy, self.policy_options)
+
+    def _check_free_bytes(self) -> None:
+        """device_free_bytes: None, one whole number of bytes >= 0 (every device), or one per device."""
+        given = self.device_free_bytes
+        if given is None:
+            return
+        figures = list(given) if isinstance(given, (list, tuple)) else [given]
+        if any(isinstance(f, bool) or not isinstance(f, int) or f < 0 for f in figures) or not figures:
+            raise ConfigError(f"device_free_bytes {given!r} must be a whole number of bytes >= 0, or one per device")
+        count = len(self.devices or (self.device,))
+        if isinstance(given, (list, tuple)):
+            if len(figures) != count:
+                raise ConfigError(f"device_free_bytes {given!r} gives {len(figures)} figures for {count} device(s): "
+                                  "give one per --devices entry, or one number for all")
+            self.device_free_bytes = tuple(figures)
 
     @property
     def torch_device(self) -> torch.device:

@@ -72,7 +72,10 @@ class Engine:
         self.reference_impl = compute[0][0]
         self._compute_fns = [fn for _, fn in compute]
         self.max_model_len = context_limit(self.model.config, cfg.max_model_len)
-        self.memory_plan = memory_fit.plan(self.model, self.layers, cfg, self.device, self.max_model_len)
+        devices = [self.device, *(torch.device(d) for d in (cfg.devices or ())[1:])]
+        self.memory_plan = memory_fit.plan(self.model, self.layers, cfg, self.geometry, devices, self.max_model_len,
+                                           memory_fit.free_figures(self.model, cfg, devices))
+        self.slot_room = memory_fit.slot_room(self.memory_plan, self.geometry)   # [D] slots each device fits
         choice = memory_fit.resolve_budget(cfg, self.geometry, self.memory_plan)   # fail before moving weights
         capacity_for(dataclasses.replace(cfg, expert_budget=choice.budget), self.geometry,
                      get_policy_class(cfg.policy).keeps_all_resident)
@@ -179,12 +182,14 @@ class Engine:
         self._checked_dispatch = False
 
     def _placement(self, cfg: EngineConfig, slots_per_device: int) -> Placement | None:
-        """Several --devices: `slots_per_device` on each (at most every expert once in all), the model on the
-        first (experts/placement.py, primary); None on one device."""
+        """Several --devices: `slots_per_device` on each, at most what its memory plan leaves room for
+        (`slot_room`) and every expert once in all, the model on the first (experts/placement.py, primary);
+        None on one device."""
         if len(cfg.devices or ()) < 2:
             return None
         g = self.geometry
-        return place(cfg.devices, slots_per_device, g.total_experts, g.num_experts, g.expert_bytes,
+        slots = slots_per_device if self.slot_room is None else np.minimum(slots_per_device, self.slot_room)
+        return place(cfg.devices, slots, g.total_experts, g.num_experts, g.expert_bytes,
                      np.zeros(g.num_layers, np.int64), 0)
 
     def _calibrate(self) -> MissCosts:

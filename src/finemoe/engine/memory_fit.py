@@ -1,27 +1,34 @@
 """Device memory sizing: `--expert-budget auto`, and refusing a budget that does not fit, before any weight moves.
 
-The device memory finemoe may use is what was free before it placed anything: `torch.cuda.mem_get_info` plus what
-the model already holds on the device (a checkpoint's non-expert weights are placed by the loader), or
-`EngineConfig.device_free_bytes` when given (tests inject it). Taken from it, in order:
+One `MemoryPlan` per device of `--devices` (one device without it). The device memory finemoe may use is what was
+free before it placed anything: `torch.cuda.mem_get_info` plus what the model already holds on that device (a
+checkpoint's non-expert weights are placed by the loader), or `EngineConfig.device_free_bytes` when given (tests
+inject it: one figure for every device, or one per device). Taken from it, in order, on the first device:
   non-expert weights  every parameter and buffer outside the routed experts, in the serving dtype;
   KV cache            max_model_len x max_batch_size tokens for every attention layer (linear-attention layers keep
                       a small fixed state, not counted), times the static caches the fast path keeps
                       (engine/paths.py MAX_STATIC_SHAPES; one on the dynamic path);
   CUDA graphs         GRAPH_RESERVE_BYTES when decode steps are captured (a stated reserve, not a measurement);
+  staging slots       with several devices, one layer's experts (experts/multi_device.py's peer-copy landing slots);
   safety margin       MARGIN_FRACTION of the free figure plus MARGIN_BYTES, for activations and allocator slack.
-What remains is the auto budget (capped at all expert bytes). Without a device figure (the CPU, nothing injected)
-there is nothing to fit: auto means every expert, and explicit budgets are not checked.
+On every other device only the margin (they hold cache slots, nothing else). What remains on each device is its
+room for expert slots; auto takes it all (capped at every expert once, the last devices giving slots up first,
+experts/placement.py `capped`), an explicit budget (per device) must fit every device's room. Without a device
+figure (the CPU, nothing injected) there is nothing to fit: auto means every expert, and explicit budgets are not
+checked.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from finemoe.config import EngineConfig, fmt_bytes, parse_budget
 from finemoe.engine.paths import MAX_STATIC_SHAPES
 from finemoe.errors import BudgetTooSmallError, ConfigError
+from finemoe.experts.placement import capped
 from finemoe.models.adapters import ExpertGeometry, MoELayer
 
 GRAPH_RESERVE_BYTES = 512 * 2**20
@@ -31,12 +38,14 @@ MARGIN_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Where the device memory goes, in bytes; `for_experts` is what is left for the expert cache."""
+    """Where one device's memory goes, in bytes; `for_experts` is what is left for its expert slots."""
 
+    device: str
     free: int
     non_expert: int
     kv: int
     graphs: int
+    staging: int
     margin: int
     max_model_len: int
     batch: int
@@ -44,13 +53,23 @@ class MemoryPlan:
 
     @property
     def for_experts(self) -> int:
-        return self.free - self.non_expert - self.kv - self.graphs - self.margin
+        return self.free - self.non_expert - self.kv - self.graphs - self.staging - self.margin
 
     def describe(self) -> str:
-        return (f"{fmt_bytes(max(self.for_experts, 0))} = free {fmt_bytes(self.free)} - non-expert weights "
-                f"{fmt_bytes(self.non_expert)} - KV cache {fmt_bytes(self.kv)} ({self.kv_caches} x max_model_len "
-                f"{self.max_model_len} x batch {self.batch}) - CUDA graphs {fmt_bytes(self.graphs)} - margin "
-                f"{fmt_bytes(self.margin)}")
+        left = f"{fmt_bytes(max(self.for_experts, 0))} = free {fmt_bytes(self.free)}"
+        if not (self.non_expert or self.kv or self.graphs or self.staging):
+            return f"{left} - margin {fmt_bytes(self.margin)}"
+        staging = f" - staging slots {fmt_bytes(self.staging)}" if self.staging else ""
+        return (f"{left} - non-expert weights {fmt_bytes(self.non_expert)} - KV cache {fmt_bytes(self.kv)} "
+                f"({self.kv_caches} x max_model_len {self.max_model_len} x batch {self.batch}) - CUDA graphs "
+                f"{fmt_bytes(self.graphs)}{staging} - margin {fmt_bytes(self.margin)}")
+
+
+def describe_all(plans: list[MemoryPlan]) -> str:
+    """One device: its plan; several: each device's, named."""
+    if len(plans) == 1:
+        return plans[0].describe()
+    return "; ".join(f"{p.device}: {p.describe()}" for p in plans)
 
 
 def is_auto(budget) -> bool:
@@ -81,25 +100,44 @@ def non_expert_bytes(model: nn.Module, layers: list[MoELayer], dtype: torch.dtyp
 
 
 def _on_device(model: nn.Module, device: torch.device) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
-               if t.device.type == device.type)
+    """Bytes the model holds on `device` (a CUDA device without an index is the current one)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t.device == device)
 
 
-def plan(model: nn.Module, layers: list[MoELayer], cfg: EngineConfig, device: torch.device,
-         max_model_len: int) -> MemoryPlan | None:
-    """The device memory plan, or None where there is no device figure (CPU, nothing injected)."""
-    if cfg.device_free_bytes is not None:
-        free = int(cfg.device_free_bytes)
-    elif device.type == "cuda":
-        free = int(torch.cuda.mem_get_info(device)[0]) + _on_device(model, device)
-    else:
+def free_figures(model: nn.Module, cfg: EngineConfig, devices: list[torch.device]) -> list[int] | None:
+    """Each device's free figure: injected (`device_free_bytes`), measured on CUDA, or None (CPU, nothing given)."""
+    given = cfg.device_free_bytes
+    if given is not None:
+        return [int(given)] * len(devices) if isinstance(given, int) else [int(f) for f in given]
+    if devices[0].type != "cuda":
+        return None
+    return [int(torch.cuda.mem_get_info(d)[0]) + _on_device(model, d) for d in devices]
+
+
+def plan(model: nn.Module, layers: list[MoELayer], cfg: EngineConfig, geometry: ExpertGeometry,
+         devices: list[torch.device], max_model_len: int, free: list[int] | None) -> list[MemoryPlan] | None:
+    """One plan per device (see the module docstring), or None where there is no figure (`free` None).
+    free [D]: `free_figures`. The first device runs the model; several devices put staging slots on it."""
+    if free is None:
         return None
     dtype = cfg.torch_dtype()
     caches = MAX_STATIC_SHAPES if cfg.fast_path else 1
     kv = kv_bytes_per_token(model.config, dtype) * max_model_len * cfg.max_batch_size * caches
-    graphs = GRAPH_RESERVE_BYTES if cfg.cuda_graphs and device.type == "cuda" else 0
-    return MemoryPlan(free, non_expert_bytes(model, layers, dtype), kv, graphs,
-                      int(free * MARGIN_FRACTION) + MARGIN_BYTES, max_model_len, cfg.max_batch_size, caches)
+    graphs = GRAPH_RESERVE_BYTES if cfg.cuda_graphs and devices[0].type == "cuda" else 0
+    staging = geometry.num_experts * geometry.expert_bytes if len(devices) > 1 else 0
+    first = [non_expert_bytes(model, layers, dtype), kv, graphs, staging]
+    return [MemoryPlan(str(dev), f, *(first if d == 0 else [0, 0, 0, 0]), int(f * MARGIN_FRACTION) + MARGIN_BYTES,
+                       max_model_len, cfg.max_batch_size, caches)
+            for d, (dev, f) in enumerate(zip(devices, free))]
+
+
+def slot_room(plans: list[MemoryPlan] | None, geometry: ExpertGeometry) -> np.ndarray | None:
+    """Expert slots each device's plan leaves room for [D], or None without a plan."""
+    if plans is None:
+        return None
+    return np.array([max(p.for_experts, 0) // geometry.expert_bytes for p in plans], np.int64)
 
 
 @dataclass(frozen=True)
@@ -110,28 +148,35 @@ class BudgetChoice:
     note: str | None = None
 
 
-def resolve_budget(cfg: EngineConfig, geometry: ExpertGeometry, memory: MemoryPlan | None) -> BudgetChoice:
-    """Auto becomes bytes (all experts where there is no device figure); an explicit budget is checked against the
-    plan. A one-line error with the numbers when it cannot fit."""
-    if is_auto(cfg.expert_budget) or (cfg.expert_budget is None and memory is not None):
-        if memory is None:
+def resolve_budget(cfg: EngineConfig, geometry: ExpertGeometry, plans: list[MemoryPlan] | None) -> BudgetChoice:
+    """Auto becomes bytes per device (all experts where there is no device figure; with several devices the most
+    any device takes: each holds what its room allows, `slot_room`); an explicit budget is checked against every
+    device's plan. A one-line error with the numbers when it cannot fit."""
+    if is_auto(cfg.expert_budget) or (cfg.expert_budget is None and plans is not None):
+        if plans is None:
             return BudgetChoice(geometry.total_bytes, "expert budget auto: no device memory to fit (CPU): all experts")
-        left = memory.for_experts
+        slots = capped(slot_room(plans, geometry), geometry.total_experts)     # [D]
+        left = plans[0].for_experts if len(plans) == 1 else int(slots.max()) * geometry.expert_bytes
         if left < geometry.min_budget_bytes:
             raise BudgetTooSmallError(
-                f"expert budget auto: {memory.describe()}, but one layer's top-k needs "
+                f"expert budget auto: {describe_all(plans)}, but one layer's top-k needs "
                 f"{fmt_bytes(geometry.min_budget_bytes)}: lower --max-model-len or --max-batch-size, "
                 "or use a device with more free memory")
-        budget = min(left, geometry.total_bytes)
-        slots = budget // geometry.expert_bytes
-        return BudgetChoice(budget, f"expert budget auto: {slots} of {geometry.total_experts} experts "
-                                    f"({100 * slots / geometry.total_experts:.0f}%), {memory.describe()}")
-    if memory is None or cfg.expert_budget is None:
+        total = int(slots.sum())
+        split = "" if len(plans) == 1 else " over " + " + ".join(f"{p.device} {n}" for p, n in zip(plans, slots))
+        return BudgetChoice(min(left, geometry.total_bytes),
+                            f"expert budget auto: {total} of {geometry.total_experts} experts "
+                            f"({100 * total / geometry.total_experts:.0f}%){split}, {describe_all(plans)}")
+    if plans is None or cfg.expert_budget is None:
         return BudgetChoice(cfg.expert_budget)
-    wanted = min(parse_budget(cfg.expert_budget, geometry.total_bytes), geometry.total_bytes)
-    wanted -= wanted % geometry.expert_bytes
-    if wanted > memory.for_experts:
-        raise ConfigError(f"expert budget {cfg.expert_budget} ({fmt_bytes(wanted)} of slots) does not fit: "
-                          f"{memory.describe()}: pass --expert-budget auto or {fmt_bytes(max(memory.for_experts, 0))}"
-                          " or less, or lower --max-model-len or --max-batch-size")
+    wanted = min(parse_budget(cfg.expert_budget, geometry.total_bytes), geometry.total_bytes) // geometry.expert_bytes
+    need = capped(np.full(len(plans), wanted, np.int64), geometry.total_experts)     # slots per device [D]
+    room = slot_room(plans, geometry)
+    if (need > room).any():
+        short = "; ".join(f"{p.device} needs {n} slots ({fmt_bytes(n * geometry.expert_bytes)}), has room for "
+                          f"{r}: {p.describe()}" for p, n, r in zip(plans, need, room) if n > r)
+        fits = fmt_bytes(int(room.min()) * geometry.expert_bytes)
+        raise ConfigError(f"expert budget {cfg.expert_budget} ({fmt_bytes(wanted * geometry.expert_bytes)} of slots"
+                          f"{'' if len(plans) == 1 else ' per device'}) does not fit: {short}: pass --expert-budget "
+                          f"auto or {fits} or less, or lower --max-model-len or --max-batch-size")
     return BudgetChoice(cfg.expert_budget)

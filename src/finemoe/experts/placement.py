@@ -56,11 +56,23 @@ def split_layers(layer_bytes: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.minimum(np.searchsorted(share, mid, side="right"), len(share) - 1).astype(np.int64)
 
 
-def place(devices: tuple[str, ...], slots_per_device: int, total_experts: int, num_experts: int, expert_bytes: int,
-          layer_bytes: np.ndarray, shared_bytes: int, free_bytes: np.ndarray | None = None,
+def capped(slots: np.ndarray, total_experts: int) -> np.ndarray:
+    """Slots per device [D], their sum capped at every expert once: the last devices give slots up first."""
+    slots = np.array(slots, np.int64)
+    excess = int(slots.sum()) - total_experts
+    for d in range(len(slots) - 1, -1, -1):
+        take = min(max(excess, 0), int(slots[d]))
+        slots[d] -= take
+        excess -= take
+    return slots
+
+
+def place(devices: tuple[str, ...], slots_per_device: int | np.ndarray, total_experts: int, num_experts: int,
+          expert_bytes: int, layer_bytes: np.ndarray, shared_bytes: int, free_bytes: np.ndarray | None = None,
           mode: str = "primary") -> Placement:
     """The placement (see the module docstring). layer_bytes [L]: non-expert bytes of each decoder layer;
-    shared_bytes: the rest (embeddings, final norm, head); free_bytes [D] or None."""
+    shared_bytes: the rest (embeddings, final norm, head); free_bytes [D] or None; slots_per_device: one number
+    for every device, or [D] (engine/memory_fit.py's room on each device)."""
     if mode not in MODES:
         raise ConfigError(f"placement {mode!r} is not known: use one of {', '.join(MODES)}")
     D, L = len(devices), len(layer_bytes)
@@ -76,12 +88,7 @@ def place(devices: tuple[str, ...], slots_per_device: int, total_experts: int, n
     for d in np.flatnonzero(free - weights < 0):
         raise ConfigError(f"device {devices[d]} has {free[d]} bytes free but its non-expert weights need "
                           f"{weights[d]}: free memory on it, or list it later in --devices")
-    slots = np.minimum(slots_per_device, np.maximum(room, 0) // expert_bytes)          # [D]
-    excess = int(slots.sum()) - total_experts
-    for d in range(D - 1, -1, -1):          # cap at every expert once: the last devices give slots up first
-        take = min(max(excess, 0), int(slots[d]))
-        slots[d] -= take
-        excess -= take
+    slots = capped(np.minimum(slots_per_device, np.maximum(room, 0) // expert_bytes), total_experts)   # [D]
     first = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
     others = first[-1] - slots
     staging = np.minimum(staging, others).astype(np.int64)
