@@ -56,9 +56,11 @@ OVERRIDES = {
     "kolibri1_1": dict(num_hidden_layers=2, layer_types=["sliding_attention", "indexed_attention"], mlp_only_layers=[],
                        head_dim=16, index_num_heads=2, index_topk=4, index_pool_size=16, index_compression=4,
                        index_layers=[1], kv_source_layers=[0, 1], index_num_local_tokens=2, index_num_sink_tokens=1),
-    "qwen4_exp_text": dict(num_hidden_layers=2, layer_types=["linear_attention", "indexed_attention"], hc_lowrank=8,
+    # "full_attention" as its checkpoints spell it (newer transformers reads it as indexed attention, which needs
+    # the indexer sizes, default None)
+    "qwen4_exp_text": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], hc_lowrank=8,
                            indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
-                           indexer_compress_ratio=2),   # its indexed attention reads these (default None)
+                           indexer_compress_ratio=2),
 }
 
 
