@@ -5,7 +5,8 @@ The list is read from transformers itself (its config and causal-LM auto mapping
 file), never written by hand, so a newer transformers brings its new MoE families into the test on its own.
 A tiny config is the model type's own default config with every size field that exists shrunk to TINY, and every
 per-layer list (layer_types, mlp_layer_types, ...) cut to LAYERS entries keeping every kind of layer (so e.g. a
-dense first layer and a full-attention layer survive). OVERRIDES holds the few fields a family's validation insists on.
+dense first layer and a full-attention layer survive). OVERRIDES holds the few fields a family's validation insists
+on, and the layer patterns of hybrids whose default leaves layer_types unset (one layer of each kind, 2 layers).
 """
 from __future__ import annotations
 
@@ -48,6 +49,18 @@ OVERRIDES = {
     "gemma4_text": dict(enable_moe_block=True),       # MoE blocks are opt-in
     "zaya": dict(num_experts_per_tok=1),              # its validation allows top-1 only
     "jamba": dict(attn_layer_period=3, attn_layer_offset=2),   # one attention layer among the three
+    # hybrids whose default layer_types is None (derived later or read as-is): one layer of each kind, both MoE
+    "lfm2_moe": dict(num_hidden_layers=2, layer_types=["conv", "full_attention"], num_dense_layers=0),
+    "granitemoehybrid": dict(num_hidden_layers=2, layer_types=["linear_attention", "attention"], mamba_n_heads=4,
+                             mamba_d_state=8, mamba_chunk_size=8),
+    "kolibri1_1": dict(num_hidden_layers=2, layer_types=["sliding_attention", "indexed_attention"], mlp_only_layers=[],
+                       head_dim=16, index_num_heads=2, index_topk=4, index_pool_size=16, index_compression=4,
+                       index_layers=[1], kv_source_layers=[0, 1], index_num_local_tokens=2, index_num_sink_tokens=1),
+    # "full_attention" as its checkpoints spell it (newer transformers reads it as indexed attention, which needs
+    # the indexer sizes, default None)
+    "qwen4_exp_text": dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], hc_lowrank=8,
+                           indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
+                           indexer_compress_ratio=2),
 }
 
 

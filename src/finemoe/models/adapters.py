@@ -137,6 +137,11 @@ def _probe_top_k(model: nn.Module, router: nn.Module, num_experts: int, where: s
         why = " ".join(str(e).split())
         raise _unsupported(model, f"{where}: router {type(router).__name__} needs more than the hidden states "
                                   f"({why}); finemoe calls routers on hidden states alone") from None
+    except (IndexError, RuntimeError) as e:   # e.g. a router that takes [batch, seq, H] and its own carried state
+        why = " ".join(str(e).split())
+        raise _unsupported(model, f"{where}: router {type(router).__name__} does not run on flat hidden states "
+                                  f"[tokens, H] ({type(e).__name__}: {why}); finemoe calls routers on those "
+                                  "alone") from None
     finally:
         router.train(was_training)
     if not (isinstance(out, tuple) and len(out) >= 3 and all(torch.is_tensor(o) for o in out[:3])):
