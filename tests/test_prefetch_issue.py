@@ -164,17 +164,20 @@ def test_finemoe_prefetches_carry_their_guiding_probability_as_the_gate():
     assert cache.rank.gate is policy.scores.state.p and cache.rank.limit[0] == np.inf and policy.gate_values_keys
 
 
+def per_layer_only(cls: type[Policy]) -> type[Policy]:
+    """`cls` without compiled decode callbacks: the simulator runs it through the per-layer (Python) path."""
+    class PerLayer(cls):
+        def decode_kernels(self, probs):
+            return None
+    return PerLayer
+
+
 def test_the_compiled_decode_loop_replays_the_idle_rule_like_the_per_layer_path():
     trace, embed = topic_trace(), torch.nn.Embedding(50, 8)
     issue = PrefetchIssue("idle", 256)
     rows = []
-    for per_layer in (False, True):
-        class Policy_(FineMoEPolicy):
-            callbacks_only = per_layer
-
-            def decode_kernels(self, probs):
-                return None if self.callbacks_only else super().decode_kernels(probs)
-        policy = Policy_(capacity=20, prefetch_distance=2, embed=embed)
+    for cls in (FineMoEPolicy, per_layer_only(FineMoEPolicy)):
+        policy = cls(capacity=20, prefetch_distance=2, embed=embed)
         replay = Replay(trace, policy, "40%", CostModel(1000, 1e6, 1e-3, 1e-4), issue=issue)
         rows.append(replay.run())
     for key in ("hits", "misses", "bytes_copied", "prefetch_copies", "wasted_prefetches", "tpot_s"):
@@ -201,11 +204,9 @@ def test_off_drops_every_prefetch_and_keeps_the_policys_eviction(compiled):
     """`off`: the policy still predicts, but nothing it predicts is copied; every expert arrives by demand."""
     trace, embed = topic_trace(), torch.nn.Embedding(50, 8)
     rows = {}
+    cls = FineMoEPolicy if compiled else per_layer_only(FineMoEPolicy)
     for mode in ("inflight", "off"):
-        class Policy_(FineMoEPolicy):
-            def decode_kernels(self, probs):
-                return super().decode_kernels(probs) if compiled else None
-        replay = Replay(trace, Policy_(capacity=20, prefetch_distance=2, embed=embed), "40%",
+        replay = Replay(trace, cls(capacity=20, prefetch_distance=2, embed=embed), "40%",
                         CostModel(1000, 1e6, 1e-3, 1e-4), issue=PrefetchIssue(mode))
         rows[mode] = replay.run()
     assert rows["inflight"]["prefetch_copies"] > 0
@@ -238,13 +239,8 @@ def test_moe_infinity_gates_its_prefetches_by_the_matched_usage_share():
     from finemoe.policies.moe_infinity import MoEInfinityPolicy
     trace = topic_trace()
     rows = []
-    for per_layer in (False, True):
-        class Policy_(MoEInfinityPolicy):
-            callbacks_only = per_layer
-
-            def decode_kernels(self, probs):
-                return None if self.callbacks_only else super().decode_kernels(probs)
-        policy = Policy_()
+    for cls in (MoEInfinityPolicy, per_layer_only(MoEInfinityPolicy)):
+        policy = cls()
         replay = Replay(trace, policy, "40%", CostModel(1000, 1e6, 1e-3, 1e-4), issue=PrefetchIssue("idle", 256))
         rows.append(replay.run())
         assert replay.cache.rank.gate is policy.gate and policy.gate_values_keys
