@@ -113,6 +113,7 @@ class ContinuousBatch:
 
     @property
     def done(self) -> bool:
+        """No request holds a row (finished or cancelled ones are retired first)."""
         self._retire()
         return not self.running
 
