@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from finemoe import EngineConfig, FineMoEError, parse_budget
 from finemoe.engine import Engine, SamplingParams
@@ -163,3 +164,27 @@ def test_a_limit_below_one_is_a_usage_error(tmp_path, capsys):
               "--limit", "0"])
     assert e.value.code == 2
     assert "argument --limit: invalid whole number >= 1 value: '0'" in capsys.readouterr().err
+
+
+class IndexFirstRouter(torch.nn.Module):
+    """A router returning (top_k_index, top_k_weights, logits), as granitemoehybrid's does under transformers 5.17."""
+
+    def __init__(self, router: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = router
+
+    def forward(self, hidden_states):
+        logits, weights, index = self.inner(hidden_states)
+        return index, weights, logits
+
+
+def test_a_router_returning_another_order_is_refused_naming_the_order():
+    from finemoe.models.adapters import find_moe_layers
+    model = AutoModelForCausalLM.from_config(CONFIGS["qwen2_moe"]())
+    block = model.model.layers[0].mlp
+    block.gate = IndexFirstRouter(block.gate)
+    with pytest.raises(UnsupportedModelError) as err:
+        find_moe_layers(model)
+    msg = str(err.value)
+    assert "returns (top_k_index, top_k_weights, logits)" in msg and "upgrade transformers" in msg
+    assert "\n" not in msg

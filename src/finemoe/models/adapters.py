@@ -148,6 +148,10 @@ def _probe_top_k(model: nn.Module, router: nn.Module, num_experts: int, where: s
         raise _unsupported(model, f"{where}: router {type(router).__name__} does not return "
                                   "(logits, top_k_weights, top_k_index)")
     logits, index = out[0], out[2]
+    if not logits.is_floating_point() and index.is_floating_point():
+        raise _unsupported(model, f"{where}: router {type(router).__name__} returns (top_k_index, top_k_weights, "
+                                  "logits), this transformers release's order; finemoe reads (logits, top_k_weights, "
+                                  "top_k_index), the order of newer releases: upgrade transformers")
     if tuple(logits.shape) != (2, num_experts):
         raise _unsupported(model, f"{where}: router {type(router).__name__} scores {logits.shape[-1]} choices for "
                                   f"{num_experts} routed experts (e.g. zero-compute experts)")
