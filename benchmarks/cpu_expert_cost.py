@@ -5,8 +5,10 @@ For one expert of a given shape (default Qwen1.5-MoE-A2.7B: hidden 2048, expert 
   - the pinned host-to-device copy of one expert (CUDA events; alone, and 8 back to back);
   - the expert's MLP on the CPU (silu(x Wg) * (x Wu) Wd) for 1, 4 and 16 tokens, weights in bf16 and fp32,
     at several torch thread counts (wall time, median);
-  - both at once: 8 copies on a copy stream while the CPU computes 8 experts, against each alone
-    (how much the two paths contend for host memory).
+  - both at once: 8 copies on a copy stream while the CPU computes 8 experts, against each alone, with bf16 and
+    with fp32 CPU weights: the wall time of both, and the copies' own time on the copy stream (CUDA events) while
+    the CPU computes beside them, against alone (how much the CPU's reads of host memory slow the copies: the
+    simulator assumes they do not, simulator/timed_kernels.py cpu_half).
 Prints a short table last; `--out FILE` writes every number as JSON. Needs a CUDA device.
 
     PYTHONPATH=src python3 benchmarks/cpu_expert_cost.py --out $OUT/cpu_expert_cost.json
@@ -67,16 +69,22 @@ def copy_times(host: list[dict[str, torch.Tensor]], stream: torch.cuda.Stream, r
 
 def overlap(host: list[dict[str, torch.Tensor]], cpu_w: list[dict[str, torch.Tensor]], threads: int,
             stream: torch.cuda.Stream, repeat: int) -> dict[str, float]:
-    """8 copies alone, 8 one-token CPU experts alone, and both at once (wall seconds, medians)."""
+    """8 copies alone, 8 one-token CPU experts alone, and both at once (wall seconds, medians); and the copies' own
+    time on the copy stream (CUDA events), alone and while the CPU computes."""
     dev = [{k: torch.empty_like(v, device="cuda") for k, v in h.items()} for h in host]
     x = torch.randn(1, cpu_w[0]["down"].shape[0], dtype=cpu_w[0]["down"].dtype)
+    copy_s: list[float] = []
 
     def copies():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
+            start.record(stream)
             for h, d in zip(host, dev):
                 for k in h:
                     d[k].copy_(h[k], non_blocking=True)
+            end.record(stream)
         stream.synchronize()
+        copy_s.append(start.elapsed_time(end) / 1e3)
 
     def computes():
         for w in cpu_w:
@@ -89,8 +97,12 @@ def overlap(host: list[dict[str, torch.Tensor]], cpu_w: list[dict[str, torch.Ten
         t.join()
 
     torch.set_num_threads(threads)
-    return {"copies_only_s": median_seconds(copies, repeat), "cpu_only_s": median_seconds(computes, repeat),
-            "both_s": median_seconds(both, repeat)}
+    copies_only = median_seconds(copies, repeat)
+    alone = statistics.median(copy_s[1:])
+    copy_s.clear()
+    both_s = median_seconds(both, repeat)
+    return {"copies_only_s": copies_only, "cpu_only_s": median_seconds(computes, repeat), "both_s": both_s,
+            "copy_stream_alone_s": alone, "copy_stream_beside_cpu_s": statistics.median(copy_s[1:])}
 
 
 def main() -> None:
@@ -128,9 +140,11 @@ def main() -> None:
             n = min(threads, key=lambda n: cpu[f"{name}/threads{n}/tokens{t}"])
             best[f"{name}/tokens{t}"] = {"threads": n, "s": cpu[f"{name}/threads{n}/tokens{t}"]}
     result["best_cpu"] = best
-    n_bf16 = best["bf16/tokens1"]["threads"]
-    result["overlap_bf16"] = dict(overlap([pinned_copy(w) for w in bf16], bf16, n_bf16, stream, args.repeat),
-                                  threads=n_bf16)
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        n = best[f"{name}/tokens1"]["threads"]
+        result[f"overlap_{name}"] = dict(overlap([pinned_copy(w) for w in bf16], [{k: v.to(dtype) for k, v in w.items()}
+                                                                                  for w in bf16], n, stream,
+                                                 args.repeat), threads=n)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
@@ -142,9 +156,12 @@ def main() -> None:
         b, f = best[f"bf16/tokens{t}"], best[f"fp32/tokens{t}"]
         print(f"  {t:3d} tokens   bf16 {b['s'] * 1e3:7.3f} ({b['threads']:2d})"
               f"   fp32 {f['s'] * 1e3:7.3f} ({f['threads']:2d})")
-    o = result["overlap_bf16"]
-    print(f"8 copies {o['copies_only_s'] * 1e3:.2f} ms, 8 CPU experts {o['cpu_only_s'] * 1e3:.2f} ms "
-          f"({o['threads']} threads), both at once {o['both_s'] * 1e3:.2f} ms")
+    for name in ("bf16", "fp32"):
+        o = result[f"overlap_{name}"]
+        print(f"8 copies {o['copies_only_s'] * 1e3:.2f} ms, 8 {name} CPU experts {o['cpu_only_s'] * 1e3:.2f} ms "
+              f"({o['threads']} threads), both at once {o['both_s'] * 1e3:.2f} ms; the copies on their stream "
+              f"{o['copy_stream_alone_s'] * 1e3:.2f} ms alone, {o['copy_stream_beside_cpu_s'] * 1e3:.2f} ms beside "
+              "the CPU")
 
 
 if __name__ == "__main__":

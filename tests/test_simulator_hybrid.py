@@ -14,9 +14,11 @@ from safetensors.torch import save_file
 from finemoe.cli.main import main
 from finemoe.experts.prefetch_issue import PrefetchIssue
 from finemoe.simulator import CostModel, simulate
+from finemoe.policies import get_policy_class
 from finemoe.simulator.tuning import recommend
 from finemoe.traces import Trace
 from helpers import topic_trace
+from test_decode_loop import replay_both
 
 
 def one_layer_trace(prompt_experts, decode_experts) -> Trace:
@@ -57,6 +59,32 @@ def test_auto_runs_the_cpu_half_beside_the_copies_and_waits_for_the_slower():
     assert slow_cpu["cpu_wait_s"] == 0.5 and slow_cpu["stall_s"] == 2.5
     too_slow = run(trace, "auto", layer_time_s=0.5, cpu_expert_s=2.5)
     assert (too_slow["ttft_s"], too_slow["cpu_experts"], too_slow["bytes_copied"]) == (2.5, 0, 4)
+
+
+def test_a_hybrid_layer_takes_the_engines_captured_timeline_in_the_loop_and_the_per_layer_path():
+    # Two layers, top-2; every routed expert is new, so every expert misses: the prompt's one token routes to experts
+    # 0, 1 in both layers, the decode token to 2, 3. Copy 1 s; CPU half 0.25 s + 1.5 s per expert; host round trip
+    # 0.5 s; layer 2 s. auto puts one of a layer's two misses on the CPU: max(1.75, 1) beats two copies (2 s).
+    topk = np.array([[[0, 1], [0, 1]], [[2, 3], [2, 3]]])                              # [T=2, L=2, k=2]
+    trace = Trace("hand", 2, 8, 2, offsets=np.array([0, 2]), prompt_lens=np.array([1]), iterations=np.array([2]),
+                  token_ids=np.arange(2), topk=topk)
+    cost = CostModel(expert_bytes=1, bandwidth_Bps=1.0, layer_time_s=2.0, host_layer_s=0.5, cpu_expert_s=1.5,
+                     cpu_layer_s=0.25)
+    # The engine's captured decode path, per layer (engine/graphs.py, runtime.begin_replayed_layer,
+    # cpu_misses.run_static), from the previous layer's compute end t:
+    #   host thread   routing sync and cache work: t + 0.5 (R); then the CPU half, R .. R + 1.75; then the replay
+    #   copy engine   the device half's one copy, R .. R + 1
+    #   device        the segment (device half's experts, the CPU result's add, the rest): R + 1.75 .. R + 3.75
+    layer = 0.5 + max(0.25 + 1.5, 1.0) + 2.0                                            # 4.25 s, not 0.5 + 1 + 2
+    (looped, per_layer), (policy, _) = replay_both(get_policy_class("lru"), trace, "100%", cost, miss_compute="auto")
+    assert policy.looped == 2                           # both one-token iterations ran in the compiled loop
+    for row in (looped, per_layer):
+        assert (row["ttft_s"], row["tpot_s"]) == (2 * layer, 2 * layer)
+        assert (row["cpu_experts"], row["bytes_copied"]) == (4, 4)
+        assert row["cpu_wait_s"] == 4 * (1.75 - 1.0)   # beyond each layer's copy
+        assert row["stall_s"] == 4 * 1.75               # the compute waited for the CPU half, behind which the copy ran
+    (gpu,) = simulate(trace, ["lru"], ["100%"], cost)   # gpu mode: both copies, one after the other
+    assert gpu["tpot_s"] == 2 * (0.5 + 2 * 1.0 + 2.0) and gpu["cpu_experts"] == 0
 
 
 @pytest.mark.parametrize("issue", ["inflight", "idle"])

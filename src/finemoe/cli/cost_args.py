@@ -5,7 +5,8 @@ experts with t_1..t_m tokens:
 
     cpu_layer_ms + sum over i of (cpu_expert_ms + cpu_token_ms * (t_i - 1))
 
-beside the device half's copies (expert_bytes / bandwidth each); the layer computes when both are done.
+on the host thread from the layer's routing, beside the device half's copies (expert_bytes / bandwidth each); the
+layer computes when both are done, as the engine's captured decode path runs it (simulator/timed_kernels.py cpu_half).
 """
 from __future__ import annotations
 

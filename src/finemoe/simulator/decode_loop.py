@@ -9,7 +9,8 @@ the same order, with the same arguments (victims from the policy's live Eviction
 between them is gone. The token's k experts must fit the cache (a layer needing more runs the layer sequence's
 waves: the caller's per-layer path). With `--miss-compute cpu|auto` (MissPlan) the layer's absent experts are
 split by the engine's own `split_misses` as LayerSequence.begin splits them: only the device half is demanded,
-and the CPU half's time joins the copies' (timed_kernels.cpu_half); under the idle issue rule the CPU half is noted
+and the layer's compute starts after both the copies and the CPU half (timed_kernels.cpu_half, the hybrid layer's one
+rule, which the Python path calls too); under the idle issue rule the CPU half is noted
 for copying at the next iteration's start (ExpertCache.begin_iteration), as the cache's Python path notes it.
 
 The policy's functions are arguments of `layer_loop`. Numba types a compiled function by its object, so a loop
@@ -147,8 +148,7 @@ def layer_loop(sorted_topk, topk, probs, aux, ones, access, access_state, routed
     = (hits, misses, prefetch copies, CPU-computed experts)."""
     times = cc.times[0]
     for layer in range(topk.shape[0]):
-        times.now += host_s                          # the host learns the routing; the layer's copies start after
-        routed_at = times.now
+        tk.routing_learned(cc, host_s)               # the host learns the routing; copies and CPU half start
         experts = sorted_topk[layer]
         k = experts.size
         access(layer, experts, ones, access_state)
@@ -158,8 +158,8 @@ def layer_loop(sorted_topk, topk, probs, aux, ones, access, access_state, routed
         if st.issue[0].partial >= 0 and sk.claim_partial(st, slots, n):
             _copy_runs(st, cc, 1, True)              # the rest of a partly issued prefetch, first in line
         hits = tk.load(cc, slots[:n], new[:n], hit[:n])
-        if m > 0:
-            tk.cpu_half(cc, routed_at, cpu_s)
+        if m > 0:                                    # the host ran the CPU half; then the compute (segment) starts
+            tk.cpu_half(cc, cpu_s)
         tk.used(cc, slots, n)                        # ExpertCache.release
         sk.release(st, slots, n)
         stats[0] += hits

@@ -201,18 +201,17 @@ class Replay:
                 self.transport.now += self.cost.layer_time_s
             return hits, misses, cpu
         sequence, routing, transport = self.sequence, self.reports_routing, self.transport
-        mode, costs, host_s = self.miss_mode, self.miss_costs, self.sequence.clock.host_s
+        mode, costs = self.miss_mode, self.miss_costs
         rows = np.zeros(b - a, np.int64) if routing else None                 # [T] every token is batch row 0
         topk = self.routed.topk[a:b]                                          # [T, L, k]
         for layer, experts, counts in layers:
             seen = (LayerRouting(layer, topk[:, layer], rows, None if probs is None else probs[:, layer])
                     if routing else None)                                     # top_k [T, k], probs [T, J] views
-            routed_at = transport.now + host_s                                # after the clock's round trip
             step = sequence.begin(layer, experts, counts, seen, mode, costs)
             if step.res is None:
                 sequence.waves(step)
-            if step.cpu.size:    # the CPU half ran beside the device half's copies
-                transport.cpu_half(routed_at, costs.cpu_time(counts[np.searchsorted(experts, step.cpu)]))
+            if step.cpu.size:    # the CPU half ran on the host beside the device half's copies; then the compute
+                transport.cpu_half(costs.cpu_time(counts[np.searchsorted(experts, step.cpu)]))
                 cpu += step.cpu.size
             sequence.finish(step)
             n_hit = int(step.hit.sum())

@@ -5,8 +5,11 @@ TimedTransport (simulator/transport.py) for the cache's Python path and by the c
 Copies run on one copy engine, one after another (like one CUDA copy stream): a copy into slot s starts when
 the engine is free, `now` has come and the compute that last read s has finished (read_until[s]), and takes
 copy_s. A copy is done once its end time <= now. A demand stall moves `now` to the last awaited copy's end.
-A layer's CPU half (`--miss-compute cpu|auto`) runs from the moment its routing is on the host, beside the copies;
-the layer computes once both are done (`cpu_half`): the wait beyond the copies is a stall too.
+A hybrid layer (`--miss-compute cpu|auto`) follows the engine's captured decode path (`cpu_half`, the one rule of it,
+which both the cache's Python path and the compiled decode loop call): the host learns the routing (`routing_learned`:
+`routed`), the copy engine runs the device half's demand copies from then, the host thread runs the CPU half from then
+too, and only after it does the host replay the segment that computes the layer, so the compute starts when both
+are done: the wait beyond the copies is a stall too.
 A copy may go in byte ranges (`copy_run`: chunks of the idle issue rule, experts/prefetch_issue.py), each taking its
 share of copy_s; a slot's copy is done once its last range has landed. `ahead_max` records the most prefetch copy
 time ever queued ahead of a demand copy when it was issued (what "a demand never waits behind a prefetch" bounds).
@@ -26,7 +29,8 @@ TIMES = np.dtype([("now", np.float64),           # the current layer's compute s
                   ("bytes", np.float64),         # bytes copied (exact below 2**53)
                   ("cpu_wait", np.float64),      # of the stall, time waited for CPU halves beyond the copies (s)
                   ("prefetch_end", np.float64),  # end of the last prefetch copy issued (s)
-                  ("ahead_max", np.float64)])    # most prefetch copy time queued ahead of a demand copy (s)
+                  ("ahead_max", np.float64),     # most prefetch copy time queued ahead of a demand copy (s)
+                  ("routed", np.float64)])       # when the current layer's routing reached the host (s)
 
 
 class CopyClock(NamedTuple):
@@ -113,11 +117,33 @@ def load(cc, slots, new, hit):
 
 
 @njit
-def cpu_half(cc, start, seconds):
-    """A layer's CPU-computed misses ran from `start` (its routing on the host) for `seconds`, while its device
-    half's copies ran (`load` has moved now to their end): the compute starts when both are done."""
+def routing_learned(cc, host_s):
+    """The host learns the current layer's routing after its round trip host_s (the engine's named routing sync, its
+    cache work and the segment's replay: CostModel.host_layer_s): now and `routed` move there. The layer's demand
+    copies are issued and its CPU half starts from `routed`."""
     t = cc.times[0]
-    end = start + seconds
+    t.now += host_s
+    t.routed = t.now
+
+
+@njit
+def cpu_half(cc, seconds):
+    """A hybrid layer's timeline, as the engine's captured decode path runs it (engine/graphs.py `replay`,
+    runtime.begin_replayed_layer, engine/cpu_misses.py `run_static`); `load` has moved now to the end of the device
+    half's demand copies. In the engine, after the routing sync the host thread issues those copies, then runs the
+    CPU half to completion (`start`: the CPU rows' inputs to the host; `finish`: HOST SYNC on them, the CPU
+    compute, the result's copy queued), and only then replays the next graph segment, which computes the device
+    half's experts (after waiting for its copies), adds the CPU result and runs the model up to the next layer's
+    routing. So:
+
+        CPU half   host thread, from `routed` for `seconds` (MissCosts.cpu_time: cpu_layer_s + per expert)
+        copies     copy engine, from `routed` (behind its queue), as `load` charged them
+        compute    device, from max(copies' end, routed + seconds), for the layer time (the clock's step)
+
+    The device half's compute never overlaps the CPU half, and the host's policy work (`finish_layer`, after the
+    replay) follows it. The wait beyond the copies is stall, and cpu_wait."""
+    t = cc.times[0]
+    end = t.routed + seconds
     if end > t.now:
         t.stall += end - t.now
         t.cpu_wait += end - t.now
@@ -154,7 +180,8 @@ def warm_up() -> None:
     slots, flags = np.zeros(2, np.int64), np.zeros(2, bool)
     copy(cc, slots, 1)
     load(cc, slots, flags, flags.copy())
-    cpu_half(cc, 0.0, 1.0)
+    routing_learned(cc, 0.0)
+    cpu_half(cc, 1.0)
     used(cc, slots, 1)
     finished(cc, slots, flags)
     copy_run(cc, 0, 0, 5, True)

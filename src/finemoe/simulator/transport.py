@@ -8,9 +8,11 @@ advances by the per-layer compute time, so prefetches issued at a layer overlap 
 on the GPU, a copy into a slot also waits until the compute that last read the slot has finished (`used`).
 
 With `--miss-compute cpu|auto` a layer's misses are split as the engine splits them (experts/miss_split.py, by
-`miss_costs`): a CPU-computed miss copies nothing; the layer's CPU half starts when its routing is on the host and
-takes cpu_layer_s + sum over its experts of (cpu_expert_s + cpu_token_s * (tokens - 1)), beside the device half's
-copies, and the layer computes when both are done (the wait beyond the copies is stall, and `cpu_wait`).
+`miss_costs`): a CPU-computed miss copies nothing; as in the engine's captured decode path, the host thread runs the
+layer's CPU half from the moment the routing is on the host, taking cpu_layer_s + sum over its experts of
+(cpu_expert_s + cpu_token_s * (tokens - 1)), while the copy engine runs the device half's copies, and the device
+computes the layer (its device half and the rest of the model) once both are done (timed_kernels.cpu_half; the
+wait beyond the copies is stall, and `cpu_wait`).
 """
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ class TimedTransport(Transport):
         # the timed kernels bound to this transport's argument types (jit.FixedTypes: no per-call dispatch)
         self.k = SimpleNamespace(**{name: FixedTypes(getattr(timed_kernels, name))
                                     for name in ("load", "copy", "copy_run", "idle_bytes", "queued_seconds",
-                                                 "finished", "used", "cpu_half")})
+                                                 "finished", "used", "routing_learned", "cpu_half")})
 
     now = property(lambda self: self.times[_NOW], lambda self, v: self.times.__setitem__(_NOW, v))
     engine_free = property(lambda self: self.times[_ENGINE_FREE])
@@ -134,9 +136,14 @@ class TimedTransport(Transport):
         """The layer starting now reads `slots` until now + layer time (called before the clock advances)."""
         self.k.used(self.state, np.ascontiguousarray(slots, dtype=np.int64), slots.size)
 
-    def cpu_half(self, start: float, seconds: float) -> None:
-        """The layer's CPU half ran from `start` for `seconds` beside its copies (timed_kernels.cpu_half)."""
-        self.k.cpu_half(self.state, float(start), float(seconds))
+    def routing_learned(self, host_s: float) -> None:
+        """The host learns the layer's routing after its round trip host_s (timed_kernels.routing_learned)."""
+        self.k.routing_learned(self.state, float(host_s))
+
+    def cpu_half(self, seconds: float) -> None:
+        """The layer's CPU half ran on the host for `seconds` from its routing, beside its copies; the compute
+        starts when both are done (timed_kernels.cpu_half)."""
+        self.k.cpu_half(self.state, float(seconds))
 
     cpu_wait = property(lambda self: self.times[_CPU_WAIT])
 
@@ -153,10 +160,10 @@ class SimulatedClock:
     layer's experts can run, then the step from the layer's compute start to the next layer's."""
 
     def __init__(self, transport: TimedTransport, host_layer_s: float, step_s: float) -> None:
-        self.times, self.host_s, self.step_s = transport.times, host_layer_s, step_s
+        self.transport, self.times, self.host_s, self.step_s = transport, transport.times, host_layer_s, step_s
 
     def routing_learned(self) -> None:
-        self.times[_NOW] += self.host_s
+        self.transport.routing_learned(self.host_s)
 
     def layer_computed(self) -> None:
         self.times[_NOW] += self.step_s
