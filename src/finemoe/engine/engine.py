@@ -77,7 +77,6 @@ class Engine:
         self.max_model_len = context_limit(self.model.config, cfg.max_model_len)
         self.devices = (self.device, *(torch.device(d) for d in (cfg.devices or ())[1:]))
         self.moe_decoder_index = np.array([layer.decoder_index for layer in self.layers], np.int64)   # [L]
-        self.layer_sizes = memory_fit.layer_sizes(self.model, self.layers, cfg, self.max_model_len)
         self.free_bytes = memory_fit.free_figures(self.model, cfg, list(self.devices))   # [D] or None (CPU)
         self.memory_plan = memory_fit.tightest([   # auto: on each device, the placement that needs more
             memory_fit.plan(self.model, self.layers, cfg, self.geometry, list(self.devices), self.max_model_len,
@@ -210,7 +209,9 @@ class Engine:
     def decoder_devices(self, mode: str, num_devices: int) -> np.ndarray:
         """Device index of each decoder layer under `mode` over `num_devices` devices (experts/placement.py
         `layer_devices`): split shares follow the devices' free memory when it is known for that many, else equal."""
-        s = self.layer_sizes
+        if mode == "primary" or num_devices == 1:    # no sizes needed (nor read from configs that vary per layer)
+            return np.zeros(len(decoder_layers(self.model)), np.int64)
+        s = memory_fit.layer_sizes(self.model, self.layers, self.cfg, self.max_model_len)
         free = self.free_bytes if self.free_bytes is not None and len(self.free_bytes) == num_devices else None
         return layer_devices(mode, num_devices, s.per_layer, s.shared, None if free is None else np.array(free))
 
