@@ -1,11 +1,15 @@
 """Issue 25 on two GPUs: one expert cache over both (`--devices cuda:0,cuda:1`) against one GPU.
 
 A random Qwen1.5-MoE-A2.7B-shaped bf16 model (`random:qwen1.5-moe-a2.7b`, its own random routers) decodes the same
-seeded random prompts at batch 1 under `--policy` in three rows: one GPU at `--budget` (25%), one GPU at twice that
-(50%), and two GPUs at `--budget` each (experts/placement.py: the model on cuda:0, half the slots on cuda:1, an
-expert resident on cuda:1 reaching cuda:0 by a peer copy). Per row: TPOT median, hit rate, host and peer copies
-per token. Then the copy rates: one expert's host (pinned) -> cuda:0 copy and its cuda:1 -> cuda:0 peer copy, median
-over `--repeat` copies (GB/s). Greedy tokens of the two-GPU row must equal the one-GPU rows' (reported).
+seeded random prompts at batch 1 under `--policy` in four rows: one GPU at `--budget` (25%), one GPU at twice that
+(50%), and two GPUs at `--budget` each under both non-expert placements (experts/placement.py; half the slots on
+each GPU): `primary` (every layer's weights and compute on cuda:0, an expert resident on cuda:1 reaching cuda:0 by a
+peer copy; CUDA graphs) and `split` (the decoder layers in two contiguous ranges, one per GPU, as accelerate's
+balanced device map; each layer's experts compute on its own GPU, peer-copied there from the other; eager decode).
+Per row: TPOT median, hit rate, host and peer copies per token; then split's TPOT over primary's (what
+`--non-expert-placement auto` decides by at start). Then the copy rates: one expert's host (pinned) -> cuda:0 copy
+and its cuda:1 -> cuda:0 peer copy, median over `--repeat` copies (GB/s). Greedy tokens of the two-GPU rows must
+equal the one-GPU rows' (reported).
 
     PYTHONPATH=src:benchmarks python3 benchmarks/multi_gpu.py --out $OUT/multi_gpu.json
 CPU smoke run (the built-in tiny model, two slot pools on the CPU standing in for the GPUs): --device cpu --tiny.
@@ -21,7 +25,6 @@ import torch
 
 from finemoe.config import EngineConfig, parse_budget
 from finemoe.engine import Engine, SamplingParams
-from finemoe.experts.placement import place
 
 SHAPE = "random:qwen1.5-moe-a2.7b"
 
@@ -96,26 +99,32 @@ def main(argv: list[str] | None = None) -> dict:
     params = SamplingParams(max_new_tokens=args.new_tokens)
     budget = parse_budget(args.budget, g.total_bytes)
     rows, outputs = [], {}
-    for label, per_device, pools in (("1 GPU", budget, 1), ("1 GPU", 2 * budget, 1), ("2 GPUs", budget, 2)):
+    for label, per_device, mode in (("1 GPU", budget, None), ("1 GPU", 2 * budget, None),
+                                    ("2 GPUs primary", budget, "primary"), ("2 GPUs split", budget, "split")):
         slots = min(per_device // g.expert_bytes, g.total_experts)
-        placement = (place(devices, slots, g.total_experts, g.num_experts, g.expert_bytes,
-                           np.zeros(g.num_layers, np.int64), 0) if pools == 2 else None)
+        placement = engine.placement(mode, devices, slots) if mode is not None else None
         engine.reconfigure(args.policy, per_device, placement=placement)
         row, outputs[(label, per_device)] = run_row(engine, prompts, params)
-        row.update(config=label, budget_per_device=f"{100 * per_device / g.total_bytes:.0f}%")
+        row.update(config=label, budget_per_device=f"{100 * per_device / g.total_bytes:.0f}%",
+                   decode_path=engine.decode_path,
+                   layer_devices=placement.layer_device.tolist() if placement is not None else None)
         rows.append(row)
-    two = outputs[("2 GPUs", budget)]
+    one = outputs[("1 GPU", budget)]
     rates = copy_rates(engine, devices, args.repeat)
+    by_label = {r["config"]: r for r in rows[2:]}
     result = {"model": "built-in tiny" if args.tiny else SHAPE, "policy": args.policy, "device": args.device,
               "rows": rows, "copy_rates": rates,
-              "two_gpu_tokens_equal_one_gpu": two == outputs[("1 GPU", budget)] == outputs[("1 GPU", 2 * budget)]}
+              "split_over_primary_tpot": by_label["2 GPUs split"]["tpot_s"] / by_label["2 GPUs primary"]["tpot_s"],
+              "two_gpu_tokens_equal_one_gpu": all(outputs[(label, budget)] == one for label in by_label)
+              and outputs[("1 GPU", 2 * budget)] == one}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, default=str)
-    print(f"{'config':8} {'budget/GPU':>10} {'slots':>6} {'TPOT ms':>8} {'hit rate':>8} {'host/tok':>8} "
+    print(f"{'config':14} {'budget/GPU':>10} {'slots':>6} {'TPOT ms':>8} {'hit rate':>8} {'host/tok':>8} "
           f"{'peer/tok':>8}")
     for r in rows:
-        print(f"{r['config']:8} {r['budget_per_device']:>10} {r['cache_slots']:>6} {1e3 * r['tpot_s']:8.2f} "
+        print(f"{r['config']:14} {r['budget_per_device']:>10} {r['cache_slots']:>6} {1e3 * r['tpot_s']:8.2f} "
               f"{r['hit_rate']:8.3f} {r['host_copies_per_token']:8.2f} {r['peer_copies_per_token']:8.2f}")
+    print(f"split / primary TPOT on two GPUs: {result['split_over_primary_tpot']:.2f}")
     print(f"copy of one expert ({rates['expert_bytes']} B): host -> {devices[0]} {rates['host_copy_Bps'] / 1e9:.1f} "
           f"GB/s, {devices[1]} -> {devices[0]} {rates['peer_copy_Bps'] / 1e9:.1f} GB/s; two-GPU tokens equal "
           f"one-GPU tokens: {result['two_gpu_tokens_equal_one_gpu']}")

@@ -33,10 +33,10 @@ class RecordingPeer(PeerCopies):
 
 
 def two_devices(slots_each: int = 2) -> tuple[MultiDeviceTransport, list[PerSlotTransport], RecordingPeer]:
-    placement = place(("cuda:0", "cuda:1"), slots_each, total_experts=3 * J, num_experts=J, expert_bytes=100,
-                      layer_bytes=np.zeros(3, np.int64), shared_bytes=0)
+    placement = place(("cuda:0", "cuda:1"), slots_each, total_experts=3 * J, num_experts=J,
+                      layer_device=np.zeros(3, np.int64), moe_layers=np.arange(3))
     parts, peer = [ManualTransport(), ManualTransport()], RecordingPeer()
-    return MultiDeviceTransport(placement, parts, peer, expert_bytes=100), parts, peer
+    return MultiDeviceTransport(placement, parts, peer, expert_bytes=100, num_experts=J), parts, peer
 
 
 def test_misses_are_host_copies_onto_the_slots_device_and_remote_experts_reach_the_compute_device_by_peer():
@@ -86,8 +86,7 @@ def test_the_engine_over_two_pools_generates_the_same_tokens_as_one_device(batch
     eng = engine("5%")
     g = eng.geometry
     per_device = 24          # 5% of 8 layers x 60 experts
-    placement = place(("cpu", "cpu"), per_device, g.total_experts, g.num_experts, g.expert_bytes,
-                      np.zeros(g.num_layers, np.int64), 0)
+    placement = eng.placement("primary", ("cpu", "cpu"), per_device)
     eng.reconfigure("lru", "5%", placement=placement)
     assert eng.cache.capacity == 48 and [p.num_slots for p in eng.device_pools] == [24 + 24, 24]
     got = []

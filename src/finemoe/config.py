@@ -85,6 +85,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+NON_EXPERT_PLACEMENTS = ("auto", "primary", "split")   # experts/placement.py MODES, or auto: the faster one
 DEFAULT_STEP_TOKENS = 2048   # max_num_batched_tokens when not given (at least max_batch_size)
 
 
@@ -101,9 +102,13 @@ class EngineConfig:
     device_free_bytes: the free device memory auto sizes from (tests inject it): one figure for every device, or a
         tuple with one per --devices entry; None = measured on CUDA.
     devices: several GPUs of one host ('cuda:0,cuda:1', or a tuple): the expert cache's slots are spread over all
-        of them (experts/placement.py), the non-expert weights and every layer's compute stay on the first, and an
-        expert resident on another GPU reaches it by a peer copy (experts/multi_device.py). One device ('cpu')
-        is the same as `device`. None: `device` alone. The budget is per device.
+        of them (experts/placement.py), each layer computes where `non_expert_placement` puts it, and an expert
+        resident on another GPU reaches it by a peer copy (experts/multi_device.py). One device ('cpu') is the same
+        as `device`. None: `device` alone. The budget is per device.
+    non_expert_placement: with several devices, where the decoder layers' non-expert weights and compute go
+        (experts/placement.py `layer_devices`): primary (all on the first), split (contiguous layer ranges over the
+        devices, engine/layer_split.py; decodes eagerly), or auto (the faster of the two over a few decode steps
+        timed at start, engine/placement_choice.py; primary on one device).
     policy: registered policy name (see `finemoe.policies.available()`).
     prefetch_inflight: how many prefetch copies may be queued on the copy stream at once;
         a demand miss waits behind at most this many (prefetch_issue inflight).
@@ -155,6 +160,7 @@ class EngineConfig:
     miss_compute: str = "gpu"
     cpu_threads: int | None = None
     cpu_expert_dtype: str = "auto"
+    non_expert_placement: str = "auto"
     seed: int = 0
     show_progress: bool = True
     warm_up: bool = False
@@ -177,6 +183,7 @@ class EngineConfig:
             if len(self.devices) > 1 and self.prefetch_issue == "idle":
                 raise ConfigError("--prefetch-issue idle is not available with several --devices: use the default "
                                   "--prefetch-issue inflight")
+        self._check_non_expert_placement()
         dev = str(self.device)
         if dev.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError(f"device {dev!r} is not supported: use 'cuda' or 'cpu'")
@@ -206,6 +213,22 @@ class EngineConfig:
         from finemoe.policies import check_option_names, get_policy_class  # late: policies import config types
         get_policy_class(self.policy)
         check_option_names(self.policy, self.policy_options)
+
+    def _check_non_expert_placement(self) -> None:
+        if self.non_expert_placement not in NON_EXPERT_PLACEMENTS:
+            raise ConfigError(f"--non-expert-placement {self.non_expert_placement!r} is not known: use one of "
+                              f"{', '.join(NON_EXPERT_PLACEMENTS)}")
+        if self.non_expert_placement == "split" and len(self.devices or ()) < 2:
+            raise ConfigError("--non-expert-placement split needs several --devices (e.g. --devices cuda:0,cuda:1): "
+                              "with one device pass primary or auto")
+
+    @property
+    def placement_modes(self) -> tuple[str, ...]:
+        """The non-expert placements this configuration may run: auto's two candidates on several devices, else
+        the one given (primary on one device)."""
+        if len(self.devices or ()) < 2:
+            return ("primary",)
+        return ("primary", "split") if self.non_expert_placement == "auto" else (self.non_expert_placement,)
 
     def _check_free_bytes(self) -> None:
         """device_free_bytes: None, one whole number of bytes >= 0 (every device), or one per device."""

@@ -42,6 +42,11 @@ def add_engine_args(p: argparse.ArgumentParser, *, policy: bool = True, map_stor
     p.add_argument("--devices", default=None, metavar="cuda:0,cuda:1",
                    help="several GPUs of one host: the expert cache spreads over all of them (--expert-budget is per "
                         "GPU), the model runs on the first; one device (e.g. cpu) is the same as --device")
+    p.add_argument("--non-expert-placement", default="auto", metavar="auto|primary|split",
+                   help="with several --devices, where the non-expert weights (attention, norms, routers, shared "
+                        "experts) and each layer's compute go: primary (all on the first GPU), split (contiguous "
+                        "layer ranges over the GPUs, as accelerate's balanced device map), or auto (the faster of the "
+                        "two over a few decode steps timed at start, printed once; one device: primary)")
     p.add_argument("--dtype", default="auto", metavar="auto|bf16|fp16|fp32",
                    help="weights' dtype; auto is bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="requests decoded together")
@@ -159,7 +164,8 @@ def engine_config(args: argparse.Namespace, **overrides):
               prefetch_issue=args.prefetch_issue, copy_chunk_bytes=args.copy_chunk_bytes,
               fast_path=args.fast_path, cuda_graphs=args.cuda_graphs, compile=args.compile,
               prefill_lookahead=args.prefill_lookahead, miss_compute=args.miss_compute,
-              cpu_threads=args.cpu_threads, cpu_expert_dtype=args.cpu_expert_dtype)
+              cpu_threads=args.cpu_threads, cpu_expert_dtype=args.cpu_expert_dtype,
+              non_expert_placement=args.non_expert_placement)
     kw.update(overrides)
     return EngineConfig(**kw)
 

@@ -110,15 +110,15 @@ class CpuMisses:
     ADAPT_WEIGHT = 0.1
 
     def __init__(self, weights: list[dict[str, torch.Tensor]], dtype: torch.dtype, layers: list[MoELayer],
-                 device: torch.device, costs: MissCosts, scale: float = 1.0, adapt: bool = True) -> None:
-        """weights[l][name] [J, ...] host: layer l's experts in `dtype`, the CPU half's weights; costs: the
-        calibrated MissCosts; scale: the measured-to-predicted ratio to start from (an earlier configuration's);
-        adapt: follow the measured times (off: `costs` as given, e.g. by tests that fix a split)."""
+                 devices: list[torch.device], costs: MissCosts, scale: float = 1.0, adapt: bool = True) -> None:
+        """weights[l][name] [J, ...] host: layer l's experts in `dtype`, the CPU half's weights; devices [L]: where
+        each MoE layer computes (its keep mask and result live there; one device unless the layers are split);
+        costs: the calibrated MissCosts; scale: the measured-to-predicted ratio to start from (an earlier
+        configuration's); adapt: follow the measured times (off: `costs` as given, e.g. by tests that fix a split)."""
         self.base_costs, self.scale, self.adapt = costs, (scale if adapt else 1.0), adapt
         self.costs = self._scaled()
         self._since_adapt = 0
-        self.device = device
-        self.cuda = device.type == "cuda"
+        self.cuda = devices[0].type == "cuda"
         self.dtype = dtype
         self.views = [SlotExperts(layer.experts, weights[layer.index]) for layer in layers]   # [J, ...] host
         self.fns = [eager_compute_fn(layer.experts) for layer in layers]
@@ -127,9 +127,10 @@ class CpuMisses:
         J = next(iter(weights[0].values())).shape[0]
         self._keep_host = torch.ones((len(layers), J), dtype=torch.float32, pin_memory=self.cuda)   # [L, J]
         self._keep_np = self._keep_host.numpy()
-        self.keep = self._keep_host.to(device) if self.cuda else self._keep_host   # [L, J] device, fixed address
+        keeps = {dev: self._keep_host.to(dev) if self.cuda else self._keep_host for dev in set(devices)}
+        self.keep = [keeps[dev][i] for i, dev in enumerate(devices)]   # [J] per layer on its device, fixed address
         self._keep_ones = np.ones(len(layers), dtype=bool)   # [L] whether keep[l] is all ones (as queued)
-        self.side = torch.cuda.Stream(device) if self.cuda else None      # the CPU half's input copies
+        self.sides = {dev: torch.cuda.Stream(dev) for dev in set(devices)} if self.cuda else {}   # input copies
 
     # ---- device ops (eager, or captured in a graph segment) --------------------------------------------
     def device_weights(self, layer: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -155,16 +156,16 @@ class CpuMisses:
         if self.cuda:
             # The inputs go to the host on a side stream: the compute stream already waits for this layer's
             # demand copies (cache.acquire), and a copy queued there would wait too.
-            with torch.cuda.stream(self.side):
+            with torch.cuda.stream(self.sides[hidden.device]):
                 if whole:
                     src_h, src_w = hidden, top_k_weights
                 else:
-                    idx = torch.from_numpy(tokens).to(self.device)
+                    idx = torch.from_numpy(tokens).to(hidden.device)
                     src_h, src_w = hidden.index_select(0, idx), top_k_weights.index_select(0, idx)
                 hidden_h = self._to_host(layer, "hidden", src_h)                      # [U, H]
                 weights_h = self._to_host(layer, "weights", src_w)                    # [U, k]
                 ready = torch.cuda.Event()
-                ready.record(self.side)
+                ready.record(self.sides[hidden.device])
         elif whole:
             hidden_h, weights_h = hidden, top_k_weights
         else:

@@ -15,6 +15,9 @@ from finemoe.config import EngineConfig, capacity_for
 from finemoe.engine.batch import BatchRunner
 from finemoe.engine.continuous import ContinuousBatch
 from finemoe.engine.cpu_misses import CpuMisses
+from finemoe.engine import placement_choice
+from finemoe.engine.layer_split import LayerSplit
+from finemoe.engine.placement_choice import PlacementChoice
 from finemoe.engine import memory_fit
 from finemoe.engine.metrics import aggregate, peak_device_bytes, peak_host_bytes
 from finemoe.engine.paths import DecodePaths
@@ -30,9 +33,9 @@ from finemoe.experts.cpu_weights import host_weights
 from finemoe.experts.host_store import HostExpertStore
 from finemoe.experts import multi_device
 from finemoe.experts.miss_split import GPU, MissCosts, mode_code
-from finemoe.experts.placement import Placement, place
+from finemoe.experts.placement import Placement, layer_devices, place
 from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport
-from finemoe.models.adapters import find_moe_layers, geometry_of
+from finemoe.models.adapters import decoder_layers, find_moe_layers, geometry_of
 from finemoe.models.compile import compile_small_modules
 from finemoe.models.loader import LoadedModel, load_model
 from finemoe.policies import create_policy, get_policy_class
@@ -72,9 +75,13 @@ class Engine:
         self.reference_impl = compute[0][0]
         self._compute_fns = [fn for _, fn in compute]
         self.max_model_len = context_limit(self.model.config, cfg.max_model_len)
-        devices = [self.device, *(torch.device(d) for d in (cfg.devices or ())[1:])]
-        self.memory_plan = memory_fit.plan(self.model, self.layers, cfg, self.geometry, devices, self.max_model_len,
-                                           memory_fit.free_figures(self.model, cfg, devices))
+        self.devices = (self.device, *(torch.device(d) for d in (cfg.devices or ())[1:]))
+        self.moe_decoder_index = np.array([layer.decoder_index for layer in self.layers], np.int64)   # [L]
+        self.free_bytes = memory_fit.free_figures(self.model, cfg, list(self.devices))   # [D] or None (CPU)
+        self.memory_plan = memory_fit.tightest([   # auto: on each device, the placement that needs more
+            memory_fit.plan(self.model, self.layers, cfg, self.geometry, list(self.devices), self.max_model_len,
+                            self.free_bytes, self.decoder_devices(mode, len(self.devices)))
+            for mode in cfg.placement_modes])
         self.slot_room = memory_fit.slot_room(self.memory_plan, self.geometry)   # [D] slots each device fits
         choice = memory_fit.resolve_budget(cfg, self.geometry, self.memory_plan)   # fail before moving weights
         capacity_for(dataclasses.replace(cfg, expert_budget=choice.budget), self.geometry,
@@ -84,6 +91,9 @@ class Engine:
         self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
                                                show_progress=cfg.show_progress)
         self.model.to(self.device)  # non-expert weights only: the experts modules no longer hold any
+        self.layer_split = LayerSplit(decoder_layers(self.model), self.device)   # placed by each reconfigure
+        self.placement_mode = cfg.placement_modes[0]   # auto: primary until measured (placement_choice)
+        self.placement_choice: PlacementChoice | None = None
         self.compiled_modules = compile_small_modules(self.model) if cfg.compile and self.device.type == "cuda" else 0
         if cfg.cpu_threads is not None:
             torch.set_num_threads(cfg.cpu_threads)   # process-wide: the CPU-computed experts' threads
@@ -97,11 +107,13 @@ class Engine:
         self.paths = DecodePaths(self)
         self.continuous_blocker = slot_kv_blocker(self.model)   # why continuous batching cannot run (None: it can)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
-        if cfg.warm_up:      # the configured policy never sees the warm-up request
-            self.reconfigure(*stand_in(dataclasses.replace(cfg, expert_budget=choice.budget)))
-        else:
-            self.reconfigure(cfg.policy, choice.budget, cfg.policy_options)
+        first = (stand_in(dataclasses.replace(cfg, expert_budget=choice.budget)) if cfg.warm_up   # the configured
+                 else (cfg.policy, choice.budget, cfg.policy_options))         # policy never sees the warm-up request
+        self.reconfigure(*first)
         hook.activate(self.model, [layer.experts for layer in self.layers])
+        if len(cfg.placement_modes) > 1:
+            self._choose_placement(cfg, choice.budget)
+            self.reconfigure(*first)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_ids = self._eos_ids()
         self._iteration = 0
@@ -155,42 +167,78 @@ class Engine:
             self.miss_costs, self.calibration = miss_costs, None
         elif mode != GPU and self.miss_costs is None:
             self.miss_costs = self._calibrate()
+        self._place_layers(placement)
         if placement is not None:
             self.device_pools, transport = multi_device.build(self.store, placement, self._copy_bandwidth(cfg, mode))
-            self.pools = self.device_pools[transport.compute]
+            self.pools = self.device_pools[0]
+            layer_pools = [self.device_pools[d].tensors for d in placement.moe_device]
+            moe_devices = [torch.device(placement.devices[d]) for d in placement.moe_device]
         else:
             self.pools = SlotPools(self.store, slots, self.device)
             self.device_pools = [self.pools]
             transport = (CudaTransport(self.store, self.pools, self.device, self._copy_bandwidth(cfg, mode))
                          if self.device.type == "cuda" else SyncTransport(self.store, self.pools))
+            layer_pools, moe_devices = [self.pools.tensors] * len(self.layers), [self.device] * len(self.layers)
         self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
                                  self.policy, cfg.prefetch_inflight, cfg.issue)
-        cpu_misses = (CpuMisses(*self._cpu_half_weights(), self.layers, self.device, self.miss_costs,
+        cpu_misses = (CpuMisses(*self._cpu_half_weights(), self.layers, moe_devices, self.miss_costs,
                                 self.cpu_cost_scale, adapt=self.calibration is not None and miss_costs is None)
                       if mode != GPU else None)
         self.runtime = OffloadRuntime(self.geometry, self.layers, self.cache, self.policy, self.device,
                                       all_resident=self.policy.keeps_all_resident, miss_mode=mode,
-                                      costs=self.miss_costs, cpu_misses=cpu_misses)
+                                      costs=self.miss_costs, cpu_misses=cpu_misses, layer_devices=moe_devices)
         self.runtime.prefill_lookahead = cfg.prefill_lookahead
         self.policy.bind(PolicyContext(self.geometry, self.cache.view(), self.device, route=self.runtime.route,
                                        embed=self.model.get_input_embeddings(), options=dict(cfg.policy_options),
                                        model_name=self.model_name))
-        for layer, fn in zip(self.layers, self._compute_fns):
-            layer.experts.finemoe_layer = LayerExecutor(self.runtime, layer, fn, self.pools.tensors)
+        for layer, fn, pools in zip(self.layers, self._compute_fns, layer_pools):
+            layer.experts.finemoe_layer = LayerExecutor(self.runtime, layer, fn, pools)
         if self.policy.keeps_all_resident:
             self.runtime.mark_resident_all()
         self._checked_dispatch = False
 
     def _placement(self, cfg: EngineConfig, slots_per_device: int) -> Placement | None:
         """Several --devices: `slots_per_device` on each, at most what its memory plan leaves room for
-        (`slot_room`) and every expert once in all, the model on the first (experts/placement.py, primary);
-        None on one device."""
+        (`slot_room`) and every expert once in all, the decoder layers where `placement_mode` puts them
+        (experts/placement.py); None on one device."""
         if len(cfg.devices or ()) < 2:
             return None
-        g = self.geometry
         slots = slots_per_device if self.slot_room is None else np.minimum(slots_per_device, self.slot_room)
-        return place(cfg.devices, slots, g.total_experts, g.num_experts, g.expert_bytes,
-                     np.zeros(g.num_layers, np.int64), 0)
+        return self.placement(self.placement_mode, cfg.devices, slots)
+
+    def decoder_devices(self, mode: str, num_devices: int) -> np.ndarray:
+        """Device index of each decoder layer under `mode` over `num_devices` devices (experts/placement.py
+        `layer_devices`): split shares follow the devices' free memory when it is known for that many, else equal."""
+        if mode == "primary" or num_devices == 1:    # no sizes needed (nor read from configs that vary per layer)
+            return np.zeros(len(decoder_layers(self.model)), np.int64)
+        s = memory_fit.layer_sizes(self.model, self.layers, self.cfg, self.max_model_len)
+        free = self.free_bytes if self.free_bytes is not None and len(self.free_bytes) == num_devices else None
+        return layer_devices(mode, num_devices, s.per_layer, s.shared, None if free is None else np.array(free))
+
+    def placement(self, mode: str, devices: tuple[str, ...], slots_per_device: int | np.ndarray) -> Placement:
+        """The placement of `slots_per_device` over `devices` with the decoder layers placed by `mode` (primary or
+        split): what --devices builds, and what tests and benchmarks pass to `reconfigure` (e.g. two CPU pools)."""
+        g = self.geometry
+        return place(tuple(devices), slots_per_device, g.total_experts, g.num_experts,
+                     self.decoder_devices(mode, len(devices)), self.moe_decoder_index)
+
+    def _choose_placement(self, cfg: EngineConfig, budget) -> None:
+        """--non-expert-placement auto on several devices: time each candidate (engine/placement_choice.py), keep
+        the faster one as `placement_mode`; one line on stderr."""
+        slots, _ = capacity_for(dataclasses.replace(cfg, expert_budget=budget), self.geometry, False)
+        slots = slots if self.slot_room is None else np.minimum(slots, self.slot_room)
+        candidates = {mode: self.placement(mode, cfg.devices, slots) for mode in cfg.placement_modes}
+        self.placement_choice = placement_choice.choose(self, candidates, budget)
+        self.placement_mode = self.placement_choice.mode
+
+    def _place_layers(self, placement: Placement | None) -> None:
+        """Put the decoder layers where `placement` says (None: all on the first device); when they move, the
+        static KV caches (allocated on the layers' old devices) and captured graphs are dropped."""
+        devices = (self.device,) if placement is None else tuple(torch.device(d) for d in placement.devices)
+        layer_device = (np.zeros(len(self.layer_split.decoders), np.int64) if placement is None
+                        else placement.layer_device)
+        if self.layer_split.apply(devices, layer_device):
+            self.paths.drop_static()
 
     def _calibrate(self) -> MissCosts:
         """Measure what a miss costs each way on this machine (experts/calibration.py), choosing the CPU half's
@@ -376,12 +424,16 @@ class Engine:
         return s
 
     def _device_copies(self) -> dict:
-        """Several devices: the devices, and host against peer copies (whole experts) and bytes."""
+        """Several devices: the devices, the non-expert placement (and auto's measurements), each decoder layer's
+        device, and host against peer copies (whole experts) and bytes."""
         t = self.cache.transport
         if not isinstance(t, multi_device.MultiDeviceTransport):
             return {}
         return {"devices": list(t.placement.devices), "slots_per_device": [t.placement.slots_on(d) for d in
                                                                             range(len(t.parts))],
+                "non_expert_placement": "split" if t.placement.splits_layers else "primary",
+                "placement_tpot_s": self.placement_choice.tpot_s if self.placement_choice is not None else None,
+                "layer_devices": t.placement.layer_device.tolist(),
                 "host_copies": t.host_copies, "peer_copies": t.peer_copies,
                 "peer_bytes_copied": t.peer_bytes_copied}
 

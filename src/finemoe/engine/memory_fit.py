@@ -3,19 +3,24 @@
 One `MemoryPlan` per device of `--devices` (one device without it). The device memory finemoe may use is what was
 free before it placed anything: `torch.cuda.mem_get_info` plus what the model already holds on that device (a
 checkpoint's non-expert weights are placed by the loader), or `EngineConfig.device_free_bytes` when given (tests
-inject it: one figure for every device, or one per device). Taken from it, in order, on the first device:
-  non-expert weights  every parameter and buffer outside the routed experts, in the serving dtype;
-  KV cache            max_model_len x max_batch_size tokens for every attention layer (linear-attention layers keep
-                      a small fixed state, not counted), times the static caches the fast path keeps
-                      (engine/paths.py MAX_STATIC_SHAPES; one on the dynamic path);
-  CUDA graphs         GRAPH_RESERVE_BYTES when decode steps are captured (a stated reserve, not a measurement);
-  staging slots       with several devices, one layer's experts (experts/multi_device.py's peer-copy landing slots);
+inject it: one figure for every device, or one per device). Taken from it, in order, on each device:
+  non-expert weights  every parameter and buffer outside the routed experts, in the serving dtype, of the decoder
+                      layers the device holds (experts/placement.py `layer_devices`: all of them on the first under
+                      `primary`, its own range under `split`); the embeddings, final norm and head on the first;
+  KV cache            max_model_len x max_batch_size tokens for every attention layer the device holds (linear-
+                      attention layers keep a small fixed state, not counted), times the static caches the fast
+                      path keeps (engine/paths.py MAX_STATIC_SHAPES; one on the dynamic path);
+  CUDA graphs         GRAPH_RESERVE_BYTES on the first device when decode steps are captured (a stated reserve, not
+                      a measurement; never under `split`, which decodes eagerly: engine/paths.py);
+  staging slots       with several devices, one layer's experts on each device that computes MoE layers
+                      (experts/multi_device.py's peer-copy landing slots);
   safety margin       MARGIN_FRACTION of the free figure plus MARGIN_BYTES, for activations and allocator slack.
-On every other device only the margin (they hold cache slots, nothing else). What remains on each device is its
-room for expert slots; auto takes it all (capped at every expert once, the last devices giving slots up first,
-experts/placement.py `capped`), an explicit budget (per device) must fit every device's room. Without a device
-figure (the CPU, nothing injected) there is nothing to fit: auto means every expert, and explicit budgets are not
-checked.
+A device that holds no layer (the others under `primary`) reserves only the margin. `tightest` combines the plans of
+several placements (`--non-expert-placement auto` plans for both): on each device the one that leaves the least, so
+whichever is chosen fits. What remains on each device is its room for expert slots; auto takes it all (capped at
+every expert once, the last devices giving slots up first, experts/placement.py `capped`), an explicit budget (per
+device) must fit every device's room. Without a device figure (the CPU, nothing injected) there is nothing to fit:
+auto means every expert, and explicit budgets are not checked.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from finemoe.config import EngineConfig, fmt_bytes, parse_budget
 from finemoe.engine.paths import MAX_STATIC_SHAPES
 from finemoe.errors import BudgetTooSmallError, ConfigError
 from finemoe.experts.placement import capped
-from finemoe.models.adapters import ExpertGeometry, MoELayer
+from finemoe.models.adapters import ExpertGeometry, MoELayer, decoder_layers
 
 GRAPH_RESERVE_BYTES = 512 * 2**20
 MARGIN_FRACTION = 0.05
@@ -78,15 +83,20 @@ def is_auto(budget) -> bool:
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """KV-cache bytes one token takes over all attention layers (keys and values, every key/value head)."""
+    return int(kv_bytes_per_layer(config, dtype).sum())
+
+
+def kv_bytes_per_layer(config, dtype: torch.dtype) -> np.ndarray:
+    """KV-cache bytes one token takes in each decoder layer [num_hidden_layers] (0 for a linear-attention layer)."""
     text = config.get_text_config()
     types = getattr(text, "layer_types", None) or ["full_attention"] * int(text.num_hidden_layers)
-    attention_layers = sum(1 for t in types if "attention" in str(t) and "linear" not in str(t))
+    attention = np.array([("attention" in str(t) and "linear" not in str(t)) for t in types], np.int64)
     if getattr(text, "kv_lora_rank", None):   # MLA: transformers caches the decompressed per-head keys and values
         heads, k_dim, v_dim = text.num_attention_heads, text.qk_nope_head_dim + text.qk_rope_head_dim, text.v_head_dim
     else:
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         k_dim = v_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return attention_layers * int(heads) * int(k_dim + v_dim) * dtype.itemsize
+    return attention * int(heads) * int(k_dim + v_dim) * dtype.itemsize
 
 
 def non_expert_bytes(model: nn.Module, layers: list[MoELayer], dtype: torch.dtype) -> int:
@@ -97,6 +107,37 @@ def non_expert_bytes(model: nn.Module, layers: list[MoELayer], dtype: torch.dtyp
         if id(t) not in experts:
             total += t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
     return total
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    """Bytes each decoder layer puts on the device that holds it, and what stays on the first device."""
+
+    weights: np.ndarray    # int64 [n] non-expert weights of each decoder layer
+    kv: np.ndarray         # int64 [n] KV cache of each decoder layer (max_model_len x batch x static caches)
+    shared: int            # non-expert weights outside the decoder layers (embeddings, final norm, head)
+
+    @property
+    def per_layer(self) -> np.ndarray:
+        return self.weights + self.kv
+
+
+def layer_sizes(model: nn.Module, layers: list[MoELayer], cfg: EngineConfig, max_model_len: int) -> LayerSizes:
+    """The model's `LayerSizes` for this configuration's dtype, KV length, batch and static caches."""
+    dtype = cfg.torch_dtype()
+    experts = {id(t) for layer in layers for t in [*layer.experts.parameters(), *layer.experts.buffers()]}
+
+    def nbytes(module: nn.Module) -> int:
+        return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                   for t in [*module.parameters(), *module.buffers()] if id(t) not in experts)
+
+    decoders = decoder_layers(model)
+    weights = np.array([nbytes(m) for m in decoders], np.int64)
+    caches = MAX_STATIC_SHAPES if cfg.fast_path else 1
+    per_token = kv_bytes_per_layer(model.config, dtype)[:len(decoders)]
+    kv = np.zeros(len(decoders), np.int64)
+    kv[:per_token.size] = per_token * max_model_len * cfg.max_batch_size * caches
+    return LayerSizes(weights, kv, non_expert_bytes(model, layers, dtype) - int(weights.sum()))
 
 
 def _on_device(model: nn.Module, device: torch.device) -> int:
@@ -117,20 +158,33 @@ def free_figures(model: nn.Module, cfg: EngineConfig, devices: list[torch.device
 
 
 def plan(model: nn.Module, layers: list[MoELayer], cfg: EngineConfig, geometry: ExpertGeometry,
-         devices: list[torch.device], max_model_len: int, free: list[int] | None) -> list[MemoryPlan] | None:
+         devices: list[torch.device], max_model_len: int, free: list[int] | None,
+         layer_device: np.ndarray | None = None) -> list[MemoryPlan] | None:
     """One plan per device (see the module docstring), or None where there is no figure (`free` None).
-    free [D]: `free_figures`. The first device runs the model; several devices put staging slots on it."""
+    free [D]: `free_figures`; layer_device [decoder layers]: the device of each (placement.layer_devices; None:
+    every layer on the first, `primary`)."""
     if free is None:
         return None
-    dtype = cfg.torch_dtype()
+    D, sizes = len(devices), layer_sizes(model, layers, cfg, max_model_len)
+    layer_device = np.zeros(sizes.weights.size, np.int64) if layer_device is None else np.asarray(layer_device)
+    weights = np.bincount(layer_device, sizes.weights, minlength=D).astype(np.int64)
+    weights[0] += sizes.shared
+    kv = np.bincount(layer_device, sizes.kv, minlength=D).astype(np.int64)
+    graphs = np.zeros(D, np.int64)
+    graphs[0] = GRAPH_RESERVE_BYTES if cfg.cuda_graphs and devices[0].type == "cuda" and not layer_device.any() else 0
+    computes = np.bincount(layer_device[[layer.decoder_index for layer in layers]], minlength=D) > 0
+    staging = np.where(computes & (D > 1), geometry.num_experts * geometry.expert_bytes, 0)
     caches = MAX_STATIC_SHAPES if cfg.fast_path else 1
-    kv = kv_bytes_per_token(model.config, dtype) * max_model_len * cfg.max_batch_size * caches
-    graphs = GRAPH_RESERVE_BYTES if cfg.cuda_graphs and devices[0].type == "cuda" else 0
-    staging = geometry.num_experts * geometry.expert_bytes if len(devices) > 1 else 0
-    first = [non_expert_bytes(model, layers, dtype), kv, graphs, staging]
-    return [MemoryPlan(str(dev), f, *(first if d == 0 else [0, 0, 0, 0]), int(f * MARGIN_FRACTION) + MARGIN_BYTES,
-                       max_model_len, cfg.max_batch_size, caches)
+    return [MemoryPlan(str(dev), f, int(weights[d]), int(kv[d]), int(graphs[d]), int(staging[d]),
+                       int(f * MARGIN_FRACTION) + MARGIN_BYTES, max_model_len, cfg.max_batch_size, caches)
             for d, (dev, f) in enumerate(zip(devices, free))]
+
+
+def tightest(plans: list[list[MemoryPlan] | None]) -> list[MemoryPlan] | None:
+    """The plans of several placements combined: on each device, the one that leaves the least room for experts."""
+    if plans[0] is None:
+        return None
+    return [min(per_device, key=lambda p: p.for_experts) for per_device in zip(*plans)]
 
 
 def slot_room(plans: list[MemoryPlan] | None, geometry: ExpertGeometry) -> np.ndarray | None:
@@ -155,6 +209,10 @@ def resolve_budget(cfg: EngineConfig, geometry: ExpertGeometry, plans: list[Memo
     if is_auto(cfg.expert_budget) or (cfg.expert_budget is None and plans is not None):
         if plans is None:
             return BudgetChoice(geometry.total_bytes, "expert budget auto: no device memory to fit (CPU): all experts")
+        for p in plans[1:]:
+            if p.non_expert and p.for_experts < 0:
+                raise ConfigError(f"{p.device} cannot hold its decoder layers: {p.describe()}: free memory on it, "
+                                  "lower --max-model-len or --max-batch-size, or pass --non-expert-placement primary")
         slots = capped(slot_room(plans, geometry), geometry.total_experts)     # [D]
         left = plans[0].for_experts if len(plans) == 1 else int(slots.max()) * geometry.expert_bytes
         if left < geometry.min_budget_bytes:

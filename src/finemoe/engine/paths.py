@@ -40,9 +40,10 @@ class DecodePaths:
     def graphs_allowed(self, batch: int) -> bool:
         """CUDA graphs for decode batches of this size: on CUDA, unless disabled or a capture failed, and
         only when every layer's experts fit one pool window (see runtime.graph_ready). Every --miss-compute mode:
-        a hybrid layer's CPU half runs between segment replays (engine/cpu_misses.py)."""
+        a hybrid layer's CPU half runs between segment replays (engine/cpu_misses.py). Never with the decoder layers
+        split over several GPUs (see `describe`)."""
         e = self.engine
-        if e.device.type != "cuda" or not e.cfg.cuda_graphs or self.graph_failure is not None:
+        if e.device.type != "cuda" or not e.cfg.cuda_graphs or self.graph_failure is not None or e.layer_split.splits:
             return False
         g = e.geometry
         return e.runtime.graph_ready and (e.policy.keeps_all_resident or
@@ -51,6 +52,10 @@ class DecodePaths:
     def graphs_failed(self, reason: str) -> None:
         self.graph_failure = reason
         self.drop_graphs()
+
+    def drop_static(self) -> None:
+        """Free every static shape (its KV cache and captured step): the decoder layers moved to other devices."""
+        self.static.clear()
 
     def drop_graphs(self) -> None:
         for st in self.static.values():
@@ -64,5 +69,8 @@ class DecodePaths:
             return "eager, static KV cache"
         if self.graph_failure is not None:
             return f"eager, static KV cache (CUDA graph capture failed: {self.graph_failure})"
+        if e.layer_split.splits:
+            return ("eager, static KV cache (the layers are split over several GPUs: torch.cuda.graph captures one "
+                    "device's stream, a split step runs kernels and copies on every GPU's stream)")
         return "CUDA graphs, static KV cache" + ("" if e.runtime.graph_ready else
                                                    " (eager: the cache has more slots than one graph window)")

@@ -85,7 +85,7 @@ class RoutingReplay:
 
     def _hook(self, layer: int):
         def hook(module, args, output):
-            ids, probs = (t[layer] for t in self._current)                                         # [T, k], [T, J]
+            ids, probs = (t[layer].to(output[0].device) for t in self._current)                    # [T, k], [T, J]
             weights = probs.gather(1, ids).to(output[1].dtype)                                        # [T, k]
             return (torch.log(probs.clamp_min(1e-9)).to(output[0].dtype), weights, ids)
         return hook

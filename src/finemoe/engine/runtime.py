@@ -62,8 +62,9 @@ class OffloadRuntime:
 
     def __init__(self, geometry: ExpertGeometry, layers: list[MoELayer], cache: ExpertCache, policy: Policy,
                  device: torch.device, all_resident: bool, miss_mode: int = GPU, costs: MissCosts | None = None,
-                 cpu_misses: CpuMisses | None = None) -> None:
-        """miss_mode GPU | CPU | AUTO (experts/miss_split.py); costs and cpu_misses are needed unless GPU."""
+                 cpu_misses: CpuMisses | None = None, layer_devices: list[torch.device] | None = None) -> None:
+        """miss_mode GPU | CPU | AUTO (experts/miss_split.py); costs and cpu_misses are needed unless GPU.
+        layer_devices [L]: where each MoE layer computes (--non-expert-placement split); None: all on `device`."""
         self.g = geometry
         self.miss_mode = GPU if all_resident else miss_mode
         self.costs = costs
@@ -72,13 +73,15 @@ class OffloadRuntime:
         self.cache = cache
         self.policy = policy
         self.device = device
+        self.layer_devices = list(layer_devices or [device] * len(layers))
         self.all_resident = all_resident
         self.sequence = LayerSequence(cache, policy, RealClock())
         L, J = geometry.num_layers, geometry.num_experts
         pin = device.type == "cuda"
         self._lut_host = torch.zeros((L, J), dtype=torch.int64, pin_memory=pin)  # slot of each expert
         self._lut_np = self._lut_host.numpy()
-        self._lut_dev = self._lut_host.to(device) if pin else self._lut_host
+        luts = {dev: self._lut_host.to(dev) if pin else self._lut_host for dev in set(self.layer_devices)}
+        self._lut_rows = [luts[dev][i] for i, dev in enumerate(self.layer_devices)]   # [J] on each layer's device
         self.totals = RuntimeTotals(np.zeros(L, np.int64), np.zeros(L, np.int64))
         self._router_out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._snapshots = RouterSnapshots(L, device)
@@ -105,7 +108,7 @@ class OffloadRuntime:
 
     def route(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Apply MoE layer `layer`'s router to `hidden` [T, H] -> full probabilities [T, J] float32."""
-        logits = self.layers[layer].router(hidden)[0]
+        logits = self.layers[layer].router(hidden.to(self.layer_devices[layer]))[0]
         return torch.softmax(logits.float(), dim=-1)
 
     def mark_resident_all(self) -> None:
@@ -167,7 +170,7 @@ class OffloadRuntime:
         else:
             weights = top_k_weights if job is None else self.cpu_misses.device_weights(layer, top_k_index,
                                                                                        top_k_weights)
-            out = ex.compute_fn(ex.window(step.lo, step.hi), hidden, self._lut_dev[layer][top_k_index], weights)
+            out = ex.compute_fn(ex.window(step.lo, step.hi), hidden, self._lut_rows[layer][top_k_index], weights)
         if job is not None:        # HOST SYNC: the CPU rows' inputs; the CPU computes while the GPU works
             out = with_cpu_result(out, self.cpu_misses.finish(job, torch.empty_like(out)))
         self.finish_layer(step)
@@ -188,7 +191,7 @@ class OffloadRuntime:
         layer, weights = cut.layer, cut.top_k_weights
         if cut.cpu_result is not None:
             weights = self.cpu_misses.device_weights(layer, cut.top_k_index, weights)
-        out = ex.compute_fn(ex.window(0, self.pool_size), cut.hidden, self._lut_dev[layer][cut.top_k_index],
+        out = ex.compute_fn(ex.window(0, self.pool_size), cut.hidden, self._lut_rows[layer][cut.top_k_index],
                             weights)
         return out if cut.cpu_result is None else with_cpu_result(out, cut.cpu_result.out)
 
@@ -214,7 +217,8 @@ class OffloadRuntime:
 
     @property
     def pool_size(self) -> int:
-        """Slots of the compute device's pool: the cache's capacity on one device (several: experts/multi_device)."""
+        """Slots of the computing layer's device's pool: the cache's capacity on one device (several:
+        experts/multi_device, the device of the layer whose demand was loaded last)."""
         return self.cache.transport.compute_pool_size(self.cache.capacity)
 
     def begin_layer(self, layer: int, top_k_index: torch.Tensor, router_out=None) -> LayerStep:
@@ -243,8 +247,8 @@ class OffloadRuntime:
             return LayerStep(topk, demand, -1, -1)
         self._lut_np[layer, demand.experts] = slots - lo
         self._lut_np[layer, demand.cpu] = 0      # computed on the CPU: any slot of the window, at weight 0
-        if self._lut_dev is not self._lut_host:
-            self._lut_dev[layer].copy_(self._lut_host[layer], non_blocking=True)
+        if self._lut_rows[layer].device.type == "cuda":
+            self._lut_rows[layer].copy_(self._lut_host[layer], non_blocking=True)
         return LayerStep(topk, demand, lo, hi)
 
     def finish_layer(self, step: LayerStep) -> None:
@@ -262,7 +266,7 @@ class OffloadRuntime:
         router runs through `forward` directly, so no forward hook sees (or replaces) this guess.
         HOST SYNC: the predicted experts."""
         J = self.g.num_experts
-        logits = self.layers[layer].router.forward(hidden)[0]                          # [T, J]
+        logits = self.layers[layer].router.forward(hidden.to(self.layer_devices[layer]))[0]   # [T, J]
         picks = torch.topk(logits.float(), self.g.top_k, dim=-1).indices.reshape(-1)   # [T*k]
         counts = torch.bincount(picks, minlength=J).cpu().numpy()                     # [J]  (syncs)
         order = np.argsort(-counts, kind="stable")[: int((counts > 0).sum())]

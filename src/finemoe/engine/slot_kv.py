@@ -54,9 +54,9 @@ class SlotLayer(CacheLayerMixin):
         """key/value_states [B, h, T, d] -> this layer's rows [0, B) with them written at `kv.write` [B, T]."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        write = self.kv.write
+        write = self.kv.write.to(self.keys.device)          # the layer's device (--non-expert-placement split)
         B = write.shape[0]
-        rows = self.kv.row_index[:B, None].expand_as(write)                          # [B, T]
+        rows = self.kv.row_index[:B, None].to(self.keys.device).expand_as(write)    # [B, T]
         self.keys[rows, :, write] = key_states.transpose(1, 2).to(self.keys.dtype)   # [B, T, h, d]
         self.values[rows, :, write] = value_states.transpose(1, 2).to(self.values.dtype)
         return self.keys[:B], self.values[:B]

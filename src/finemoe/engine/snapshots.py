@@ -29,7 +29,7 @@ class RouterSnapshots:
             self.buffers[layer] = buf
         host = buf[: probs.shape[0]]
         host.copy_(probs, non_blocking=True)
-        self.events[layer].record()
+        self.events[layer].record(torch.cuda.current_stream(probs.device))   # the layer's own device
         return host
 
     def wait(self, layer: int) -> None:

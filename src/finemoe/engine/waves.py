@@ -25,7 +25,7 @@ def run_in_waves(runtime, ex, hidden, top_k_index, top_k_weights, demand) -> tor
             sel = (slots >= lo) & (slots < lo + w)
             lut = torch.full((runtime.g.num_experts,), -1, dtype=torch.int64)
             lut[torch.from_numpy(wave[sel])] = torch.from_numpy(slots[sel] - lo)
-            slot_of_row = lut.to(runtime.device)[flat_idx]                  # [S], -1 outside this window
+            slot_of_row = lut.to(flat_idx.device)[flat_idx]                # [S], -1 outside this window
             rows = torch.nonzero(slot_of_row >= 0).squeeze(1)            # [R]  (syncs)
             proj = ex.compute_fn(ex.window(int(lo), int(lo) + w), hidden[rows // k],
                                  slot_of_row[rows].unsqueeze(1), ones[rows])  # [R, H]

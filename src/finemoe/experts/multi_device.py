@@ -3,15 +3,17 @@ one per-device transport each, with peer copies between them.
 
 The cache and the policies see N slots (one residency table, one eviction order); `Placement` (placement.py)
 puts slot s on device d(s), at index s - first_slot[d] of that device's pool. A host copy into slot s is device
-d(s)'s transport's copy (pinned host memory -> d(s)). Every layer computes on the compute device c (the first:
-its non-expert weights are there). `compute_slots(slots)`, called after a layer's demand, gives the slots the
-compute reads in c's pool: a slot on c reads itself; a slot on another device b is peer-copied b -> c into one
-of c's staging slots (the pool's last `staging[c]` rows), after its own host copy has landed and after the
-compute that last read that staging slot; the compute waits for those peer copies. An expert resident on b is
-thus never read from host memory again while it stays resident: each use costs a peer copy instead.
+d(s)'s transport's copy (pinned host memory -> d(s)). MoE layer l computes on device c = moe_device[l] (the first
+device under `primary`, its own range's device under `split`): the layer whose demand `load` received last (its
+keys // J) is the computing one, and `wait_compute`, `compute_slots` and `mark_used` act on its device.
+`compute_slots(slots)`, called after a layer's demand, gives the slots the compute reads in c's pool: a slot on c
+reads itself; a slot on another device b is peer-copied b -> c into one of c's staging slots (the pool's last
+`staging[c]` rows), after its own host copy has landed and after the compute that last read that staging slot; the
+compute waits for those peer copies. An expert resident on b is thus never read from host memory again while it
+stays resident: each use on another device costs a peer copy instead.
 
 `PeerCopies` moves one slot's expert between two devices' pools: `SyncPeerCopies` at once (CPU pools),
-`CudaPeerCopies` on a stream of the compute device, ordered by events.
+`CudaPeerCopies` on a stream of the destination device, ordered by events.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from finemoe.experts.transport import CudaTransport, PerSlotTransport, SlotPools
 
 
 class PeerCopies(ABC):
-    """Copies of whole experts between devices' slot pools (dst is always the compute device's pool)."""
+    """Copies of whole experts between devices' slot pools (dst is always the computing layer's device's pool)."""
 
     @abstractmethod
     def copy(self, src_dev: int, src: int, dst_dev: int, dst: int) -> None:
@@ -92,12 +94,12 @@ class MultiDeviceTransport(PerSlotTransport):
     bytes (`bytes_copied` stays the host bytes, as on one device)."""
 
     def __init__(self, placement: Placement, parts: list[PerSlotTransport], peer: PeerCopies, expert_bytes: int,
-                 compute: int = 0) -> None:
+                 num_experts: int) -> None:
         self.placement, self.parts, self.peer = placement, parts, peer
-        self.expert_bytes = expert_bytes
-        self.compute = compute
+        self.expert_bytes, self.num_experts = expert_bytes, num_experts
+        self.compute = int(placement.moe_device[0])  # the device of the layer whose demand was loaded last
         self.host_copies = self.peer_copies = self.peer_bytes_copied = 0
-        self._own = placement.slots_on(compute)     # staging slots start here in the compute pool
+        self._own = [placement.slots_on(d) for d in range(len(parts))]   # staging slots start here in each pool
         self._staged = np.zeros(0, np.int64)         # staging slots the compute being prepared reads
 
     @property
@@ -122,6 +124,12 @@ class MultiDeviceTransport(PerSlotTransport):
         d, i = self._locate(slot)
         return self.parts[d].is_done(i)
 
+    def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """One layer's demand (see Transport.load); its layer (keys // J) becomes the computing one."""
+        if keys.size:
+            self.compute = int(self.placement.moe_device[int(keys[0]) // self.num_experts])
+        return super().load(slots, keys, new)
+
     def wait_compute(self, slots: np.ndarray) -> None:
         """Only the compute device's own slots: the others are read through peer copies that wait for them."""
         dev, idx = self.placement.local(slots)
@@ -130,7 +138,7 @@ class MultiDeviceTransport(PerSlotTransport):
             self.parts[self.compute].wait_compute(own)
 
     def compute_pool_size(self, capacity: int) -> int:
-        return self._own + int(self.placement.staging[self.compute])
+        return self._own[self.compute] + int(self.placement.staging[self.compute])
 
     def compute_slots(self, slots: np.ndarray) -> np.ndarray:
         dev, out = self.placement.local(slots)
@@ -138,7 +146,7 @@ class MultiDeviceTransport(PerSlotTransport):
         if away.size > self.placement.staging[self.compute]:
             raise RuntimeError(f"{away.size} experts of one layer live on other devices, more than the "
                                f"{int(self.placement.staging[self.compute])} staging slots")
-        staged = self._own + np.arange(away.size, dtype=np.int64)
+        staged = self._own[self.compute] + np.arange(away.size, dtype=np.int64)
         for a, t in zip(away.tolist(), staged.tolist()):
             self.peer.copy(int(dev[a]), int(out[a]), self.compute, t)
         if away.size:
@@ -180,4 +188,5 @@ def build(store: HostExpertStore, placement: Placement, bandwidth_Bps: float | N
         peer: PeerCopies = CudaPeerCopies(pools, parts)
     else:
         parts, peer = [SyncTransport(store, p) for p in pools], SyncPeerCopies(pools)
-    return pools, MultiDeviceTransport(placement, parts, peer, store.geometry.expert_bytes)
+    return pools, MultiDeviceTransport(placement, parts, peer, store.geometry.expert_bytes,
+                                       store.geometry.num_experts)

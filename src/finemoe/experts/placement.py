@@ -1,19 +1,22 @@
 """Where the expert cache's slots and the non-expert weights go on several GPUs of one host (`--devices`).
 
-Contract: `place` is a pure function of the cache geometry (slots per device, experts per layer, one expert's
-bytes), the devices, the non-expert weights' bytes and the free memory per device. It returns a `Placement`:
+Contract: `place` is a pure function of the cache geometry (slots per device, experts per layer), the devices, the
+device of every decoder layer and which decoder layers are MoE layers. It returns a `Placement`:
   - the cache's N slots in contiguous ranges, device order: slot s lives on device `slot_device[s]`, at index
     `s - first_slot[d]` of that device's pool (the cache and the policies see the N slots as one cache);
-  - `layer_device[l]`: the device whose non-expert weights compute decoder layer l. `primary`: every layer on
-    devices[0] (the other devices hold cache slots only); `split`: contiguous layer ranges balanced by bytes,
-    each device's share proportional to its free memory, as accelerate's balanced device map splits them
-    (embeddings and shared weights on devices[0]);
+  - `layer_device[i]`: the device that holds decoder layer i's non-expert weights (attention, norms, router, shared
+    experts) and computes it; `moe_device[l]`: the same for MoE layer l (where its experts compute);
   - `staging[d]`: slots beside device d's own that receive peer copies of experts resident on another device
-    while a layer computes on d: J (one layer's experts) on a device that computes layers, when other devices
-    hold slots; 0 elsewhere.
-Each device holds min(slots_per_device, what its free memory leaves after its non-expert weights and staging)
-slots; the total is capped at `total_experts` (the last devices give slots up first). A device whose free memory
-cannot hold its non-expert weights is refused with one line. free_bytes None: no memory figure (CPU, tests).
+    while a layer computes on d: J (one layer's experts) on a device that computes MoE layers, when other devices
+    hold slots (at most as many as they hold); 0 elsewhere.
+The total is capped at `total_experts` (the last devices give slots up first). How many slots each device's memory
+leaves room for is engine/memory_fit.py's job: `slots_per_device` comes from there.
+
+`layer_devices(mode, ...)` gives layer_device for the two non-expert placements (`--non-expert-placement`):
+  primary  every decoder layer on devices[0] (the other devices hold cache slots only);
+  split    contiguous decoder-layer ranges, one per device in order, each device's bytes close to its share of the
+           total (shares: free memory, or equal), as accelerate's balanced device map splits them; the embeddings,
+           final norm and head stay on devices[0] and count towards its share.
 """
 from __future__ import annotations
 
@@ -31,12 +34,18 @@ class Placement:
     devices: tuple[str, ...]
     first_slot: np.ndarray     # int64 [D+1]: device d holds slots [first_slot[d], first_slot[d+1])
     slot_device: np.ndarray    # int64 [N]
-    layer_device: np.ndarray   # int64 [L]
+    layer_device: np.ndarray   # int64 [decoder layers]
+    moe_device: np.ndarray     # int64 [L] MoE layers
     staging: np.ndarray        # int64 [D] peer-copy landing slots beside each device's own
 
     @property
     def num_slots(self) -> int:
         return int(self.first_slot[-1])
+
+    @property
+    def splits_layers(self) -> bool:
+        """Whether some decoder layer computes off devices[0]."""
+        return bool(self.layer_device.any())
 
     def slots_on(self, d: int) -> int:
         return int(self.first_slot[d + 1] - self.first_slot[d])
@@ -56,6 +65,20 @@ def split_layers(layer_bytes: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.minimum(np.searchsorted(share, mid, side="right"), len(share) - 1).astype(np.int64)
 
 
+def layer_devices(mode: str, num_devices: int, layer_bytes: np.ndarray, shared_bytes: int,
+                  weights: np.ndarray | None = None) -> np.ndarray:
+    """Device of each decoder layer [len(layer_bytes)] under `mode` (see the module docstring). layer_bytes: each
+    decoder layer's bytes on its device (non-expert weights, KV cache); shared_bytes: what stays on devices[0]
+    whatever the mode (embeddings, final norm, head); weights [D]: each device's share (None: equal)."""
+    if mode not in MODES:
+        raise ConfigError(f"non-expert placement {mode!r} is not known: use one of {', '.join(MODES)}")
+    layer_bytes = np.asarray(layer_bytes, np.int64)
+    if mode == "primary" or num_devices == 1:
+        return np.zeros(layer_bytes.size, np.int64)
+    weights = np.ones(num_devices) if weights is None else np.maximum(np.asarray(weights, np.float64), 1.0)
+    return split_layers(np.concatenate([[shared_bytes], layer_bytes]), weights)[1:]   # shared: a layer before all
+
+
 def capped(slots: np.ndarray, total_experts: int) -> np.ndarray:
     """Slots per device [D], their sum capped at every expert once: the last devices give slots up first."""
     slots = np.array(slots, np.int64)
@@ -68,28 +91,15 @@ def capped(slots: np.ndarray, total_experts: int) -> np.ndarray:
 
 
 def place(devices: tuple[str, ...], slots_per_device: int | np.ndarray, total_experts: int, num_experts: int,
-          expert_bytes: int, layer_bytes: np.ndarray, shared_bytes: int, free_bytes: np.ndarray | None = None,
-          mode: str = "primary") -> Placement:
-    """The placement (see the module docstring). layer_bytes [L]: non-expert bytes of each decoder layer;
-    shared_bytes: the rest (embeddings, final norm, head); free_bytes [D] or None; slots_per_device: one number
-    for every device, or [D] (engine/memory_fit.py's room on each device)."""
-    if mode not in MODES:
-        raise ConfigError(f"placement {mode!r} is not known: use one of {', '.join(MODES)}")
-    D, L = len(devices), len(layer_bytes)
-    free = (np.full(D, np.iinfo(np.int64).max // 4, np.int64) if free_bytes is None
-            else np.asarray(free_bytes, np.int64))
-    layer_device = (np.zeros(L, np.int64) if mode == "primary" or D == 1
-                    else split_layers(layer_bytes, np.maximum(free, 1)))
-    weights = np.bincount(layer_device, weights=np.asarray(layer_bytes, np.float64), minlength=D).astype(np.int64)
-    weights[0] += shared_bytes
-    computes = np.bincount(layer_device, minlength=D) > 0
-    staging = np.where(computes & (D > 1), num_experts, 0).astype(np.int64)
-    room = free - weights - staging * expert_bytes
-    for d in np.flatnonzero(free - weights < 0):
-        raise ConfigError(f"device {devices[d]} has {free[d]} bytes free but its non-expert weights need "
-                          f"{weights[d]}: free memory on it, or list it later in --devices")
-    slots = capped(np.minimum(slots_per_device, np.maximum(room, 0) // expert_bytes), total_experts)   # [D]
+          layer_device: np.ndarray, moe_layers: np.ndarray) -> Placement:
+    """The placement (see the module docstring). slots_per_device: one number for every device, or [D];
+    layer_device [decoder layers]: `layer_devices`; moe_layers [L]: the decoder index of each MoE layer."""
+    D = len(devices)
+    layer_device = np.asarray(layer_device, np.int64)
+    moe_device = layer_device[np.asarray(moe_layers, np.int64)]
+    slots = capped(np.broadcast_to(np.asarray(slots_per_device, np.int64), (D,)), total_experts)   # [D]
     first = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
-    others = first[-1] - slots
-    staging = np.minimum(staging, others).astype(np.int64)
-    return Placement(tuple(devices), first, np.repeat(np.arange(D, dtype=np.int64), slots), layer_device, staging)
+    computes = np.bincount(moe_device, minlength=D) > 0
+    staging = np.where(computes & (D > 1), np.minimum(num_experts, first[-1] - slots), 0).astype(np.int64)
+    return Placement(tuple(devices), first, np.repeat(np.arange(D, dtype=np.int64), slots), layer_device,
+                     moe_device, staging)

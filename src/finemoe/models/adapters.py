@@ -81,7 +81,8 @@ def _decorated(module: nn.Module) -> bool:
     return all(hasattr(module, flag) for flag in ("has_gate", "is_transposed", "is_concatenated"))
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers (`model.layers`), in order; refused in one line when it has none."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -162,7 +163,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """Every MoE layer of `model` in decoder order, each checked (see the module docstring); works on a meta
     skeleton too (the loader builds its device map from one before any weight is read)."""
     found: list[MoELayer] = []
-    for i, layer in enumerate(_decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(model)):
         modules = [(name, m) for name, m in layer.named_modules() if is_experts_module(m)]
         if not modules:
             continue  # dense layer (e.g. DeepSeek-V2's first_k_dense_replace)
