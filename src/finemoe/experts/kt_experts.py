@@ -15,7 +15,7 @@ package's own KTMoEWrapper drives (`kt_kernel.kt_kernel_ext`; no safetensors fil
     runs beside the device's copies).
 Numerics: bf16 weights and inputs, the gate/up outputs rounded to bf16 before the activation, bf16 results: about
 bf16 precision against torch in fp32 (tests/test_cpu_kernel.py states the tolerance). Requirements checked before
-any native call (a bad shape crashes the extension): SwiGLU experts (`act_fn` SiLU) stored as `gate_up_proj`
+any native call (a bad shape crashes the extension): SwiGLU experts (`act_fn` computes SiLU) stored as `gate_up_proj`
 [J, 2I, H] and `down_proj` [J, H, I], H and I multiples of 32.
 
 kt's C++ side prints to the process's stdout while it builds or frees its pool and operators; those lines go to
@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from finemoe.errors import ConfigError
@@ -67,8 +68,10 @@ def layout_problem(experts: nn.Module, weights: dict[str, torch.Tensor]) -> str 
     if two_i % 2 or tuple(weights["down_proj"].shape) != (J, H, two_i // 2):
         return (f"gate_up_proj {tuple(weights['gate_up_proj'].shape)} and down_proj "
                 f"{tuple(weights['down_proj'].shape)} are not [J, 2I, H] and [J, H, I]")
-    if not isinstance(getattr(experts, "act_fn", None), nn.SiLU):
-        return f"its activation is {type(getattr(experts, 'act_fn', None)).__name__}, not SiLU"
+    act = getattr(experts, "act_fn", None)
+    probe = torch.linspace(-6.0, 6.0, 97)
+    if not callable(act) or not torch.allclose(act(probe), F.silu(probe)):
+        return f"its activation is {type(act).__name__}, not SiLU"
     if H % ALIGN or (two_i // 2) % ALIGN:
         return f"hidden size {H} and expert intermediate size {two_i // 2} must be multiples of {ALIGN}"
     return None
