@@ -8,6 +8,7 @@ imports (it is not in the project's dependencies: it pins another torch); everyt
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import pytest
@@ -157,3 +158,14 @@ def test_engine_with_kt_kernel_stays_near_the_device_path(qwen, choice, capsys):
     assert reqs[0].metrics.cpu_experts > 0
     assert engine.miss_compute_report()["cpu_kernel"] == cal.kernel
     assert sum(a == b for a, b in zip(reqs[0].output_ids, want)) >= 3     # approximate: most tokens agree
+
+
+def test_the_waiting_thread_moves_off_kt_workers_cores_and_back():
+    assert kt_experts._cpu_list("0-3,8") == {0, 1, 2, 3, 8} and kt_experts._cpu_list("5") == {5}
+    before = os.sched_getaffinity(0)
+    one = {min(before)}
+    with kt_experts._off_worker_cores(one):
+        assert os.sched_getaffinity(0) == one
+    assert os.sched_getaffinity(0) == before
+    with kt_experts._off_worker_cores(None):          # no free core, or no pinned worker: unchanged
+        assert os.sched_getaffinity(0) == before

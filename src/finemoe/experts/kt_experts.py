@@ -12,7 +12,12 @@ package's own KTMoEWrapper drives (`kt_kernel.kt_kernel_ext`; no safetensors fil
   - `compute` hands each CPU row to the operator as a one-expert token (expert id, fp32 weight, bf16 input) and
     gets the weighted bf16 output, MAX_ROWS rows per call. The call is synchronous: kt's pool computes while the
     calling thread waits (kt also has submit/sync tasks, for overlapping with a CUDA stream; the CPU half already
-    runs beside the device's copies).
+    runs beside the device's copies; on a busy 2-core VM they measured slower than the direct call).
+Cores: kt pins each worker thread to one core (hwloc). The calling thread waits for them busily; when it sits on a
+worker's core, that worker runs only once the caller's time slice ends (one scheduler tick: 8 ms per call measured
+on a busy 2-core VM, against 1.4 ms with the caller elsewhere). So while it waits, the calling thread is kept to the
+process's other cores (`_off_worker_cores`, read from the workers' affinity in /proc at start), when there are
+any: leave at least one core to the rest of the process (`--cpu-threads` below the core count).
 Numerics: bf16 weights and inputs, the gate/up outputs rounded to bf16 before the activation, bf16 results: about
 bf16 precision against torch in fp32 (tests/test_cpu_kernel.py states the tolerance). Requirements checked before
 any native call (a bad shape crashes the extension): SwiGLU experts (`act_fn` computes SiLU) stored as `gate_up_proj`
@@ -24,6 +29,7 @@ stderr instead (`_stdout_to_stderr`), so `--json` output stays clean.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import sys
 import weakref
@@ -103,6 +109,7 @@ class KtKernel:
             self._native["pool"] = ext.CPUInfer(pool_cfg)
             self._native["ops"] = [self._load(ext, i, layer, J, inter) for i, layer in enumerate(weights)]
         weakref.finalize(self, _free_quietly, self._native)
+        self.caller_cores = _caller_cores()
 
     def _load(self, ext, index: int, layer: dict[str, torch.Tensor], J: int, inter: int) -> tuple:
         """One layer's operator, its weights packed from temporary contiguous bf16 gate, up and down tensors."""
@@ -129,11 +136,52 @@ class KtKernel:
         w = w.to(torch.float32).contiguous()                                        # [R, 1]
         out = torch.empty_like(x)                                                   # [R, H]
         op, rows = self._native["ops"][layer][0], torch.empty(1, dtype=torch.int32)
-        for start in range(0, x.shape[0], MAX_ROWS):
-            rows[0] = min(MAX_ROWS, x.shape[0] - start)
-            op.forward(rows.data_ptr(), 1, ids[start].data_ptr(), w[start].data_ptr(), x[start].data_ptr(),
-                       out[start].data_ptr(), False)
+        with _off_worker_cores(self.caller_cores):
+            for start in range(0, x.shape[0], MAX_ROWS):
+                rows[0] = min(MAX_ROWS, x.shape[0] - start)
+                op.forward(rows.data_ptr(), 1, ids[start].data_ptr(), w[start].data_ptr(), x[start].data_ptr(),
+                           out[start].data_ptr(), False)
         return out
+
+
+def _caller_cores() -> set[int] | None:
+    """The cores this process may use that no kt worker is pinned to (kt names its workers numa_*; Linux /proc), or
+    None when there are none or it cannot tell."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed, pinned = os.sched_getaffinity(0), set()
+    for status in glob.glob("/proc/self/task/*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in open(status).read().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("Name", "").strip().startswith("numa_"):
+            pinned |= _cpu_list(fields.get("Cpus_allowed_list", ""))
+    free = allowed - pinned
+    return free if pinned and free else None
+
+
+def _cpu_list(text: str) -> set[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8}."""
+    cores = set()
+    for part in filter(None, text.strip().split(",")):
+        lo, _, hi = part.partition("-")
+        cores |= set(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
+@contextlib.contextmanager
+def _off_worker_cores(cores: set[int] | None) -> Iterator[None]:
+    """The calling thread runs on `cores` inside the block (unchanged when None)."""
+    if cores is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def _free_quietly(native: dict) -> None:
