@@ -7,7 +7,8 @@ choices are replaced by a recorded trace of the trained reference model (engine/
 bench_policies_gpu.py: requests are split (seeded) into a build part, which teaches finemoe's map store and
 moe-infinity's collection (gpu mode, inflight) and calibrates the simulator, and held-out requests, which every
 row serves. Rows: policies x budgets x prefetch issue rules x miss modes x CPU weight dtypes (`--cpu-dtypes`: the
-CPU half's weights, experts/cpu_weights.py; cpu/auto rows only). lru and lfu predict nothing: they get one issue
+CPU half's weights, experts/cpu_weights.py; cpu/auto rows only; `--cpu-kernel` picks the CPU half's kernel for
+every such row, experts/cpu_kernel.py). lru and lfu predict nothing: they get one issue
 rule. Per row: TPOT median, TTFT, hit rate, MB copied per token, CPU-computed experts per token, the CPU half's
 host time per token (starting, waiting for its inputs, computing); for cpu/auto rows, greedy-token agreement with
 the same policy, budget and issue rule's gpu row and the largest relative logit error (max |l - l_gpu| /
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--modes", default="gpu,cpu,auto", help=f"among {', '.join(MISS_MODES)}; gpu required")
     ap.add_argument("--prefetch", default="inflight", help="issue rules among inflight, idle, off")
     ap.add_argument("--cpu-dtypes", default="auto", help="the CPU half's weights (cpu/auto rows): auto, model, float32")
+    ap.add_argument("--cpu-kernel", default="torch", help="the CPU half's kernel (cpu/auto rows): torch, kt-kernel, "
+                                                          "auto (kt-kernel: PYTHONPATH with prepare_kt_kernel.py's)")
     ap.add_argument("--split", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=16)
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     L = trace.num_layers
     engine = LogitsEngine(replayed_model(trace, args.device, args.tiny),
                           EngineConfig(device=args.device, policy="resident", show_progress=False,
-                                       cpu_threads=args.cpu_threads))
+                                       cpu_threads=args.cpu_threads, cpu_kernel=args.cpu_kernel))
     replay = RoutingReplay(engine, trace)
     serve(engine, replay, held[:2])   # warm-up
     t_all, stores = time.perf_counter(), tempfile.mkdtemp(prefix="offload_gpu_")
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
                         row = {"policy": policy, "budget": budget, "prefetch_issue": issue, "mode": mode,
                                "cpu_dtype_choice": dtype,
                                "cpu_expert_dtype": s.get("cpu_expert_dtype") if mode != "gpu" else None,
+                               "cpu_kernel": s.get("cpu_kernel") if mode != "gpu" else None,
                                "tpot_s": s["tpot_s"], "ttft_s": s["ttft_s"], "hit_rate": s["hit_rate"],
                                "hits": s["hits"], "misses": s["misses"], "bytes_per_token": s["bytes_per_token"],
                                "prefetch_copies": s["prefetch_copies"], "wasted_prefetches": s["wasted_prefetches"],
@@ -245,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
               "calibration_requests": len(calib), "layer_time_ms": layer_time * 1e3, "host_layer_ms": host_layer * 1e3,
               "policy_layer_ms": {p: v * 1e3 for p, v in p_layer.items()},
               "calibrations": {d: {"costs": dataclasses.asdict(c.costs), "cpu_dtype": str(c.cpu_dtype),
+                                   "cpu_kernel": c.kernel, "kt_error": c.kt_error, "kt_skipped": c.kt_skipped,
+                                   "cpu_ms_by_kernel": {k: {str(t): s * 1e3 for t, s in v.items()}
+                                                        for k, v in c.cpu_s_by_kernel.items()},
                                    "cpu_ms_by_dtype": {k: {str(t): s * 1e3 for t, s in v.items()}
                                                        for k, v in c.cpu_s_by_dtype.items()}}
                                for d, c in calibrations.items()},
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     for d, c in calibrations.items():
         print(f"--cpu-expert-dtype {d}: " + "; ".join(
             f"{k} " + ", ".join(f"{t} tok {s * 1e3:.3f}" for t, s in v.items()) for k, v in c.cpu_s_by_dtype.items())
-            + f" ms -> {calibration.describe(c.costs, result['cpu_threads'], c.cpu_dtype)}")
+            + f" ms -> {calibration.describe(c.costs, result['cpu_threads'], c.cpu_dtype, c)}")
     print(f"{'policy':13s} {'budget':>6s} {'issue':8s} {'mode':5s} {'dtype':15s} {'TPOT ms':>8s} {'TTFT ms':>8s} "
           f"{'hit':>6s} {'MB/tok':>7s} {'cpu/tok':>7s} {'CPU start/wait/compute ms/tok':>29s} {'agree':>6s} "
           f"{'max err':>8s} {'sim ms':>7s} {'sim err':>7s}")

@@ -157,9 +157,9 @@ def test_cpu_expert_dtype_of_a_bf16_model(qwen, choice):
     if choice == "auto":
         fastest = min(cal.cpu_s_by_dtype, key=lambda d: cal.cpu_s_by_dtype[d][1])
         assert str(cal.cpu_dtype) == f"torch.{fastest}"
-    cpu = engine.runtime.cpu_misses
-    assert cpu.dtype == cal.cpu_dtype
-    assert all(t.dtype == cal.cpu_dtype for t in cpu.views[0]._pools.values())
+    kernel = engine.runtime.cpu_misses.kernel
+    assert kernel.dtype == cal.cpu_dtype and cal.kernel == "torch"
+    assert all(t.dtype == cal.cpu_dtype for t in kernel.views[0]._pools.values())
     engine.logits.clear()
     reqs = engine.generate(PROMPTS[1:2], SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
     assert reqs[0].metrics.cpu_experts > 0
@@ -190,6 +190,7 @@ def test_generate_json_reports_cpu_experts_and_costs(qwen, capsys):
     (["--cpu-threads", "0"], "--cpu-threads 0 must be a whole number >= 1"),
     (["--cpu-threads", "many"], "--cpu-threads 'many' must be a whole number >= 1"),
     (["--cpu-expert-dtype", "fp8"], "--cpu-expert-dtype 'fp8' is not one of auto, model, float32"),
+    (["--cpu-kernel", "mkl"], "--cpu-kernel 'mkl' is not one of torch, kt-kernel, auto"),
 ])
 def test_bad_flag_values_fail_in_one_line(flags, message, capsys):
     rc = main(["generate", "--device", "cpu", "--prompt", "hi", *flags])

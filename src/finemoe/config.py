@@ -9,6 +9,7 @@ import torch
 
 from finemoe.errors import BudgetTooSmallError, ConfigError
 from finemoe.experts.miss_split import mode_code
+from finemoe.experts.cpu_kernel import check_cpu_kernel
 from finemoe.experts.cpu_weights import check_cpu_dtype
 from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES, PrefetchIssue
 
@@ -135,6 +136,9 @@ class EngineConfig:
         None keeps torch's current number.
     cpu_expert_dtype: the weights CPU-computed experts read (experts/cpu_weights.py): auto (the faster of the
         model's dtype and a float32 copy, measured at start), model, or float32.
+    cpu_kernel: what computes CPU-computed experts (experts/cpu_kernel.py): torch (the model's eager experts
+        function, the default), kt-kernel (kTransformers' BF16 MoE kernel, if installed) or auto (the faster at
+        start).
     warm_up: before the configured policy is built, run one short request under a stand-in policy, so one-time
         first-use costs stay out of every request's TTFT (engine/warmup.py; `Engine.warm_up_s` reports them).
     """
@@ -161,6 +165,7 @@ class EngineConfig:
     cpu_threads: int | None = None
     cpu_expert_dtype: str = "auto"
     non_expert_placement: str = "auto"
+    cpu_kernel: str = "torch"
     seed: int = 0
     show_progress: bool = True
     warm_up: bool = False
@@ -207,6 +212,7 @@ class EngineConfig:
                                              or self.cpu_threads < 1):
             raise ConfigError(f"--cpu-threads {self.cpu_threads!r} must be a whole number >= 1")
         check_cpu_dtype(self.cpu_expert_dtype)
+        check_cpu_kernel(self.cpu_kernel)
         if self.expert_budget is not None and str(self.expert_budget).strip().lower() != "auto":
             parse_budget(self.expert_budget, 1 << 40)  # syntax check now, size check once the model is known
         self._check_free_bytes()

@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
                                              show_progress=False, seed=args.seed,
                                              miss_compute="gpu" if cost else args.miss_compute,
                                              cpu_threads=args.cpu_threads,
-                                             cpu_expert_dtype=args.cpu_expert_dtype, warm_up=True))
+                                             cpu_expert_dtype=args.cpu_expert_dtype,
+                                             cpu_kernel=args.cpu_kernel, warm_up=True))
     print(f"finemoe: warm-up {engine.warm_up_s:.2f} s (one-time, before timing)", file=sys.stderr)
     if cost is not None and args.expert_bytes is None:
         cost = dataclasses.replace(cost, expert_bytes=engine.geometry.expert_bytes)

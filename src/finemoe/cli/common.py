@@ -100,6 +100,10 @@ def add_miss_compute_args(p: argparse.ArgumentParser) -> None:
                    help="weights CPU-computed experts read: model (the host copy in the model's dtype), float32 (a "
                         "second host copy, 2x the experts' bytes for bf16 models, read faster by torch's CPU kernels) "
                         "or auto (the faster of the two at start, float32 only if it fits in host memory)")
+    p.add_argument("--cpu-kernel", default="torch", metavar="{torch,kt-kernel,auto}",
+                   help="what computes CPU-computed experts: torch (the model's eager experts function, default), "
+                        "kt-kernel (kTransformers' AMX/AVX-512 BF16 MoE kernel: pip install --no-deps kt-kernel gguf; "
+                        "a packed bf16 copy of the experts) or auto (the faster at start, printed with the costs)")
 
 
 def positive(text: str) -> int:
@@ -164,7 +168,7 @@ def engine_config(args: argparse.Namespace, **overrides):
               prefetch_issue=args.prefetch_issue, copy_chunk_bytes=args.copy_chunk_bytes,
               fast_path=args.fast_path, cuda_graphs=args.cuda_graphs, compile=args.compile,
               prefill_lookahead=args.prefill_lookahead, miss_compute=args.miss_compute,
-              cpu_threads=args.cpu_threads, cpu_expert_dtype=args.cpu_expert_dtype,
+              cpu_threads=args.cpu_threads, cpu_expert_dtype=args.cpu_expert_dtype, cpu_kernel=args.cpu_kernel,
               non_expert_placement=args.non_expert_placement)
     kw.update(overrides)
     return EngineConfig(**kw)

@@ -12,12 +12,12 @@ The host side is two calls:
   1. `start`: the (token, k) rows routed to CPU experts are found on the host (the routing is already there);
      their tokens' hidden states and top-k weights start copying to pinned host buffers on a side stream (the
      compute stream already waits for the demand copies), and the keep mask is written to the device
-  2. `finish`: HOST SYNC on those inputs only; the CPU computes every CPU row with the model's own eager
-     experts function over a host view of the whole layer [J, ...] in the CPU half's weight dtype
-     (--cpu-expert-dtype, experts/cpu_weights.py; the inputs are cast to it), each row as a one-expert token (so
-     no skip index is needed: transformers v5's GPT-OSS eager function has none, the others skip index J); the
-     rows' sums per token, [T, H] with zeros elsewhere, in the model's dtype, go to the device (pinned,
-     non_blocking, on the compute stream) into the buffer the add reads.
+  2. `finish`: HOST SYNC on those inputs only; the CPU half's kernel (--cpu-kernel, experts/cpu_kernel.py: the
+     model's own eager experts function over a host view of the whole layer [J, ...] in the CPU half's weight
+     dtype, --cpu-expert-dtype, experts/cpu_weights.py; or kt-kernel, experts/kt_experts.py) computes every CPU
+     row, each as a one-expert token (so no skip index is needed: transformers v5's GPT-OSS eager function has
+     none, the others skip index J); the rows' sums per token, [T, H] with zeros elsewhere, in the model's dtype,
+     go to the device (pinned, non_blocking, on the compute stream) into the buffer the add reads.
   `timing` adds up the host's wall seconds in `start`, waiting for the inputs and computing.
 Both the eager and the captured path run these same calls; they differ only in when the device ops run:
   eager (runtime.run_layer): start; the device half is issued (masked weights); finish into a fresh [T, H]
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from finemoe.experts.hook import SlotExperts, eager_compute_fn
+from finemoe.experts.cpu_kernel import CpuExpertKernel
 from finemoe.experts.miss_split import MissCosts
 from finemoe.models.adapters import MoELayer
 
@@ -109,22 +109,20 @@ class CpuMisses:
     ADAPT_EVERY = 16
     ADAPT_WEIGHT = 0.1
 
-    def __init__(self, weights: list[dict[str, torch.Tensor]], dtype: torch.dtype, layers: list[MoELayer],
-                 devices: list[torch.device], costs: MissCosts, scale: float = 1.0, adapt: bool = True) -> None:
-        """weights[l][name] [J, ...] host: layer l's experts in `dtype`, the CPU half's weights; devices [L]: where
-        each MoE layer computes (its keep mask and result live there; one device unless the layers are split);
-        costs: the calibrated MissCosts; scale: the measured-to-predicted ratio to start from (an earlier
-        configuration's); adapt: follow the measured times (off: `costs` as given, e.g. by tests that fix a split)."""
+    def __init__(self, kernel: CpuExpertKernel, layers: list[MoELayer], devices: list[torch.device],
+                 costs: MissCosts, scale: float = 1.0, adapt: bool = True) -> None:
+        """kernel: what computes the CPU rows (experts/cpu_kernel.py); devices [L]: where each MoE layer computes
+        (its keep mask and result live there; one device unless the layers are split); costs: the calibrated
+        MissCosts; scale: the measured-to-predicted ratio to start from (an earlier configuration's); adapt: follow
+        the measured times (off: `costs` as given, e.g. by tests that fix a split)."""
         self.base_costs, self.scale, self.adapt = costs, (scale if adapt else 1.0), adapt
         self.costs = self._scaled()
         self._since_adapt = 0
         self.cuda = devices[0].type == "cuda"
-        self.dtype = dtype
-        self.views = [SlotExperts(layer.experts, weights[layer.index]) for layer in layers]   # [J, ...] host
-        self.fns = [eager_compute_fn(layer.experts) for layer in layers]
+        self.kernel = kernel
         self.timing = CpuHalfTiming()
         self._host: dict[tuple[int, str], torch.Tensor] = {}   # (layer, kind) -> pinned host buffer (_host_buffer)
-        J = next(iter(weights[0].values())).shape[0]
+        J = layers[0].experts.num_experts
         self._keep_host = torch.ones((len(layers), J), dtype=torch.float32, pin_memory=self.cuda)   # [L, J]
         self._keep_np = self._keep_host.numpy()
         keeps = {dev: self._keep_host.to(dev) if self.cuda else self._keep_host for dev in set(devices)}
@@ -226,9 +224,9 @@ class CpuMisses:
         if job.ready is not None:
             job.ready.synchronize()
         t1 = time.perf_counter()
-        x = job.hidden[job.row_token].to(self.dtype)                         # [R, H]
-        w = job.weights[job.row_token, job.row_k].unsqueeze(1).to(self.dtype)   # [R, 1]
-        rows = self.fns[job.layer](self.views[job.layer], x, job.row_expert, w)   # [R, H] weighted
+        x = job.hidden[job.row_token]                                        # [R, H]
+        w = job.weights[job.row_token, job.row_k].unsqueeze(1)               # [R, 1]
+        rows = self.kernel.compute(job.layer, x, job.row_expert, w)          # [R, H] weighted
         sums = self._host_buffer(job.layer, "sums", (job.num_tokens, rows.shape[1]), into.dtype).zero_()   # [T, H]
         sums.index_add_(0, job.row_tok, rows.to(into.dtype))
         out = into.copy_(sums, non_blocking=self.cuda)

@@ -29,8 +29,10 @@ from finemoe.engine.warmup import stand_in, warm_up
 from finemoe.errors import ConfigError
 from finemoe.experts import calibration, hook
 from finemoe.experts.cache import ExpertCache
+from finemoe.experts.cpu_kernel import CpuExpertKernel, TorchKernel
 from finemoe.experts.cpu_weights import host_weights
 from finemoe.experts.host_store import HostExpertStore
+from finemoe.experts.kt_experts import KtKernel
 from finemoe.experts import multi_device
 from finemoe.experts.miss_split import GPU, MissCosts, mode_code
 from finemoe.experts.placement import Placement, layer_devices, place
@@ -100,7 +102,7 @@ class Engine:
         self.miss_costs: MissCosts | None = None     # calibrated at the first configuration that needs them
         self.calibration: calibration.Calibration | None = None   # what that calibration measured
         self.cpu_cost_scale = 1.0     # measured / calibrated CPU-half time so far (engine/cpu_misses.py CpuMisses)
-        self._cpu_weights: dict[torch.dtype, list[dict[str, torch.Tensor]]] = {}   # the CPU half's, by dtype
+        self._cpu_kernels: dict[tuple[str, torch.dtype], CpuExpertKernel] = {}   # the CPU half's, built once each
         self.copy_Bps: float | None = None            # pinned H2D bytes/s, measured when the idle issue rule first runs
         self.pools = self.runtime = None
         self.device_pools: list[SlotPools] = []      # every device's slot pool (one device: [pools])
@@ -127,12 +129,13 @@ class Engine:
                     prefetch_inflight: int | None = None, cuda_graphs: bool | None = None,
                     prefill_lookahead: bool | None = None, miss_compute: str | None = None,
                     miss_costs: MissCosts | None = None, prefetch_issue: str | None = None,
-                    cpu_expert_dtype: str | None = None, placement: Placement | None = None) -> None:
+                    cpu_expert_dtype: str | None = None, placement: Placement | None = None,
+                    cpu_kernel: str | None = None) -> None:
         """(Re)build the policy, the slot pools, the cache and the runtime over the same model and host
         store: switch policy or budget without reloading. The previous policy is closed first. `miss_costs`
         replaces the calibrated costs (tests, benchmarks); otherwise they are measured once, when a
-        configuration first computes misses on the CPU (again after `cpu_expert_dtype` changes). `placement`
-        replaces the one --devices gives (experts/placement.py; tests: several pools on one CPU)."""
+        configuration first computes misses on the CPU (again after `cpu_expert_dtype` or `cpu_kernel` changes).
+        `placement` replaces the one --devices gives (experts/placement.py; tests: several pools on one CPU)."""
         cfg = dataclasses.replace(self.cfg, policy=policy, expert_budget=expert_budget,
                                   policy_options=dict(policy_options or {}),
                                   prefetch_inflight=prefetch_inflight or self.cfg.prefetch_inflight,
@@ -141,13 +144,14 @@ class Engine:
                                                      else prefill_lookahead),
                                   miss_compute=miss_compute or self.cfg.miss_compute,
                                   prefetch_issue=prefetch_issue or self.cfg.prefetch_issue,
-                                  cpu_expert_dtype=cpu_expert_dtype or self.cfg.cpu_expert_dtype)
+                                  cpu_expert_dtype=cpu_expert_dtype or self.cfg.cpu_expert_dtype,
+                                  cpu_kernel=cpu_kernel or self.cfg.cpu_kernel)
         slots, budget = capacity_for(cfg, self.geometry, get_policy_class(policy).keeps_all_resident)
         placement = placement or self._placement(cfg, slots)
         if placement is not None:
             slots, budget = placement.num_slots, budget * len(placement.devices)
         new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
-        if cfg.cpu_expert_dtype != self.cfg.cpu_expert_dtype:
+        if (cfg.cpu_expert_dtype, cfg.cpu_kernel) != (self.cfg.cpu_expert_dtype, self.cfg.cpu_kernel):
             self.calibration = self.miss_costs = None     # measured again for the new choice
             self.cpu_cost_scale = 1.0
         self.cfg = cfg
@@ -181,7 +185,7 @@ class Engine:
             layer_pools, moe_devices = [self.pools.tensors] * len(self.layers), [self.device] * len(self.layers)
         self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
                                  self.policy, cfg.prefetch_inflight, cfg.issue)
-        cpu_misses = (CpuMisses(*self._cpu_half_weights(), self.layers, moe_devices, self.miss_costs,
+        cpu_misses = (CpuMisses(self._cpu_kernel(), self.layers, moe_devices, self.miss_costs,
                                 self.cpu_cost_scale, adapt=self.calibration is not None and miss_costs is None)
                       if mode != GPU else None)
         self.runtime = OffloadRuntime(self.geometry, self.layers, self.cache, self.policy, self.device,
@@ -242,22 +246,28 @@ class Engine:
 
     def _calibrate(self) -> MissCosts:
         """Measure what a miss costs each way on this machine (experts/calibration.py), choosing the CPU half's
-        weight dtype (--cpu-expert-dtype); one line to stderr."""
-        self.calibration = calibration.calibrate(self.store, self.layers[0].experts,
-                                                 int(self.model.config.hidden_size), self.device,
-                                                 self.cfg.cpu_expert_dtype)
+        kernel and weight dtype (--cpu-kernel, --cpu-expert-dtype); one line to stderr (two when auto left
+        kt-kernel out: why)."""
+        cal = self.calibration = calibration.calibrate(self.store, self.layers[0].experts,
+                                                       int(self.model.config.hidden_size), self.device,
+                                                       self.cfg.cpu_expert_dtype, self.cfg.cpu_kernel)
+        if cal.kt_skipped is not None:
+            print(f"finemoe: --cpu-kernel auto left kt-kernel out: {cal.kt_skipped}", file=sys.stderr)
         print(f"finemoe: miss compute {self.cfg.miss_compute}: "
-              f"{calibration.describe(self.calibration.costs, torch.get_num_threads(), self.calibration.cpu_dtype)}",
-              file=sys.stderr)
-        return self.calibration.costs
+              f"{calibration.describe(cal.costs, torch.get_num_threads(), cal.cpu_dtype, cal)}", file=sys.stderr)
+        return cal.costs
 
-    def _cpu_half_weights(self) -> tuple[list[dict[str, torch.Tensor]], torch.dtype]:
-        """The host expert tensors the CPU half reads, per layer, and their dtype: the calibration's choice (the
-        model's dtype when costs were given instead), copied once per dtype (experts/cpu_weights.py)."""
-        dtype = self.calibration.cpu_dtype if self.calibration is not None else self.store.dtype
-        if dtype not in self._cpu_weights:
-            self._cpu_weights[dtype] = host_weights(self.store, dtype)
-        return self._cpu_weights[dtype], dtype
+    def _cpu_kernel(self) -> CpuExpertKernel:
+        """The CPU half's kernel: the calibration's choice (torch in the model's dtype when costs were given
+        instead), built once per kernel and dtype (torch: experts/cpu_weights.py's copy; kt-kernel: its packed
+        copy, experts/kt_experts.py)."""
+        cal = self.calibration
+        kernel, dtype = (cal.kernel, cal.cpu_dtype) if cal is not None else ("torch", self.store.dtype)
+        if (kernel, dtype) not in self._cpu_kernels:
+            self._cpu_kernels[(kernel, dtype)] = (
+                KtKernel(self.layers[0].experts, self.store.tensors, torch.get_num_threads()) if kernel == "kt-kernel"
+                else TorchKernel([layer.experts for layer in self.layers], host_weights(self.store, dtype), dtype))
+        return self._cpu_kernels[(kernel, dtype)]
 
     def _copy_bandwidth(self, cfg: EngineConfig, mode: int) -> float | None:
         """The pinned host-to-device rate the transport predicts its queue with, for the idle issue rule's budget
@@ -280,6 +290,9 @@ class Engine:
         return {"miss_compute": self.cfg.miss_compute, "cpu_threads": torch.get_num_threads(),
                 "cpu_expert_dtype": (str(self.calibration.cpu_dtype).removeprefix("torch.")
                                      if self.calibration is not None else None),
+                "cpu_kernel": self.calibration.kernel if self.calibration is not None else None,
+                "cpu_kernel_s": self.calibration.cpu_s_by_kernel if self.calibration is not None else None,
+                "cpu_kernel_error": self.calibration.kt_error if self.calibration is not None else None,
                 "cpu_cost_scale": (self.runtime.cpu_misses.scale if self.runtime is not None
                                    and self.runtime.cpu_misses is not None else self.cpu_cost_scale),
                 "miss_costs": dataclasses.asdict(self.miss_costs) if self.miss_costs is not None else None}

@@ -7,7 +7,9 @@ Measured on layer 0's experts of the real model (its host tensors, its own eager
   cpu_s, cpu_token_s
                an expert on the CPU, cold (a different one each call), for 1, 4 and 16 tokens with torch's current
                threads (wall time, median), fitted by least squares to cpu_s + cpu_token_s * (tokens - 1), for each
-               candidate weight dtype of `--cpu-expert-dtype` (experts/cpu_weights.py); the faster at one token is kept
+               candidate kernel of `--cpu-kernel` (experts/cpu_kernel.py: torch in each weight dtype of
+               `--cpu-expert-dtype`, experts/cpu_weights.py; kt-kernel, experts/kt_experts.py, after checking its
+               agreement with torch in float32); the fastest at one token is kept
   cpu_fixed_s  the CPU path's per-layer round trip: one token's hidden state to a pinned host buffer (synced)
                and a result back (non_blocking, synced); on a CPU device the token gather and the add
 Medians of a few repeats after a warm-up; the whole measurement takes well under a second for
@@ -19,20 +21,23 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from finemoe.experts.cpu_weights import float32_fits
-from finemoe.experts.hook import SlotExperts, eager_compute_fn
+from finemoe.errors import ConfigError
+from finemoe.experts.cpu_kernel import CpuExpertKernel, TorchKernel, relative_error
+from finemoe.experts.cpu_weights import copy_bytes, float32_fits, fits
 from finemoe.experts.host_store import HostExpertStore
+from finemoe.experts.kt_experts import KtKernel
 from finemoe.experts.miss_split import MissCosts
 
 TOKENS = (1, 4, 16)
 REPEAT = 5
 COLD_EXPERTS = 8      # distinct experts cycled by the CPU measurement (8 Qwen1.5-MoE experts: 138 MB bf16, 277 MB fp32)
+KT_TOLERANCE = 3e-2   # kt-kernel's largest relative error against torch in float32 (bf16 math: about 5e-3 measured)
 
 
 def _median_s(fn: Callable[[], float], repeat: int = REPEAT) -> float:
@@ -73,19 +78,24 @@ def copy_seconds(store: HostExpertStore, device: torch.device) -> float:
     return _median_s(timed)
 
 
-def cpu_seconds(store: HostExpertStore, experts: nn.Module, hidden_size: int,
-                dtype: torch.dtype | None = None) -> dict[int, float]:
-    """tokens -> seconds to compute one of layer 0's experts on the CPU for that many tokens, with its weights and
-    inputs in `dtype` (default: the store's): the model's eager experts function, as the runtime's CPU path runs it.
-    Cold, as a missed expert is: the calls cycle through COLD_EXPERTS distinct experts, so the weights come from
-    memory, not from a cache warmed by the previous call (one expert's weights fit the last-level cache of a server
-    CPU: timing one expert again and again put the H100 host's fp32 expert at 0.30 ms, the engine then measured
-    0.8 ms)."""
-    dtype = dtype or store.dtype
-    J = next(iter(store.tensors[0].values())).shape[0]
-    n = min(J, COLD_EXPERTS)
-    view = SlotExperts(experts, {name: t[:n].to(dtype) for name, t in store.tensors[0].items()})   # [n, ...]
-    fn = eager_compute_fn(experts)
+def cold_count(store: HostExpertStore) -> int:
+    """How many distinct experts the CPU measurement cycles through: COLD_EXPERTS, or layer 0's all if fewer."""
+    return min(next(iter(store.tensors[0].values())).shape[0], COLD_EXPERTS)
+
+
+def layer0_subset(store: HostExpertStore, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Layer 0's first cold_count experts' host tensors [n, ...] (in `dtype`; default: the store's)."""
+    n = cold_count(store)
+    return {name: t[:n].to(dtype or store.dtype) for name, t in store.tensors[0].items()}
+
+
+def kernel_seconds(kernel: CpuExpertKernel, num_experts: int, hidden_size: int,
+                   dtype: torch.dtype = torch.float32) -> dict[int, float]:
+    """tokens -> seconds for `kernel` to compute one of layer 0's first `num_experts` experts for that many tokens
+    (inputs in `dtype`). Cold, as a missed expert is: the calls cycle through the `num_experts` distinct experts, so
+    the weights come from memory, not from a cache warmed by the previous call (one expert's weights fit the
+    last-level cache of a server CPU: timing one expert again and again put the H100 host's fp32 expert at 0.30 ms,
+    the engine then measured 0.8 ms)."""
     gen = torch.Generator().manual_seed(0)
     out, calls = {}, iter(range(1 << 30))
     for t in TOKENS:
@@ -93,10 +103,32 @@ def cpu_seconds(store: HostExpertStore, experts: nn.Module, hidden_size: int,
         w = torch.ones((t, 1), dtype=dtype)                               # [t, 1]
 
         def one(x=x, w=w) -> object:
-            idx = torch.full((x.shape[0], 1), next(calls) % n, dtype=torch.int64)   # [t, 1] the next expert
-            return fn(view, x, idx, w)
+            idx = torch.full((x.shape[0], 1), next(calls) % num_experts, dtype=torch.int64)   # [t, 1] the next expert
+            return kernel.compute(0, x, idx, w)
         out[t] = _median_s(_wall(one))
     return out
+
+
+def cpu_seconds(store: HostExpertStore, experts: nn.Module, hidden_size: int,
+                dtype: torch.dtype | None = None) -> dict[int, float]:
+    """tokens -> seconds for the torch kernel (the model's eager experts function, as the runtime's CPU path runs it)
+    to compute one of layer 0's experts, cold, weights and inputs in `dtype` (default: the store's)."""
+    dtype = dtype or store.dtype
+    subset = layer0_subset(store, dtype)
+    return kernel_seconds(TorchKernel([experts], [subset], dtype), cold_count(store), hidden_size, dtype)
+
+
+def kt_probe(store: HostExpertStore, experts: nn.Module, hidden_size: int) -> tuple[KtKernel, float]:
+    """kt-kernel over layer 0's first experts and its relative error against torch in float32 on the same inputs;
+    ConfigError (one line) when it is missing, cannot run these experts, or errs beyond KT_TOLERANCE."""
+    subset = layer0_subset(store)
+    probe = KtKernel(experts, [subset], torch.get_num_threads())
+    reference = TorchKernel([experts], [{k: v.float() for k, v in subset.items()}], torch.float32)
+    err = relative_error(probe, reference, cold_count(store), hidden_size)
+    if not err <= KT_TOLERANCE:
+        raise ConfigError(f"--cpu-kernel kt-kernel: its results differ from torch's by {err:.1e} (relative, more "
+                          f"than {KT_TOLERANCE:.0e}) on this model's experts; use --cpu-kernel torch")
+    return probe, err
 
 
 def round_trip_seconds(hidden_size: int, dtype: torch.dtype, device: torch.device) -> float:
@@ -129,36 +161,72 @@ def fit_token_cost(seconds: dict[int, float]) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the engine measured at start: the costs it splits by, the CPU half's dtype (chosen by `--cpu-expert-dtype`)
-    and the CPU time of one expert per candidate dtype and token count (seconds)."""
+    """What the engine measured at start: the costs it splits by, the CPU kernel and weight dtype chosen
+    (`--cpu-kernel`, `--cpu-expert-dtype`), and the CPU time of one expert per candidate and token count (seconds):
+    `cpu_s_by_dtype` for torch's candidates by weight dtype, `cpu_s_by_kernel` for every candidate by its name
+    (e.g. torch-float32, kt-kernel-bf16). `kt_error`: kt-kernel's relative error against torch in float32 when it
+    was measured; `kt_skipped`: why `auto` left it out (None: it was a candidate, or not asked for)."""
 
     costs: MissCosts
     cpu_dtype: torch.dtype
     cpu_s_by_dtype: dict[str, dict[int, float]]
+    kernel: str = "torch"
+    cpu_s_by_kernel: dict[str, dict[int, float]] = field(default_factory=dict)
+    kt_error: float | None = None
+    kt_skipped: str | None = None
 
 
 def calibrate(store: HostExpertStore, experts: nn.Module, hidden_size: int, device: torch.device,
-              cpu_dtype: str = "model") -> Calibration:
-    """Measure, with torch's current CPU threads: the copy, the round trip and the CPU time for the candidate dtypes
-    of `cpu_dtype` (experts/cpu_weights.py: auto measures the model's and float32, float32 only when its copy
-    fits in host memory), keeping the faster at one token."""
+              cpu_dtype: str = "model", cpu_kernel: str = "torch") -> Calibration:
+    """Measure, with torch's current CPU threads (kt-kernel: as many in its own pool): the copy, the round trip and
+    the CPU time of each candidate kernel, keeping the fastest at one token. Candidates: `torch` in the weight dtypes
+    of `cpu_dtype` (experts/cpu_weights.py: auto measures the model's and float32, float32 only when its copy fits
+    in host memory); `kt-kernel` (experts/kt_experts.py, only when its bf16 copy fits, it imports and it agrees
+    with torch within KT_TOLERANCE); `auto` both, leaving out kt-kernel where it cannot run (`kt_skipped` says
+    why). An explicit `kt-kernel` that cannot run raises ConfigError."""
     model_dtype = store.dtype
-    candidates = {"model": [model_dtype], "float32": [torch.float32],
-                  "auto": [model_dtype] + ([torch.float32] if model_dtype != torch.float32 and float32_fits(store)
-                                           else [])}[cpu_dtype]
+    dtypes = [] if cpu_kernel == "kt-kernel" else {
+        "model": [model_dtype], "float32": [torch.float32],
+        "auto": [model_dtype] + ([torch.float32] if model_dtype != torch.float32 and float32_fits(store) else [])
+    }[cpu_dtype]
+    kt_error = kt_skipped = None
     with torch.inference_mode():
         copy_s = copy_seconds(store, device)
-        by_dtype = {dtype: cpu_seconds(store, experts, hidden_size, dtype) for dtype in candidates}
+        by_dtype = {dtype: cpu_seconds(store, experts, hidden_size, dtype) for dtype in dtypes}
+        by_kernel = {f"torch-{str(d).removeprefix('torch.')}": s for d, s in by_dtype.items()}
+        if cpu_kernel != "torch":
+            try:
+                if not fits(copy_bytes(store, torch.bfloat16)):
+                    raise ConfigError("--cpu-kernel kt-kernel: its bf16 copy of the experts does not fit in host "
+                                      "memory; use --cpu-kernel torch")
+                probe, kt_error = kt_probe(store, experts, hidden_size)
+                by_kernel[probe.name] = kernel_seconds(probe, cold_count(store), hidden_size)
+            except ConfigError as e:
+                if cpu_kernel == "kt-kernel":
+                    raise
+                kt_skipped = str(e)
         fixed_s = round_trip_seconds(hidden_size, model_dtype, device)
-    best = min(candidates, key=lambda d: by_dtype[d][1])
-    cpu_s, cpu_token_s = fit_token_cost(by_dtype[best])
-    return Calibration(MissCosts(copy_s, cpu_s, cpu_token_s, fixed_s), best,
-                       {str(d).removeprefix("torch."): s for d, s in by_dtype.items()})
+    best = min(by_kernel, key=lambda k: by_kernel[k][1])
+    kernel = "kt-kernel" if best.startswith("kt-kernel") else "torch"
+    chosen_dtype = (torch.bfloat16 if kernel == "kt-kernel"
+                    else min(by_dtype, key=lambda d: by_dtype[d][1]))
+    cpu_s, cpu_token_s = fit_token_cost(by_kernel[best])
+    return Calibration(MissCosts(copy_s, cpu_s, cpu_token_s, fixed_s), chosen_dtype,
+                       {str(d).removeprefix("torch."): s for d, s in by_dtype.items()}, kernel, by_kernel,
+                       kt_error, kt_skipped)
 
 
-def describe(costs: MissCosts, threads: int, cpu_dtype: torch.dtype | None = None) -> str:
-    """One line for stderr at start."""
+def describe(costs: MissCosts, threads: int, cpu_dtype: torch.dtype | None = None,
+             calibration: Calibration | None = None) -> str:
+    """One line for stderr at start; with a `calibration` of several kernels, each candidate's one-token time too."""
     dtype = f", {str(cpu_dtype).removeprefix('torch.')} weights" if cpu_dtype is not None else ""
+    if calibration is not None and calibration.kernel != "torch":
+        dtype = f", {calibration.kernel}"
+    if calibration is not None and (len(calibration.cpu_s_by_kernel) > 1 or calibration.kernel != "torch"):
+        dtype += "; 1 token: " + ", ".join(f"{k} {s[1] * 1e3:.3f} ms"
+                                           for k, s in calibration.cpu_s_by_kernel.items())
+        if calibration.kt_error is not None:
+            dtype += f"; kt-kernel rel. error {calibration.kt_error:.1e}"
     return (f"copy {costs.copy_s * 1e3:.3f} ms/expert; CPU {costs.cpu_s * 1e3:.3f} ms/expert "
             f"+ {costs.cpu_token_s * 1e3:.3f} ms/extra token, {costs.cpu_fixed_s * 1e3:.3f} ms/layer round trip "
             f"({threads} CPU threads{dtype})")

@@ -36,9 +36,14 @@ def copy_bytes(store: HostExpertStore, dtype: torch.dtype) -> int:
     return sum(t.numel() for layer in store.tensors for t in layer.values()) * dtype.itemsize
 
 
+def fits(nbytes: int) -> bool:
+    """Whether `nbytes` more host memory fit in HOST_MEMORY_SHARE of the host's available memory."""
+    return nbytes <= HOST_MEMORY_SHARE * psutil.virtual_memory().available
+
+
 def float32_fits(store: HostExpertStore) -> bool:
-    """Whether an fp32 copy of every expert fits in HOST_MEMORY_SHARE of the host's available memory."""
-    return copy_bytes(store, torch.float32) <= HOST_MEMORY_SHARE * psutil.virtual_memory().available
+    """Whether an fp32 copy of every expert fits in host memory (`fits`)."""
+    return fits(copy_bytes(store, torch.float32))
 
 
 def host_weights(store: HostExpertStore, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
