@@ -254,7 +254,7 @@ class Engine:
         if cal.kt_skipped is not None:
             print(f"finemoe: --cpu-kernel auto left kt-kernel out: {cal.kt_skipped}", file=sys.stderr)
         print(f"finemoe: miss compute {self.cfg.miss_compute}: "
-              f"{calibration.describe(cal.costs, torch.get_num_threads(), cal.cpu_dtype, cal)}", file=sys.stderr)
+              f"{calibration.describe(cal, torch.get_num_threads())}", file=sys.stderr)
         return cal.costs
 
     def _cpu_kernel(self) -> CpuExpertKernel:
