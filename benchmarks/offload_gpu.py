@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     for d, c in calibrations.items():
         print(f"--cpu-expert-dtype {d}: " + "; ".join(
             f"{k} " + ", ".join(f"{t} tok {s * 1e3:.3f}" for t, s in v.items()) for k, v in c.cpu_s_by_dtype.items())
-            + f" ms -> {calibration.describe(c.costs, result['cpu_threads'], c.cpu_dtype, c)}")
+            + f" ms -> {calibration.describe(c, result['cpu_threads'])}")
     print(f"{'policy':13s} {'budget':>6s} {'issue':8s} {'mode':5s} {'dtype':15s} {'TPOT ms':>8s} {'TTFT ms':>8s} "
           f"{'hit':>6s} {'MB/tok':>7s} {'cpu/tok':>7s} {'CPU start/wait/compute ms/tok':>29s} {'agree':>6s} "
           f"{'max err':>8s} {'sim ms':>7s} {'sim err':>7s}")

@@ -51,6 +51,15 @@ def test_help_imports_neither_torch_nor_numba():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_the_simulator_and_the_config_import_no_transformers():
+    """`simulate` and `tune` run without transformers (docs/ARCHITECTURE.md): the simulator, the traces and the
+    config it validates against import none of it."""
+    code = ("import sys\nimport finemoe.config, finemoe.simulator, finemoe.simulator.tuning, finemoe.traces\n"
+            "assert 'transformers' not in sys.modules, 'transformers imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_help_shows_defaults_and_an_example(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])

@@ -94,6 +94,19 @@ def test_auto_times_both_placements_prints_its_choice_once_and_stays_exact(expec
     assert [r.output_ids for p in PROMPTS for r in eng.generate([p], PARAMS)] == expected
 
 
+def test_auto_is_measured_while_the_engine_starts_then_serves_the_configured_policy(expected, monkeypatch, capsys):
+    """The start-up path of `--devices a,b` with the default auto, on two CPU pools: config.parse_devices (which
+    allows several devices only as GPUs) is bypassed, everything after it is the engine's own."""
+    monkeypatch.setattr("finemoe.config.parse_devices", lambda devices, device: tuple(devices))
+    eng = Engine.from_config(EngineConfig(policy="lru", expert_budget="5%", device="cpu", devices=TWO_CPUS,
+                                          show_progress=False))
+    assert eng.placement_choice is not None and eng.placement_mode == eng.placement_choice.mode
+    assert "finemoe: non-expert placement auto:" in capsys.readouterr().err
+    s = eng.summary([])
+    assert s["non_expert_placement"] == eng.placement_mode and s["policy"] == "lru" and eng.cache.capacity == 48
+    assert [r.output_ids for p in PROMPTS for r in eng.generate([p], PARAMS)] == expected
+
+
 @pytest.mark.parametrize("arch", ["deepseek_v2", "mixtral"])
 def test_split_on_a_saved_checkpoint_loaded_through_the_real_path_is_exact(arch, tmp_path):
     """deepseek_v2: decoder layer 0 is dense (no experts), so MoE layer l is decoder layer l + 1; mixtral: every

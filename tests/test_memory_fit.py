@@ -27,7 +27,7 @@ def sizes():
     model = build_default_model()
     layers = find_moe_layers(model)
     g = geometry_of(model, layers)
-    kv = mf.kv_bytes_per_token(model.config, torch.float32) * LEN * BATCH * 2
+    kv = int(mf.kv_bytes_per_layer(model.config, torch.float32).sum()) * LEN * BATCH * 2
     return mf.non_expert_bytes(model, layers, torch.float32), kv, g
 
 
@@ -96,10 +96,10 @@ def test_without_a_device_figure_the_cpu_keeps_every_expert(sizes):
 def test_the_kv_cache_counts_only_attention_layers_and_mla_heads():
     bf16 = torch.bfloat16
     # layers x key/value heads x (key + value dims) x 2 bytes
-    assert mf.kv_bytes_per_token(random_config("random:qwen3-30b-a3b"), bf16) == 48 * 4 * 256 * 2
-    assert mf.kv_bytes_per_token(random_config("random:gpt-oss-20b"), bf16) == 24 * 8 * 128 * 2
-    assert mf.kv_bytes_per_token(random_config("random:deepseek-v2-lite"), bf16) == 27 * 16 * (192 + 128) * 2
-    assert mf.kv_bytes_per_token(random_config("random:qwen3-next-80b-a3b"), bf16) == 12 * 2 * 512 * 2
+    assert mf.kv_bytes_per_layer(random_config("random:qwen3-30b-a3b"), bf16).sum() == 48 * 4 * 256 * 2
+    assert mf.kv_bytes_per_layer(random_config("random:gpt-oss-20b"), bf16).sum() == 24 * 8 * 128 * 2
+    assert mf.kv_bytes_per_layer(random_config("random:deepseek-v2-lite"), bf16).sum() == 27 * 16 * (192 + 128) * 2
+    assert mf.kv_bytes_per_layer(random_config("random:qwen3-next-80b-a3b"), bf16).sum() == 12 * 2 * 512 * 2
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "lots"])

@@ -191,6 +191,9 @@ def test_generate_json_reports_cpu_experts_and_costs(qwen, capsys):
     (["--cpu-threads", "many"], "--cpu-threads 'many' must be a whole number >= 1"),
     (["--cpu-expert-dtype", "fp8"], "--cpu-expert-dtype 'fp8' is not one of auto, model, float32"),
     (["--cpu-kernel", "mkl"], "--cpu-kernel 'mkl' is not one of torch, kt-kernel, auto"),
+    (["--cpu-kernel", "kt-kernel"], "--cpu-kernel kt-kernel only shape misses computed on the CPU, and "
+                                    "--miss-compute gpu computes none: pass --miss-compute cpu or auto, or drop it"),
+    (["--cpu-expert-dtype", "float32", "--miss-compute", "gpu"], "--cpu-expert-dtype float32 only shape misses"),
 ])
 def test_bad_flag_values_fail_in_one_line(flags, message, capsys):
     rc = main(["generate", "--device", "cpu", "--prompt", "hi", *flags])

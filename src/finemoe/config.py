@@ -11,6 +11,7 @@ from finemoe.errors import BudgetTooSmallError, ConfigError
 from finemoe.experts.miss_split import mode_code
 from finemoe.experts.cpu_kernel import check_cpu_kernel
 from finemoe.experts.cpu_weights import check_cpu_dtype
+from finemoe.experts.placement import MODES as PLACEMENT_MODES
 from finemoe.experts.prefetch_issue import DEFAULT_CHUNK_BYTES, PrefetchIssue
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -86,7 +87,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-NON_EXPERT_PLACEMENTS = ("auto", "primary", "split")   # experts/placement.py MODES, or auto: the faster one
+NON_EXPERT_PLACEMENTS = ("auto", *PLACEMENT_MODES)   # experts/placement.py's modes, or auto: the faster one
 DEFAULT_STEP_TOKENS = 2048   # max_num_batched_tokens when not given (at least max_batch_size)
 
 

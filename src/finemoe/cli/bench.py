@@ -11,7 +11,7 @@ import sys
 
 from tqdm import tqdm
 
-from finemoe.cli.common import positive, add_miss_compute_args, add_template_arg
+from finemoe.cli.common import positive, add_miss_compute_args, add_template_arg, check_cpu_half_flags
 from finemoe.cli.cost_args import add_cost_args, cost_model
 from finemoe.cli.preflight import check_out_dir, require_extra
 from finemoe.cli.simulate import _split
@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"{', '.join(given)} cost the simulator's CPU half: pass --simulate, or drop them "
                               "(the engine measures its own costs at start)")
+        check_cpu_half_flags(args)
     cost = cost_model(args, 1, [args.miss_compute]) if args.simulate else None
     texts = load_texts(_split(args.prompts, "--prompts"), args.limit, args.seed)
     build_idx, held_idx = split_indices(len(texts), args.split, args.seed)

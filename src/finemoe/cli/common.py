@@ -41,7 +41,8 @@ def add_engine_args(p: argparse.ArgumentParser, *, policy: bool = True, map_stor
                                                                       "present, else cpu)")
     p.add_argument("--devices", default=None, metavar="cuda:0,cuda:1",
                    help="several GPUs of one host: the expert cache spreads over all of them (--expert-budget is per "
-                        "GPU), the model runs on the first; one device (e.g. cpu) is the same as --device")
+                        "GPU), the decoder layers go where --non-expert-placement puts them; one device (e.g. cpu) is "
+                        "the same as --device")
     p.add_argument("--non-expert-placement", default="auto", metavar="auto|primary|split",
                    help="with several --devices, where the non-expert weights (attention, norms, routers, shared "
                         "experts) and each layer's compute go: primary (all on the first GPU), split (contiguous "
@@ -91,19 +92,38 @@ def add_miss_compute_arg(p: argparse.ArgumentParser) -> None:
                         "auto are APPROXIMATE (CPU math differs)")
 
 
+CPU_HALF_DEFAULTS = {"cpu_expert_dtype": "auto", "cpu_kernel": "torch"}   # flags that shape CPU-computed misses only
+
+
 def add_miss_compute_args(p: argparse.ArgumentParser) -> None:
     """--miss-compute and the CPU threads that serve it (the engine's flags)."""
     add_miss_compute_arg(p)
     p.add_argument("--cpu-threads", type=_whole, default=None, metavar="N",
                    help="torch CPU threads for CPU-computed experts (default: torch's current number)")
-    p.add_argument("--cpu-expert-dtype", default="auto", metavar="{auto,model,float32}",
+    p.add_argument("--cpu-expert-dtype", default=CPU_HALF_DEFAULTS["cpu_expert_dtype"], metavar="{auto,model,float32}",
                    help="weights CPU-computed experts read: model (the host copy in the model's dtype), float32 (a "
                         "second host copy, 2x the experts' bytes for bf16 models, read faster by torch's CPU kernels) "
                         "or auto (the faster of the two at start, float32 only if it fits in host memory)")
-    p.add_argument("--cpu-kernel", default="torch", metavar="{torch,kt-kernel,auto}",
+    p.add_argument("--cpu-kernel", default=CPU_HALF_DEFAULTS["cpu_kernel"], metavar="{torch,kt-kernel,auto}",
                    help="what computes CPU-computed experts: torch (the model's eager experts function, default), "
                         "kt-kernel (kTransformers' AMX/AVX-512 BF16 MoE kernel: pip install --no-deps kt-kernel gguf; "
                         "a packed bf16 copy of the experts) or auto (the faster at start, printed with the costs)")
+
+
+def check_cpu_half_flags(args: argparse.Namespace) -> None:
+    """--cpu-expert-dtype and --cpu-kernel shape CPU-computed misses: given while --miss-compute gpu computes none,
+    they are refused in one line instead of being ignored (after their values are checked)."""
+    from finemoe.experts.cpu_kernel import check_cpu_kernel   # imports torch: not while building the parser
+    from finemoe.experts.cpu_weights import check_cpu_dtype
+
+    check_cpu_dtype(args.cpu_expert_dtype)
+    check_cpu_kernel(args.cpu_kernel)
+    given = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, default in CPU_HALF_DEFAULTS.items()
+             if getattr(args, name) != default]
+    if given and args.miss_compute == "gpu":
+        them = "it" if len(given) == 1 else "them"
+        raise ConfigError(f"{' and '.join(given)} only shape misses computed on the CPU, and --miss-compute gpu "
+                          f"computes none: pass --miss-compute cpu or auto, or drop {them}")
 
 
 def positive(text: str) -> int:
@@ -158,6 +178,7 @@ def engine_config(args: argparse.Namespace, **overrides):
     """The EngineConfig of the engine flags (add_engine_args); `overrides` replace fields."""
     from finemoe.config import EngineConfig, default_device   # imports torch: not while building the parser
 
+    check_cpu_half_flags(args)
     devices = getattr(args, "devices", None)
     first = devices.split(",")[0].strip() if devices else None
     kw = dict(model=args.model, device=args.device or first or default_device(), devices=devices, dtype=args.dtype,

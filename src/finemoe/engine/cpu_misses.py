@@ -2,7 +2,7 @@
 the host expert store while the device copies and computes the rest.
 
 A layer's misses are split in LayerSequence.begin (experts/miss_split.py); the cache acquires (copies) only the
-device half. The device side of a hybrid layer is two ops over per-layer device buffers:
+device half. The device side of a hybrid layer is two ops over per-layer device buffers (on the layer's device):
   keep mask  [J] per layer (`keep`, 0 for the layer's CPU experts, 1 elsewhere): the device computes with
              top_k_weights * keep[top_k_index] (`device_weights`), so only its own half (the CPU experts'
              slot-table entries point at slot 0 of the window, whose weights are finite, times weight 0)
@@ -11,7 +11,9 @@ device half. The device side of a hybrid layer is two ops over per-layer device 
 The host side is two calls:
   1. `start`: the (token, k) rows routed to CPU experts are found on the host (the routing is already there);
      their tokens' hidden states and top-k weights start copying to pinned host buffers on a side stream (the
-     compute stream already waits for the demand copies), and the keep mask is written to the device
+     compute stream already waits for the demand copies), and the keep mask is written to the layer's device
+     (each layer's keep row, side stream and result live on the device it computes on: one device, or its
+     own under --non-expert-placement split)
   2. `finish`: HOST SYNC on those inputs only; the CPU half's kernel (--cpu-kernel, experts/cpu_kernel.py: the
      model's own eager experts function over a host view of the whole layer [J, ...] in the CPU half's weight
      dtype, --cpu-expert-dtype, experts/cpu_weights.py; or kt-kernel, experts/kt_experts.py) computes every CPU

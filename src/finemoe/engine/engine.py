@@ -109,16 +109,17 @@ class Engine:
         self.paths = DecodePaths(self)
         self.continuous_blocker = slot_kv_blocker(self.model)   # why continuous batching cannot run (None: it can)
         self.iteration_hooks: list[Callable] = []   # f(it, token_rows) before every forward (routing replay)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_ids = self._eos_ids()
+        self._iteration = 0
         first = (stand_in(dataclasses.replace(cfg, expert_budget=choice.budget)) if cfg.warm_up   # the configured
                  else (cfg.policy, choice.budget, cfg.policy_options))         # policy never sees the warm-up request
         self.reconfigure(*first)
         hook.activate(self.model, [layer.experts for layer in self.layers])
-        if len(cfg.placement_modes) > 1:
+        if len(cfg.placement_modes) > 1:   # generates: after everything generate reads is set
             self._choose_placement(cfg, choice.budget)
             self.reconfigure(*first)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.eos_ids = self._eos_ids()
-        self._iteration = 0
+            self._iteration = 0
         self.warm_up_s: float | None = None     # seconds of the one-time warm-up (engine/warmup.py), None: none ran
         if cfg.warm_up:
             self.warm_up_s = warm_up(self)
@@ -254,7 +255,7 @@ class Engine:
         if cal.kt_skipped is not None:
             print(f"finemoe: --cpu-kernel auto left kt-kernel out: {cal.kt_skipped}", file=sys.stderr)
         print(f"finemoe: miss compute {self.cfg.miss_compute}: "
-              f"{calibration.describe(cal.costs, torch.get_num_threads(), cal.cpu_dtype, cal)}", file=sys.stderr)
+              f"{calibration.describe(cal, torch.get_num_threads())}", file=sys.stderr)
         return cal.costs
 
     def _cpu_kernel(self) -> CpuExpertKernel:

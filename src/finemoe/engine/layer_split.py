@@ -61,11 +61,10 @@ class LayerSplit:
         self._handles = []
         self.devices, self.layer_device = tuple(devices), layer_device.copy()
         for i, layer in enumerate(self.decoders):
-            d = int(layer_device[i])
-            layer.to(self.devices[d])
-            if d != 0 or (i > 0 and layer_device[i - 1] != d):
-                self._handles.append(layer.register_forward_pre_hook(self._inputs_to(self.devices[d]),
-                                                                     with_kwargs=True))
+            layer.to(self.device_of(i))
+        for i in self.hooked:
+            self._handles.append(self.decoders[i].register_forward_pre_hook(self._inputs_to(self.device_of(i)),
+                                                                            with_kwargs=True))
         if len(layer_device) and layer_device[-1] != 0:
             last = self.decoders[len(layer_device) - 1]
             self._handles.append(last.register_forward_hook(self._output_to(self.first)))

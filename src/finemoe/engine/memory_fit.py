@@ -81,13 +81,9 @@ def is_auto(budget) -> bool:
     return isinstance(budget, str) and budget.strip().lower() == "auto"
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """KV-cache bytes one token takes over all attention layers (keys and values, every key/value head)."""
-    return int(kv_bytes_per_layer(config, dtype).sum())
-
-
 def kv_bytes_per_layer(config, dtype: torch.dtype) -> np.ndarray:
-    """KV-cache bytes one token takes in each decoder layer [num_hidden_layers] (0 for a linear-attention layer)."""
+    """KV-cache bytes one token takes in each decoder layer [num_hidden_layers] (keys and values, every key/value
+    head; 0 for a linear-attention layer)."""
     text = config.get_text_config()
     types = getattr(text, "layer_types", None) or ["full_attention"] * int(text.num_hidden_layers)
     attention = np.array([("attention" in str(t) and "linear" not in str(t)) for t in types], np.int64)

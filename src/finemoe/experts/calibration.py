@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from finemoe.errors import ConfigError
-from finemoe.experts.cpu_kernel import CpuExpertKernel, TorchKernel, relative_error
+from finemoe.experts.cpu_kernel import CpuExpertKernel, TorchKernel, relative_error, torch_kernel_name
 from finemoe.experts.cpu_weights import copy_bytes, float32_fits, fits
 from finemoe.experts.host_store import HostExpertStore
 from finemoe.experts.kt_experts import KtKernel
@@ -193,7 +193,8 @@ def calibrate(store: HostExpertStore, experts: nn.Module, hidden_size: int, devi
     with torch.inference_mode():
         copy_s = copy_seconds(store, device)
         by_dtype = {dtype: cpu_seconds(store, experts, hidden_size, dtype) for dtype in dtypes}
-        by_kernel = {f"torch-{str(d).removeprefix('torch.')}": s for d, s in by_dtype.items()}
+        torch_names = {torch_kernel_name(d): d for d in by_dtype}       # torch's candidates: name -> weight dtype
+        by_kernel = {name: by_dtype[d] for name, d in torch_names.items()}
         if cpu_kernel != "torch":
             try:
                 if not fits(copy_bytes(store, torch.bfloat16)):
@@ -207,26 +208,23 @@ def calibrate(store: HostExpertStore, experts: nn.Module, hidden_size: int, devi
                 kt_skipped = str(e)
         fixed_s = round_trip_seconds(hidden_size, model_dtype, device)
     best = min(by_kernel, key=lambda k: by_kernel[k][1])
-    kernel = "kt-kernel" if best.startswith("kt-kernel") else "torch"
-    chosen_dtype = (torch.bfloat16 if kernel == "kt-kernel"
-                    else min(by_dtype, key=lambda d: by_dtype[d][1]))
+    kernel, chosen_dtype = ("torch", torch_names[best]) if best in torch_names else ("kt-kernel", torch.bfloat16)
     cpu_s, cpu_token_s = fit_token_cost(by_kernel[best])
     return Calibration(MissCosts(copy_s, cpu_s, cpu_token_s, fixed_s), chosen_dtype,
                        {str(d).removeprefix("torch."): s for d, s in by_dtype.items()}, kernel, by_kernel,
                        kt_error, kt_skipped)
 
 
-def describe(costs: MissCosts, threads: int, cpu_dtype: torch.dtype | None = None,
-             calibration: Calibration | None = None) -> str:
-    """One line for stderr at start; with a `calibration` of several kernels, each candidate's one-token time too."""
-    dtype = f", {str(cpu_dtype).removeprefix('torch.')} weights" if cpu_dtype is not None else ""
-    if calibration is not None and calibration.kernel != "torch":
-        dtype = f", {calibration.kernel}"
-    if calibration is not None and (len(calibration.cpu_s_by_kernel) > 1 or calibration.kernel != "torch"):
-        dtype += "; 1 token: " + ", ".join(f"{k} {s[1] * 1e3:.3f} ms"
-                                           for k, s in calibration.cpu_s_by_kernel.items())
+def describe(calibration: Calibration, threads: int) -> str:
+    """One line for stderr at start: the costs, the kernel (torch: its weight dtype), and with several candidates
+    (or kt-kernel) each one's one-token time."""
+    costs = calibration.costs
+    kernel = (f"{str(calibration.cpu_dtype).removeprefix('torch.')} weights" if calibration.kernel == "torch"
+              else calibration.kernel)
+    if len(calibration.cpu_s_by_kernel) > 1 or calibration.kernel != "torch":
+        kernel += "; 1 token: " + ", ".join(f"{k} {s[1] * 1e3:.3f} ms" for k, s in calibration.cpu_s_by_kernel.items())
         if calibration.kt_error is not None:
-            dtype += f"; kt-kernel rel. error {calibration.kt_error:.1e}"
+            kernel += f"; kt-kernel rel. error {calibration.kt_error:.1e}"
     return (f"copy {costs.copy_s * 1e3:.3f} ms/expert; CPU {costs.cpu_s * 1e3:.3f} ms/expert "
             f"+ {costs.cpu_token_s * 1e3:.3f} ms/extra token, {costs.cpu_fixed_s * 1e3:.3f} ms/layer round trip "
-            f"({threads} CPU threads{dtype})")
+            f"({threads} CPU threads, {kernel})")

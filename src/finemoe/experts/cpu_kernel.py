@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from finemoe.errors import ConfigError
-from finemoe.experts.hook import SlotExperts, eager_compute_fn
 
 CPU_KERNELS = ("torch", "kt-kernel", "auto")
 
 
 def check_cpu_kernel(name: str) -> str:
+    """`name` if it is a --cpu-kernel choice, else a one-line ConfigError listing them (config.py validates with it:
+    this module imports no transformers at module level, so neither does the config, nor the simulator)."""
     if name not in CPU_KERNELS:
         raise ConfigError(f"--cpu-kernel {name!r} is not one of {', '.join(CPU_KERNELS)} (auto: the fastest at start)")
     return name
@@ -41,13 +42,20 @@ class CpuExpertKernel(Protocol):
         ...
 
 
+def torch_kernel_name(dtype: torch.dtype) -> str:
+    """The torch kernel's name in `dtype` (e.g. torch-float32): what calibration and the start-up line call it."""
+    return f"torch-{str(dtype).removeprefix('torch.')}"
+
+
 class TorchKernel:
     """The model's eager experts function over host weights [J, ...] per layer, in `dtype` (inputs cast to it)."""
 
     def __init__(self, experts: list[nn.Module], weights: list[dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
         """experts[l]: layer l's experts module (its attributes and forward); weights[l][name] [J, ...] host."""
+        from finemoe.experts.hook import SlotExperts, eager_compute_fn   # transformers: only when a kernel is built
+
         self.dtype = self.out_dtype = dtype
-        self.name = f"torch-{str(dtype).removeprefix('torch.')}"
+        self.name = torch_kernel_name(dtype)
         self.views = [SlotExperts(m, w) for m, w in zip(experts, weights, strict=True)]
         self.fns = [eager_compute_fn(m) for m in experts]
 

@@ -34,6 +34,7 @@ import os
 import sys
 import weakref
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,14 @@ def layout_problem(experts: nn.Module, weights: dict[str, torch.Tensor]) -> str 
     return None
 
 
+class KtLayer(NamedTuple):
+    """One layer's kt objects: the operator, and the tensors whose addresses it keeps (they must outlive it)."""
+
+    op: object                 # AMXBF16_MOE or AVX2BF16_MOE
+    on_device: torch.Tensor    # bool [J]: experts kt skips (none)
+    identity: torch.Tensor     # int64 [J]: kt's physical -> logical expert map
+
+
 class KtKernel:
     """kt-kernel's BF16 MoE over every given layer (see the module docstring)."""
 
@@ -101,7 +110,7 @@ class KtKernel:
         J, two_i, self.hidden = weights[0]["gate_up_proj"].shape
         inter = two_i // 2
         # The only references to kt's objects (freed quietly when this kernel goes, or at exit): "pool", and per
-        # layer in "ops" its operator, with the mask and map tensors whose addresses it keeps.
+        # layer in "ops" its KtLayer.
         self._native: dict = {}
         with _stdout_to_stderr():
             pool_cfg = ext.WorkerPoolConfig()
@@ -111,7 +120,7 @@ class KtKernel:
         weakref.finalize(self, _free_quietly, self._native)
         self.caller_cores = _caller_cores()
 
-    def _load(self, ext, index: int, layer: dict[str, torch.Tensor], J: int, inter: int) -> tuple:
+    def _load(self, ext, index: int, layer: dict[str, torch.Tensor], J: int, inter: int) -> KtLayer:
         """One layer's operator, its weights packed from temporary contiguous bf16 gate, up and down tensors."""
         gate_up = layer["gate_up_proj"]                                              # [J, 2I, H]
         gate = gate_up[:, :inter].to(torch.bfloat16).contiguous()                   # [J, I, H]
@@ -126,7 +135,7 @@ class KtKernel:
         op = _moe_class(ext)(cfg)
         pool.submit(op.load_weights_task(identity.data_ptr()))
         pool.sync()
-        return op, on_device, identity
+        return KtLayer(op, on_device, identity)
 
     def compute(self, layer: int, x: torch.Tensor, row_expert: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [R, H], row_expert [R, 1], w [R, 1] host -> [R, H] bf16 weighted rows (the CPUs compute; this thread
@@ -135,7 +144,7 @@ class KtKernel:
         ids = row_expert.to(torch.int64).contiguous()                               # [R, 1]
         w = w.to(torch.float32).contiguous()                                        # [R, 1]
         out = torch.empty_like(x)                                                   # [R, H]
-        op, rows = self._native["ops"][layer][0], torch.empty(1, dtype=torch.int32)
+        op, rows = self._native["ops"][layer].op, torch.empty(1, dtype=torch.int32)
         with _off_worker_cores(self.caller_cores):
             for start in range(0, x.shape[0], MAX_ROWS):
                 rows[0] = min(MAX_ROWS, x.shape[0] - start)
