@@ -12,7 +12,8 @@ from finemoe.cli.main import main
 from finemoe.errors import ConfigError
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.host_store import HostExpertStore
-from finemoe.experts.prefetch_issue import NO_LOAD, PrefetchIssue, demand_period, idle_seconds
+from finemoe.experts.demand_timing import NO_LOAD, demand_period, idle_seconds
+from finemoe.experts.prefetch_issue import PrefetchIssue
 from finemoe.experts.transport import SlotPools, SyncTransport
 from finemoe.models.adapters import ExpertGeometry
 from finemoe.policies import create_policy
@@ -104,7 +105,7 @@ def test_a_partly_prefetched_expert_demanded_midway_completes_as_demand_without_
     assert cache.prefetch_copies == 1
 
 
-# ---- when the next demand comes: one rule (prefetch_issue.demand_period, idle_seconds) for engine and simulator ------
+# ---- when the next demand comes: one rule (demand_timing.demand_period, idle_seconds) for engine and simulator ------
 def hit_load(transport: TimedTransport) -> None:
     """A demand load of one expert already copied (a hit: no copy, the clock stays)."""
     transport.load(np.array([0]), np.array([0]), np.zeros(1, bool))

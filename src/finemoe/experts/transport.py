@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from finemoe.experts.host_store import HostExpertStore
-from finemoe.experts.prefetch_issue import NO_LOAD, demand_period, idle_seconds
+from finemoe.experts.demand_timing import NO_LOAD, demand_period, idle_seconds
 
 
 class Transport(ABC):
@@ -212,7 +212,7 @@ class CudaTransport(PerSlotTransport):
     recorded after its last range, and the slot counts as not done while a range is missing. `idle_bytes` and
     `queued_seconds` predict the copy engine's idle time and queue on the host, without a sync: the queued work is
     modelled as every copy issued taking bytes / `bandwidth_Bps` (measured at start) after the previous one; the
-    next demand is expected one period after the last demand load, on the host clock (experts/prefetch_issue.py:
+    next demand is expected one period after the last demand load, on the host clock (experts/demand_timing.py:
     `demand_period`, `idle_seconds`, the rule the simulator runs on its clock).
     """
 

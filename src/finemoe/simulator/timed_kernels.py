@@ -15,7 +15,7 @@ share of copy_s; a slot's copy is done once its last range has landed. `ahead_ma
 time ever queued ahead of a demand copy when it was issued (what "a demand never waits behind a prefetch" bounds).
 The idle issue rule's budget (`idle_bytes`) predicts the next demand as the engine's CudaTransport does, on the
 simulated clock: `load` updates the period between demand loads and the last load's time (TIMES `period`,
-`last_load`) with the engine's own functions (experts/prefetch_issue.py `demand_period`, `idle_seconds`).
+`last_load`) with the engine's own functions (experts/demand_timing.py `demand_period`, `idle_seconds`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from finemoe.experts.prefetch_issue import NO_LOAD, demand_period, idle_seconds
+from finemoe.experts.demand_timing import NO_LOAD, demand_period, idle_seconds
 from finemoe.jit import njit
 
 TIMES = np.dtype([("now", np.float64),           # the current layer's compute start (s)
@@ -90,7 +90,7 @@ def copy_run(cc, s, lo, hi, demand):
 @njit
 def idle_bytes(cc):
     """Bytes the copy engine can move between its queued work's end and the next layer's demand, predicted by the
-    engine's rule on the simulated clock (experts/prefetch_issue.py `idle_seconds`: one period after the last demand
+    engine's rule on the simulated clock (experts/demand_timing.py `idle_seconds`: one period after the last demand
     load) x bandwidth, >= 0 (inf when copies are free)."""
     if cc.copy_s == 0.0:
         return np.inf
@@ -102,7 +102,7 @@ def idle_bytes(cc):
 def load(cc, slots, new, hit):
     """The demand of one layer: copy slots[i] where new[i] (in order), hit[i] = present and copied by now, and
     the compute waits for every other slot's copy (the stall). Returns the hits. The load at now updates the period
-    between demand loads (prefetch_issue.demand_period, as the engine's transport does on the host clock)."""
+    between demand loads (demand_timing.demand_period, as the engine's transport does on the host clock)."""
     t = cc.times[0]
     now = t.now
     t.period = demand_period(t.period, t.last_load, now)
