@@ -22,6 +22,7 @@ Each with its error against the engine's TPOT.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/sim_recorded_rows.py --results docs/results/gpu-offload-hybrid.json \\
         --trace .carry/refmoe_lmsys64.safetensors --embed-from ../shared/models/ref-moe --out $OUT/sim_rows.json
+A run of `gpu` rows only (docs/results/gpu-offload-prefetch.json) needs no CPU-cost fields.
 """
 from __future__ import annotations
 

@@ -169,7 +169,8 @@ def test_baseline_policies_replay_in_the_loop_like_their_callbacks(name, options
 HYBRID = CostModel(1000, 2e5, 1e-3, 1e-4, cpu_expert_s=6e-3, cpu_layer_s=1e-3)   # copy 5 ms; auto splits two misses
 
 
-# idle: CPU-computed experts copied for reuse into the idle copy time (layers of 10 ms leave 2000 B per layer)
+# idle: CPU-computed experts copied for reuse into the idle copy time (layers of 10 ms: demand loads over 10 ms apart,
+# over 2000 B of idle copy time per layer)
 ISSUES = {"inflight": (INFLIGHT, HYBRID),
           "idle": (PrefetchIssue("idle", 256), CostModel(1000, 2e5, 1e-2, 1e-4, cpu_expert_s=6e-3, cpu_layer_s=1e-3))}
 

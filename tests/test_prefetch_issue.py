@@ -12,6 +12,7 @@ from finemoe.cli.main import main
 from finemoe.errors import ConfigError
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.host_store import HostExpertStore
+from finemoe.experts.demand_timing import NO_LOAD, demand_period, idle_seconds
 from finemoe.experts.prefetch_issue import PrefetchIssue
 from finemoe.experts.transport import SlotPools, SyncTransport
 from finemoe.models.adapters import ExpertGeometry
@@ -89,18 +90,66 @@ def test_a_demand_copy_waits_behind_at_most_one_prefetch_chunk_under_idle_and_be
 
 def test_a_partly_prefetched_expert_demanded_midway_completes_as_demand_without_a_second_copy():
     policy = create_policy("lru")
-    cache, transport = timed_cache(policy, capacity=8, layers=2, issue=PrefetchIssue("idle", CHUNK), layer_s=0.6)
-    layer(cache, transport, policy, 0, [0], [J + 3], layer_s=0.6)   # k0's demand copy stalls to 1 s; the next
-    assert transport.bytes_copied == EXPERT + 2 * CHUNK              # demand at 1.6 s: 2 chunks fit, 2 stay queued
+    cache, transport = timed_cache(policy, capacity=8, layers=3, issue=PrefetchIssue("idle", CHUNK), layer_s=0.6)
+    layer(cache, transport, policy, 0, [0], layer_s=0.6)             # demand load at 0 s, its copy stalls to 1 s
+    layer(cache, transport, policy, 1, [0], [2 * J + 3], layer_s=0.6)   # load at 1.6 s: period 1.6 s, copy to 2.6 s;
+    assert transport.bytes_copied == 2 * EXPERT + 2 * CHUNK          # next demand at 3.2 s: 2 chunks fit, 2 stay queued
     assert cache.state.issue[0]["partial"] >= 0
-    slot = cache.slot_of[J + 3]
+    slot = cache.slot_of[2 * J + 3]
     assert not transport.finished(np.array([slot]))[0]
     now = transport.now
-    hit = layer(cache, transport, policy, 1, [3], layer_s=0.0)       # demanded with 2 chunks missing
+    hit = layer(cache, transport, policy, 2, [3], layer_s=0.0)       # demanded with 2 chunks missing
     assert hit.tolist() == [False]
-    assert transport.bytes_copied == 2 * EXPERT                      # the rest only, not a second whole copy
+    assert transport.bytes_copied == 3 * EXPERT                      # the rest only, not a second whole copy
     assert transport.now == pytest.approx(now + 0.5) and cache.state.issue[0]["partial"] == -1   # 2 chunks
     assert cache.prefetch_copies == 1
+
+
+# ---- when the next demand comes: one rule (demand_timing.demand_period, idle_seconds) for engine and simulator ------
+def hit_load(transport: TimedTransport) -> None:
+    """A demand load of one expert already copied (a hit: no copy, the clock stays)."""
+    transport.load(np.array([0]), np.array([0]), np.zeros(1, bool))
+
+
+def test_the_idle_budget_expects_the_next_demand_one_mean_period_after_the_last_load():
+    transport = TimedTransport(4, CostModel(1000, 1000.0, 0.5))   # 1 s per 1000 B copy; layer time 0.5 s (unused)
+    hit_load(transport)                                            # load at 0 s: no period yet, no budget
+    assert transport.idle_bytes() == 0.0
+    for gap in (2.0, 3.0, 10.0, 1.0):                              # loads at 2, 5, 15, 16 s
+        transport.advance(gap)
+        hit_load(transport)
+    # period: 2 (the first gap); 2 + 0.1 * (3 - 2) = 2.1; the 10 s gap (>= 3 x 2.1, an iteration boundary) is
+    # left out; 2.1 + 0.1 * (1 - 2.1) = 1.99. Next demand expected at 16 + 1.99 = 17.99 s.
+    assert transport.state.times[0]["period"] == pytest.approx(1.99)
+    assert transport.state.times[0]["last_load"] == 16.0
+    assert transport.idle_bytes() == pytest.approx(1990.0)        # nothing queued: 1.99 s idle
+    transport.copy(np.array([1]), np.array([1]))                   # a queued copy, 16 -> 17 s
+    assert transport.idle_bytes() == pytest.approx(990.0)         # 17.99 - 17
+    transport.advance(0.5)                                         # now 16.5 s: the next demand is still at 17.99 s
+    assert transport.idle_bytes() == pytest.approx(990.0)
+    transport.copy(np.array([2]), np.array([2]))                   # queued to 18 s, past the next demand
+    assert transport.idle_bytes() == 0.0
+
+
+def test_the_engines_functions_and_the_simulators_kernels_give_the_same_budget():
+    """CudaTransport calls demand_period at each demand load and idle_seconds (x its bandwidth) for the budget, on
+    the host clock; the simulator's timed kernels call the same functions on its clock: the same loads and queued
+    work give the same number."""
+    bandwidth, rng = 1000.0, np.random.default_rng(0)
+    transport = TimedTransport(4, CostModel(1000, bandwidth, 0.5))
+    last_load, period, busy_until = NO_LOAD, 0.0, 0.0              # CudaTransport's state
+    for _ in range(40):
+        transport.advance(float(rng.choice([0.3, 0.5, 0.9, 4.0])))
+        now = transport.now
+        period, last_load = demand_period(period, last_load, now), now        # CudaTransport.load
+        hit_load(transport)
+        if rng.random() < 0.5:                                     # a prefetch copy of 1000 B (1 s)
+            busy_until = max(now, busy_until) + 1000 / bandwidth             # CudaTransport._queued
+            transport.copy(np.array([1]), np.array([1]))
+        transport.advance(float(rng.choice([0.0, 0.2])))
+        engine = idle_seconds(last_load, period, transport.now, busy_until) * bandwidth   # CudaTransport.idle_bytes
+        assert transport.idle_bytes() == pytest.approx(engine, abs=1e-9)
+    assert period == transport.state.times[0]["period"] and 0.3 < period < 4.0
 
 
 def test_chunked_copies_land_the_same_bytes_and_a_demand_finishes_a_partly_copied_expert():

@@ -7,10 +7,9 @@
                 piece); its slot is usable once every chunk has landed; a demand for an expert whose prefetch is
                 partly copied issues the remaining chunks at once, as demand, ahead of every later copy;
             (b) at each layer boundary the cache issues only the chunks that fit the copy engine's predicted idle
-                time before the next layer's demand: (layer time - the copy engine's queued work) x bandwidth
-                (Transport.idle_bytes); the rest stay queued on the host and go at a later boundary. A demand copy
-                therefore waits behind at most the chunk in flight when the prediction errs, never behind queued
-                whole prefetches;
+                time before the next layer's demand (Transport.idle_bytes; the rule below); the rest stay queued on
+                the host and go at a later boundary. A demand copy therefore waits behind at most the chunk in
+                flight when the prediction errs, never behind queued whole prefetches;
             (c) no pollution: for a policy whose rank gate is its value of holding a key (Policy.gate_values_keys:
                 finemoe, whose gate is each expert's latest guiding probability p, and oracle, minus the next use),
                 a prefetch of key k evicts only victims whose gate is below gate[k]: a prefetch with probability of
@@ -22,6 +21,7 @@
   off       no prefetch copies: the policy still predicts (its host work and eviction rank are unchanged) but its
             prefetches, and the prefill lookahead's, are dropped. Every expert arrives by a demand copy: the baseline
             that shows what a policy's prefetching is worth.
+When the next demand comes is one rule for the engine and the simulator (experts/demand_timing.py).
 The chunk size trades copy throughput (small copies run below the link's rate) against how long a demand may wait
 behind the chunk in flight: benchmarks/copy_chunks.py measures both.
 """

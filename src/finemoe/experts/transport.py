@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from finemoe.experts.host_store import HostExpertStore
+from finemoe.experts.demand_timing import NO_LOAD, demand_period, idle_seconds
 
 
 class Transport(ABC):
@@ -211,8 +212,8 @@ class CudaTransport(PerSlotTransport):
     recorded after its last range, and the slot counts as not done while a range is missing. `idle_bytes` and
     `queued_seconds` predict the copy engine's idle time and queue on the host, without a sync: the queued work is
     modelled as every copy issued taking bytes / `bandwidth_Bps` (measured at start) after the previous one; the
-    next demand is expected one layer period (the running mean of the host time between successive demand loads,
-    gaps over 3x the mean, i.e. iteration boundaries, left out) after the last demand load.
+    next demand is expected one period after the last demand load, on the host clock (experts/demand_timing.py:
+    `demand_period`, `idle_seconds`, the rule the simulator runs on its clock).
     """
 
     def __init__(self, store: HostExpertStore, pools: SlotPools, device: torch.device,
@@ -230,7 +231,7 @@ class CudaTransport(PerSlotTransport):
         self.bytes_copied = 0
         self.bandwidth_Bps = bandwidth_Bps
         self._busy_until = 0.0                       # host clock (s): predicted end of the copies issued so far
-        self._last_load = -1.0                       # host clock (s) of the last demand load
+        self._last_load = NO_LOAD                    # host clock (s) of the last demand load
         self._period = 0.0                           # running mean host time between demand loads (s)
 
     def _queued(self, nbytes: int) -> None:
@@ -270,23 +271,16 @@ class CudaTransport(PerSlotTransport):
 
     def load(self, slots: np.ndarray, keys: np.ndarray, new: np.ndarray) -> np.ndarray:
         now = time.perf_counter()
-        if self._last_load >= 0:
-            gap = now - self._last_load
-            if self._period == 0.0:
-                self._period = gap
-            elif gap < 3.0 * self._period:
-                self._period += 0.1 * (gap - self._period)
+        self._period = demand_period(self._period, self._last_load, now)
         self._last_load = now
         return super().load(slots, keys, new)
 
     def idle_bytes(self) -> float:
         """Predicted bytes the copy engine moves before the next demand load (0 until a layer period and the
         bandwidth are known). Host clock only: never syncs."""
-        if not self.bandwidth_Bps or self._period == 0.0:
+        if not self.bandwidth_Bps:
             return 0.0
-        now = time.perf_counter()
-        idle = self._last_load + self._period - max(now, self._busy_until)
-        return max(idle, 0.0) * self.bandwidth_Bps
+        return idle_seconds(self._last_load, self._period, time.perf_counter(), self._busy_until) * self.bandwidth_Bps
 
     def queued_seconds(self) -> float:
         """The copies issued so far are predicted to run this much longer (host clock, no sync; 0 without a

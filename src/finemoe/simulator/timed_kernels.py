@@ -13,6 +13,9 @@ are done: the wait beyond the copies is a stall too.
 A copy may go in byte ranges (`copy_run`: chunks of the idle issue rule, experts/prefetch_issue.py), each taking its
 share of copy_s; a slot's copy is done once its last range has landed. `ahead_max` records the most prefetch copy
 time ever queued ahead of a demand copy when it was issued (what "a demand never waits behind a prefetch" bounds).
+The idle issue rule's budget (`idle_bytes`) predicts the next demand as the engine's CudaTransport does, on the
+simulated clock: `load` updates the period between demand loads and the last load's time (TIMES `period`,
+`last_load`) with the engine's own functions (experts/demand_timing.py `demand_period`, `idle_seconds`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from finemoe.experts.demand_timing import NO_LOAD, demand_period, idle_seconds
 from finemoe.jit import njit
 
 TIMES = np.dtype([("now", np.float64),           # the current layer's compute start (s)
@@ -30,7 +34,9 @@ TIMES = np.dtype([("now", np.float64),           # the current layer's compute s
                   ("cpu_wait", np.float64),      # of the stall, time waited for CPU halves beyond the copies (s)
                   ("prefetch_end", np.float64),  # end of the last prefetch copy issued (s)
                   ("ahead_max", np.float64),     # most prefetch copy time queued ahead of a demand copy (s)
-                  ("routed", np.float64)])       # when the current layer's routing reached the host (s)
+                  ("routed", np.float64),        # when the current layer's routing reached the host (s)
+                  ("last_load", np.float64),     # the last demand load's time (s; NO_LOAD before the first)
+                  ("period", np.float64)])       # running mean time between demand loads (s; prefetch_issue rule)
 
 
 class CopyClock(NamedTuple):
@@ -45,8 +51,10 @@ class CopyClock(NamedTuple):
 
     @staticmethod
     def start(num_slots: int, copy_s: float, expert_bytes: float, layer_s: float) -> CopyClock:
-        return CopyClock(np.zeros(1, TIMES), np.zeros(num_slots), np.zeros(num_slots), float(copy_s),
-                         float(expert_bytes), float(layer_s))
+        times = np.zeros(1, TIMES)
+        times[0]["last_load"] = NO_LOAD
+        return CopyClock(times, np.zeros(num_slots), np.zeros(num_slots), float(copy_s), float(expert_bytes),
+                         float(layer_s))
 
 
 @njit
@@ -81,21 +89,24 @@ def copy_run(cc, s, lo, hi, demand):
 
 @njit
 def idle_bytes(cc):
-    """Bytes the copy engine can move between its queued work's end and the next layer's demand, predicted as one
-    layer time (layer_s) from now: (layer_s - queued work) x bandwidth, >= 0 (inf when copies are free)."""
+    """Bytes the copy engine can move between its queued work's end and the next layer's demand, predicted by the
+    engine's rule on the simulated clock (experts/demand_timing.py `idle_seconds`: one period after the last demand
+    load) x bandwidth, >= 0 (inf when copies are free)."""
     if cc.copy_s == 0.0:
         return np.inf
     t = cc.times[0]
-    idle = t.now + cc.layer_s - max(t.now, t.engine_free)
-    return max(idle, 0.0) * (cc.expert_bytes / cc.copy_s)
+    return idle_seconds(t.last_load, t.period, t.now, t.engine_free) * (cc.expert_bytes / cc.copy_s)
 
 
 @njit
 def load(cc, slots, new, hit):
     """The demand of one layer: copy slots[i] where new[i] (in order), hit[i] = present and copied by now, and
-    the compute waits for every other slot's copy (the stall). Returns the hits."""
+    the compute waits for every other slot's copy (the stall). Returns the hits. The load at now updates the period
+    between demand loads (demand_timing.demand_period, as the engine's transport does on the host clock)."""
     t = cc.times[0]
     now = t.now
+    t.period = demand_period(t.period, t.last_load, now)
+    t.last_load = now
     ready = now
     hits = 0
     full = np.int64(cc.expert_bytes)

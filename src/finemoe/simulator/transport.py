@@ -111,7 +111,7 @@ class TimedTransport(Transport):
         self.k.copy_run(self.state, int(slot), int(lo), int(hi), bool(demand))
 
     def idle_bytes(self) -> float:
-        """One layer time after now, less the copy engine's queued work, in bytes (timed_kernels.idle_bytes)."""
+        """The copy engine's idle bytes before the next demand load, by the engine's rule (timed_kernels.idle_bytes)."""
         return float(self.k.idle_bytes(self.state))
 
     def queued_seconds(self) -> float:
