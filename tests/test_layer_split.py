@@ -51,8 +51,22 @@ def test_split_places_contiguous_layer_ranges_and_hooks_their_boundaries():
     assert t.placement.staging.tolist() == [24, 24]        # both devices compute: one layer's landing slots each
     assert [p.num_slots for p in eng.device_pools] == [48, 48]
     assert eng.summary([])["non_expert_placement"] == "split"
+    assert eng.summary([])["non_expert_placement_chosen_by"] == "placement"
     eng.reconfigure("lru", "5%", placement=eng.placement("primary", TWO_CPUS, 24))
     assert eng.layer_split.hooked == [] and eng.summary([])["non_expert_placement"] == "primary"
+
+
+def test_the_summary_reports_the_mode_chosen_not_one_read_back_from_the_layer_devices():
+    """A split whose shares put every layer on the first device (here: it has almost all the free memory) is
+    still reported as split."""
+    eng = engine()
+    eng.free_bytes = [10**12, 1]
+    placement = eng.placement("split", TWO_CPUS, 24)
+    assert not placement.splits_layers
+    eng.reconfigure("lru", "5%", placement=placement)
+    s = eng.summary([])
+    assert (s["non_expert_placement"], s["non_expert_placement_chosen_by"], s["placement_tpot_s"]) == (
+        "split", "placement", None)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -100,11 +114,34 @@ def test_auto_is_measured_while_the_engine_starts_then_serves_the_configured_pol
     monkeypatch.setattr("finemoe.config.parse_devices", lambda devices, device: tuple(devices))
     eng = Engine.from_config(EngineConfig(policy="lru", expert_budget="5%", device="cpu", devices=TWO_CPUS,
                                           show_progress=False))
-    assert eng.placement_choice is not None and eng.placement_mode == eng.placement_choice.mode
+    choice = eng.placement_choice
+    assert choice.chosen_by == "timing" and set(choice.tpot_s) == {"primary", "split"}
+    assert choice.mode == min(choice.tpot_s, key=choice.tpot_s.get)
     assert "finemoe: non-expert placement auto:" in capsys.readouterr().err
     s = eng.summary([])
-    assert s["non_expert_placement"] == eng.placement_mode and s["policy"] == "lru" and eng.cache.capacity == 48
+    assert (s["non_expert_placement"], s["non_expert_placement_chosen_by"]) == (choice.mode, "timing")
+    assert s["placement_tpot_s"] == choice.tpot_s and s["policy"] == "lru" and eng.cache.capacity == 48
     assert [r.output_ids for p in PROMPTS for r in eng.generate([p], PARAMS)] == expected
+    other = "split" if choice.mode == "primary" else "primary"      # auto planned memory for both: either may run
+    eng.reconfigure("lru", "5%", non_expert_placement=other)
+    s = eng.summary([])
+    assert (s["non_expert_placement"], s["non_expert_placement_chosen_by"], s["placement_tpot_s"]) == (
+        other, "reconfigure", None)
+    assert eng.layer_split.layer_device.any() == (other == "split")
+    eng.reconfigure("lru", "5%")                                   # kept by later calls
+    assert eng.summary([])["non_expert_placement"] == other
+
+
+def test_a_named_option_is_recorded_as_the_option(monkeypatch):
+    monkeypatch.setattr("finemoe.config.parse_devices", lambda devices, device: tuple(devices))
+    eng = Engine.from_config(EngineConfig(policy="lru", expert_budget="5%", device="cpu", devices=TWO_CPUS,
+                                          non_expert_placement="split", show_progress=False))
+    s = eng.summary([])
+    assert (s["non_expert_placement"], s["non_expert_placement_chosen_by"], s["placement_tpot_s"]) == (
+        "split", "option", None)
+    with pytest.raises(ConfigError, match="planned device memory for split only") as err:   # primary: not planned
+        eng.reconfigure("lru", "5%", non_expert_placement="primary")
+    assert "\n" not in str(err.value) and eng.summary([])["non_expert_placement"] == "split"   # left as it was
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v2", "mixtral"])

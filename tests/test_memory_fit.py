@@ -161,7 +161,7 @@ def test_auto_over_two_devices_gives_each_the_slots_its_memory_leaves(model_and_
     assert "cuda:0: " in choice.note and "staging slots" in choice.note and "\n" not in choice.note
     slots = np.minimum(choice.budget // g.expert_bytes, mf.slot_room(plans, g))   # as Engine._placement does
     p = place(("cuda:0", "cuda:1"), slots, g.total_experts, g.num_experts, np.zeros(g.num_layers, np.int64),
-              np.arange(g.num_layers))
+              np.arange(g.num_layers), "primary")
     assert (p.slots_on(0), p.slots_on(1), p.num_slots) == (30, 50, 80)
 
 

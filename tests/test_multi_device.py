@@ -34,7 +34,7 @@ class RecordingPeer(PeerCopies):
 
 def two_devices(slots_each: int = 2) -> tuple[MultiDeviceTransport, list[PerSlotTransport], RecordingPeer]:
     placement = place(("cuda:0", "cuda:1"), slots_each, total_experts=3 * J, num_experts=J,
-                      layer_device=np.zeros(3, np.int64), moe_layers=np.arange(3))
+                      layer_device=np.zeros(3, np.int64), moe_layers=np.arange(3), mode="primary")
     parts, peer = [ManualTransport(), ManualTransport()], RecordingPeer()
     return MultiDeviceTransport(placement, parts, peer, expert_bytes=100, num_experts=J), parts, peer
 

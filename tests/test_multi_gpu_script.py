@@ -19,6 +19,9 @@ def test_tiny_cpu_run(tmp_path, capsys):
     assert one["peer_copies_per_token"] == 0 < primary["peer_copies_per_token"]
     assert split["peer_copies_per_token"] > 0
     assert set(primary["layer_devices"]) == {0} and set(split["layer_devices"]) == {0, 1}
+    assert (primary["non_expert_placement"], split["non_expert_placement"]) == ("primary", "split")
+    assert one["non_expert_placement"] is None                       # one device: no placement over devices
+    assert result["memory_plan"] is None and result["auto_choice"] is None   # the CPU: no memory plan, one device
     assert result["split_over_primary_tpot"] > 0
     assert result["two_gpu_tokens_equal_one_gpu"] is True
     assert result["copy_rates"]["host_copy_Bps"] > 0 and result["copy_rates"]["peer_copy_Bps"] > 0

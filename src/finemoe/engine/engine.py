@@ -94,8 +94,8 @@ class Engine:
                                                show_progress=cfg.show_progress)
         self.model.to(self.device)  # non-expert weights only: the experts modules no longer hold any
         self.layer_split = LayerSplit(decoder_layers(self.model), self.device)   # placed by each reconfigure
-        self.placement_mode = cfg.placement_modes[0]   # auto: primary until measured (placement_choice)
-        self.placement_choice: PlacementChoice | None = None
+        # the decoder layers' placement and how it was decided; auto: primary until measured (_choose_placement)
+        self.placement_choice = PlacementChoice(cfg.placement_modes[0], "option")
         self.compiled_modules = compile_small_modules(self.model) if cfg.compile and self.device.type == "cuda" else 0
         if cfg.cpu_threads is not None:
             torch.set_num_threads(cfg.cpu_threads)   # process-wide: the CPU-computed experts' threads
@@ -131,12 +131,14 @@ class Engine:
                     prefill_lookahead: bool | None = None, miss_compute: str | None = None,
                     miss_costs: MissCosts | None = None, prefetch_issue: str | None = None,
                     cpu_expert_dtype: str | None = None, placement: Placement | None = None,
-                    cpu_kernel: str | None = None) -> None:
+                    cpu_kernel: str | None = None, non_expert_placement: str | None = None) -> None:
         """(Re)build the policy, the slot pools, the cache and the runtime over the same model and host
         store: switch policy or budget without reloading. The previous policy is closed first. `miss_costs`
         replaces the calibrated costs (tests, benchmarks); otherwise they are measured once, when a
         configuration first computes misses on the CPU (again after `cpu_expert_dtype` or `cpu_kernel` changes).
-        `placement` replaces the one --devices gives (experts/placement.py; tests: several pools on one CPU)."""
+        `placement` replaces the one --devices gives (experts/placement.py; tests: several pools on one CPU);
+        `non_expert_placement` (primary or split, one of those the engine planned memory for at start) replaces the
+        mode --devices' placements use. Either is recorded in `placement_choice` and kept by later calls."""
         cfg = dataclasses.replace(self.cfg, policy=policy, expert_budget=expert_budget,
                                   policy_options=dict(policy_options or {}),
                                   prefetch_inflight=prefetch_inflight or self.cfg.prefetch_inflight,
@@ -148,7 +150,8 @@ class Engine:
                                   cpu_expert_dtype=cpu_expert_dtype or self.cfg.cpu_expert_dtype,
                                   cpu_kernel=cpu_kernel or self.cfg.cpu_kernel)
         slots, budget = capacity_for(cfg, self.geometry, get_policy_class(policy).keeps_all_resident)
-        placement = placement or self._placement(cfg, slots)
+        choice = self._next_placement_choice(placement, non_expert_placement)
+        placement = placement or self._placement(cfg, slots, choice.mode)
         if placement is not None:
             slots, budget = placement.num_slots, budget * len(placement.devices)
         new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
@@ -158,7 +161,7 @@ class Engine:
         self.cfg = cfg
         if self.policy is not None:
             self.policy.close()
-        self.policy, self.budget_bytes = new_policy, budget
+        self.policy, self.budget_bytes, self.placement_choice = new_policy, budget, choice
         for layer in self.layers:  # drop every reference to the old slots before allocating the new ones
             layer.experts.finemoe_layer = None
         self.paths.drop_graphs()   # captured steps read the old pools and runtime
@@ -202,14 +205,27 @@ class Engine:
             self.runtime.mark_resident_all()
         self._checked_dispatch = False
 
-    def _placement(self, cfg: EngineConfig, slots_per_device: int) -> Placement | None:
+    def _next_placement_choice(self, placement: Placement | None, mode: str | None) -> PlacementChoice:
+        """What `reconfigure` records: a given placement's mode, a named mode (one the memory plan covered, else a
+        one-line ConfigError), or the current choice."""
+        if placement is not None:
+            return PlacementChoice(placement.mode, "placement")
+        if mode is None:
+            return self.placement_choice
+        if mode not in self.cfg.placement_modes:
+            planned = " and ".join(self.cfg.placement_modes)
+            raise ConfigError(f"non_expert_placement {mode!r}: this engine planned device memory for {planned} "
+                              f"only: start it with several --devices and --non-expert-placement {mode} or auto")
+        return PlacementChoice(mode, "reconfigure")
+
+    def _placement(self, cfg: EngineConfig, slots_per_device: int, mode: str) -> Placement | None:
         """Several --devices: `slots_per_device` on each, at most what its memory plan leaves room for
-        (`slot_room`) and every expert once in all, the decoder layers where `placement_mode` puts them
+        (`slot_room`) and every expert once in all, the decoder layers where `mode` puts them
         (experts/placement.py); None on one device."""
         if len(cfg.devices or ()) < 2:
             return None
         slots = slots_per_device if self.slot_room is None else np.minimum(slots_per_device, self.slot_room)
-        return self.placement(self.placement_mode, cfg.devices, slots)
+        return self.placement(mode, cfg.devices, slots)
 
     def decoder_devices(self, mode: str, num_devices: int) -> np.ndarray:
         """Device index of each decoder layer under `mode` over `num_devices` devices (experts/placement.py
@@ -225,16 +241,15 @@ class Engine:
         split): what --devices builds, and what tests and benchmarks pass to `reconfigure` (e.g. two CPU pools)."""
         g = self.geometry
         return place(tuple(devices), slots_per_device, g.total_experts, g.num_experts,
-                     self.decoder_devices(mode, len(devices)), self.moe_decoder_index)
+                     self.decoder_devices(mode, len(devices)), self.moe_decoder_index, mode)
 
     def _choose_placement(self, cfg: EngineConfig, budget) -> None:
         """--non-expert-placement auto on several devices: time each candidate (engine/placement_choice.py), keep
-        the faster one as `placement_mode`; one line on stderr."""
+        the faster one as `placement_choice` (chosen by timing, both TPOTs kept); one line on stderr."""
         slots, _ = capacity_for(dataclasses.replace(cfg, expert_budget=budget), self.geometry, False)
         slots = slots if self.slot_room is None else np.minimum(slots, self.slot_room)
         candidates = {mode: self.placement(mode, cfg.devices, slots) for mode in cfg.placement_modes}
         self.placement_choice = placement_choice.choose(self, candidates, budget)
-        self.placement_mode = self.placement_choice.mode
 
     def _place_layers(self, placement: Placement | None) -> None:
         """Put the decoder layers where `placement` says (None: all on the first device); when they move, the
@@ -438,15 +453,15 @@ class Engine:
         return s
 
     def _device_copies(self) -> dict:
-        """Several devices: the devices, the non-expert placement (and auto's measurements), each decoder layer's
-        device, and host against peer copies (whole experts) and bytes."""
+        """Several devices: the devices, the non-expert placement in effect, how it was chosen (and auto's two
+        timings: `PlacementChoice.report`), each decoder layer's device, and host against peer copies (whole experts)
+        and bytes."""
         t = self.cache.transport
         if not isinstance(t, multi_device.MultiDeviceTransport):
             return {}
         return {"devices": list(t.placement.devices), "slots_per_device": [t.placement.slots_on(d) for d in
                                                                             range(len(t.parts))],
-                "non_expert_placement": "split" if t.placement.splits_layers else "primary",
-                "placement_tpot_s": self.placement_choice.tpot_s if self.placement_choice is not None else None,
+                **self.placement_choice.report(),
                 "layer_devices": t.placement.layer_device.tolist(),
                 "host_copies": t.host_copies, "peer_copies": t.peer_copies,
                 "peer_bytes_copied": t.peer_bytes_copied}

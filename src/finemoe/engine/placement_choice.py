@@ -6,6 +6,12 @@ the configured budget: the policy never sees these requests) and decodes one sho
 step, device work included) is the candidate's figure. Both candidates compute the same tokens with the same cache
 capacity, so they copy the same experts; only where the layers run differs. The lower TPOT wins (ties: `primary`,
 which keeps CUDA graphs); one line on stderr says what was measured and chosen.
+
+`PlacementChoice` is the engine's named record of the placement its decoder layers run under and how it was
+decided (`chosen_by`): `option` (--non-expert-placement primary or split; one device: primary), `timing` (auto:
+`tpot_s` holds both candidates' measured TPOT), `reconfigure` (Engine.reconfigure named a mode: benchmarks, tests)
+or `placement` (Engine.reconfigure was given a Placement, which records the mode it was built for). The engine
+summary reports it as non_expert_placement, non_expert_placement_chosen_by and placement_tpot_s.
 """
 from __future__ import annotations
 
@@ -21,10 +27,19 @@ from finemoe.experts.placement import Placement
 DECODE_STEPS = 16   # decode steps timed per candidate
 
 
+CHOSEN_BY = ("option", "timing", "reconfigure", "placement")
+
+
 @dataclass(frozen=True)
 class PlacementChoice:
-    mode: str
-    tpot_s: dict[str, float]     # measured TPOT of each candidate
+    mode: str                              # primary or split
+    chosen_by: str                         # one of CHOSEN_BY (module docstring)
+    tpot_s: dict[str, float] | None = None   # timing: measured TPOT of each candidate; else None
+
+    def report(self) -> dict:
+        """The engine summary's fields."""
+        return {"non_expert_placement": self.mode, "non_expert_placement_chosen_by": self.chosen_by,
+                "placement_tpot_s": self.tpot_s}
 
     def describe(self) -> str:
         times = ", ".join(f"{m} {1e3 * t:.2f} ms" for m, t in self.tpot_s.items())
@@ -46,6 +61,6 @@ def choose(engine, placements: dict[str, Placement], budget) -> PlacementChoice:
     tpot = {mode: measure(engine, p, budget) for mode, p in placements.items()}
     modes = list(tpot)
     best = modes[int(np.argmin([tpot[m] for m in modes]))]
-    choice = PlacementChoice(best, tpot)
+    choice = PlacementChoice(best, "timing", tpot)
     print(f"finemoe: {choice.describe()}", file=sys.stderr)
     return choice

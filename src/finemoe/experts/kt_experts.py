@@ -14,8 +14,8 @@ package's own KTMoEWrapper drives (`kt_kernel.kt_kernel_ext`; no safetensors fil
     calling thread waits (kt also has submit/sync tasks, for overlapping with a CUDA stream; the CPU half already
     runs beside the device's copies; on a busy 2-core VM they measured slower than the direct call).
 Cores: kt pins each worker thread to one core (hwloc). The calling thread waits for them busily; when it sits on a
-worker's core, that worker runs only once the caller's time slice ends (one scheduler tick: 8 ms per call measured
-on a busy 2-core VM, against 1.4 ms with the caller elsewhere). So while it waits, the calling thread is kept to the
+worker's core, that worker runs only once the caller's time slice ends, so each call can take up to a scheduler tick
+(milliseconds) longer than the work it waits for. So while it waits, the calling thread is kept to the
 process's other cores (`_off_worker_cores`, read from the workers' affinity in /proc at start), when there are
 any: leave at least one core to the rest of the process (`--cpu-threads` below the core count).
 Numerics: bf16 weights and inputs, the gate/up outputs rounded to bf16 before the activation, bf16 results: about

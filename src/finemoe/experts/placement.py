@@ -1,9 +1,12 @@
 """Where the expert cache's slots and the non-expert weights go on several GPUs of one host (`--devices`).
 
 Contract: `place` is a pure function of the cache geometry (slots per device, experts per layer), the devices, the
-device of every decoder layer and which decoder layers are MoE layers. It returns a `Placement`:
+device of every decoder layer (and the non-expert placement mode that put them there) and which decoder layers are
+MoE layers. It returns a `Placement`:
   - the cache's N slots in contiguous ranges, device order: slot s lives on device `slot_device[s]`, at index
     `s - first_slot[d]` of that device's pool (the cache and the policies see the N slots as one cache);
+  - `mode`: the non-expert placement it was built for (primary or split; recorded, never inferred from the layer
+    devices: a split may leave every layer on the first device);
   - `layer_device[i]`: the device that holds decoder layer i's non-expert weights (attention, norms, router, shared
     experts) and computes it; `moe_device[l]`: the same for MoE layer l (where its experts compute);
   - `staging[d]`: slots beside device d's own that receive peer copies of experts resident on another device
@@ -37,6 +40,7 @@ class Placement:
     layer_device: np.ndarray   # int64 [decoder layers]
     moe_device: np.ndarray     # int64 [L] MoE layers
     staging: np.ndarray        # int64 [D] peer-copy landing slots beside each device's own
+    mode: str                  # primary or split: the non-expert placement that gave layer_device
 
     @property
     def num_slots(self) -> int:
@@ -91,15 +95,18 @@ def capped(slots: np.ndarray, total_experts: int) -> np.ndarray:
 
 
 def place(devices: tuple[str, ...], slots_per_device: int | np.ndarray, total_experts: int, num_experts: int,
-          layer_device: np.ndarray, moe_layers: np.ndarray) -> Placement:
+          layer_device: np.ndarray, moe_layers: np.ndarray, mode: str) -> Placement:
     """The placement (see the module docstring). slots_per_device: one number for every device, or [D];
-    layer_device [decoder layers]: `layer_devices`; moe_layers [L]: the decoder index of each MoE layer."""
+    layer_device [decoder layers]: `layer_devices(mode, ...)`; moe_layers [L]: the decoder index of each MoE layer;
+    mode: the non-expert placement that gave layer_device (primary puts every layer on devices[0])."""
     D = len(devices)
     layer_device = np.asarray(layer_device, np.int64)
+    if mode not in MODES or (mode == "primary" and layer_device.any()):
+        raise ValueError(f"place: mode {mode!r} does not describe layer_device {layer_device.tolist()}")
     moe_device = layer_device[np.asarray(moe_layers, np.int64)]
     slots = capped(np.broadcast_to(np.asarray(slots_per_device, np.int64), (D,)), total_experts)   # [D]
     first = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
     computes = np.bincount(moe_device, minlength=D) > 0
     staging = np.where(computes & (D > 1), np.minimum(num_experts, first[-1] - slots), 0).astype(np.int64)
     return Placement(tuple(devices), first, np.repeat(np.arange(D, dtype=np.int64), slots), layer_device,
-                     moe_device, staging)
+                     moe_device, staging, mode)
