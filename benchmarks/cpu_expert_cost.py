@@ -34,6 +34,7 @@ import time
 
 import torch
 
+from benchmarks_common import median_seconds
 from finemoe.experts.cpu_kernel import TorchKernel, relative_error
 
 FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_fp16",
@@ -164,13 +165,7 @@ def overlap(kernel, num: int, hidden: int, host, dev, stream, repeat: int) -> di
         t.join()
 
     def med(fn):
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return median_seconds(fn, repeat)
     copies_only = med(copies)
     alone = statistics.median(copy_s[1:])
     copy_s.clear()
