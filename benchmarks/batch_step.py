@@ -12,11 +12,10 @@ only the counts mean anything. Short table last; JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from benchmarks_common import build_model
+from benchmarks_common import build_model, device_name, write_json
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.eval.variants import parse_variants
@@ -57,11 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
                      "mb_per_step": s["bytes_per_token"] * args.batch / 1e6, "step_s": s["tpot_s"]})
         print(f"  {policy}: hit {s['hit_rate']:.3f} step {s['tpot_s'] * 1e3:.1f} ms", flush=True)
     engine.close()
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "layers": args.layers,
+    result = {"device": device_name(args.device), "layers": args.layers,
               "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"\n{result['device']}; {args.layers} layers; batch {args.batch}; {args.prompt_len}-token random prompts; "
           f"{args.new_tokens} new tokens; decode step = TPOT")
     print(f"{'policy':24s} {'budget':>6s} {'slots':>6s} {'hit':>6s} {'MB/step':>8s} {'step ms':>8s}")

@@ -11,13 +11,12 @@ transformers'. Random weights route almost uniformly: this measures the engine, 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
-from benchmarks_common import demand_load_gbps, build_model  # noqa: E402  (same folder)
+from benchmarks_common import build_model, demand_load_gbps, write_json  # noqa: E402  (same folder)
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.metrics import peak_host_bytes
@@ -185,9 +184,7 @@ def main() -> None:
               "host_expert_bytes": engine.store.nbytes, "raw_pinned_h2d_gbps": raw, "raw_one_copy_gbps": raw_one,
               "raw_per_expert_copies_gbps": raw_chunked, "demand_load_gbps": demand,
               "demand_vs_raw": demand / raw, "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"\ndevice {dev}; expert {engine.geometry.expert_bytes} B; "
           f"host experts {engine.store.nbytes / 2**30:.2f} GiB; "
           f"peak host RSS {result['peak_host_bytes'] / 2**30:.2f} GiB; offload setup {offload_s:.1f} s")

@@ -15,14 +15,13 @@ Random weights route almost uniformly: this measures the engine, not prediction.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
 from bench_engine import plain_generate_tpot, raw_pinned_copy_gbps  # noqa: E402  (same folder)
-from benchmarks_common import build_model  # noqa: E402
+from benchmarks_common import build_model, write_json  # noqa: E402
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.static_kv import StaticState, bucket_length
@@ -174,9 +173,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "layers": args.layers, "prompt_len": args.prompt_len, "new_tokens": n, "pinned_h2d_gbps": gbps,
               "plain": plain, "rows": rows, "lru_target_s": bound, "batch_rows": batch_rows, "prefill": prefill}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"\nplain transformers: generate() {fmt(plain['generate_tpot_s'])} | static eager "
           f"{fmt(plain['static_eager_tpot_s'])} | static graph {fmt(plain.get('static_graph_tpot_s'))} "
           f"| generate==static tokens {plain['generate_equals_static']} | pinned {gbps:.1f} GB/s")

@@ -1,6 +1,7 @@
 """Shared by the GPU benchmark scripts: the Qwen1.5-MoE-A2.7B-shaped random-weight model."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -35,6 +36,18 @@ def build_model(layers: int, seed: int, device: str, tiny: bool) -> Qwen2MoeForC
     finally:
         torch.set_default_dtype(prev)
     return model.eval()
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for a CUDA run, "cpu" otherwise (the label every result starts with)."""
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """The full result as JSON at `path` (--out; nothing when None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def median_seconds(fn, repeat: int, warmup: int = 1) -> float:

@@ -16,11 +16,10 @@ Per policy (resident, and each of --policies at --budget). Short table last; JSO
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from benchmarks_common import build_model
+from benchmarks_common import build_model, device_name, write_json
 from check_exact_gpu import _reference
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
@@ -87,12 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "token_agreement": equal / total})
             print(f"  {mode} {policy}: {rows[-1]['requests_exact']}/{len(refs)} requests exact", flush=True)
     engine.close()
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+    result = {"device": device_name(args.device), "torch": torch.__version__,
               "layers": args.layers, "rows": rows,
               "alone_exact": all(r["requests_exact"] == r["requests"] for r in rows if r["mode"] == "alone")}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"\n{result['device']}, torch {torch.__version__}, {args.layers} layers, prompts {PROMPT_LENS}, "
           f"new tokens {NEW_TOKENS}, prefill chunks of 64 tokens")
     print(f"{'mode':10s} {'policy':10s} {'budget':>6s} {'exact requests':>14s} {'equal tokens':>12s}")

@@ -13,11 +13,10 @@ transformers' batched static step is the reference for every row). Every policy 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from benchmarks_common import build_model  # noqa: E402  (same folder)
+from benchmarks_common import build_model, device_name, write_json  # noqa: E402  (same folder)
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.static_kv import StaticState, bucket_length
@@ -62,12 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "rows_exact": sum(same), "hit_rate": s["hit_rate"],
                              "bytes_per_token": s["bytes_per_token"],
                              "decode_path": s.get("decode_path")})
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+    result = {"device": device_name(args.device), "torch": torch.__version__,
               "layers": args.layers, "prompt_len": args.prompt_len, "new_tokens": n, "rows": rows,
               "all_exact": all(r["exact"] for r in rows)}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"\n{result['device']}, torch {torch.__version__}, {args.layers} layers, {n} new tokens")
     print(f"{'policy':28s} {'budget':>6s} {'batch':>5s} {'hit':>5s} {'MB/tok':>7s} exact")
     for r in rows:

@@ -19,11 +19,12 @@ On a CPU device the copies are synchronous memcpys (no overlap: only a smoke tes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
+
+from benchmarks_common import write_json
 
 EXPERT_BYTES = 17_301_504
 SIZES_MB = (0.5, 1.0, 2.0, 4.0, 8.0, 17.3)
@@ -144,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes_mb = [float(s) for s in args.sizes_mb.split(",")]
     sizes = chunk_sizes([s * expert_bytes / EXPERT_BYTES for s in sizes_mb] if args.smoke else sizes_mb, expert_bytes)
     result = run(expert_bytes, sizes, args.inflight, repeat, torch.device(args.device))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(table(result))
     return 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import statistics
@@ -34,7 +33,7 @@ import time
 
 import torch
 
-from benchmarks_common import median_seconds
+from benchmarks_common import device_name, median_seconds, write_json
 from finemoe.experts.cpu_kernel import TorchKernel, relative_error
 
 FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_fp16",
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     has_kt = importlib.util.find_spec("kt_kernel") is not None
     result = {"cpu": cpu, "torch": torch.__version__, "hidden": args.hidden, "inter": args.inter,
               "expert_bytes": expert_bytes, "experts_cycled": num, "threads": threads, "tokens": tokens,
-              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "kt_kernel": has_kt}
+              "device": device_name(args.device), "kt_kernel": has_kt}
     copies = None
     if args.device == "cuda":
         times, *copies = copy_times(weights, args.repeat)
@@ -241,9 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(n)
         kernel = (KtKernel(experts, [weights], n) if fastest.startswith("kt") else kernels[fastest])
         result["overlap"] = dict(overlap(kernel, num, args.hidden, *copies, args.repeat), kernel=fastest, threads=n)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"{cpu['model_name']}, {cores} CPUs, L3 {cpu['l3']}; "
           f"{', '.join(f for f, on in cpu['flags'].items() if on and f.startswith(('amx', 'avx512_bf16')))}; "
           f"torch {result['torch']}, kt-kernel {'variant ' + result.get('kt_variant', '') if has_kt else 'absent'}")
