@@ -33,6 +33,20 @@ def prompts(tmp_path):
     return str(path)
 
 
+@pytest.mark.parametrize("argv, prog, message", [
+    (["generate"], "finemoe generate", "one of the arguments --prompt --prompts is required"),
+    (["serve", "--port", "abc"], "finemoe serve", "argument --port: invalid int value: 'abc'"),
+    (["nosuch"], "finemoe", "argument COMMAND: invalid choice: 'nosuch'"),
+    (["maps", "build"], "finemoe maps build", "the following arguments are required: --prompts, --out"),
+])
+def test_usage_errors_are_one_line_that_points_at_help(argv, prog, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2
+    assert line.startswith(f"{prog}: error: {message}") and line.endswith(f"(`{prog} --help` lists the flags)")
+
+
 def test_help_does_not_need_matplotlib():
     code = ("import sys; sys.modules['matplotlib'] = None\n"
             "from finemoe.cli.main import main\nmain(['--help'])")

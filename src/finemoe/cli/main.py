@@ -70,14 +70,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                          for line in text.splitlines())
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: the problem and where the flags are listed, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
+
+
 def _epilog(cmd: Command) -> str:
     return "example:\n" + "\n".join(f"  {line}" for line in cmd.example.splitlines())
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser. Every command is listed; only the one `argv` names gets its flags (its module imported)."""
-    parser = argparse.ArgumentParser(prog="finemoe", description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
-                                     epilog="`finemoe COMMAND --help` lists a command's flags, with an example.")
+    parser = Parser(prog="finemoe", description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
+                    epilog="`finemoe COMMAND --help` lists a command's flags, with an example.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     first = next((a for a in argv or [] if not a.startswith("-")), None)
