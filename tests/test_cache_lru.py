@@ -53,7 +53,7 @@ def geometry(num_layers: int) -> ExpertGeometry:
 
 def make_cache(capacity: int, num_layers: int = 3, prefetch_inflight: int = 4, transport: Transport | None = None):
     g = geometry(num_layers)
-    policy = create_policy("lru")
+    policy = create_policy("lru", order="recency")       # the classic rule, hand-computed below
     transport = transport or ManualTransport()
     cache = ExpertCache(g.total_experts, J, capacity, transport, policy, prefetch_inflight)
     policy.bind(PolicyContext(g, cache.view(), torch.device("cpu")))

@@ -134,7 +134,8 @@ def repeated_topic_trace():
 
 def baseline_state(name, policy):
     """The arrays each policy decides from, as bytes."""
-    arrays = {"lru": lambda p: [p.recency.last_used, p.recency.clock],
+    arrays = {"lru": lambda p: ([p.recency.stale, p.recency.ahead, p.recency.recency.last_used, p.recency.recency.clock]
+                                if p.order == "cycle" else [p.recency.last_used, p.recency.clock]),
               "lfu": lambda p: [p.freq.uses, p.freq.recency.last_used],
               "deepspeed": lambda p: [p.state.clock, p.state.last_used],
               "oracle": lambda p: list(p.order),
@@ -144,8 +145,8 @@ def baseline_state(name, policy):
 
 
 @pytest.mark.parametrize("budget", ["10%", "40%"])
-@pytest.mark.parametrize("name,options", [("lru", {}), ("lfu", {}), ("deepspeed", {}), ("oracle", {}),
-                                          ("oracle", {"prefetch": False}), ("oracle", {"lookahead": 2}),
+@pytest.mark.parametrize("name,options", [("lru", {}), ("lru", {"order": "recency"}), ("lfu", {}), ("deepspeed", {}),
+                                          ("oracle", {}), ("oracle", {"prefetch": False}), ("oracle", {"lookahead": 2}),
                                           ("moe-infinity", {}), ("moe-infinity", {"capacity": 3})])
 def test_baseline_policies_replay_in_the_loop_like_their_callbacks(name, options, budget):
     from finemoe.policies import get_policy_class

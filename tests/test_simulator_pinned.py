@@ -23,8 +23,20 @@ BEFORE = {
 }
 
 
+# lru's rule then was the classic one, now `order=recency`; its default order (cycle) is pinned as it was introduced.
+OPTIONS = {"lru": {"order": "recency"}}
+CYCLE_LRU = (25506, 72798, 1259514888192, 0.026276075519962916, 0.026952560940566073)
+
+
 @pytest.mark.parametrize("name", sorted(BEFORE))
 def test_flame_results_are_pinned(name):
     trace = load_trace(str(require_shared("data", "traces", "flame_moe_290m.npz")) + "#seq")
-    row = Replay(trace, name, "25%", CostModel(17301504, 25e9, 0.3e-3)).run()
+    row = Replay(trace, name, "25%", CostModel(17301504, 25e9, 0.3e-3), OPTIONS.get(name)).run()
     assert (row["hits"], row["misses"], row["bytes_copied"], row["ttft_s"], row["tpot_s"]) == BEFORE[name]
+
+
+def test_lru_in_cycles_is_pinned_and_beats_the_classic_rule():
+    trace = load_trace(str(require_shared("data", "traces", "flame_moe_290m.npz")) + "#seq")
+    row = Replay(trace, "lru", "25%", CostModel(17301504, 25e9, 0.3e-3)).run()
+    assert (row["hits"], row["misses"], row["bytes_copied"], row["ttft_s"], row["tpot_s"]) == CYCLE_LRU
+    assert CYCLE_LRU[0] > BEFORE["lru"][0] and CYCLE_LRU[4] < BEFORE["lru"][4]

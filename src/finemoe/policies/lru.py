@@ -1,4 +1,6 @@
-"""On-demand loading with least-recently-used eviction: the simplest offloading baseline."""
+"""On-demand loading with least-recently-used eviction: the simplest offloading baseline. Recency is counted in
+cycles over the layers (trackers.CycleTracker), so a batch step larger than the cache does not make it cycle;
+order=recency is the classic per-use LRU."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,20 +8,20 @@ import numpy as np
 from finemoe.errors import ConfigError
 from finemoe.policies import trackers
 from finemoe.policies.base import EvictionRank, LayerKernels, Policy, PolicyContext, register_policy
-from finemoe.policies.trackers import NextVisitTracker, RecencyTracker
+from finemoe.policies.trackers import CycleTracker, RecencyTracker
 
-ORDERS = ("recency", "next_visit")
+ORDERS = ("cycle", "recency")
 
 
 @register_policy
 class LRUPolicy(Policy):
     name = "lru"
-    description = ("No prediction: a miss loads the expert on demand; the least recently used "
-                   "resident expert is evicted. The classic cache baseline. Option order=next_visit evicts "
-                   "the expert whose layer runs farthest ahead first, then the least recently used: it does not "
-                   "cycle when a batch step needs more distinct experts than the cache holds.")
+    description = ("No prediction: a miss loads the expert on demand; the least recently used resident expert is "
+                   "evicted, recency counted in decode steps (visits of its layer), the expert whose layer runs "
+                   "farthest ahead first among equals: it does not cycle when a batch step needs more distinct "
+                   "experts than the cache holds. Option order=recency: the classic LRU (the last use's time).")
 
-    def __init__(self, order: str = "recency") -> None:
+    def __init__(self, order: str = "cycle") -> None:
         if order not in ORDERS:
             raise ConfigError(f"lru: order {order!r} is not one of {', '.join(ORDERS)}")
         self.order = order
@@ -27,9 +29,9 @@ class LRUPolicy(Policy):
     def bind(self, ctx: PolicyContext) -> None:
         super().bind(ctx)
         g = ctx.geometry
-        if self.order == "next_visit":
-            self.recency = NextVisitTracker(g.total_experts, g.num_experts)
-            self.kernels = trackers.access_only(trackers.touch_next_visit, self.recency.state, g.num_layers)
+        if self.order == "cycle":
+            self.recency = CycleTracker(g.total_experts, g.num_experts)
+            self.kernels = trackers.access_only(trackers.touch_cycle, self.recency.state, g.num_layers)
         else:
             self.recency = RecencyTracker(g.total_experts, g.num_experts)
             self.kernels = trackers.access_only(trackers.touch_recency, self.recency.state, g.num_layers)

@@ -44,25 +44,31 @@ def touch_frequency(layer, experts, counts, state):
     touch_recency(layer, experts, counts, state.recency)
 
 
-class NextVisitState(NamedTuple):
-    """`touch_next_visit`'s arrays: recency, and ahead [K] float64 = minus the number of layers after the current one
-    before each key's layer runs again (decode visits the layers in order, cyclically): the farthest, first."""
+class CycleState(NamedTuple):
+    """`touch_cycle`'s arrays: recency, L, and per key (-inf: never used):
+    stale [K] float64 = minus the visits of the key's layer since its last use that did not use it;
+    ahead [K] float64 = minus the clock tick of the key's layer's next visit.
+    Both change only when the key's layer runs: keys of other layers keep their order as the clock advances."""
 
     recency: RecencyState
     L: int
+    stale: np.ndarray
     ahead: np.ndarray
 
 
 @njit
-def touch_next_visit(layer, experts, counts, state):
-    """`touch_recency`, and every key's distance to its layer's next visit after `layer`: keys of `layer` itself are
-    L - 1 layers away (their next use is the next iteration's), those of layer + 1 are 0 away."""
-    touch_recency(layer, experts, counts, state.recency)
-    J, L = state.recency.J, state.L
-    for m in range(L):
-        d = -float((m - layer - 1) % L)
-        for j in range(J):
-            state.ahead[m * J + j] = d
+def touch_cycle(layer, experts, counts, state):
+    """`touch_recency`, then the keys of `layer`: decode visits the layers in order, cyclically, so this layer runs
+    next L ticks from now; a key last used at tick u has gone floor((next - u - 1) / L) of its layer's visits unused."""
+    rec = state.recency
+    touch_recency(layer, experts, counts, rec)
+    J, L = rec.J, state.L
+    nxt = rec.clock[0] + L
+    base = layer * J
+    for j in range(J):
+        u = rec.last_used[base + j]
+        state.stale[base + j] = -np.inf if u < 0 else -np.floor((nxt - u - 1) / L)
+        state.ahead[base + j] = -nxt
 
 
 @njit
@@ -94,24 +100,28 @@ class RecencyTracker:
         touch_recency(layer, experts, experts, self.state)
 
 
-class NextVisitTracker:
-    """Recency plus each key's distance to its layer's next visit: evict the expert whose layer runs farthest ahead,
-    then the least recently used. Under the cyclic layer order of decode this is Belady's choice among layers, and it
-    does not cycle when a step needs more distinct experts than the cache holds (where LRU evicts exactly the experts
-    the next layers need)."""
+class CycleTracker:
+    """LRU counted in cycles over the layers (lru's default order): evict the expert whose layer has run most often
+    without it since its last use, and among equals the one whose layer runs farthest ahead. Decode visits the
+    layers in order, cyclically, so plain LRU's least recently used expert belongs to the layer that runs soonest:
+    when a batch step needs more distinct experts than the cache holds, LRU evicts exactly what the next layers
+    need and never hits. Here every key used in its layer's last visit ties on `stale`, and the farthest next visit
+    goes first, which does not cycle; when the cache holds more than a step needs, this is LRU at step granularity
+    with Belady's choice among equals."""
 
     def __init__(self, total: int, num_experts: int) -> None:
         self.recency = RecencyTracker(total, num_experts)
+        self.stale = np.full(total, -np.inf)
         self.ahead = np.zeros(total)
-        self.state = NextVisitState(self.recency.state, total // num_experts, self.ahead)
+        self.state = CycleState(self.recency.state, total // num_experts, self.stale, self.ahead)
 
     def touch_layer(self, layer: int, experts: np.ndarray) -> None:
-        """`experts` [n] int64 (ids within `layer`) used now; every key's distance from `layer` updated."""
-        touch_next_visit(layer, experts, experts, self.state)
+        """`experts` [n] int64 (ids within `layer`) used now; the keys of `layer` re-ranked."""
+        touch_cycle(layer, experts, experts, self.state)
 
     def rank(self) -> EvictionRank:
-        """The farthest next visit first, then the least recently used, then slot."""
-        return EvictionRank.of(self.ahead, self.recency.last_used)
+        """The most visits unused first, then the farthest next visit, then slot."""
+        return EvictionRank.of(self.stale, self.ahead)
 
 
 class FrequencyTracker:
@@ -139,5 +149,5 @@ def warm_up() -> None:
     recency = RecencyState(2, np.zeros(1), np.zeros(2))
     touch_recency(0, one, one, recency)
     touch_frequency(0, one, one, FrequencyState(recency, np.zeros(2)))
-    touch_next_visit(0, one, one, NextVisitState(recency, 1, np.zeros(2)))
+    touch_cycle(0, one, one, CycleState(recency, 1, np.zeros(2), np.zeros(2)))
     no_prefetch(0, one, f32, f32, (), one, np.zeros(1))
