@@ -25,7 +25,8 @@ import torch
 from finemoe.engine.cpu_misses import CpuMisses, StaticResult, with_cpu_result
 from finemoe.engine.layer_sequence import LayerSequence, RealClock
 from finemoe.engine.snapshots import RouterSnapshots
-from finemoe.engine.stats import IterationStats, LayerCut, LayerStep, RuntimeTotals
+from finemoe.engine.stats import (IterationStats, LayerCut, LayerStep, RuntimeTotals, count_layer_rows,
+                                  distinct_experts)
 from finemoe.engine.waves import run_in_waves
 from finemoe.experts.cache import ExpertCache
 from finemoe.experts.hook import SlotExperts
@@ -231,7 +232,7 @@ class OffloadRuntime:
             self._router_out[layer] = router_out
         topk = self._sync_routing_to_host(top_k_index)          # [T, k] numpy
         need = topk if self._live_tokens is None else topk[self._live_tokens]
-        experts, counts = np.unique(need, return_counts=True)
+        experts, counts = distinct_experts(need, self.g.num_experts)
         routing = self._routing(layer, top_k_index)             # queued before any copy wait
         costs = self.cpu_misses.costs if self.cpu_misses is not None else self.costs
         demand = self.sequence.begin(layer, experts, counts, routing, self.miss_mode, costs)
@@ -296,22 +297,9 @@ class OffloadRuntime:
         self.totals.hits[layer] += n_hit
         self.totals.misses[layer] += experts.size - n_hit + cpu.size
         self.totals.cpu_experts += cpu.size
-        B = self._row_hits.size
-        if B == 0:
-            return
-        rows = np.repeat(self._token_rows, topk.shape[1])                   # [S]
-        flat = topk.reshape(-1)
-        valid = rows >= 0
-        used = np.zeros((B, self.g.num_experts), dtype=bool)                # [B, J]
-        used[rows[valid], flat[valid]] = True
-        hit_of = np.zeros(self.g.num_experts, dtype=bool)
-        hit_of[experts[hit]] = True
-        n_used = used.sum(1)
-        n_hits = (used & hit_of).sum(1)
-        self._row_hits += n_hits
-        self._row_misses += n_used - n_hits
-        if cpu.size:
-            self._row_cpu += used[:, cpu].sum(1)
+        if self._row_hits.size:
+            count_layer_rows(self._token_rows, topk, experts, hit, cpu, self.g.num_experts, self._row_hits,
+                             self._row_misses, self._row_cpu)
 
     def _count_resident_hits(self) -> None:
         """HOST SYNC (one per iteration, resident only): every layer's top-k ids in a single copy, counted

@@ -8,6 +8,45 @@ import torch
 
 from finemoe.engine.cpu_misses import StaticResult
 from finemoe.engine.layer_sequence import LayerDemand
+from finemoe.jit import njit
+
+_UNSEEN, _HIT, _MISS, _CPU = 0, 1, 2, 3
+
+
+@njit
+def count_layer_rows(token_rows, topk, experts, hit, cpu, num_experts, row_hits, row_misses, row_cpu):
+    """One layer's hits and misses per batch row, added to row_hits, row_misses, row_cpu [B] int64: each distinct
+    expert a row's tokens chose counts once, as a hit if the device served it resident (experts [n], hit [n] bool),
+    else as a miss, and also in row_cpu if the CPU computed it (cpu [m]). token_rows [T] int64 (row of each token,
+    < 0: none); topk [T, k] int64 expert ids."""
+    state = np.zeros(num_experts, np.int8)
+    for i in range(experts.size):
+        state[experts[i]] = _HIT if hit[i] else _MISS
+    for e in cpu:
+        state[e] = _CPU
+    seen = np.zeros(row_hits.size * num_experts, np.bool_)
+    for t in range(topk.shape[0]):
+        r = token_rows[t]
+        if r < 0:
+            continue
+        for j in range(topk.shape[1]):
+            e = topk[t, j]
+            if seen[r * num_experts + e]:
+                continue
+            seen[r * num_experts + e] = True
+            if state[e] == _HIT:
+                row_hits[r] += 1
+            else:
+                row_misses[r] += 1
+                if state[e] == _CPU:
+                    row_cpu[r] += 1
+
+
+def distinct_experts(topk: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """topk [T, k] int64 -> (experts [n] ascending, tokens per expert [n]): np.unique's answer through a bincount."""
+    counts = np.bincount(topk.reshape(-1), minlength=num_experts)     # [J]
+    experts = counts.nonzero()[0]
+    return experts, counts[experts]
 
 
 @dataclass
