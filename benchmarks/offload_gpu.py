@@ -46,6 +46,7 @@ from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.replay import RoutingReplay
 from finemoe.eval.split import shuffled_split
+from finemoe.eval.variants import parse_variants
 from finemoe.experts import calibration
 from finemoe.experts.prefetch_issue import PrefetchIssue
 from finemoe.simulator.replay import Replay
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", required=True)
     ap.add_argument("--budgets", default="25%")
-    ap.add_argument("--policies", default="lru,moe-infinity,finemoe")
+    ap.add_argument("--policies", default="lru,moe-infinity,finemoe",
+                    help="POLICY[/KEY=VALUE...] variants, comma-separated (e.g. lru/order=recency)")
     ap.add_argument("--modes", default="gpu,cpu,auto", help=f"among {', '.join(MISS_MODES)}; gpu required")
     ap.add_argument("--prefetch", default="inflight", help="issue rules among inflight, idle, off")
     ap.add_argument("--cpu-dtypes", default="auto", help="the CPU half's weights (cpu/auto rows): auto, model, float32")
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--modes must start with gpu and be among {', '.join(MISS_MODES)}")
     for issue in issues:
         PrefetchIssue(issue)
+    variants = parse_variants(args.policies)
     trace = load_trace(args.trace)
     build, held = shuffled_split(trace.num_requests, args.split, args.seed)
     build, held = build[:args.build_limit].tolist(), held[:args.eval_limit].tolist()
@@ -172,37 +175,40 @@ def main(argv: list[str] | None = None) -> dict:
 
     # histories, learned once (budget-independent) from the build part, engine and simulator alike
     opts_of, sim_opts_of, sim_kw_of, p_layer = {}, {}, {}, {}
-    for policy in args.policies.split(","):
-        opts, sim_opts, sim_kw = {}, {}, {}
+    for v in variants:
+        policy, label = v.policy, v.label
+        opts, sim_opts, sim_kw = dict(v.options), dict(v.options), {}
         if policy in ("finemoe", "moe-infinity"):
             key = "map_store" if policy == "finemoe" else "collection"
-            path = os.path.join(stores, f"{policy}.safetensors")
-            sim_path = os.path.join(stores, f"sim-{policy}.safetensors")
-            learn = {key: path, "learn": True} | ({"fresh": True} if policy == "finemoe" else {})
+            path = os.path.join(stores, f"{label.replace('/', '_')}.safetensors")
+            sim_path = os.path.join(stores, f"sim-{label.replace('/', '_')}.safetensors")
+            learn = opts | {key: path, "learn": True} | ({"fresh": True} if policy == "finemoe" else {})
             engine.reconfigure(policy, budgets[0], learn, miss_compute="gpu", prefetch_issue="inflight")
             serve(engine, replay, build)
-            opts = {key: path, "learn": False}
+            opts = opts | {key: path, "learn": False}
             if args.simulate:
                 sim_kw = {"embed": host_embed} if policy == "finemoe" else {}
-                sim_learn = {key: sim_path, "learn": True} | ({"fresh": True} if policy == "finemoe" else {})
+                sim_learn = sim_opts | {key: sim_path, "learn": True} | ({"fresh": True} if policy == "finemoe" else {})
                 Replay(build_trace, policy, budgets[0], CostModel(engine.geometry.expert_bytes), sim_learn,
                        **sim_kw).run()
-                sim_opts = {key: sim_path, "learn": False}
+                sim_opts = sim_opts | {key: sim_path, "learn": False}
         elif policy == "oracle":
-            opts = {"trace": trace}
+            opts = opts | {"trace": trace}
+            sim_opts = dict(opts)
         engine.reconfigure(policy, budgets[0], opts, miss_compute="gpu", prefetch_issue="inflight")
         serve(engine, replay, calib)
-        opts_of[policy], sim_opts_of[policy], sim_kw_of[policy] = opts, sim_opts, sim_kw
-        p_layer[policy] = policy_layer_s(engine, L)
+        opts_of[label], sim_opts_of[label], sim_kw_of[label] = opts, sim_opts, sim_kw
+        p_layer[label] = policy_layer_s(engine, L)
 
     rows = []
     for budget in budgets:
-        for policy in args.policies.split(","):
+        for v in variants:
+            policy, label = v.policy, v.label
             for issue in issues[:1] if policy in NON_PREDICTING else issues:
                 gpu_row = None
                 for mode in modes:
                     for dtype in (dtypes if mode != "gpu" else [None]):
-                        engine.reconfigure(policy, budget, opts_of[policy], miss_compute=mode, prefetch_issue=issue,
+                        engine.reconfigure(policy, budget, opts_of[label], miss_compute=mode, prefetch_issue=issue,
                                            cpu_expert_dtype=dtype)
                         cpu_half = engine.runtime.cpu_misses
                         mc = cpu_half.costs if cpu_half is not None else engine.calibration.costs   # as the row starts
@@ -211,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
                         reqs, logits = serve(engine, replay, held, keep=keep)
                         s = engine.summary(reqs)
                         tokens = s["output_tokens"]
-                        row = {"policy": policy, "budget": budget, "prefetch_issue": issue, "mode": mode,
+                        row = {"policy": label, "policy_name": policy, "policy_options": v.options,
+                               "budget": budget, "prefetch_issue": issue, "mode": mode,
                                "cpu_dtype_choice": dtype,
                                "cpu_expert_dtype": s.get("cpu_expert_dtype") if mode != "gpu" else None,
                                "cpu_kernel": s.get("cpu_kernel") if mode != "gpu" else None,
@@ -231,15 +238,15 @@ def main(argv: list[str] | None = None) -> dict:
                             row.update(agreement(gpu_row[0], reqs, gpu_row[1], logits))
                         if args.simulate:
                             cost = CostModel(engine.geometry.expert_bytes, engine.geometry.expert_bytes / mc.copy_s,
-                                             layer_time, host_layer, p_layer[policy], mc.cpu_s, mc.cpu_token_s,
+                                             layer_time, host_layer, p_layer[label], mc.cpu_s, mc.cpu_token_s,
                                              mc.cpu_fixed_s)
-                            sim = Replay(held_trace, policy, budget, cost, sim_opts_of[policy] or opts_of[policy],
-                                         miss_compute=mode, issue=PrefetchIssue(issue), **sim_kw_of[policy]).run()
+                            sim = Replay(held_trace, policy, budget, cost, sim_opts_of[label],
+                                         miss_compute=mode, issue=PrefetchIssue(issue), **sim_kw_of[label]).run()
                             row.update(sim_tpot_s=sim["tpot_s"], sim_hit_rate=sim["hit_rate"],
                                        sim_bytes_per_token=sim["bytes_per_token"],
                                        sim_error=sim["tpot_s"] / row["tpot_s"] - 1)
                         rows.append(row)
-                        print(f"  {policy} {budget} {issue} {mode} {row['cpu_expert_dtype'] or ''}: "
+                        print(f"  {label} {budget} {issue} {mode} {row['cpu_expert_dtype'] or ''}: "
                               f"TPOT {row['tpot_s'] * 1e3:.2f} ms hit {row['hit_rate']:.3f}", flush=True)
     engine.reconfigure("lru", budgets[0], miss_compute="gpu")
     cuda = engine.device.type == "cuda"

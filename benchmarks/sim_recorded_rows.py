@@ -9,6 +9,7 @@ the row's CPU weight dtype scaled as the engine's split had them when the row st
 from row to row (engine.reconfigure; it restarts at 1 when the CPU weight dtype changes), so a row's start scale is
 the previous cpu/auto row's `cpu_cost_scale_end`; the first cpu/auto row's is its own `cpu_cost_scale_start` (in
 runs recorded before offload_gpu.py read it ahead of serving, that field holds the row's end scale).
+Each row runs its recorded policy and options (rows recorded without them: lru as `order=recency`, its rule then).
 finemoe and moe-infinity learn their simulated histories from the build requests, as offload_gpu.py's did; finemoe's
 token semantics read --embed-from's input embedding (offload_gpu.py gave the simulator the random engine model's, which
 cannot be rebuilt off the GPU: finemoe rows differ a little from the recorded prediction).
@@ -40,6 +41,15 @@ from finemoe.simulator.transport import CostModel
 from finemoe.traces.format import load_trace
 
 HISTORY = {"finemoe": "map_store", "moe-infinity": "collection"}
+# rows recorded before offload_gpu.py recorded each row's policy and options: their policies' rules then
+LEGACY_OPTIONS = {"lru": {"order": "recency"}}
+
+
+def row_policy(row: dict) -> tuple[str, dict]:
+    """(registered policy name, its options) of a recorded row."""
+    if "policy_name" in row:
+        return row["policy_name"], dict(row["policy_options"])
+    return row["policy"], dict(LEGACY_OPTIONS.get(row["policy"], {}))
 
 
 def start_scales(rows: list[dict]) -> list[float | None]:
@@ -69,16 +79,20 @@ def learn_histories(result: dict, build_trace, budget: str, embed, base: dict[st
     """Each policy's simulator options (`base`'s, plus): finemoe's map store and moe-infinity's collection learned
     from the build requests (as offload_gpu.py learns them)."""
     options = {}
-    for policy in {r["policy"] for r in result["rows"]}:
-        options[policy] = dict(base.get(policy, {}))
+    for row in result["rows"]:
+        label = row["policy"]
+        if label in options:
+            continue
+        policy, opts = row_policy(row)
+        options[label] = opts | base.get(policy, {})
         key = HISTORY.get(policy)
         if key is None:
             continue
-        path = os.path.join(folder, f"{policy}.safetensors")
-        learn = options[policy] | {key: path, "learn": True} | ({"fresh": True} if policy == "finemoe" else {})
+        path = os.path.join(folder, f"{label.replace('/', '_')}.safetensors")
+        learn = options[label] | {key: path, "learn": True} | ({"fresh": True} if policy == "finemoe" else {})
         Replay(build_trace, policy, budget, CostModel(result["expert_bytes"]), learn,
                **({"embed": embed} if policy == "finemoe" else {})).run()
-        options[policy] |= {key: path, "learn": False}
+        options[label] |= {key: path, "learn": False}
     return options
 
 
@@ -111,9 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
         def predict(cpu_s: float, cpu_token_s: float, cpu_layer_s: float, row=row, calib=calib) -> dict:
             cost = CostModel(eb, eb / calib["copy_s"], result["layer_time_ms"] * ms, result["host_layer_ms"] * ms,
                              result["policy_layer_ms"].get(row["policy"], 0.0) * ms, cpu_s, cpu_token_s, cpu_layer_s)
-            sim = Replay(held_trace, row["policy"], row["budget"], cost, options[row["policy"]],
+            policy = row_policy(row)[0]
+            sim = Replay(held_trace, policy, row["budget"], cost, options[row["policy"]],
                          miss_compute=row["mode"], issue=PrefetchIssue(row["prefetch_issue"]),
-                         **({"embed": embed} if row["policy"] == "finemoe" else {})).run()
+                         **({"embed": embed} if policy == "finemoe" else {})).run()
             return {"tpot_s": sim["tpot_s"], "error": sim["tpot_s"] / row["tpot_s"] - 1,
                     "cpu_experts_per_token": sim["cpu_experts"] / sim["output_tokens"]}
 

@@ -51,9 +51,10 @@ def geometry(num_layers: int) -> ExpertGeometry:
                           param_shapes={"w": (5, 5)}, dtype=torch.float32)
 
 
-def make_cache(capacity: int, num_layers: int = 3, prefetch_inflight: int = 4, transport: Transport | None = None):
+def make_cache(capacity: int, num_layers: int = 3, prefetch_inflight: int = 4, transport: Transport | None = None,
+               order: str = "recency"):
     g = geometry(num_layers)
-    policy = create_policy("lru", order="recency")       # the classic rule, hand-computed below
+    policy = create_policy("lru", order=order)           # default here: the classic rule, hand-computed below
     transport = transport or ManualTransport()
     cache = ExpertCache(g.total_experts, J, capacity, transport, policy, prefetch_inflight)
     policy.bind(PolicyContext(g, cache.view(), torch.device("cpu")))
@@ -101,6 +102,29 @@ def test_lru_hits_misses_and_evictions_match_hand_computed_sequence():
     assert transport.copied_keys() == [0, 1, 6, 7, 1, 6, 0, 2]   # one copy per miss, in miss order
     assert transport.bytes_copied == 8 * EXPERT_BYTES
     assert cache.prefetch_copies == 0 and cache.wasted_prefetches == 0
+
+
+def test_lru_default_order_counts_visits_of_the_layer_then_the_farthest_next_visit():
+    cache, policy, transport = make_cache(capacity=4, num_layers=3, order="cycle")
+    # Layers run 0, 1, 2, 0, 1, 2, 0 (one access per tick). stale = visits of the key's layer since its last use
+    # that did not use it; among the stalest, the key whose layer runs farthest ahead goes first.
+    steps = [
+        ((0, [0, 1]), [False, False], set()),     # t1: k0, k1
+        ((1, [0]), [False], set()),                # t2: k4
+        ((2, [0]), [False], set()),                # t3: k8, cache full
+        ((0, [0]), [True], set()),                 # t4: layer 0's 2nd visit without k1: k1 one visit stale
+        ((1, [1]), [False], {4}),                  # t5 (mid-iteration): k1 and k4 one visit stale; layer 1 runs
+                                                   #     again at t8, layer 0 at t7: k4 goes (classic LRU: k1, t1)
+        ((2, [1]), [False], {8}),                  # t6: k1 and k8 stale; layer 2 runs at t9, layer 0 at t7: k8
+        ((0, [1]), [True], set()),                 # t7: k1, kept, hits
+    ]
+    for (layer, experts), want_hit, want_evicted in steps:
+        before = resident_keys(cache)
+        hit = access(cache, policy, layer, experts)
+        transport.finish()
+        assert hit.tolist() == want_hit, (layer, experts)
+        assert before - resident_keys(cache) == want_evicted, (layer, experts)
+    assert resident_keys(cache) == {0, 1, 5, 9}
 
 
 def test_demand_miss_waits_only_for_its_own_copies():

@@ -38,6 +38,8 @@ def prompts(tmp_path):
     (["serve", "--port", "abc"], "finemoe serve", "argument --port: invalid int value: 'abc'"),
     (["nosuch"], "finemoe", "argument COMMAND: invalid choice: 'nosuch'"),
     (["maps", "build"], "finemoe maps build", "the following arguments are required: --prompts, --out"),
+    (["generate", "--prompt", "hi", "--bogus"], "finemoe generate", "unrecognized arguments: --bogus"),
+    (["maps", "build", "--prompts", "p", "--out", "o", "--zz"], "finemoe maps build", "unrecognized arguments: --zz"),
 ])
 def test_usage_errors_are_one_line_that_points_at_help(argv, prog, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -20,7 +20,8 @@ from finemoe.policies.trackers import CycleState, RecencyState, touch_cycle
 
 
 def cycle_state(L: int, J: int) -> CycleState:
-    return CycleState(RecencyState(J, np.zeros(1), np.full(L * J, -1.0)), L, np.full(L * J, -np.inf), np.zeros(L * J))
+    return CycleState(RecencyState(J, np.zeros(1), np.full(L * J, -1.0)), L, np.zeros(L), np.full(L * J, -1.0),
+                      np.full(L * J, -np.inf), np.zeros(L * J))
 
 
 def visit(state: CycleState, layer: int, experts: list[int]) -> None:

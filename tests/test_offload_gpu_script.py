@@ -47,3 +47,13 @@ def test_tiny_cpu_run_reports_every_row(tmp_path):
         if r["prefetch_issue"] == "off":
             assert r["prefetch_copies"] == 0
         assert r["sim_tpot_s"] > 0 and np.isfinite(r["sim_error"])
+
+
+def test_policy_variants_are_rows_of_their_own(tmp_path):
+    bench = load_benchmark("offload_gpu")
+    result = bench.main(["--trace", synthetic_trace(tmp_path / "t.safetensors"), "--device", "cpu", "--tiny",
+                         "--split", "0.5", "--calibrate", "1", "--policies", "lru,lru/order=recency",
+                         "--modes", "gpu", "--out", str(tmp_path / "o.json")])
+    rows = [(r["policy"], r["policy_name"], r["policy_options"]) for r in result["rows"]]
+    assert rows == [("lru", "lru", {}), ("lru/order=recency", "lru", {"order": "recency"})]
+    assert set(result["policy_layer_ms"]) == {"lru", "lru/order=recency"}

@@ -56,3 +56,12 @@ def test_every_row_is_replayed_with_calibrated_and_measured_cpu_costs(tmp_path, 
         else:
             assert r["measured_cpu_ms_per_expert"] == 2.0 and r["measured"]["tpot_s"] > 0
     assert "measured CPU cost" in capsys.readouterr().out.splitlines()[-5]
+
+
+def test_rows_run_their_recorded_policy_options_and_legacy_lru_rows_the_classic_rule():
+    bench = load_benchmark("sim_recorded_rows")
+    assert bench.row_policy({"policy": "lru"}) == ("lru", {"order": "recency"})       # recorded before options
+    assert bench.row_policy({"policy": "finemoe"}) == ("finemoe", {})
+    assert bench.row_policy({"policy": "lru/order=cycle", "policy_name": "lru",
+                             "policy_options": {"order": "cycle"}}) == ("lru", {"order": "cycle"})
+    assert bench.row_policy({"policy": "lru", "policy_name": "lru", "policy_options": {}}) == ("lru", {})

@@ -71,7 +71,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors: the problem and where the flags are listed, not the whole usage."""
+    """argparse with one-line usage errors: the problem and where the flags are listed, not the whole usage. Each
+    parser records itself as the namespace's `usage_parser`, so the innermost command's parser is the one that
+    reports arguments nobody recognised."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(usage_parser=self)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the flags)\n")
@@ -98,7 +104,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    args, unknown = build_parser(argv).parse_known_args(argv)
+    usage_parser = args.__dict__.pop("usage_parser")
+    if unknown:
+        usage_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except FineMoEError as e:

@@ -45,30 +45,38 @@ def touch_frequency(layer, experts, counts, state):
 
 
 class CycleState(NamedTuple):
-    """`touch_cycle`'s arrays: recency, L, and per key (-inf: never used):
-    stale [K] float64 = minus the visits of the key's layer since its last use that did not use it;
-    ahead [K] float64 = minus the clock tick of the key's layer's next visit.
-    Both change only when the key's layer runs: keys of other layers keep their order as the clock advances."""
+    """`touch_cycle`'s arrays: recency, L, visits [L] float64 (each layer's visits so far), and per key (K = L * J):
+    last_visit [K] float64 = its layer's visit count at its last use (-1: never used);
+    stale [K] float64 = minus the visits of its layer since its last use that did not use it (-inf: never used);
+    ahead [K] float64 = minus the clock tick of its layer's next visit, expected L ticks after the last one.
+    All three change only when the key's layer runs: keys of other layers keep their order as the clock advances."""
 
     recency: RecencyState
     L: int
+    visits: np.ndarray
+    last_visit: np.ndarray
     stale: np.ndarray
     ahead: np.ndarray
 
 
 @njit
 def touch_cycle(layer, experts, counts, state):
-    """`touch_recency`, then the keys of `layer`: decode visits the layers in order, cyclically, so this layer runs
-    next L ticks from now; a key last used at tick u has gone floor((next - u - 1) / L) of its layer's visits unused."""
+    """`touch_recency`, one more visit of `layer`, and its keys re-ranked: `experts` [n] (ids within `layer`) used
+    at this visit, the others one visit staler; decode visits the layers in order, cyclically, so this layer runs
+    next L ticks from now."""
     rec = state.recency
     touch_recency(layer, experts, counts, rec)
-    J, L = rec.J, state.L
-    nxt = rec.clock[0] + L
+    J = rec.J
     base = layer * J
+    state.visits[layer] += 1.0
+    v = state.visits[layer]
+    for e in experts:
+        state.last_visit[base + e] = v
+    nxt = -(rec.clock[0] + state.L)
     for j in range(J):
-        u = rec.last_used[base + j]
-        state.stale[base + j] = -np.inf if u < 0 else -np.floor((nxt - u - 1) / L)
-        state.ahead[base + j] = -nxt
+        w = state.last_visit[base + j]
+        state.stale[base + j] = -np.inf if w < 0 else w - v
+        state.ahead[base + j] = nxt
 
 
 @njit
@@ -101,19 +109,20 @@ class RecencyTracker:
 
 
 class CycleTracker:
-    """LRU counted in cycles over the layers (lru's default order): evict the expert whose layer has run most often
-    without it since its last use, and among equals the one whose layer runs farthest ahead. Decode visits the
+    """LRU counted in visits of the expert's layer (lru's default order): evict the expert whose layer has run most
+    often without it since its last use, and among equals the one whose layer runs farthest ahead. Decode visits the
     layers in order, cyclically, so plain LRU's least recently used expert belongs to the layer that runs soonest:
     when a batch step needs more distinct experts than the cache holds, LRU evicts exactly what the next layers
     need and never hits. Here every key used in its layer's last visit ties on `stale`, and the farthest next visit
-    goes first, which does not cycle; when the cache holds more than a step needs, this is LRU at step granularity
-    with Belady's choice among equals."""
+    goes first, which does not cycle; when the cache holds more than a step needs, it is close to LRU with Belady's
+    choice among equals."""
 
     def __init__(self, total: int, num_experts: int) -> None:
         self.recency = RecencyTracker(total, num_experts)
+        L = total // num_experts
         self.stale = np.full(total, -np.inf)
         self.ahead = np.zeros(total)
-        self.state = CycleState(self.recency.state, total // num_experts, self.stale, self.ahead)
+        self.state = CycleState(self.recency.state, L, np.zeros(L), np.full(total, -1.0), self.stale, self.ahead)
 
     def touch_layer(self, layer: int, experts: np.ndarray) -> None:
         """`experts` [n] int64 (ids within `layer`) used now; the keys of `layer` re-ranked."""
@@ -149,5 +158,5 @@ def warm_up() -> None:
     recency = RecencyState(2, np.zeros(1), np.zeros(2))
     touch_recency(0, one, one, recency)
     touch_frequency(0, one, one, FrequencyState(recency, np.zeros(2)))
-    touch_cycle(0, one, one, CycleState(recency, 1, np.zeros(2), np.zeros(2)))
+    touch_cycle(0, one, one, CycleState(recency, 1, np.zeros(1), np.full(2, -1.0), np.zeros(2), np.zeros(2)))
     no_prefetch(0, one, f32, f32, (), one, np.zeros(1))

@@ -190,6 +190,12 @@ def _lru_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, r
 
 
 @njit
+def _cycle_lru_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, rest):
+    return layer_loop(sorted_topk, topk, probs, aux, ones, trackers.touch_cycle, access_state,
+                      trackers.no_prefetch, routed_state, *rest)
+
+
+@njit
 def _lfu_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state, rest):
     return layer_loop(sorted_topk, topk, probs, aux, ones, trackers.touch_frequency, access_state,
                       trackers.no_prefetch, routed_state, *rest)
@@ -215,6 +221,7 @@ def _oracle_loop(sorted_topk, topk, probs, aux, ones, access_state, routed_state
 
 _SPECIALIZED = {(finemoe_eviction.use_layer, finemoe_planner.routed_step): _finemoe_loop,
                 (trackers.touch_recency, trackers.no_prefetch): _lru_loop,
+                (trackers.touch_cycle, trackers.no_prefetch): _cycle_lru_loop,
                 (trackers.touch_frequency, trackers.no_prefetch): _lfu_loop,
                 (deepspeed.touch_layer, trackers.no_prefetch): _layer_lru_loop,
                 (moe_infinity_steps.eam_access, moe_infinity_steps.eam_routed): _eam_loop,
