@@ -43,6 +43,17 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
+class Progress:
+    """One line per finished phase of a long benchmark, flushed at once with the seconds since start: a run cut off
+    by a time limit still shows how far it got and what each phase cost."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.t0 = label, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        print(f"[{self.label} {time.perf_counter() - self.t0:7.1f} s] {what}", flush=True)
+
+
 def write_json(path: str | None, result: dict) -> None:
     """The full result as JSON at `path` (--out; nothing when None)."""
     if path:

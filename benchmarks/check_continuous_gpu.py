@@ -57,11 +57,31 @@ def alone(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
     return out
 
 
+def first_diff(got: list[int], want: list[int]) -> int | None:
+    """The first position where `got` differs from `want` (None: equal)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            return i
+    return None if len(got) == len(want) else min(len(got), len(want))
+
+
+def compare(got: list[list[int]], want: list[list[int]], suffix: str) -> dict:
+    """Per-request exactness of `got` against `want`: exact requests, equal-token fraction, first differences."""
+    equal = sum(a == b for x, y in zip(got, want) for a, b in zip(x, y))
+    out = {"requests_exact" + suffix: sum(x == y for x, y in zip(got, want)),
+           "token_agreement" + suffix: equal / sum(len(y) for y in want)}
+    if not suffix:
+        out["first_diff"] = [first_diff(x, y) for x, y in zip(got, want)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--policies", default="lru,finemoe")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="the engine's KV length per request slot (default: the model's, as `serve`)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test of this script)")
     ap.add_argument("--out", default=None)
@@ -70,33 +90,44 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     prompts = [torch.randint(2, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    refs = [_reference(model, torch.tensor([p], device=args.device), n)[0] for p, n in zip(prompts, NEW_TOKENS)]
     loaded = LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random", "Qwen1.5-MoE-A2.7B shape, random bf16")
-    rows = []
     engine = Engine(loaded, EngineConfig(device=args.device, policy="resident", show_progress=False,
-                                         max_batch_size=3, max_num_batched_tokens=64))
+                                         max_batch_size=3, max_num_batched_tokens=64, max_model_len=args.max_model_len))
+    kv_len = engine.max_model_len
+    ids = [torch.tensor([p], device=args.device) for p in prompts]
+    refs = [_reference(model, x, n)[0] for x, n in zip(ids, NEW_TOKENS)]
+    refs_kv = [_reference(model, x, n, kv_len)[0] for x, n in zip(ids, NEW_TOKENS)]
+    rows, resident_of = [], {}
     for mode in ("alone", "staggered"):
         for policy in ["resident"] + args.policies.split(","):
             engine.reconfigure(policy, None if policy == "resident" else args.budget)
             got = (alone if mode == "alone" else staggered)(engine, prompts)
-            equal = sum(a == b for x, y in zip(got, refs) for a, b in zip(x, y))
-            total = sum(len(y) for y in refs)
-            rows.append({"mode": mode, "policy": policy, "budget": "100%" if policy == "resident" else args.budget,
-                         "requests_exact": sum(x == y for x, y in zip(got, refs)), "requests": len(refs),
-                         "token_agreement": equal / total})
-            print(f"  {mode} {policy}: {rows[-1]['requests_exact']}/{len(refs)} requests exact", flush=True)
+            resident_of.setdefault(mode, got)
+            row = {"mode": mode, "policy": policy, "budget": "100%" if policy == "resident" else args.budget,
+                   "requests": len(refs), **compare(got, refs, ""), **compare(got, refs_kv, "_at_engine_kv"),
+                   **compare(got, resident_of[mode], "_vs_resident")}
+            rows.append(row)
+            print(f"  {mode} {policy}: {row['requests_exact']}/{len(refs)} requests exact "
+                  f"({row['requests_exact_at_engine_kv']} at the engine's KV length, "
+                  f"{row['requests_exact_vs_resident']} equal to resident)", flush=True)
     engine.close()
-    result = {"device": device_name(args.device), "torch": torch.__version__,
-              "layers": args.layers, "rows": rows,
-              "alone_exact": all(r["requests_exact"] == r["requests"] for r in rows if r["mode"] == "alone")}
+    result = {"device": device_name(args.device), "torch": torch.__version__, "layers": args.layers,
+              "engine_kv_len": kv_len, "rows": rows,
+              "alone_exact": all(r["requests_exact"] == r["requests"] for r in rows if r["mode"] == "alone"),
+              "offload_equals_resident": all(r["requests_exact_vs_resident"] == r["requests"] for r in rows)}
     write_json(args.out, result)
     print(f"\n{result['device']}, torch {torch.__version__}, {args.layers} layers, prompts {PROMPT_LENS}, "
           f"new tokens {NEW_TOKENS}, prefill chunks of 64 tokens")
-    print(f"{'mode':10s} {'policy':10s} {'budget':>6s} {'exact requests':>14s} {'equal tokens':>12s}")
+    print("exact requests and equal tokens against plain transformers (its KV cache the request's length bucket, and "
+          f"the engine's {kv_len}), and against resident in the same mode; first differing token per request")
+    print(f"{'mode':10s} {'policy':10s} {'budget':>6s} {'plain':>11s} {'plain@kv':>11s} {'resident':>11s} "
+          f"{'first diff vs plain':>22s}")
     for r in rows:
-        print(f"{r['mode']:10s} {r['policy']:10s} {r['budget']:>6s} {r['requests_exact']:>10d}/{r['requests']:<3d} "
-              f"{r['token_agreement']:12.3f}")
-    print("ALONE EXACT" if result["alone_exact"] else "ALONE NOT EXACT")
+        cells = " ".join(f"{r['requests_exact' + k]:>2d}/{r['requests']} {r['token_agreement' + k]:5.3f}"
+                         for k in ("", "_at_engine_kv", "_vs_resident"))
+        print(f"{r['mode']:10s} {r['policy']:10s} {r['budget']:>6s} {cells} {str(r['first_diff']):>22s}")
+    print("ALONE EXACT" if result["alone_exact"] else "ALONE NOT EXACT",
+          "; OFFLOADING EQUALS RESIDENT" if result["offload_equals_resident"] else "; OFFLOADING DIFFERS FROM RESIDENT")
     return result
 
 

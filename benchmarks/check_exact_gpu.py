@@ -75,10 +75,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 @torch.inference_mode()
-def _reference(model, ids: torch.Tensor, n: int) -> list[list[int]]:
+def _reference(model, ids: torch.Tensor, n: int, length: int | None = None) -> list[list[int]]:
     """Greedy tokens [B][n] of the unmodified model through the static-cache step finemoe uses (eager; like
-    bench_fast_path.plain_static, for any batch size)."""
-    st = StaticState(model, ids.shape[0], bucket_length(ids.shape[1] + n), ids.device)
+    bench_fast_path.plain_static, for any batch size), its KV cache `length` tokens long (default: the bucket of
+    prompt + n)."""
+    st = StaticState(model, ids.shape[0], length or bucket_length(ids.shape[1] + n), ids.device)
     mask4, pos = st.prefill_inputs(torch.ones_like(ids))
     out = model(input_ids=ids, attention_mask=mask4, position_ids=pos, use_cache=True, logits_to_keep=1,
                 **cache_kwargs(model, st.kv))

@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from finemoe.errors import ConfigError
+
 from benchmarks_common import device_name, median_seconds, write_json
 from finemoe.experts.cpu_kernel import TorchKernel, relative_error
 
@@ -215,8 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         if has_kt:
             from finemoe.experts.kt_experts import KtKernel
 
-            chosen["kt-kernel-bf16"] = KtKernel(experts, [weights], n)
-            if "kt_variant" not in result:
+            try:
+                chosen["kt-kernel-bf16"] = KtKernel(experts, [weights], n)
+            except ConfigError as e:         # installed, but its extension does not load on this host
+                result["kt_unavailable"] = str(e)
+                print(f"kt-kernel skipped: {e}", flush=True)
+                has_kt = False
+            if has_kt and "kt_variant" not in result:
                 import kt_kernel
                 result["kt_variant"] = kt_kernel.__cpu_variant__
         for name, kernel in chosen.items():

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks_common import demand_load_gbps
+from benchmarks_common import Progress, demand_load_gbps
 from finemoe.config import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.engine.metrics import peak_host_bytes
@@ -174,22 +174,28 @@ def run_shape(name: str, args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    say = Progress(name)
+    say(f"building {spec} ({dtype})")
     t0 = time.perf_counter()
     model = build(spec, over, dtype)
     built_s = time.perf_counter() - t0
+    say("built")
     loaded = LoadedModel(model, default_tokenizer(), spec, f"{spec} (random {dtype})")
     engine = Engine(loaded, EngineConfig(device=args.device, dtype=args.dtype, expert_budget=args.budget,
                                          max_model_len=_context(args), max_batch_size=1, show_progress=False))
     pin_s = time.perf_counter() - t0 - built_s
+    say("engine started (experts pinned, the rest on the device)")
     g = engine.geometry
     result = {"shape": name, "source": SHAPES[name].source, "layers": layers, "all_layers": tiny_layers or
               SHAPES[name].layers, "moe_layers": g.num_layers, "experts": g.num_experts, "top_k": g.top_k,
               "expert_bytes": g.expert_bytes, "total_expert_bytes": g.total_bytes, "build_s": built_s,
               "pin_and_place_s": pin_s, "tensors_pinned_in_place": engine.store.pinned_in_place,
               "rows": serve_rows(engine, args)}
+    say("served: " + ", ".join(f"{r['policy']} TPOT {r['tpot_s'] * 1e3:.1f} ms" for r in result["rows"]))
     if device.type == "cuda":
         result["raw_pinned_GBps"] = raw_pinned_gbps(g.num_experts * g.expert_bytes, device)
         result["demand_copy_GBps"] = demand_load_gbps(engine, 4)
+        say(f"copies: demand {result['demand_copy_GBps']:.1f} GB/s, raw pinned {result['raw_pinned_GBps']:.1f} GB/s")
         for row in result["rows"]:
             row["copy_floor_s"] = row["decode_bytes_per_token"] / (result["raw_pinned_GBps"] * 1e9)
     result["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
@@ -197,6 +203,7 @@ def run_shape(name: str, args) -> dict:
     del engine, loaded, model
     disk_layers = fitting_layers(name, over, dtype, args.disk_gb * 1e9, tiny_layers)
     result["load"] = load_row(name, over, args, dtype, disk_layers)
+    say(f"load test: {result['load']['load_GBps']:.2f} GB/s")
     result["peak_host_bytes"] = peak_host_bytes()
     return result
 
@@ -255,7 +262,7 @@ def main(argv=None) -> dict:
             out = Path(tmp) / "shape.json"
             cmd = [sys.executable, __file__, *_without(passthrough, "--out", "--shapes"), "--one", name,
                    "--out", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)       # its progress lines pass through
             if proc.returncode == 0:
                 results.append(json.loads(out.read_text()))
             else:

@@ -42,6 +42,7 @@ from finemoe.eval.online import scale_to_load
 from finemoe.server.scheduler import Job, Scheduler, SchedulerMetrics
 
 sys.path.insert(0, str(Path(__file__).parent))
+from benchmarks_common import Progress  # noqa: E402
 from load_test import one_request, pct  # noqa: E402  (the closed-loop load test's streaming client)
 
 SCHEDULINGS = ("next-batch", "continuous")
@@ -207,7 +208,9 @@ def serve_args(args, policy: str, scheduling: str) -> list[str]:
 
 def run_policy(args, policy: str) -> dict:
     """Capacity, batch-1 TPOT and (in-process driver) one replay per scheduling for `policy`."""
+    say = Progress(policy)
     engine = Engine.from_config(engine_config(args, policy))
+    say("engine started")
     try:
         arrivals, prompts, outputs = workload(args, engine.tokenizer)
         alone = [engine.make_request(p, SamplingParams(max_new_tokens=o, ignore_eos=True))
@@ -216,16 +219,19 @@ def run_policy(args, policy: str) -> dict:
         for r in alone:                        # one request at a time: a batch of one
             engine.run([r])
         tpot1 = float(np.median([r.metrics.tpot_s for r in alone if r.metrics.tokens > 1]))
+        say(f"batch-1 TPOT {tpot1 * 1e3:.1f} ms")
         burst = np.zeros(len(prompts))
         engine.reconfigure(policy, args.expert_budget)
         cap = asyncio.run(inprocess_run(engine, "continuous", burst, prompts, outputs))
         capacity = cap["requests_per_s"]
+        say(f"capacity {capacity:.2f} requests/s")
         scaled = scale_to_load(arrivals, 1.0 / capacity, args.load)
         runs = {}
         for scheduling in args.scheduling:
             engine.reconfigure(policy, args.expert_budget)      # every run starts from an empty cache and policy
             if args.driver == "inprocess":
                 runs[scheduling] = asyncio.run(inprocess_run(engine, scheduling, scaled, prompts, outputs))
+                say(f"{scheduling}: {runs[scheduling]['requests_per_s']:.2f} requests/s")
         return {"policy": policy, "capacity_requests_per_s": capacity, "batch1_tpot_s": tpot1,
                 "capacity_run": {k: v for k, v in cap.items() if k != "samples"}, "runs": runs,
                 "arrivals_s": scaled.tolist(), "prompts": prompts, "outputs": outputs}
