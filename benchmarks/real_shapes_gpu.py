@@ -39,7 +39,7 @@ from finemoe.engine.metrics import peak_host_bytes
 from finemoe.models.adapters import find_moe_layers, geometry_of
 from finemoe.models.default import default_tokenizer
 from finemoe.models.loader import LoadedModel, load_model
-from finemoe.models.random_shapes import SHAPES, build_random, random_config
+from finemoe.models.random_shapes import SHAPES, build_random
 
 DEFAULT_SHAPES = ("qwen3-30b-a3b", "gpt-oss-20b", "mixtral-8x7b", "deepseek-v2-lite", "olmoe-1b-7b", "glm-4.5-air",
                   "qwen3.5-35b-a3b")
@@ -60,22 +60,14 @@ def tiny_spec(name: str, layers: int) -> tuple[str, dict]:
     return f"random:{name}@{layers}", over
 
 
-def build(spec: str, over: dict, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """build_random, or (with overrides) the same config shrunk, built on the CPU."""
-    if not over:
-        return build_random(spec, "cpu", dtype, seed)[0]
-    from transformers import AutoModelForCausalLM
-    config = random_config(spec)
-    for k, v in over.items():
-        setattr(config, k, v)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+def build(spec: str, over: dict, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
+    """build_random with the config overrides `over` (the tiny smoke run's smaller widths), on the CPU by default."""
+    return build_random(spec, device, dtype, seed, over)[0]
 
 
 def layer_bytes(spec: str, over: dict, dtype: torch.dtype) -> tuple[int, int, int]:
     """(routed-expert bytes per MoE layer, other bytes, MoE layers) of the shape, from a meta skeleton."""
-    with torch.device("meta"):
-        model = build(spec, over, dtype)
+    model = build(spec, over, dtype, device="meta")
     layers = find_moe_layers(model)
     g = geometry_of(model, layers)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -159,8 +151,7 @@ def _context(args) -> int:
 
 
 def _min_budget(spec: str, over: dict, dtype: torch.dtype) -> int:
-    with torch.device("meta"):
-        model = build(spec, over, dtype)
+    model = build(spec, over, dtype, device="meta")
     return geometry_of(model, find_moe_layers(model)).min_budget_bytes
 
 

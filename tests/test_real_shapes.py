@@ -67,3 +67,28 @@ def test_benchmark_tiny_cpu_run_reports_every_shape(tmp_path):
         assert r["load"]["load_GBps"] > 0 and r["peak_host_bytes"] > 0
     assert report["results"] == saved["results"]
     assert not list(tmp_path.glob("*-*/"))   # the load test removes its checkpoint
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_every_weight_is_initialised_and_the_experts_do_not_depend_on_the_thread_count(name):
+    spec, over = load_benchmark("real_shapes_gpu").tiny_spec(name, 2)     # small widths, at most 16 experts
+    built, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            built.append(build_random(spec, "cpu", torch.float32, 0, over)[0])
+    except ModelLoadError as e:   # an older transformers without the architecture
+        pytest.skip(str(e))
+    finally:
+        torch.set_num_threads(before)
+    a, b = built
+    std = a.config.initializer_range
+    for layer in find_moe_layers(a):
+        for p in layer.experts.parameters():
+            if p.ndim >= 3:
+                assert abs(p.std().item() - std) < 0.1 * std
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert not torch.isnan(p).any(), n
+        assert not hasattr(p, "_is_hf_initialized"), n
+        if p.ndim >= 3:
+            assert torch.equal(p, q), n

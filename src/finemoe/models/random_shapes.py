@@ -11,14 +11,17 @@ refused with the version it has.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen2MoeConfig
+from transformers.initialization import no_init_weights
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from finemoe.errors import ModelLoadError
+from finemoe.models.adapters import find_moe_layers
 
 PREFIX = "random:"
 
@@ -134,18 +137,60 @@ def random_config(spec: str) -> PretrainedConfig:
         raise ModelLoadError(f"{spec!r}: {e}") from None
 
 
-def build_random(spec: str, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[torch.nn.Module, str]:
+def build_random(spec: str, device: str, dtype: torch.dtype, seed: int = 0,
+                 overrides: dict | None = None) -> tuple[torch.nn.Module, str]:
     """Build `random:NAME[@LAYERS]` on `device` (weights initialised there: pass "cpu" for a model larger than
-    the accelerator; the engine moves the experts to host memory before the rest to the accelerator)."""
+    the accelerator; the engine moves the experts to host memory before the rest to the accelerator; "meta" for
+    the skeleton alone). `overrides`: config fields to change (e.g. smaller widths for a test).
+
+    The routed experts, nearly all the weights, are drawn N(0, initializer_range) by `_fill_experts` in parallel
+    (torch's CPU normal_ runs on one thread: a 30B-parameter shape took minutes); every other weight is
+    initialised by the model's own init_weights, which leaves parameters marked initialised alone (transformers'
+    `_is_hf_initialized`, as from_pretrained marks loaded ones). A parameter that init leaves unset is refused."""
     config = random_config(spec)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
     name, _ = parse_spec(spec)
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), no_init_weights():
             model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(prev)
+    if torch.device(device).type != "meta":
+        experts = _fill_experts(model, config.initializer_range, seed)
+        others = [(n, p) for n, p in model.named_parameters() if not any(p is e for e in experts)]
+        for _, p in others:
+            p.data.fill_(float("nan"))          # so that a weight init does not reach cannot pass unnoticed
+        model.init_weights()
+        for p in experts:
+            del p._is_hf_initialized
+        unset = [n for n, p in others if p.is_floating_point() and torch.isnan(p).any()]
+        if unset:
+            raise ModelLoadError(f"{spec}: transformers' init left {unset[:3]} unset; this shape cannot be built "
+                                 "with random weights under this transformers")
     layers = config.num_hidden_layers
     return model.eval(), f"{name} shapes ({layers} layers), seeded random {dtype} weights, not trained"
+
+
+def _fill_experts(model: torch.nn.Module, std: float, seed: int) -> list[torch.nn.Parameter]:
+    """Every routed expert's weight matrices ([E, ...] parameters of the experts modules, ndim >= 3) ~ N(0, std),
+    one expert's slice per task on a pool of torch's thread count, each slice from its own generator seeded by
+    (seed, parameter, expert): the same weights whatever the thread count. Marked initialised; returns them."""
+    params = [p for layer in find_moe_layers(model) for p in layer.experts.parameters() if p.ndim >= 3]
+    cpu = all(p.device.type == "cpu" for p in params)
+    workers = torch.get_num_threads() if cpu else 1
+
+    def fill(job: tuple[int, int]) -> None:
+        i, e = job
+        g = torch.Generator(device=params[i].device).manual_seed(seed * 1_000_003 + i * 10_007 + e)
+        params[i].data[e].normal_(0.0, std, generator=g)
+
+    jobs = [(i, e) for i, p in enumerate(params) for e in range(p.shape[0])]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(fill, jobs))
+    for p in params:
+        p._is_hf_initialized = True
+    return params
