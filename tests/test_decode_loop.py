@@ -134,8 +134,8 @@ def repeated_topic_trace():
 
 def baseline_state(name, policy):
     """The arrays each policy decides from, as bytes."""
-    arrays = {"lru": lambda p: ([p.recency.stale, p.recency.ahead, p.recency.recency.last_used, p.recency.recency.clock]
-                                if p.order == "cycle" else [p.recency.last_used, p.recency.clock]),
+    arrays = {"lru": lambda p: (list(p.recency.state[2:]) if p.order == "cycle"
+                                else [p.recency.last_used, p.recency.clock]),
               "lfu": lambda p: [p.freq.uses, p.freq.recency.last_used],
               "deepspeed": lambda p: [p.state.clock, p.state.last_used],
               "oracle": lambda p: list(p.order),

@@ -16,12 +16,11 @@ from finemoe.errors import ConfigError
 from finemoe.models.default import default_tokenizer
 from finemoe.models.loader import LoadedModel
 from finemoe.policies.lru import LRUPolicy
-from finemoe.policies.trackers import CycleState, RecencyState, touch_cycle
+from finemoe.policies.trackers import CycleState, touch_cycle
 
 
 def cycle_state(L: int, J: int) -> CycleState:
-    return CycleState(RecencyState(J, np.zeros(1), np.full(L * J, -1.0)), L, np.zeros(L), np.full(L * J, -1.0),
-                      np.full(L * J, -np.inf), np.zeros(L * J))
+    return CycleState(J, L, np.zeros(1), np.zeros(L), np.full(L * J, -1.0), np.full(L * J, -np.inf), np.zeros(L * J))
 
 
 def visit(state: CycleState, layer: int, experts: list[int]) -> None:

@@ -1,5 +1,6 @@
 """Per-expert use trackers shared by the on-demand baselines (lru, lfu, moe-infinity, mixtral-offloading, promoe):
-last use (recency) and use counts (frequency) over flat keys (key = layer * J + expert, K = L * J), updated by
+last use (recency), visits of the layer since the last use (cycle: lru's default) and use counts (frequency) over
+flat keys (key = layer * J + expert, K = L * J), updated by
 compiled layer steps (numba) that the policies' `on_access` and the simulator's compiled decode loop both call."""
 from __future__ import annotations
 
@@ -45,14 +46,16 @@ def touch_frequency(layer, experts, counts, state):
 
 
 class CycleState(NamedTuple):
-    """`touch_cycle`'s arrays: recency, L, visits [L] float64 (each layer's visits so far), and per key (K = L * J):
+    """`touch_cycle`'s arrays: J, L, clock [1] float64 (ticks once per touched layer), visits [L] float64 (each
+    layer's visits so far), and per key (K = L * J):
     last_visit [K] float64 = its layer's visit count at its last use (-1: never used);
     stale [K] float64 = minus the visits of its layer since its last use that did not use it (-inf: never used);
     ahead [K] float64 = minus the clock tick of its layer's next visit, expected L ticks after the last one.
     All three change only when the key's layer runs: keys of other layers keep their order as the clock advances."""
 
-    recency: RecencyState
+    J: int
     L: int
+    clock: np.ndarray
     visits: np.ndarray
     last_visit: np.ndarray
     stale: np.ndarray
@@ -61,18 +64,17 @@ class CycleState(NamedTuple):
 
 @njit
 def touch_cycle(layer, experts, counts, state):
-    """`touch_recency`, one more visit of `layer`, and its keys re-ranked: `experts` [n] (ids within `layer`) used
-    at this visit, the others one visit staler; decode visits the layers in order, cyclically, so this layer runs
-    next L ticks from now."""
-    rec = state.recency
-    touch_recency(layer, experts, counts, rec)
-    J = rec.J
+    """One tick of the clock, one more visit of `layer`, and its keys re-ranked: `experts` [n] (ids within `layer`)
+    used at this visit, the others one visit staler; decode visits the layers in order, cyclically, so this layer
+    runs next L ticks from now."""
+    state.clock[0] += 1.0
+    J = state.J
     base = layer * J
     state.visits[layer] += 1.0
     v = state.visits[layer]
     for e in experts:
         state.last_visit[base + e] = v
-    nxt = -(rec.clock[0] + state.L)
+    nxt = -(state.clock[0] + state.L)
     for j in range(J):
         w = state.last_visit[base + j]
         state.stale[base + j] = -np.inf if w < 0 else w - v
@@ -118,11 +120,11 @@ class CycleTracker:
     choice among equals."""
 
     def __init__(self, total: int, num_experts: int) -> None:
-        self.recency = RecencyTracker(total, num_experts)
         L = total // num_experts
         self.stale = np.full(total, -np.inf)
         self.ahead = np.zeros(total)
-        self.state = CycleState(self.recency.state, L, np.zeros(L), np.full(total, -1.0), self.stale, self.ahead)
+        self.state = CycleState(num_experts, L, np.zeros(1), np.zeros(L), np.full(total, -1.0), self.stale, self.ahead)
+        warm_up()
 
     def touch_layer(self, layer: int, experts: np.ndarray) -> None:
         """`experts` [n] int64 (ids within `layer`) used now; the keys of `layer` re-ranked."""
@@ -158,5 +160,5 @@ def warm_up() -> None:
     recency = RecencyState(2, np.zeros(1), np.zeros(2))
     touch_recency(0, one, one, recency)
     touch_frequency(0, one, one, FrequencyState(recency, np.zeros(2)))
-    touch_cycle(0, one, one, CycleState(recency, 1, np.zeros(1), np.full(2, -1.0), np.zeros(2), np.zeros(2)))
+    touch_cycle(0, one, one, CycleState(2, 1, np.zeros(1), np.zeros(1), np.full(2, -1.0), np.zeros(2), np.zeros(2)))
     no_prefetch(0, one, f32, f32, (), one, np.zeros(1))
