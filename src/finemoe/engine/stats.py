@@ -19,7 +19,7 @@ def count_layer_rows(token_rows, topk, experts, hit, cpu, num_experts, row_hits,
     expert a row's tokens chose counts once, as a hit if the device served it resident (experts [n], hit [n] bool),
     else as a miss, and also in row_cpu if the CPU computed it (cpu [m]). token_rows [T] int64 (row of each token,
     < 0: none); topk [T, k] int64 expert ids."""
-    state = np.zeros(num_experts, np.int8)
+    state = np.full(num_experts, _UNSEEN, np.int8)
     for i in range(experts.size):
         state[experts[i]] = _HIT if hit[i] else _MISS
     for e in cpu:
