@@ -161,7 +161,8 @@ def build_random(spec: str, device: str, dtype: torch.dtype, seed: int = 0,
         torch.set_default_dtype(prev)
     if torch.device(device).type != "meta":
         experts = _fill_experts(model, config.initializer_range, seed)
-        others = [(n, p) for n, p in model.named_parameters() if not any(p is e for e in experts)]
+        filled = {id(p) for p in experts}
+        others = [(n, p) for n, p in model.named_parameters() if id(p) not in filled]
         for _, p in others:
             p.data.fill_(float("nan"))          # so that a weight init does not reach cannot pass unnoticed
         model.init_weights()
