@@ -60,14 +60,9 @@ def tiny_spec(name: str, layers: int) -> tuple[str, dict]:
     return f"random:{name}@{layers}", over
 
 
-def build(spec: str, over: dict, dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
-    """build_random with the config overrides `over` (the tiny smoke run's smaller widths), on the CPU by default."""
-    return build_random(spec, device, dtype, seed, over)[0]
-
-
 def layer_bytes(spec: str, over: dict, dtype: torch.dtype) -> tuple[int, int, int]:
     """(routed-expert bytes per MoE layer, other bytes, MoE layers) of the shape, from a meta skeleton."""
-    model = build(spec, over, dtype, device="meta")
+    model = build_random(spec, "meta", dtype, 0, over)[0]
     layers = find_moe_layers(model)
     g = geometry_of(model, layers)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -123,7 +118,7 @@ def load_row(name: str, over: dict, args, dtype: torch.dtype, layers: int) -> di
     spec = f"random:{name}@{layers}"
     root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=args.ckpt_dir))
     try:
-        model = build(spec, over, dtype)
+        model = build_random(spec, "cpu", dtype, 0, over)[0]
         model.save_pretrained(root)
         default_tokenizer().save_pretrained(root)
         del model
@@ -151,7 +146,7 @@ def _context(args) -> int:
 
 
 def _min_budget(spec: str, over: dict, dtype: torch.dtype) -> int:
-    model = build(spec, over, dtype, device="meta")
+    model = build_random(spec, "meta", dtype, 0, over)[0]
     return geometry_of(model, find_moe_layers(model)).min_budget_bytes
 
 
@@ -168,7 +163,7 @@ def run_shape(name: str, args) -> dict:
     say = Progress(name)
     say(f"building {spec} ({dtype})")
     t0 = time.perf_counter()
-    model = build(spec, over, dtype)
+    model = build_random(spec, "cpu", dtype, 0, over)[0]
     built_s = time.perf_counter() - t0
     say("built")
     loaded = LoadedModel(model, default_tokenizer(), spec, f"{spec} (random {dtype})")
