@@ -33,9 +33,8 @@ import time
 
 import torch
 
-from finemoe.errors import ConfigError
-
 from benchmarks_common import device_name, median_seconds, write_json
+from finemoe.errors import ConfigError
 from finemoe.experts.cpu_kernel import TorchKernel, relative_error
 
 FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_fp16",
