@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from finemoe.engine.sampling import SamplingParams
-from finemoe.engine.warmup import STAND_IN_POLICY, WARM_UP_TEXT
+from finemoe.engine.warmup import STAND_IN_POLICY, warm_up_ids
 from finemoe.experts.placement import Placement
 
 DECODE_STEPS = 16   # decode steps timed per candidate
@@ -49,8 +49,7 @@ class PlacementChoice:
 def measure(engine, placement: Placement, budget) -> float:
     """TPOT (s) of the stand-in policy decoding DECODE_STEPS tokens under `placement`, after one untimed run."""
     engine.reconfigure(STAND_IN_POLICY, budget, placement=placement)
-    ids = engine.tokenizer(WARM_UP_TEXT, add_special_tokens=False)["input_ids"] or [engine.pad_id]
-    ids = ids[:max(engine.max_model_len - 2, 1)]
+    ids = warm_up_ids(engine)[:max(engine.max_model_len - 2, 1)]
     params = SamplingParams(max_new_tokens=min(DECODE_STEPS + 1, engine.max_model_len - len(ids)), ignore_eos=True)
     engine.generate([ids], params)
     return float(engine.generate([ids], params)[0].metrics.tpot_s)

@@ -28,12 +28,16 @@ def stand_in(cfg: EngineConfig) -> tuple[str, str | int | float | None]:
     return STAND_IN_POLICY, None if all_resident else cfg.expert_budget
 
 
+def warm_up_ids(engine) -> list[int]:
+    """The warm-up request's prompt: WARM_UP_TEXT's token ids (the pad token where the tokenizer gives none)."""
+    return engine.tokenizer(WARM_UP_TEXT, add_special_tokens=False)["input_ids"] or [engine.pad_id]
+
+
 def warm_up(engine) -> float:
     """Run the warm-up request on `engine` (configured with the stand-in) -> seconds it took, device work included
     (HOST SYNC on CUDA)."""
     t0 = time.perf_counter()
-    ids = engine.tokenizer(WARM_UP_TEXT, add_special_tokens=False)["input_ids"] or [engine.pad_id]
-    engine.generate([ids], SamplingParams(max_new_tokens=WARM_UP_NEW_TOKENS, ignore_eos=True))
+    engine.generate([warm_up_ids(engine)], SamplingParams(max_new_tokens=WARM_UP_NEW_TOKENS, ignore_eos=True))
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     return time.perf_counter() - t0
