@@ -31,9 +31,9 @@ NEW_TOKENS = (24, 12, 24, 20)       # the second request leaves early
 ARRIVALS = (0, 2, 3, 6)             # the step at which each request is queued (staggered)
 
 
-def staggered(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+def staggered(engine: Engine, prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """Queue request i at step ARRIVALS[i], admit first come first served while the batch has room, step until
-    every request is done -> each request's tokens."""
+    every request is done -> (each request's tokens, the KV length per row the batch ended with, per request)."""
     batch = engine.continuous_batch()
     reqs = [engine.make_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
             for p, n in zip(prompts, NEW_TOKENS)]
@@ -44,17 +44,22 @@ def staggered(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
             batch.admit(queue.pop(0))
         batch.step()
         step += 1
-    return [r.output_ids for r in reqs]
+    return [r.output_ids for r in reqs], [batch.kv.length] * len(reqs)
 
 
-def alone(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
-    """Each request by itself through the continuous batch (the next queued only once it is done)."""
-    out = []
+def alone(engine: Engine, prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Each request by itself through its own continuous batch -> (each request's tokens, the KV length per row
+    its batch used: the slot cache's bucket plus its discard column)."""
+    out, lengths = [], []
     for p, n in zip(prompts, NEW_TOKENS):
         req = engine.make_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
-        engine.run_continuous([req])
+        batch = engine.continuous_batch()
+        batch.admit(req)
+        while not batch.done:
+            batch.step()
         out.append(req.output_ids)
-    return out
+        lengths.append(batch.kv.length)
+    return out, lengths
 
 
 def first_diff(got: list[int], want: list[int]) -> int | None:
@@ -93,33 +98,36 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = LoadedModel(model, default_tokenizer(), "qwen1.5-moe-shape-random", "Qwen1.5-MoE-A2.7B shape, random bf16")
     engine = Engine(loaded, EngineConfig(device=args.device, policy="resident", show_progress=False,
                                          max_batch_size=3, max_num_batched_tokens=64, max_model_len=args.max_model_len))
-    kv_len = engine.max_model_len
     ids = [torch.tensor([p], device=args.device) for p in prompts]
     refs = [_reference(model, x, n)[0] for x, n in zip(ids, NEW_TOKENS)]
-    refs_kv = [_reference(model, x, n, kv_len)[0] for x, n in zip(ids, NEW_TOKENS)]
+    refs_at: dict[tuple[int, int], list[int]] = {}      # (request, KV length) -> plain transformers' tokens
     rows, resident_of = [], {}
     for mode in ("alone", "staggered"):
         for policy in ["resident"] + args.policies.split(","):
             engine.reconfigure(policy, None if policy == "resident" else args.budget)
-            got = (alone if mode == "alone" else staggered)(engine, prompts)
+            got, kv_lens = (alone if mode == "alone" else staggered)(engine, prompts)
+            for i, length in enumerate(kv_lens):
+                if (i, length) not in refs_at:
+                    refs_at[i, length] = _reference(model, ids[i], NEW_TOKENS[i], length)[0]
+            refs_kv = [refs_at[i, length] for i, length in enumerate(kv_lens)]
             resident_of.setdefault(mode, got)
             row = {"mode": mode, "policy": policy, "budget": "100%" if policy == "resident" else args.budget,
-                   "requests": len(refs), **compare(got, refs, ""), **compare(got, refs_kv, "_at_engine_kv"),
-                   **compare(got, resident_of[mode], "_vs_resident")}
+                   "requests": len(refs), "engine_kv_lens": kv_lens, **compare(got, refs, ""),
+                   **compare(got, refs_kv, "_at_engine_kv"), **compare(got, resident_of[mode], "_vs_resident")}
             rows.append(row)
             print(f"  {mode} {policy}: {row['requests_exact']}/{len(refs)} requests exact "
                   f"({row['requests_exact_at_engine_kv']} at the engine's KV length, "
                   f"{row['requests_exact_vs_resident']} equal to resident)", flush=True)
     engine.close()
-    result = {"device": device_name(args.device), "torch": torch.__version__, "layers": args.layers,
-              "engine_kv_len": kv_len, "rows": rows,
+    result = {"device": device_name(args.device), "torch": torch.__version__, "layers": args.layers, "rows": rows,
               "alone_exact": all(r["requests_exact"] == r["requests"] for r in rows if r["mode"] == "alone"),
               "offload_equals_resident": all(r["requests_exact_vs_resident"] == r["requests"] for r in rows)}
     write_json(args.out, result)
     print(f"\n{result['device']}, torch {torch.__version__}, {args.layers} layers, prompts {PROMPT_LENS}, "
           f"new tokens {NEW_TOKENS}, prefill chunks of 64 tokens")
     print("exact requests and equal tokens against plain transformers (its KV cache the request's length bucket, and "
-          f"the engine's {kv_len}), and against resident in the same mode; first differing token per request")
+          "the length per row the engine's slot cache used), and against resident in the same mode; first differing "
+          "token per request")
     print(f"{'mode':10s} {'policy':10s} {'budget':>6s} {'plain':>11s} {'plain@kv':>11s} {'resident':>11s} "
           f"{'first diff vs plain':>22s}")
     for r in rows:
