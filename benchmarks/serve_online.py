@@ -206,41 +206,41 @@ def serve_args(args, policy: str, scheduling: str) -> list[str]:
     return a + (["--device", args.device] if args.device else [])
 
 
-def run_policy(args, policy: str) -> dict:
-    """Capacity, batch-1 TPOT and (in-process driver) one replay per scheduling for `policy`."""
+def run_policy(args, policy: str, engine: Engine) -> dict:
+    """Capacity, batch-1 TPOT and (in-process driver) one replay per scheduling for `policy` on `engine`."""
     say = Progress(policy)
-    engine = Engine.from_config(engine_config(args, policy))
-    say("engine started")
-    try:
-        arrivals, prompts, outputs = workload(args, engine.tokenizer)
-        alone = [engine.make_request(p, SamplingParams(max_new_tokens=o, ignore_eos=True))
-                 for p, o in zip(prompts[:args.batch1_requests], outputs)]
-        engine.run([engine.make_request(prompts[0], SamplingParams(max_new_tokens=4))])   # warm-up, unmeasured
-        for r in alone:                        # one request at a time: a batch of one
-            engine.run([r])
-        tpot1 = float(np.median([r.metrics.tpot_s for r in alone if r.metrics.tokens > 1]))
-        say(f"batch-1 TPOT {tpot1 * 1e3:.1f} ms")
-        burst = np.zeros(len(prompts))
-        engine.reconfigure(policy, args.expert_budget)
-        cap = asyncio.run(inprocess_run(engine, "continuous", burst, prompts, outputs))
-        capacity = cap["requests_per_s"]
-        say(f"capacity {capacity:.2f} requests/s")
-        scaled = scale_to_load(arrivals, 1.0 / capacity, args.load)
-        runs = {}
-        for scheduling in args.scheduling:
-            engine.reconfigure(policy, args.expert_budget)      # every run starts from an empty cache and policy
-            if args.driver == "inprocess":
-                runs[scheduling] = asyncio.run(inprocess_run(engine, scheduling, scaled, prompts, outputs))
-                say(f"{scheduling}: {runs[scheduling]['requests_per_s']:.2f} requests/s")
-        return {"policy": policy, "capacity_requests_per_s": capacity, "batch1_tpot_s": tpot1,
-                "capacity_run": {k: v for k, v in cap.items() if k != "samples"}, "runs": runs,
-                "arrivals_s": scaled.tolist(), "prompts": prompts, "outputs": outputs}
-    finally:
-        engine.close()
-        del engine
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()           # the http driver's server process needs the device memory
+    engine.reconfigure(policy, args.expert_budget)
+    arrivals, prompts, outputs = workload(args, engine.tokenizer)
+    alone = [engine.make_request(p, SamplingParams(max_new_tokens=o, ignore_eos=True))
+             for p, o in zip(prompts[:args.batch1_requests], outputs)]
+    engine.run([engine.make_request(prompts[0], SamplingParams(max_new_tokens=4))])   # warm-up, unmeasured
+    for r in alone:                        # one request at a time: a batch of one
+        engine.run([r])
+    tpot1 = float(np.median([r.metrics.tpot_s for r in alone if r.metrics.tokens > 1]))
+    say(f"batch-1 TPOT {tpot1 * 1e3:.1f} ms")
+    burst = np.zeros(len(prompts))
+    engine.reconfigure(policy, args.expert_budget)
+    cap = asyncio.run(inprocess_run(engine, "continuous", burst, prompts, outputs))
+    capacity = cap["requests_per_s"]
+    say(f"capacity {capacity:.2f} requests/s")
+    scaled = scale_to_load(arrivals, 1.0 / capacity, args.load)
+    runs = {}
+    for scheduling in args.scheduling:
+        engine.reconfigure(policy, args.expert_budget)      # every run starts from an empty cache and policy
+        if args.driver == "inprocess":
+            runs[scheduling] = asyncio.run(inprocess_run(engine, scheduling, scaled, prompts, outputs))
+            say(f"{scheduling}: {runs[scheduling]['requests_per_s']:.2f} requests/s")
+    return {"policy": policy, "capacity_requests_per_s": capacity, "batch1_tpot_s": tpot1,
+            "capacity_run": {k: v for k, v in cap.items() if k != "samples"}, "runs": runs,
+            "arrivals_s": scaled.tolist(), "prompts": prompts, "outputs": outputs}
+
+
+def close(engine: Engine) -> None:
+    """Free the engine's device memory (the http driver's server process needs it)."""
+    engine.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def http_runs(args, result: dict) -> None:
@@ -278,13 +278,22 @@ def main(argv=None) -> dict:
               "expert_budget": args.expert_budget, "max_batch_size": args.max_batch_size,
               "max_num_batched_tokens": args.max_num_batched_tokens, "arrivals": args.arrivals,
               "prompts": args.prompts, "policies": []}
+    say = Progress("serve_online")
+    engine = None                  # one model for every policy (in-process); the http driver frees it per policy
     for policy in args.policies:
-        result = run_policy(args, policy)
+        if engine is None:
+            engine = Engine.from_config(engine_config(args, policy))
+            say("engine started")
+        result = run_policy(args, policy, engine)
         if args.driver == "http":
+            close(engine)
+            engine = None
             http_runs(args, result)
         for key in ("prompts", "outputs"):
             result.pop(key)
         report["policies"].append(result)
+    if engine is not None:
+        close(engine)
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
         report["plots"] = plot(report, args.plots)
