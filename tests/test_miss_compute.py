@@ -235,3 +235,32 @@ def test_the_split_follows_what_the_cpu_half_measures(qwen):
     engine.reconfigure("lru", "25%", miss_compute="auto", miss_costs=EVEN)
     fixed = engine.runtime.cpu_misses
     assert not fixed.adapt and fixed.costs == EVEN
+
+
+def test_auto_is_checked_against_gpu_by_timing_and_serves_the_faster(qwen, capsys):
+    """On a GPU `--miss-compute auto` is kept only where the stand-in decodes faster with it than copying every
+    miss (engine/miss_choice.py). The choice itself runs anywhere: here both candidates are timed on the CPU, the
+    faster is recorded with both TPOTs, and the engine then serves under it: where that is gpu, exactly."""
+    engine = engine_for(qwen)
+    want, _, _ = run(engine, "gpu", None, PROMPTS)
+    engine._choose_miss_compute("25%")
+    choice = engine.miss_choice
+    assert choice.chosen_by == "timing" and set(choice.tpot_s) == {"gpu", "auto"}
+    assert choice.mode == min(("gpu", "auto"), key=lambda m: choice.tpot_s[m])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"finemoe: miss compute auto: {choice.mode} (TPOT over 16 decode steps: gpu ")
+    engine.reconfigure("lru", "25%")                      # no mode named: the chosen one stays
+    assert engine.cfg.miss_compute == choice.mode and engine.summary([])["miss_compute_chosen_by"] == "timing"
+    assert (engine.runtime.cpu_misses is None) == (choice.mode == "gpu")
+    tokens = [r.output_ids for r in engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))]
+    if choice.mode == "gpu":
+        assert tokens == want
+
+
+def test_a_named_miss_compute_is_recorded_as_given(qwen):
+    """Benchmarks and tests measure a mode as given: reconfigure(miss_compute=...) is never second-guessed."""
+    engine = engine_for(qwen)
+    assert engine.summary([])["miss_compute_chosen_by"] == "option"    # auto is timed on a GPU only
+    engine.reconfigure("lru", "25%", miss_compute="auto", miss_costs=EVEN)
+    s = engine.summary([])
+    assert (s["miss_compute"], s["miss_compute_chosen_by"], s["miss_compute_tpot_s"]) == ("auto", "reconfigure", None)

@@ -15,8 +15,9 @@ from finemoe.config import EngineConfig, capacity_for
 from finemoe.engine.batch import BatchRunner
 from finemoe.engine.continuous import ContinuousBatch
 from finemoe.engine.cpu_misses import CpuMisses
-from finemoe.engine import placement_choice
+from finemoe.engine import miss_choice, placement_choice
 from finemoe.engine.layer_split import LayerSplit
+from finemoe.engine.miss_choice import MissChoice
 from finemoe.engine.placement_choice import PlacementChoice
 from finemoe.engine import memory_fit
 from finemoe.engine.metrics import aggregate, peak_device_bytes, peak_host_bytes
@@ -102,6 +103,8 @@ class Engine:
         self.miss_costs: MissCosts | None = None     # calibrated at the first configuration that needs them
         self.calibration: calibration.Calibration | None = None   # what that calibration measured
         self.cpu_cost_scale = 1.0     # measured / calibrated CPU-half time so far (engine/cpu_misses.py CpuMisses)
+        # where misses run and how it was decided; auto on a GPU: checked against gpu by timing (_choose_miss_compute)
+        self.miss_choice = MissChoice(cfg.miss_compute, "option")
         self._cpu_kernels: dict[tuple[str, torch.dtype], CpuExpertKernel] = {}   # the CPU half's, built once each
         self.copy_Bps: float | None = None            # pinned H2D bytes/s, measured when the idle issue rule first runs
         self.pools = self.runtime = None
@@ -118,6 +121,11 @@ class Engine:
         hook.activate(self.model, [layer.experts for layer in self.layers])
         if len(cfg.placement_modes) > 1:   # generates: after everything generate reads is set
             self._choose_placement(cfg, choice.budget)
+            self.reconfigure(*first)
+            self._iteration = 0
+        if (cfg.miss_compute == "auto" and self.device.type == "cuda"
+                and not get_policy_class(cfg.policy).keeps_all_resident):
+            self._choose_miss_compute(choice.budget)
             self.reconfigure(*first)
             self._iteration = 0
         self.warm_up_s: float | None = None     # seconds of the one-time warm-up (engine/warmup.py), None: none ran
@@ -138,7 +146,8 @@ class Engine:
         configuration first computes misses on the CPU (again after `cpu_expert_dtype` or `cpu_kernel` changes).
         `placement` replaces the one --devices gives (experts/placement.py; tests: several pools on one CPU);
         `non_expert_placement` (primary or split, one of those the engine planned memory for at start) replaces the
-        mode --devices' placements use. Either is recorded in `placement_choice` and kept by later calls."""
+        mode --devices' placements use. Either is recorded in `placement_choice` and kept by later calls; so is a
+        named `miss_compute` in `miss_choice`."""
         cfg = dataclasses.replace(self.cfg, policy=policy, expert_budget=expert_budget,
                                   policy_options=dict(policy_options or {}),
                                   prefetch_inflight=prefetch_inflight or self.cfg.prefetch_inflight,
@@ -155,13 +164,14 @@ class Engine:
         if placement is not None:
             slots, budget = placement.num_slots, budget * len(placement.devices)
         new_policy = create_policy(policy, **cfg.policy_options)  # errors above leave the engine as it was
+        misses = MissChoice(miss_compute, "reconfigure") if miss_compute else self.miss_choice
         if (cfg.cpu_expert_dtype, cfg.cpu_kernel) != (self.cfg.cpu_expert_dtype, self.cfg.cpu_kernel):
             self.calibration = self.miss_costs = None     # measured again for the new choice
             self.cpu_cost_scale = 1.0
         self.cfg = cfg
         if self.policy is not None:
             self.policy.close()
-        self.policy, self.budget_bytes, self.placement_choice = new_policy, budget, choice
+        self.policy, self.budget_bytes, self.placement_choice, self.miss_choice = new_policy, budget, choice, misses
         for layer in self.layers:  # drop every reference to the old slots before allocating the new ones
             layer.experts.finemoe_layer = None
         self.paths.drop_graphs()   # captured steps read the old pools and runtime
@@ -251,6 +261,13 @@ class Engine:
         candidates = {mode: self.placement(mode, cfg.devices, slots) for mode in cfg.placement_modes}
         self.placement_choice = placement_choice.choose(self, candidates, budget)
 
+    def _choose_miss_compute(self, budget) -> None:
+        """--miss-compute auto on a GPU: time auto against gpu (engine/miss_choice.py) and serve under the faster,
+        recorded in `miss_choice` (chosen by timing, both TPOTs kept); one line on stderr."""
+        choice = miss_choice.choose(self, budget)
+        self.cfg = dataclasses.replace(self.cfg, miss_compute=choice.mode)   # what later reconfigures default to
+        self.miss_choice = choice
+
     def _place_layers(self, placement: Placement | None) -> None:
         """Put the decoder layers where `placement` says (None: all on the first device); when they move, the
         static KV caches (allocated on the layers' old devices) and captured graphs are dropped."""
@@ -303,7 +320,7 @@ class Engine:
 
     def miss_compute_report(self) -> dict:
         """--miss-compute, the CPU threads and the miss costs in use (None when not measured)."""
-        return {"miss_compute": self.cfg.miss_compute, "cpu_threads": torch.get_num_threads(),
+        return {**self.miss_choice.report(), "cpu_threads": torch.get_num_threads(),
                 "cpu_expert_dtype": (str(self.calibration.cpu_dtype).removeprefix("torch.")
                                      if self.calibration is not None else None),
                 "cpu_kernel": self.calibration.kernel if self.calibration is not None else None,

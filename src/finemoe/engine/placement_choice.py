@@ -46,9 +46,10 @@ class PlacementChoice:
         return f"non-expert placement auto: {self.mode} (TPOT over {DECODE_STEPS} decode steps: {times})"
 
 
-def measure(engine, placement: Placement, budget) -> float:
-    """TPOT (s) of the stand-in policy decoding DECODE_STEPS tokens under `placement`, after one untimed run."""
-    engine.reconfigure(STAND_IN_POLICY, budget, placement=placement)
+def measure(engine, budget, **config) -> float:
+    """TPOT (s) of the stand-in policy decoding DECODE_STEPS tokens with the engine reconfigured by `config`
+    (`Engine.reconfigure`'s keywords: a placement, a miss-compute mode), after one untimed run. HOST SYNC."""
+    engine.reconfigure(STAND_IN_POLICY, budget, **config)
     ids = warm_up_ids(engine)[:max(engine.max_model_len - 2, 1)]
     params = SamplingParams(max_new_tokens=min(DECODE_STEPS + 1, engine.max_model_len - len(ids)), ignore_eos=True)
     engine.generate([ids], params)
@@ -57,7 +58,7 @@ def measure(engine, placement: Placement, budget) -> float:
 
 def choose(engine, placements: dict[str, Placement], budget) -> PlacementChoice:
     """Measure every candidate placement (in order; the first wins ties) and print the choice once on stderr."""
-    tpot = {mode: measure(engine, p, budget) for mode, p in placements.items()}
+    tpot = {mode: measure(engine, budget, placement=p) for mode, p in placements.items()}
     modes = list(tpot)
     best = modes[int(np.argmin([tpot[m] for m in modes]))]
     choice = PlacementChoice(best, "timing", tpot)
