@@ -33,7 +33,8 @@ ARRIVALS = (0, 2, 3, 6)             # the step at which each request is queued (
 
 def staggered(engine: Engine, prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
     """Queue request i at step ARRIVALS[i], admit first come first served while the batch has room, step until
-    every request is done -> (each request's tokens, the KV length per row the batch ended with, per request)."""
+    every request is done -> (each request's tokens, the KV length per row the batch ended with, per request:
+    every request here fits one length bucket, so the cache never grows mid-run)."""
     batch = engine.continuous_batch()
     reqs = [engine.make_request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
             for p, n in zip(prompts, NEW_TOKENS)]
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--policies", default="lru,finemoe")
     ap.add_argument("--max-model-len", type=int, default=None,
-                    help="the engine's KV length per request slot (default: the model's, as `serve`)")
+                    help="the engine's context limit (default: the model's, as `serve`); the slot KV cache "
+                         "itself grows to the bucket of the longest running request")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test of this script)")
     ap.add_argument("--out", default=None)

@@ -235,9 +235,9 @@ def run_policy(args, policy: str, engine: Engine) -> dict:
             "arrivals_s": scaled.tolist(), "prompts": prompts, "outputs": outputs}
 
 
-def close(engine: Engine) -> None:
-    """Free the engine's device memory (the http driver's server process needs it)."""
-    engine.close()
+def free_device_memory() -> None:
+    """Collect a dropped engine (its runtime, cache and policy reference each other) and give its cached device
+    memory back: the http driver's server process needs it."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -286,14 +286,15 @@ def main(argv=None) -> dict:
             say("engine started")
         result = run_policy(args, policy, engine)
         if args.driver == "http":
-            close(engine)
+            engine.close()
             engine = None
+            free_device_memory()
             http_runs(args, result)
         for key in ("prompts", "outputs"):
             result.pop(key)
         report["policies"].append(result)
     if engine is not None:
-        close(engine)
+        engine.close()
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
         report["plots"] = plot(report, args.plots)

@@ -13,7 +13,7 @@ import torch
 
 from finemoe import EngineConfig
 from finemoe.cli.main import main
-from finemoe.engine import Engine, SamplingParams
+from finemoe.engine import Engine, SamplingParams, miss_choice
 from finemoe.experts.miss_split import MissCosts
 from finemoe.models.loader import load_model
 from helpers import CONFIGS, TOP_K, save_tiny_checkpoint
@@ -237,30 +237,49 @@ def test_the_split_follows_what_the_cpu_half_measures(qwen):
     assert not fixed.adapt and fixed.costs == EVEN
 
 
-def test_auto_is_checked_against_gpu_by_timing_and_serves_the_faster(qwen, capsys):
+@pytest.mark.parametrize("faster", ["gpu", "auto"])
+@pytest.mark.parametrize("warm_up", [False, True])
+def test_auto_is_timed_against_gpu_at_start_and_serves_the_faster(qwen, monkeypatch, capsys, faster, warm_up):
     """On a GPU `--miss-compute auto` is kept only where the stand-in decodes faster with it than copying every
-    miss (engine/miss_choice.py). The choice itself runs anywhere: here both candidates are timed on the CPU, the
-    faster is recorded with both TPOTs, and the engine then serves under it: where that is gpu, exactly."""
-    engine = engine_for(qwen)
-    want, _, _ = run(engine, "gpu", None, PROMPTS)
-    engine._choose_miss_compute("25%")
-    choice = engine.miss_choice
-    assert choice.chosen_by == "timing" and set(choice.tpot_s) == {"gpu", "auto"}
-    assert choice.mode == min(("gpu", "auto"), key=lambda m: choice.tpot_s[m])
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith(f"finemoe: miss compute auto: {choice.mode} (TPOT over 16 decode steps: gpu ")
-    engine.reconfigure("lru", "25%")                      # no mode named: the chosen one stays
-    assert engine.cfg.miss_compute == choice.mode and engine.summary([])["miss_compute_chosen_by"] == "timing"
-    assert (engine.runtime.cpu_misses is None) == (choice.mode == "gpu")
-    tokens = [r.output_ids for r in engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))]
-    if choice.mode == "gpu":
-        assert tokens == want
+    miss (engine/miss_choice.py); here the CPU engine is timed as a GPU one would be, with the measured TPOTs
+    fixed so that `faster` wins. The engine then serves the configured policy under the winner, and when that is
+    gpu it holds no CPU copy of the experts and is exact."""
+    monkeypatch.setattr(miss_choice, "TIMED_ON", ("cpu",))
+    timed = []
 
+    def measure(engine, budget, miss_compute):
+        timed.append((engine.cfg.policy, budget, miss_compute))
+        return 0.010 if miss_compute == faster else 0.020
 
-def test_a_named_miss_compute_is_recorded_as_given(qwen):
-    """Benchmarks and tests measure a mode as given: reconfigure(miss_compute=...) is never second-guessed."""
-    engine = engine_for(qwen)
-    assert engine.summary([])["miss_compute_chosen_by"] == "option"    # auto is timed on a GPU only
-    engine.reconfigure("lru", "25%", miss_compute="auto", miss_costs=EVEN)
+    monkeypatch.setattr(miss_choice, "measure", measure)
+    cfg = EngineConfig(model=str(qwen), device="cpu", expert_budget="25%", policy="finemoe", miss_compute="auto",
+                       warm_up=warm_up, show_progress=False)
+    engine = Engine(load_model(cfg), cfg)
+    assert [m for _, _, m in timed] == ["gpu", "auto"]
+    assert engine.policy.name == "finemoe" and engine.cfg.miss_compute == faster
     s = engine.summary([])
-    assert (s["miss_compute"], s["miss_compute_chosen_by"], s["miss_compute_tpot_s"]) == ("auto", "reconfigure", None)
+    assert (s["miss_compute"], s["miss_compute_chosen_by"]) == (faster, "timing")
+    assert s["miss_compute_tpot_s"] == {"gpu": 0.010 if faster == "gpu" else 0.020,
+                                        "auto": 0.010 if faster == "auto" else 0.020}
+    line = [x for x in capsys.readouterr().err.splitlines() if "decode steps" in x][0]
+    assert line.startswith(f"finemoe: miss compute auto: {faster} (TPOT over 16 decode steps: gpu ")
+    assert (engine.runtime.cpu_misses is None) == (faster == "gpu")
+    if faster == "gpu":
+        assert engine._cpu_kernels == {} and engine.miss_costs is None
+        want = run(engine_for(qwen), "gpu", None, PROMPTS)[0]
+        engine.reconfigure("lru", "25%")                      # no mode named: the chosen one stays
+        assert engine.runtime.cpu_misses is None
+        got = [r.output_ids for r in engine.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW,
+                                                                             ignore_eos=True))]
+        assert got == want
+
+
+def test_auto_is_not_timed_on_the_cpu_and_a_named_mode_is_recorded_as_given(qwen):
+    """Only a GPU engine times auto at start; benchmarks and tests measure a mode as given:
+    reconfigure(miss_compute=...) is never second-guessed."""
+    cfg = EngineConfig(model=str(qwen), device="cpu", expert_budget="25%", miss_compute="auto", show_progress=False)
+    engine = Engine(load_model(cfg), cfg)
+    assert (engine.summary([])["miss_compute"], engine.summary([])["miss_compute_chosen_by"]) == ("auto", "option")
+    engine.reconfigure("lru", "25%", miss_compute="gpu")
+    s = engine.summary([])
+    assert (s["miss_compute"], s["miss_compute_chosen_by"], s["miss_compute_tpot_s"]) == ("gpu", "reconfigure", None)

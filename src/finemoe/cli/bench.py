@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             "bandwidth_GBps": args.bandwidth if cost else None, "layer_time_ms": args.layer_time_ms if cost else None,
             "host_layer_ms": args.host_layer_ms if cost else None,
             "policy_layer_ms": args.policy_layer_ms if cost else None, "commit": _commit(),
-            "miss_compute": args.miss_compute, "warm_up_s": engine.warm_up_s,
+            "miss_compute_flag": args.miss_compute, "miss_compute": args.miss_compute, "warm_up_s": engine.warm_up_s,
             **(_simulated_miss_report(cost) if cost else engine.miss_compute_report())}
     write_outputs(args.out, summary, per_request, meta)
     from finemoe.eval.plots import plot_summary   # matplotlib (the plot extra): `finemoe --help` must not need it

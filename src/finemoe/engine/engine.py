@@ -123,7 +123,7 @@ class Engine:
             self._choose_placement(cfg, choice.budget)
             self.reconfigure(*first)
             self._iteration = 0
-        if (cfg.miss_compute == "auto" and self.device.type == "cuda"
+        if (cfg.miss_compute == "auto" and self.device.type in miss_choice.TIMED_ON
                 and not get_policy_class(cfg.policy).keeps_all_resident):
             self._choose_miss_compute(choice.budget)
             self.reconfigure(*first)
@@ -267,6 +267,9 @@ class Engine:
         choice = miss_choice.choose(self, budget)
         self.cfg = dataclasses.replace(self.cfg, miss_compute=choice.mode)   # what later reconfigures default to
         self.miss_choice = choice
+        if choice.mode == "gpu":       # nothing runs on the CPU: drop its weight copies (up to 2x the experts' bytes)
+            self._cpu_kernels.clear()
+            self.calibration = self.miss_costs = None
 
     def _place_layers(self, placement: Placement | None) -> None:
         """Put the decoder layers where `placement` says (None: all on the first device); when they move, the

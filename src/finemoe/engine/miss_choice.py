@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from finemoe.engine.placement_choice import DECODE_STEPS, measure
 
 CHOSEN_BY = ("option", "timing", "reconfigure")
+TIMED_ON = ("cuda",)             # device types whose engines time auto at start (tests add "cpu")
 CANDIDATES = ("gpu", "auto")     # in order: the first wins ties (exact)
 
 
