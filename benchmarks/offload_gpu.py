@@ -32,9 +32,13 @@ CPU smoke run (tiny widths): --device cpu --tiny.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import dataclasses
 import json
 import os
+import pstats
+import sys
 import tempfile
 import time
 
@@ -98,6 +102,26 @@ def agreement(want: list, got: list, want_logits: list, got_logits: list) -> dic
     return {"token_agreement": same / total if total else float("nan"), "max_rel_logit_error": worst}
 
 
+@contextlib.contextmanager
+def host_profile(out_dir: str | None, name: str):
+    """cProfile the block into out_dir/name.pstats and print its ten functions of most own (self) time; nothing
+    when out_dir is None."""
+    if out_dir is None:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        os.makedirs(out_dir, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        prof.dump_stats(os.path.join(out_dir, f"{safe}.pstats"))
+        print(f"  host profile of {name} (own time):", flush=True)
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(10)
+
+
 def tpot(engine: Engine, reqs: list) -> float:
     return engine.summary(reqs)["tpot_s"]
 
@@ -136,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cpu-threads", type=int, default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small widths (CPU smoke test of this script)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="profile every row's serving on the host (cProfile): DIR/<row>.pstats, and each row's ten "
+                         "functions of most own time printed (rows are slower while profiled)")
     ap.add_argument("--out", default="offload_gpu.json")
     args = ap.parse_args(argv)
     modes, issues = args.modes.split(","), args.prefetch.split(",")
@@ -214,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
                         mc = cpu_half.costs if cpu_half is not None else engine.calibration.costs   # as the row starts
                         scale_start = cpu_half.scale if cpu_half is not None else None
                         keep = len(modes) > 1
-                        reqs, logits = serve(engine, replay, held, keep=keep)
+                        with host_profile(args.profile, f"{label}-{budget}-{issue}-{mode}-{dtype or ''}"):
+                            reqs, logits = serve(engine, replay, held, keep=keep)
                         s = engine.summary(reqs)
                         tokens = s["output_tokens"]
                         row = {"policy": label, "policy_name": policy, "policy_options": v.options,

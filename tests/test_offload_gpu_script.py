@@ -57,3 +57,17 @@ def test_policy_variants_are_rows_of_their_own(tmp_path):
     rows = [(r["policy"], r["policy_name"], r["policy_options"]) for r in result["rows"]]
     assert rows == [("lru", "lru", {}), ("lru/order=recency", "lru", {"order": "recency"})]
     assert set(result["policy_layer_ms"]) == {"lru", "lru/order=recency"}
+
+
+def test_profile_writes_one_host_profile_per_row(tmp_path, capsys):
+    """--profile DIR: each row's serving under cProfile, saved as DIR/<row>.pstats and summarised on stdout."""
+    import pstats
+    bench = load_benchmark("offload_gpu")
+    bench.main(["--trace", synthetic_trace(tmp_path / "t.safetensors"), "--device", "cpu", "--tiny",
+                "--split", "0.5", "--calibrate", "1", "--policies", "lru,finemoe", "--prefetch", "off",
+                "--modes", "gpu", "--profile", str(tmp_path / "prof"), "--out", str(tmp_path / "o.json")])
+    files = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    assert files == ["finemoe-25_-off-gpu-.pstats", "lru-25_-off-gpu-.pstats"]
+    stats = pstats.Stats(str(tmp_path / "prof" / files[0]))
+    assert any(func[2] == "begin_layer" for func in stats.stats)       # the engine's per-layer host work is in it
+    assert "host profile of finemoe-25%-off-gpu- (own time):" in capsys.readouterr().out
