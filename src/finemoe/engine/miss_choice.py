@@ -5,7 +5,7 @@ The auto split (experts/miss_split.py) minimises each layer's finish time under 
 (experts/calibration.py: one expert copied, one expert computed on the CPU). What the CPU half costs outside its
 own time is not in those costs: the copies slowed while the CPU reads host memory, the hybrid graph segments' extra
 work (docs/RESULTS.md section 7 measured about 0.3 ms per CPU-computed expert on the H100 host). So on a GPU the
-engine also times the warm-up's stand-in policy (lru at the configured budget, placement_choice.measure: the same
+engine also times the warm-up's stand-in policy (lru at the configured budget, engine/timed_choice.py: the same
 request, an untimed run first) decoding under `auto` and under `gpu`, and serves in `auto` only when it was faster;
 otherwise in `gpu` mode, which is exact. One line on stderr says what was measured and chosen.
 
@@ -17,10 +17,9 @@ miss_compute_tpot_s.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
-from finemoe.engine.placement_choice import DECODE_STEPS, measure
+from finemoe.engine.timed_choice import TimedChoice, decided, measure
 
 CHOSEN_BY = ("option", "timing", "reconfigure")
 TIMED_ON = ("cuda",)             # device types whose engines time auto at start (tests add "cpu")
@@ -28,27 +27,18 @@ CANDIDATES = ("gpu", "auto")     # in order: the first wins ties (exact)
 
 
 @dataclass(frozen=True)
-class MissChoice:
-    mode: str                                # gpu, cpu or auto: what the engine's misses run under
-    chosen_by: str                           # one of CHOSEN_BY (module docstring)
-    tpot_s: dict[str, float] | None = None   # timing: measured TPOT of each candidate; else None
+class MissChoice(TimedChoice):
+    what = "miss compute"
 
     def report(self) -> dict:
-        """The engine summary's fields."""
         return {"miss_compute": self.mode, "miss_compute_chosen_by": self.chosen_by,
                 "miss_compute_tpot_s": self.tpot_s}
 
     def describe(self) -> str:
-        times = ", ".join(f"{m} {1e3 * t:.2f} ms" for m, t in self.tpot_s.items())
-        note = "" if self.mode == "auto" else "; misses are copied (exact)"
-        return f"miss compute auto: {self.mode} (TPOT over {DECODE_STEPS} decode steps: {times}){note}"
+        return super().describe() + ("" if self.mode == "auto" else "; misses are copied (exact)")
 
 
 def choose(engine, budget) -> MissChoice:
     """Time the stand-in policy under each of CANDIDATES at `budget` (HOST SYNC) and print the choice once on
     stderr; the engine is left reconfigured for the last candidate timed."""
-    tpot = {mode: measure(engine, budget, miss_compute=mode) for mode in CANDIDATES}
-    best = min(CANDIDATES, key=lambda m: tpot[m])     # min keeps the first of equals: gpu
-    choice = MissChoice(best, "timing", tpot)
-    print(f"finemoe: {choice.describe()}", file=sys.stderr)
-    return choice
+    return decided(MissChoice, {mode: measure(engine, budget, miss_compute=mode) for mode in CANDIDATES})
