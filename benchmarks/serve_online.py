@@ -207,9 +207,9 @@ def serve_args(args, policy: str, scheduling: str) -> list[str]:
 
 
 def run_policy(args, policy: str, engine: Engine) -> dict:
-    """Capacity, batch-1 TPOT and (in-process driver) one replay per scheduling for `policy` on `engine`."""
+    """Capacity, batch-1 TPOT and (in-process driver) one replay per scheduling for `policy` on `engine`, which is
+    configured with it."""
     say = Progress(policy)
-    engine.reconfigure(policy, args.expert_budget)
     arrivals, prompts, outputs = workload(args, engine.tokenizer)
     alone = [engine.make_request(p, SamplingParams(max_new_tokens=o, ignore_eos=True))
              for p, o in zip(prompts[:args.batch1_requests], outputs)]
@@ -284,6 +284,8 @@ def main(argv=None) -> dict:
         if engine is None:
             engine = Engine.from_config(engine_config(args, policy))
             say("engine started")
+        else:
+            engine.reconfigure(policy, args.expert_budget)
         result = run_policy(args, policy, engine)
         if args.driver == "http":
             engine.close()
