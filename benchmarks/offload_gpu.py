@@ -21,8 +21,9 @@ the first `--calibrate` build requests, never on held-out ones: copy rate and CP
 calibration (experts/calibration.py; one per CPU weight dtype), the CPU costs scaled as the engine's split had them
 when the row started (engine/cpu_misses.py: the ratio of measured to calibrated CPU-half time, learned first on the
 calibration requests, then carried from row to row), layer time from `resident`, host round trip per
-layer from lru at 100% once warm, finemoe's and moe-infinity's policy time per layer from their gpu runs on the
-calibration requests. finemoe and moe-infinity learn their simulated histories from the build part, as the engine's
+layer from lru at 100% once warm, each policy's host time from its gpu run on the calibration requests against
+lru's at the same budget (HostCosts: before each layer's compute, serial; beside it; between iterations, serial).
+finemoe and moe-infinity learn their simulated histories from the build part, as the engine's
 did. Its error against the engine is reported per row.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/offload_gpu.py --trace .carry/refmoe_lmsys64.safetensors \\
@@ -41,6 +42,7 @@ import pstats
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -126,10 +128,24 @@ def tpot(engine: Engine, reqs: list) -> float:
     return engine.summary(reqs)["tpot_s"]
 
 
-def policy_layer_s(engine: Engine, layers: int) -> float:
-    """The policy's own host time per layer (its critical path), 0 for policies that do not measure it."""
-    crit, its = getattr(engine.policy, "critical_s", None), getattr(engine.policy, "iterations", 0)
-    return crit / its / layers if crit is not None and its else 0.0
+class HostCosts(NamedTuple):
+    """What the simulator charges one policy's host work, from the engine's host timing (engine/stats.py HostTiming)
+    on the calibration requests, against lru's at the same budget (whose host work the round trip `host_layer`
+    already holds): `serial_layer_s` before each layer's compute (added to the round trip), `overlap_layer_s`
+    beside it (CostModel.policy_layer_s), `iteration_s` between iterations (CostModel.policy_iteration_s)."""
+
+    serial_layer_s: float
+    overlap_layer_s: float
+    iteration_s: float
+
+
+def measured_host_costs(engine: Engine, reference: dict | None) -> tuple[HostCosts, dict]:
+    """(the engine's host costs against `reference`, its host timing report); reference None: this run is lru's."""
+    own = engine.runtime.totals.host.report()
+    ref, ms = reference or own, 1e-3
+    return HostCosts(max(own["host_before_compute_ms_per_layer"] - ref["host_before_compute_ms_per_layer"], 0) * ms,
+                     own["host_after_compute_ms_per_layer"] * ms,
+                     max(own["host_policy_ms_per_iteration"] - ref["host_policy_ms_per_iteration"], 0) * ms), own
 
 
 def dtype_label(row: dict) -> str:
@@ -200,8 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
     host_embed = torch.nn.Embedding.from_pretrained(engine.model.get_input_embeddings().weight.detach().cpu())
     build_trace, held_trace = subset(trace, build), subset(trace, held)
 
+    engine.reconfigure("lru", budgets[0], miss_compute="gpu", prefetch_issue="inflight")
+    serve(engine, replay, calib)
+    _, lru_host = measured_host_costs(engine, None)     # the reference of every policy's host costs
+
     # histories, learned once (budget-independent) from the build part, engine and simulator alike
-    opts_of, sim_opts_of, sim_kw_of, p_layer = {}, {}, {}, {}
+    opts_of, sim_opts_of, sim_kw_of, host_costs, host_timing = {}, {}, {}, {}, {}
     for v in variants:
         policy, label = v.policy, v.label
         opts, sim_opts, sim_kw = dict(v.options), dict(v.options), {}
@@ -225,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine.reconfigure(policy, budgets[0], opts, miss_compute="gpu", prefetch_issue="inflight")
         serve(engine, replay, calib)
         opts_of[label], sim_opts_of[label], sim_kw_of[label] = opts, sim_opts, sim_kw
-        p_layer[label] = policy_layer_s(engine, L)
+        host_costs[label], host_timing[label] = measured_host_costs(engine, lru_host)
 
     rows = []
     for budget in budgets:
@@ -265,9 +285,10 @@ def main(argv: list[str] | None = None) -> dict:
                         elif keep:
                             row.update(agreement(gpu_row[0], reqs, gpu_row[1], logits))
                         if args.simulate:
+                            hc = host_costs[label]
                             cost = CostModel(engine.geometry.expert_bytes, engine.geometry.expert_bytes / mc.copy_s,
-                                             layer_time, host_layer, p_layer[label], mc.cpu_s, mc.cpu_token_s,
-                                             mc.cpu_fixed_s)
+                                             layer_time, host_layer + hc.serial_layer_s, hc.overlap_layer_s,
+                                             mc.cpu_s, mc.cpu_token_s, mc.cpu_fixed_s, hc.iteration_s)
                             sim = Replay(held_trace, policy, budget, cost, sim_opts_of[label],
                                          miss_compute=mode, issue=PrefetchIssue(issue), **sim_kw_of[label]).run()
                             row.update(sim_tpot_s=sim["tpot_s"], sim_hit_rate=sim["hit_rate"],
@@ -282,7 +303,10 @@ def main(argv: list[str] | None = None) -> dict:
               "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(), "trace": args.trace,
               "layers": L, "build_requests": len(build), "eval_requests": len(held),
               "calibration_requests": len(calib), "layer_time_ms": layer_time * 1e3, "host_layer_ms": host_layer * 1e3,
-              "policy_layer_ms": {p: v * 1e3 for p, v in p_layer.items()},
+              "policy_layer_ms": {p: c.overlap_layer_s * 1e3 for p, c in host_costs.items()},
+              "policy_serial_layer_ms": {p: c.serial_layer_s * 1e3 for p, c in host_costs.items()},
+              "policy_iteration_ms": {p: c.iteration_s * 1e3 for p, c in host_costs.items()},
+              "host_timing_lru": lru_host, "host_timing": host_timing,
               "calibrations": {d: {"costs": dataclasses.asdict(c.costs), "cpu_dtype": str(c.cpu_dtype),
                                    "cpu_kernel": c.kernel, "kt_error": c.kt_error, "kt_skipped": c.kt_skipped,
                                    "cpu_ms_by_kernel": {k: {str(t): s * 1e3 for t, s in v.items()}
@@ -296,6 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(result, f, indent=1)
     print(f"\n{result['device']}; {L} layers; {len(held)} held-out requests, batch 1; "
           f"{result['cpu_threads']} CPU threads; layer {layer_time * 1e3:.3f} ms, host {host_layer * 1e3:.3f} ms")
+    print("host ms before compute / beside compute per layer, policy per iteration (gpu, calibration requests): "
+          + "; ".join(f"{p} " + "/".join(f"{v:.3f}" for v in t.values()) for p, t in
+                      {"lru (reference)": lru_host, **host_timing}.items()))
     for d, c in calibrations.items():
         print(f"--cpu-expert-dtype {d}: " + "; ".join(
             f"{k} " + ", ".join(f"{t} tok {s * 1e3:.3f}" for t, s in v.items()) for k, v in c.cpu_s_by_dtype.items())

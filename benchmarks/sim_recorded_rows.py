@@ -123,8 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
         calib = result["calibrations"][row["cpu_dtype_choice"] or next(iter(result["calibrations"]))]["costs"]
 
         def predict(cpu_s: float, cpu_token_s: float, cpu_layer_s: float, row=row, calib=calib) -> dict:
-            cost = CostModel(eb, eb / calib["copy_s"], result["layer_time_ms"] * ms, result["host_layer_ms"] * ms,
-                             result["policy_layer_ms"].get(row["policy"], 0.0) * ms, cpu_s, cpu_token_s, cpu_layer_s)
+            p = row["policy"]   # the host costs per policy (runs recorded before the serial ones were split: 0)
+            cost = CostModel(eb, eb / calib["copy_s"], result["layer_time_ms"] * ms,
+                             (result["host_layer_ms"] + result.get("policy_serial_layer_ms", {}).get(p, 0.0)) * ms,
+                             result["policy_layer_ms"].get(p, 0.0) * ms, cpu_s, cpu_token_s, cpu_layer_s,
+                             result.get("policy_iteration_ms", {}).get(p, 0.0) * ms)
             policy = row_policy(row)[0]
             sim = Replay(held_trace, policy, row["budget"], cost, options[row["policy"]],
                          miss_compute=row["mode"], issue=PrefetchIssue(row["prefetch_issue"]),

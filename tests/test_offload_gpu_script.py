@@ -56,7 +56,9 @@ def test_policy_variants_are_rows_of_their_own(tmp_path):
                          "--modes", "gpu", "--out", str(tmp_path / "o.json")])
     rows = [(r["policy"], r["policy_name"], r["policy_options"]) for r in result["rows"]]
     assert rows == [("lru", "lru", {}), ("lru/order=recency", "lru", {"order": "recency"})]
-    assert set(result["policy_layer_ms"]) == {"lru", "lru/order=recency"}
+    for key in ("policy_layer_ms", "policy_serial_layer_ms", "policy_iteration_ms", "host_timing"):
+        assert set(result[key]) == {"lru", "lru/order=recency"}     # each policy's host costs, for the simulator
+    assert all(v >= 0 for key in ("policy_serial_layer_ms", "policy_iteration_ms") for v in result[key].values())
 
 
 def test_profile_writes_one_host_profile_per_row(tmp_path, capsys):

@@ -12,6 +12,7 @@ from conftest import require_shared
 from finemoe import EngineConfig
 from finemoe.cli.main import main
 from finemoe.engine import Engine, SamplingParams
+from finemoe.errors import ConfigError
 from finemoe.experts.miss_split import MODES, MissCosts
 from finemoe.simulator import CostModel, Replay, SimulationError, TimedTransport, simulate
 from finemoe.traces import Trace
@@ -65,6 +66,16 @@ def test_policy_host_time_longer_than_the_layer_delays_the_next_layer():
     assert (resident["ttft_s"], resident["tpot_s"]) == (1.0, 1.0)  # no policy work when all is resident
     shorter = simulate(two_layer_trace(), ["lru"], ["100%"], dataclasses.replace(cost, policy_layer_s=0.25))[0]
     assert (shorter["ttft_s"], shorter["tpot_s"]) == (1.0, 1.0)    # hidden under the layer's compute
+
+
+def test_policy_iteration_time_is_serial_once_per_iteration():
+    """The policy's iteration start and end run while the device idles between iterations: never hidden."""
+    cost = CostModel(expert_bytes=1, bandwidth_Bps=float("inf"), layer_time_s=0.5, policy_iteration_s=0.25)
+    lru, resident = simulate(two_layer_trace(), ["lru", "resident"], ["100%"], cost)
+    assert (lru["ttft_s"], lru["tpot_s"]) == (1.25, 1.25)          # 0.25 + 2 layers x 0.5, per iteration
+    assert (resident["ttft_s"], resident["tpot_s"]) == (1.0, 1.0)  # no policy work when all is resident
+    with pytest.raises(ConfigError, match="per iteration"):
+        CostModel(expert_bytes=1, policy_iteration_s=-1.0)
 
 
 @pytest.mark.parametrize("policy", ["mixtral-offloading", "promoe"])

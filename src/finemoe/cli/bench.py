@@ -133,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
             "expert_bytes": cost.expert_bytes if cost else engine.geometry.expert_bytes,
             "bandwidth_GBps": args.bandwidth if cost else None, "layer_time_ms": args.layer_time_ms if cost else None,
             "host_layer_ms": args.host_layer_ms if cost else None,
-            "policy_layer_ms": args.policy_layer_ms if cost else None, "commit": _commit(),
+            "policy_layer_ms": args.policy_layer_ms if cost else None,
+            "policy_iteration_ms": args.policy_iteration_ms if cost else None, "commit": _commit(),
             "miss_compute_flag": args.miss_compute, "miss_compute": args.miss_compute, "warm_up_s": engine.warm_up_s,
             **(_simulated_miss_report(cost) if cost else engine.miss_compute_report())}
     write_outputs(args.out, summary, per_request, meta)

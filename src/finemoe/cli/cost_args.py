@@ -32,6 +32,10 @@ def add_cost_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--policy-layer-ms", type=float, default=0.0,
                    help=f"{prefix}the policy's own host time per layer, spent while the layer computes (the next "
                         "layer starts after the longer of the two)")
+    p.add_argument("--policy-iteration-ms", type=float, default=0.0,
+                   help=f"{prefix}the policy's own host time once per iteration (its iteration start and end), while "
+                        "the device idles between iterations (the engine's summary reports it: "
+                        "host_policy_ms_per_iteration)")
     p.add_argument("--expert-bytes", type=int, default=None,
                    help=f"{prefix}cost every expert as this many bytes (default: the recorded model's expert size)")
     add_cpu_cost_args(p, prefix)
@@ -96,4 +100,5 @@ def cost_model(args: argparse.Namespace, expert_bytes: int, modes: list[str]):
 
     cpu_expert_s, cpu_token_s, cpu_layer_s = cpu_costs(args, modes)
     return CostModel(int(args.expert_bytes or expert_bytes), bandwidth(args.bandwidth), args.layer_time_ms / 1e3,
-                     args.host_layer_ms / 1e3, args.policy_layer_ms / 1e3, cpu_expert_s, cpu_token_s, cpu_layer_s)
+                     args.host_layer_ms / 1e3, args.policy_layer_ms / 1e3, cpu_expert_s, cpu_token_s, cpu_layer_s,
+                     args.policy_iteration_ms / 1e3)

@@ -463,7 +463,7 @@ class Engine:
             "experts_impl": f"finemoe over {self.reference_impl}", "decode_path": self.decode_path,
             "compiled_modules": self.compiled_modules,
             "hits_per_layer": t.hits.tolist(), "misses_per_layer": t.misses.tolist(),
-            **self.miss_compute_report(), "runtime_cpu_experts": t.cpu_experts,
+            **self.miss_compute_report(), "runtime_cpu_experts": t.cpu_experts, **t.host.report(),
             **(self.runtime.cpu_misses.timing.report() if self.runtime.cpu_misses is not None else {}),
             "prefetch_copies": self.cache.prefetch_copies, "wasted_prefetches": self.cache.wasted_prefetches,
             "host_expert_bytes": self.store.nbytes, "device_slot_bytes": sum(p.nbytes for p in self.device_pools),

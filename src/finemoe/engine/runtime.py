@@ -19,6 +19,8 @@ replays (`begin_replayed_layer`), and each segment computes its layer with `capt
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -100,6 +102,7 @@ class OffloadRuntime:
         self._row_misses = np.zeros(0, np.int64)
         self._row_cpu = np.zeros(0, np.int64)
         self._bytes_at_start = 0
+        self._routed_at = 0.0                        # host clock when the current layer's routing sync returned
         self._resident_topk: list[tuple[int, torch.Tensor]] = []
 
     def _make_router_hook(self, index: int):
@@ -130,15 +133,21 @@ class OffloadRuntime:
         self._row_misses = np.zeros(B, np.int64)
         self._row_cpu = np.zeros(B, np.int64)
         self._bytes_at_start = self.cache.transport.bytes_copied
+        t0 = time.perf_counter()
         self.cache.begin_iteration(self.policy.on_iteration_start(it))
+        self.totals.host.iteration_s += time.perf_counter() - t0
 
     def end_iteration(self) -> IterationStats:
         assert self._it is not None
         if self._resident_topk:
             self._count_resident_hits()
         stall = self.cache.transport.drain_stall_seconds()
+        t0 = time.perf_counter()
         self.policy.on_iteration_end(self._it)
         self.cache.end_iteration()
+        host = self.totals.host
+        host.iteration_s += time.perf_counter() - t0
+        host.iterations += 1
         copied = self.cache.transport.bytes_copied - self._bytes_at_start
         self.totals.bytes_copied += copied
         self.totals.stall_s += stall
@@ -231,6 +240,7 @@ class OffloadRuntime:
         if router_out is not None:
             self._router_out[layer] = router_out
         topk = self._sync_routing_to_host(top_k_index)          # [T, k] numpy
+        self._routed_at = time.perf_counter()
         need = topk if self._live_tokens is None else topk[self._live_tokens]
         experts, counts = distinct_experts(need, self.g.num_experts)
         routing = self._routing(layer, top_k_index)             # queued before any copy wait
@@ -255,11 +265,17 @@ class OffloadRuntime:
     def finish_layer(self, step: LayerStep) -> None:
         """Host work after layer `step.layer`'s experts compute was issued (every wave, on the waves path):
         release its slots (recording the last use), let the policy see the routing (prefetches queue behind
-        demand), count hits. HOST SYNC: the router probabilities' snapshot, when the policy reads them."""
+        demand), count hits. HOST SYNC: the router probabilities' snapshot, when the policy reads them.
+        Times the host work since the routing sync and here (totals.host)."""
+        t0 = time.perf_counter()
         if step.demand.routing.probs is not None:
             self._snapshots.wait(step.layer)
         self.sequence.finish(step.demand)
         self._record(step.layer, step.topk, step.experts, step.demand.hit, step.demand.cpu)
+        host = self.totals.host
+        host.before_s += t0 - self._routed_at
+        host.after_s += time.perf_counter() - t0
+        host.layers += 1
 
     def _look_ahead(self, layer: int, hidden: torch.Tensor) -> None:
         """Prefill lookahead: while this layer computes, start copying the experts that layer `layer`'s own

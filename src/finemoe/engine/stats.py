@@ -94,6 +94,31 @@ class LayerCut:
 
 
 @dataclass
+class HostTiming:
+    """Host wall seconds of the offload runtime's own work, split by what the device does meanwhile (the
+    simulator charges each part that way: docs/POLICIES.md, "The simulator's clock"):
+      before_s     per offloaded layer, from the routing sync's return until the layer's experts are issued (the
+                   compute stream has drained up to the router: the device waits; in hybrid modes this includes the
+                   CPU half); the engine's routing snapshot and cache work, the policy's `on_access`
+      after_s      per offloaded layer, `finish_layer`: release, the policy's `on_layer_routed`, prefetch issue (the
+                   layer computes meanwhile)
+      iteration_s  per iteration, the policy's `on_iteration_start` and `on_iteration_end` with the cache's iteration
+                   bracket (the device idles between iterations)"""
+
+    layers: int = 0
+    iterations: int = 0
+    before_s: float = 0.0
+    after_s: float = 0.0
+    iteration_s: float = 0.0
+
+    def report(self) -> dict:
+        per_layer, per_it = max(self.layers, 1), max(self.iterations, 1)
+        return {"host_before_compute_ms_per_layer": 1e3 * self.before_s / per_layer,
+                "host_after_compute_ms_per_layer": 1e3 * self.after_s / per_layer,
+                "host_policy_ms_per_iteration": 1e3 * self.iteration_s / per_it}
+
+
+@dataclass
 class RuntimeTotals:
     hits: np.ndarray          # [L]
     misses: np.ndarray        # [L]
@@ -101,4 +126,5 @@ class RuntimeTotals:
     stall_s: float = 0.0
     iterations: int = 0
     cpu_experts: int = 0      # missed experts computed on the CPU (counted in misses too)
+    host: HostTiming = field(default_factory=HostTiming)
     extra: dict = field(default_factory=dict)

@@ -153,6 +153,8 @@ class Replay:
         it = IterationInfo(self.iteration, [self.trace.request_ids[r]], [i], input_ids, i == 0)
         self.iteration += 1
         cache, policy = self.cache, self.policy
+        if not self.all_resident:        # the policy's iteration work, the device idle (resident: none, as per layer)
+            self.transport.advance(self.cost.policy_iteration_s)
         cache.begin_iteration(policy.on_iteration_start(it))
         probs = (self.trace.probs[a:b].astype(np.float32)                                     # [T, L, J]
                  if self.reports_routing and policy.needs_router_probs else None)

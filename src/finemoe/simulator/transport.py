@@ -42,7 +42,10 @@ class CostModel:
     run - resident TPOT) / layers). Resident runs have no such round trip. policy_layer_s: the policy's
     own host time per layer (its `on_layer_routed` and eviction choices), which the engine spends while
     the layer computes: the next layer starts after max(layer_time_s, policy_layer_s); calibrate it from
-    the engine's `critical_path_s_per_iteration` / layers on separate requests.
+    the engine's `host_after_compute_ms_per_layer` on separate requests. policy_iteration_s: the policy's
+    host time once per iteration (its `on_iteration_start` and `on_iteration_end`), while the device idles between
+    iterations: charged at each iteration's start; calibrate it from the engine's `host_policy_ms_per_iteration`
+    (beyond that of the run `host_layer_s` was calibrated on).
     cpu_expert_s, cpu_token_s, cpu_layer_s: a missed expert computed on the host CPU (`--miss-compute cpu|auto`)
     for one token, each further token of the same expert, and once per layer with any (the hidden states' round
     trip): the engine's calibration prints them (experts/calibration.py)."""
@@ -55,6 +58,7 @@ class CostModel:
     cpu_expert_s: float = 0.0
     cpu_token_s: float = 0.0
     cpu_layer_s: float = 0.0
+    policy_iteration_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.expert_bytes < 1:
@@ -67,6 +71,8 @@ class CostModel:
             raise ConfigError(f"host time per layer must be >= 0, got {self.host_layer_s}")
         if self.policy_layer_s < 0:
             raise ConfigError(f"policy time per layer must be >= 0, got {self.policy_layer_s}")
+        if self.policy_iteration_s < 0:
+            raise ConfigError(f"policy time per iteration must be >= 0, got {self.policy_iteration_s}")
         MissCosts(self.copy_s, self.cpu_expert_s, self.cpu_token_s, self.cpu_layer_s)   # checks the CPU times
 
     @property
