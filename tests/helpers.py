@@ -13,6 +13,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+from finemoe.engine import Engine
 from finemoe.models.default import default_tokenizer
 from finemoe.traces.format import Trace
 
@@ -147,3 +148,16 @@ def topic_trace(seed=0, R=8, L=6, J=16, k=2, prompt=3, iters=10):
     return Trace("topics", L, J, k, offsets=np.arange(R + 1) * rows, prompt_lens=np.full(R, prompt),
                  iterations=np.full(R, iters), token_ids=rng.integers(0, 50, R * rows), topk=topk,
                  probs=probs.astype(np.float16), expert_bytes=1000)
+
+
+class LogitsEngine(Engine):
+    """Keeps every iteration's last-token logits [B, V]."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.logits: list[torch.Tensor] = []
+
+    def iterate(self, it, token_rows, forward):
+        out = super().iterate(it, token_rows, forward)
+        self.logits.append(out.clone())
+        return out

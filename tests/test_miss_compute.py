@@ -16,26 +16,13 @@ from finemoe.cli.main import main
 from finemoe.engine import Engine, SamplingParams, miss_choice
 from finemoe.experts.miss_split import MissCosts
 from finemoe.models.loader import load_model
-from helpers import CONFIGS, TOP_K, save_tiny_checkpoint
+from helpers import LogitsEngine, CONFIGS, TOP_K, save_tiny_checkpoint
 
 PROMPTS = ["Hello", "The quick brown fox", "a"]     # batch 3: rows of different lengths, left-padded
 MAX_NEW = 5
 COPY_CHEAP = MissCosts(copy_s=0.0, cpu_s=1.0)       # auto keeps every miss on the device
 CPU_CHEAP = MissCosts(copy_s=1.0, cpu_s=0.0)        # auto computes every miss on the CPU
 EVEN = MissCosts(copy_s=1.0, cpu_s=1.0)             # auto splits a layer's misses about in half
-
-
-class LogitsEngine(Engine):
-    """Keeps every iteration's last-token logits [B, V]."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.logits: list[torch.Tensor] = []
-
-    def iterate(self, it, token_rows, forward):
-        out = super().iterate(it, token_rows, forward)
-        self.logits.append(out.clone())
-        return out
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -88,6 +88,16 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 NON_EXPERT_PLACEMENTS = ("auto", *PLACEMENT_MODES)   # experts/placement.py's modes, or auto: the faster one
+EXPERT_TRANSFERS = ("plain", "packed")
+
+
+def check_packed_miss_compute(miss_compute: str) -> None:
+    """--expert-transfer packed holds no plain host copy for a CPU half to read: only --miss-compute gpu."""
+    if miss_compute != "gpu":
+        raise ConfigError(f"--expert-transfer packed computes every miss on the device (--miss-compute gpu); "
+                          f"--miss-compute {miss_compute} reads plain host weights: use --expert-transfer plain")
+
+
 DEFAULT_STEP_TOKENS = 2048   # max_num_batched_tokens when not given (at least max_batch_size)
 
 
@@ -140,6 +150,9 @@ class EngineConfig:
     cpu_kernel: what computes CPU-computed experts (experts/cpu_kernel.py): torch (the model's eager experts
         function, the default), kt-kernel (kTransformers' BF16 MoE kernel, if installed) or auto (the faster at
         start).
+    expert_transfer: how experts reach the device (experts/packed_transport.py): plain (their bytes as stored, the
+        default) or packed (bf16 experts held packed in host memory, 12 bits per weight, copied packed and unpacked on
+        the device bit for bit: 3/4 of the bytes per copy and of the host memory; one device, --miss-compute gpu).
     warm_up: before the configured policy is built, run one short request under a stand-in policy, so one-time
         first-use costs stay out of every request's TTFT (engine/warmup.py; `Engine.warm_up_s` reports them).
     """
@@ -167,6 +180,7 @@ class EngineConfig:
     cpu_expert_dtype: str = "auto"
     non_expert_placement: str = "auto"
     cpu_kernel: str = "torch"
+    expert_transfer: str = "plain"
     seed: int = 0
     show_progress: bool = True
     warm_up: bool = False
@@ -212,6 +226,7 @@ class EngineConfig:
         if self.cpu_threads is not None and (isinstance(self.cpu_threads, bool) or not isinstance(self.cpu_threads, int)
                                              or self.cpu_threads < 1):
             raise ConfigError(f"--cpu-threads {self.cpu_threads!r} must be a whole number >= 1")
+        self._check_expert_transfer()
         check_cpu_dtype(self.cpu_expert_dtype)
         check_cpu_kernel(self.cpu_kernel)
         if self.expert_budget is not None and str(self.expert_budget).strip().lower() != "auto":
@@ -220,6 +235,16 @@ class EngineConfig:
         from finemoe.policies import check_option_names, get_policy_class  # late: policies import config types
         get_policy_class(self.policy)
         check_option_names(self.policy, self.policy_options)
+
+    def _check_expert_transfer(self) -> None:
+        if self.expert_transfer not in EXPERT_TRANSFERS:
+            raise ConfigError(f"--expert-transfer {self.expert_transfer!r} is not known: use one of "
+                              f"{', '.join(EXPERT_TRANSFERS)}")
+        if self.expert_transfer == "packed":
+            check_packed_miss_compute(self.miss_compute)
+            if len(self.devices or ()) > 1:
+                raise ConfigError("--expert-transfer packed works on one device: drop --devices or use "
+                                  "--expert-transfer plain")
 
     def _check_non_expert_placement(self) -> None:
         if self.non_expert_placement not in NON_EXPERT_PLACEMENTS:

@@ -33,3 +33,8 @@ class FixedTypes:
         if self.entry is None:
             self.entry = self.dispatcher.compile(tuple(typeof(a) for a in args))
         return self.entry(*args)
+
+
+def njit_parallel(fn):
+    """`njit` with numba's parallel loops (`prange`), for kernels over many independent rows."""
+    return _numba_njit(cache=True, parallel=True)(fn)

@@ -37,7 +37,9 @@ from finemoe.experts.kt_experts import KtKernel
 from finemoe.experts import multi_device
 from finemoe.experts.miss_split import GPU, MissCosts, mode_code
 from finemoe.experts.placement import Placement, layer_devices, place
-from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport
+from finemoe.experts.packed_store import PackedStore
+from finemoe.experts.packed_transport import PackedCudaTransport, PackedSyncTransport
+from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport, Transport
 from finemoe.models.adapters import decoder_layers, find_moe_layers, geometry_of
 from finemoe.models.compile import compile_small_modules
 from finemoe.models.loader import LoadedModel, load_model
@@ -93,6 +95,8 @@ class Engine:
             print(f"finemoe: {choice.note}", file=sys.stderr)
         self.store = HostExpertStore.take_from(self.layers, self.geometry, pin=self.device.type == "cuda",
                                                show_progress=cfg.show_progress)
+        if cfg.expert_transfer == "packed":
+            self.store = PackedStore.pack(self.store, show_progress=cfg.show_progress)
         self.model.to(self.device)  # non-expert weights only: the experts modules no longer hold any
         self.layer_split = LayerSplit(decoder_layers(self.model), self.device)   # placed by each reconfigure
         # the decoder layers' placement and how it was decided; auto: primary until measured (_choose_placement)
@@ -107,7 +111,7 @@ class Engine:
         self.miss_choice = MissChoice(cfg.miss_compute, "option")
         self._cpu_kernels: dict[tuple[str, torch.dtype], CpuExpertKernel] = {}   # the CPU half's, built once each
         self.copy_Bps: float | None = None            # pinned H2D bytes/s, measured when the idle issue rule first runs
-        self.pools = self.runtime = None
+        self.pools = self.cache = self.runtime = None
         self.device_pools: list[SlotPools] = []      # every device's slot pool (one device: [pools])
         self.paths = DecodePaths(self)
         self.continuous_blocker = slot_kv_blocker(self.model)   # why continuous batching cannot run (None: it can)
@@ -175,6 +179,8 @@ class Engine:
         for layer in self.layers:  # drop every reference to the old slots before allocating the new ones
             layer.experts.finemoe_layer = None
         self.paths.drop_graphs()   # captured steps read the old pools and runtime
+        if self.cache is not None:   # copies in flight still write the old pools: let them land before they are freed
+            self.cache.transport.finish_all()
         if self.runtime is not None and self.runtime.cpu_misses is not None:
             self.cpu_cost_scale = self.runtime.cpu_misses.scale     # what this machine's CPU halves took so far
         self.pools = self.cache = self.runtime = None
@@ -194,8 +200,7 @@ class Engine:
         else:
             self.pools = SlotPools(self.store, slots, self.device)
             self.device_pools = [self.pools]
-            transport = (CudaTransport(self.store, self.pools, self.device, self._copy_bandwidth(cfg, mode))
-                         if self.device.type == "cuda" else SyncTransport(self.store, self.pools))
+            transport = self._transport(cfg, mode)
             layer_pools, moe_devices = [self.pools.tensors] * len(self.layers), [self.device] * len(self.layers)
         self.cache = ExpertCache(self.geometry.total_experts, self.geometry.num_experts, slots, transport,
                                  self.policy, cfg.prefetch_inflight, cfg.issue)
@@ -214,6 +219,14 @@ class Engine:
         if self.policy.keeps_all_resident:
             self.runtime.mark_resident_all()
         self._checked_dispatch = False
+
+    def _transport(self, cfg: EngineConfig, mode: int) -> Transport:
+        """One device's transport over self.pools: CUDA copies or the CPU's, of plain or packed experts."""
+        packed = isinstance(self.store, PackedStore)
+        if self.device.type != "cuda":
+            return PackedSyncTransport(self.store, self.pools) if packed else SyncTransport(self.store, self.pools)
+        cls = PackedCudaTransport if packed else CudaTransport
+        return cls(self.store, self.pools, self.device, self._copy_bandwidth(cfg, mode))
 
     def _next_placement_choice(self, placement: Placement | None, mode: str | None) -> PlacementChoice:
         """What `reconfigure` records: a given placement's mode, a named mode (one the memory plan covered, else a
@@ -316,7 +329,7 @@ class Engine:
         if not cfg.issue.idle:
             return self.copy_Bps
         if self.copy_Bps is None:
-            self.copy_Bps = self.geometry.expert_bytes / calibration.copy_seconds(self.store, self.device)
+            self.copy_Bps = self.store.copy_bytes / calibration.copy_seconds(self.store, self.device)
             print(f"finemoe: prefetch issue idle: copy {self.copy_Bps / 1e9:.1f} GB/s, chunks of "
                   f"{cfg.copy_chunk_bytes} B", file=sys.stderr)
         return self.copy_Bps
@@ -458,6 +471,7 @@ class Engine:
         s.update({
             "policy": self.cfg.policy, "expert_budget_bytes": self.budget_bytes, "cache_slots": self.cache.capacity,
             "expert_bytes": self.geometry.expert_bytes, "total_expert_bytes": self.geometry.total_bytes,
+            "expert_transfer": self.cfg.expert_transfer, "copy_bytes_per_expert": self.store.copy_bytes,
             "device": str(self.device), "model": self.model_name, "model_label": self.model_label,
             "warm_up_s": self.warm_up_s,
             "experts_impl": f"finemoe over {self.reference_impl}", "decode_path": self.decode_path,

@@ -13,7 +13,8 @@ inject it: one figure for every device, or one per device). Taken from it, in or
   CUDA graphs         GRAPH_RESERVE_BYTES on the first device when decode steps are captured (a stated reserve, not
                       a measurement; never under `split`, which decodes eagerly: engine/paths.py);
   staging slots       with several devices, one layer's experts on each device that computes MoE layers
-                      (experts/multi_device.py's peer-copy landing slots);
+                      (experts/multi_device.py's peer-copy landing slots); with --expert-transfer packed, the
+                      packed copies' staging buffers (experts/packed_transport.py STAGING, each at most an expert);
   safety margin       MARGIN_FRACTION of the free figure plus MARGIN_BYTES, for activations and allocator slack.
 A device that holds no layer (the others under `primary`) reserves only the margin. `tightest` combines the plans of
 several placements (`--non-expert-placement auto` plans for both): on each device the one that leaves the least, so
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from finemoe.experts.packed_transport import STAGING as PACKED_STAGING
 from torch import nn
 
 from finemoe.config import EngineConfig, fmt_bytes, parse_budget
@@ -170,6 +173,8 @@ def plan(model: nn.Module, layers: list[MoELayer], cfg: EngineConfig, geometry: 
     graphs[0] = GRAPH_RESERVE_BYTES if cfg.cuda_graphs and devices[0].type == "cuda" and not layer_device.any() else 0
     computes = np.bincount(layer_device[[layer.decoder_index for layer in layers]], minlength=D) > 0
     staging = np.where(computes & (D > 1), geometry.num_experts * geometry.expert_bytes, 0)
+    if cfg.expert_transfer == "packed":     # one device: the packed copies' staging buffers (a bound: plain bytes)
+        staging[0] += PACKED_STAGING * geometry.expert_bytes
     caches = MAX_STATIC_SHAPES if cfg.fast_path else 1
     return [MemoryPlan(str(dev), f, int(weights[d]), int(kv[d]), int(graphs[d]), int(staging[d]),
                        int(f * MARGIN_FRACTION) + MARGIN_BYTES, max_model_len, cfg.max_batch_size, caches)

@@ -55,13 +55,13 @@ def _wall(fn: Callable[[], object]) -> Callable[[], float]:
 
 
 def copy_seconds(store: HostExpertStore, device: torch.device) -> float:
-    """One expert (layer 0, expert 0) host -> device."""
-    src = {name: t[0] for name, t in store.tensors[0].items()}
-    dst = {name: torch.empty_like(t, device=device) for name, t in src.items()}
+    """One expert's copy (layer 0, expert 0: what the transport moves, `store.expert_sources`) host -> device."""
+    src = store.expert_sources(0, 0)
+    dst = [torch.empty_like(t, device=device) for t in src]
 
     def copy() -> None:
-        for name, t in src.items():
-            dst[name].copy_(t, non_blocking=True)
+        for d, t in zip(dst, src):
+            d.copy_(t, non_blocking=True)
 
     if device.type != "cuda":
         return _median_s(_wall(copy))

@@ -2,14 +2,16 @@
 
 A bf16 weight is a sign bit, 8 exponent bits and 7 mantissa bits. Weights, trained or initialised, use few
 exponents: in one expert tensor the 15 consecutive exponents [base, base + 15) holding the most weights hold all
-but a tiny share of them (a normal(0, 0.02) init: about 2e-4 outside; ref-moe's trained experts: under 1e-3). A packed
-tensor of N weights (N even) is one flat uint8 buffer:
+but a tiny share of them (a normal(0, 0.02) init: about 2e-4 outside; ref-moe's trained experts: under 1e-3). A
+packed tensor of N weights (N even) is N * 3 / 2 bytes:
 
     sm     [N]      bit 7: the sign; bits 0..6: the mantissa
     codes  [N / 2]  two 4-bit exponent codes per byte, element 2i in the low nibble: exponent - base, or ESCAPE
-and, beside it, the escaped weights (exponent outside the window: zeros, subnormals, outliers) as their positions
-[E] int64 and whole bf16 bit patterns [E] int16, which `unpack` writes last. Copying the packed buffer moves 3/4 of
-the bytes; `unpack` rebuilds the exact weights from it with elementwise byte operations (any device).
+and, beside it, the escaped weights (exponent outside the window: zeros, subnormals, outliers) as their flat
+positions [E] int64 and whole bf16 bit patterns [E] int16, which `write_escapes` writes after `unpack_into`.
+Copying a packed tensor moves 3/4 of the bytes. Packing is compiled (numba, parallel over the rows of a stacked
+tensor: one pass to pick each row's window, one to encode); unpacking is elementwise byte arithmetic in torch, on
+any device (one fused kernel under torch.compile).
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from numba import prange
+
+from finemoe.jit import njit, njit_parallel
 
 WINDOW = 15          # exponents coded in the window; code 15 escapes
 ESCAPE = 15
@@ -37,29 +42,101 @@ class Packed(NamedTuple):
         return self.data.numel() + self.esc_pos.numel() * 8 + self.esc_val.numel() * 2
 
 
+class PackedRows(NamedTuple):
+    """Rows [R, N] of a bf16 tensor (one per expert), each packed on its own: data [R, N * 3 // 2] uint8, bases [R]
+    uint8, and row r's escapes at esc_pos / esc_val[esc_start[r]:esc_start[r + 1]] (positions within the row)."""
+
+    data: np.ndarray
+    bases: np.ndarray
+    esc_start: np.ndarray     # [R + 1] int64
+    esc_pos: np.ndarray       # [sum E] int64
+    esc_val: np.ndarray       # [sum E] int16
+
+    def escapes(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.esc_start[r], self.esc_start[r + 1]
+        return self.esc_pos[a:b], self.esc_val[a:b]
+
+
+@njit
+def _window(bits):
+    """bits [N] uint16 -> (base, escapes): the 15 consecutive exponents holding the most weights (the lowest such)
+    and how many weights fall outside them."""
+    counts = np.zeros(256, np.int64)
+    for i in range(bits.size):
+        counts[(bits[i] >> 7) & 0xFF] += 1
+    best, base, run = -1, 0, 0
+    for e in range(256):
+        run += counts[e]
+        if e >= WINDOW:
+            run -= counts[e - WINDOW]
+        if e >= WINDOW - 1 and run > best:
+            best, base = run, e - WINDOW + 1
+    return base, bits.size - best
+
+
+@njit
+def _encode(bits, base, data, esc_pos, esc_val):
+    """bits [N] uint16 -> data [N * 3 // 2] uint8 and the escapes (their arrays sized by `_window`)."""
+    n = bits.size
+    k = 0
+    for i in range(n):
+        b = bits[i]
+        code = np.int64((b >> 7) & 0xFF) - base
+        if code < 0 or code >= WINDOW:
+            code = ESCAPE
+            esc_pos[k] = i
+            esc_val[k] = np.int16(np.int64(b) - 65536 if b >= 32768 else b)
+            k += 1
+        data[i] = np.uint8(((b >> 8) & 0x80) | (b & 0x7F))
+        if i & 1:
+            data[n + i // 2] |= np.uint8(code << 4)
+        else:
+            data[n + i // 2] = np.uint8(code)
+
+
+@njit_parallel
+def _pack_rows(bits, bases, counts):
+    """bits [R, N] uint16 -> each row's window base (bases [R]) and escape count (counts [R])."""
+    for r in prange(bits.shape[0]):
+        bases[r], counts[r] = _window(bits[r])
+
+
+@njit_parallel
+def _encode_rows(bits, bases, data, esc_start, esc_pos, esc_val):
+    for r in prange(bits.shape[0]):
+        a, b = esc_start[r], esc_start[r + 1]
+        _encode(bits[r], bases[r], data[r], esc_pos[a:b], esc_val[a:b])
+
+
 def packable(t: torch.Tensor) -> bool:
-    """Whether `pack` takes `t`: bf16 with an even number of weights."""
+    """Whether `pack` takes `t`: bf16 with an even number of weights (per row, for `pack_rows`)."""
     return t.dtype == torch.bfloat16 and t.numel() % 2 == 0
 
 
+def pack_rows(t: torch.Tensor) -> PackedRows:
+    """Pack each row of host bf16 tensor t [R, ...] (an even number of weights per row) losslessly."""
+    R = t.shape[0]
+    if t.dtype != torch.bfloat16 or (t.numel() // max(R, 1)) % 2:
+        raise ValueError(f"cannot pack a {t.dtype} tensor of {t.numel()} weights: bf16 with an even count only")
+    bits = t.detach().contiguous().view(torch.int16).reshape(R, -1).numpy().view(np.uint16)    # [R, N]
+    N = bits.shape[1]
+    data = np.empty((R, N * 3 // 2), np.uint8)
+    bases, counts = np.zeros(R, np.int64), np.zeros(R, np.int64)
+    _pack_rows(bits, bases, counts)
+    esc_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    esc_pos, esc_val = np.empty(esc_start[-1], np.int64), np.empty(esc_start[-1], np.int16)
+    _encode_rows(bits, bases, data, esc_start, esc_pos, esc_val)
+    return PackedRows(data, bases.astype(np.uint8), esc_start, esc_pos, esc_val)
+
+
 def pack(t: torch.Tensor) -> Packed:
-    """Pack bf16 tensor `t` (host; any shape, even numel) losslessly (module docstring)."""
+    """Pack host bf16 tensor `t` (any shape, even numel) losslessly (module docstring)."""
     if not packable(t):
         raise ValueError(f"cannot pack a {t.dtype} tensor of {t.numel()} weights: bf16 with an even count only")
-    bits = t.detach().contiguous().view(-1).view(torch.int16).numpy().view(np.uint16)    # [N]
-    exponent = ((bits >> 7) & 0xFF).astype(np.uint8)                                       # [N]
-    counts = np.bincount(exponent, minlength=256)                                          # [256]
-    held = np.convolve(counts, np.ones(WINDOW, np.int64), mode="valid")                    # [242]: [b, b + 15)
-    base = int(np.argmax(held))
-    code = exponent.astype(np.int16) - base                                                # [N]
-    escaped = (code < 0) | (code >= WINDOW)
-    code[escaped] = ESCAPE
-    code = code.astype(np.uint8)
-    sm = ((bits >> 8) & 0x80).astype(np.uint8) | (bits & 0x7F).astype(np.uint8)            # [N]
-    codes = code[0::2] | (code[1::2] << 4)                                                 # [N / 2]
-    pos = np.flatnonzero(escaped)
-    return Packed(torch.from_numpy(np.concatenate([sm, codes])), base, torch.from_numpy(pos.astype(np.int64)),
-                  torch.from_numpy(bits[pos].view(np.int16).copy()), int(bits.size))
+    rows = pack_rows(t.reshape(1, -1))
+    pos, val = rows.escapes(0)
+    return Packed(torch.from_numpy(rows.data[0]), int(rows.bases[0]), torch.from_numpy(pos.copy()),
+                  torch.from_numpy(val.copy()), t.numel())
 
 
 def unpack_into(data: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> None:

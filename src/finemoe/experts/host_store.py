@@ -58,6 +58,27 @@ class HostExpertStore:
             self.pinned = False
 
     @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """Each expert tensor's dtype, by name in pool order."""
+        return {name: t.dtype for name, t in self.tensors[0].items()}
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes one expert's copy moves (all its tensors)."""
+        return self.geometry.expert_bytes
+
+    def expert_sources(self, layer: int, expert: int) -> list[torch.Tensor]:
+        """The host tensors one copy of expert `expert` of `layer` moves, in pool order."""
+        return [t[expert] for t in self.tensors[layer].values()]
+
+    def release_layer(self, layer: int) -> None:
+        """Unpin and drop layer `layer`'s tensors (the packed store took them: experts/packed_store.py)."""
+        for t in self.tensors[layer].values():
+            if self.pinned:
+                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        self.tensors[layer] = {}
+
+    @property
     def dtype(self) -> torch.dtype:
         """The experts' dtype (layer 0's first tensor)."""
         return next(iter(self.tensors[0].values())).dtype

@@ -143,7 +143,7 @@ class SlotPools:
     def __init__(self, store: HostExpertStore, num_slots: int, device: torch.device) -> None:
         g = store.geometry
         self.num_slots = num_slots
-        self.tensors = {name: torch.zeros((num_slots, *shape), dtype=store.tensors[0][name].dtype, device=device)
+        self.tensors = {name: torch.zeros((num_slots, *shape), dtype=store.dtypes[name], device=device)
                         for name, shape in g.param_shapes.items()}
 
     @property
