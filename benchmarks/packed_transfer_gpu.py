@@ -5,7 +5,8 @@ A Qwen1.5-MoE-A2.7B-shaped random bf16 model with the trace's number of layers (
 engines) computes while its routers' choices are replaced by a recorded trace of the trained reference model
 (engine/replay.py), as in offload_gpu.py. One engine per transfer mode, built one after the other (load time
 includes packing); each serves the seeded held-out requests at batch 1 under every policy (finemoe learning its map
-store online from empty, identically in both), untimed once for logits (2 requests), then timed. Prints a short
+store online from empty, identically in both), untimed once for logits (2 requests), then timed (counting torch.compile's graphs compiled meanwhile: none
+expected, the unpack is compiled at start). Prints a short
 table last; `--out FILE` writes every number as JSON.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/packed_transfer_gpu.py --trace .carry/refmoe_lmsys64.safetensors \\
@@ -19,6 +20,7 @@ import gc
 import time
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
 from benchmarks_common import replayed_model, write_json
 from finemoe.config import EngineConfig
@@ -48,10 +50,12 @@ def run_transfer(args, trace, held: list[int], transfer: str) -> dict:
         engine.reconfigure(policy, args.budget, opts)
         _, logits = serve(engine, replay, held[:2], keep=True)
         engine.reconfigure(policy, args.budget, opts)
+        graphs = dynamo_counters["stats"]["unique_graphs"]
         reqs, _ = serve(engine, replay, held)
         s = engine.summary(reqs)
         out["rows"][policy] = {k: s[k] for k in ("tpot_s", "ttft_s", "hit_rate", "hits", "misses", "bytes_per_token",
                                                  "decode_path")}
+        out["rows"][policy]["compiles_while_serving"] = dynamo_counters["stats"]["unique_graphs"] - graphs
         out["logits"][policy] = logits
         print(f"  {transfer} {policy}: TPOT {s['tpot_s'] * 1e3:.2f} ms, hit {s['hit_rate']:.3f}, "
               f"{s['bytes_per_token'] / 1e6:.1f} MB/token", flush=True)

@@ -52,3 +52,24 @@ def test_only_even_bf16_tensors_are_packed(t):
     assert not codec.packable(t)
     with pytest.raises(ValueError, match="bf16 with an even count"):
         codec.pack(t)
+
+
+def test_zeros_and_subnormals_cost_no_escape():
+    w = (torch.randn(4096, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
+    w[::2] = 0.0                                                            # half the weights exactly zero
+    w[1] = -0.0
+    w[3] = 1e-40                                                            # a subnormal
+    p = codec.pack(w)
+    assert same_bits(codec.unpack(p), w)
+    assert p.esc_pos.numel() <= 2 and p.nbytes < 0.76 * w.numel() * 2
+
+
+def test_the_compiled_unpack_gives_the_same_bits():
+    """What the GPU runs: codec.unpack_into under torch.compile (here its CPU build), every bit pattern."""
+    w = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    p = codec.pack(w)
+    out = torch.empty_like(w)
+    unpack = torch.compile(codec.unpack_into, fullgraph=True, dynamic=False)
+    unpack(p.data, torch.tensor([p.base], dtype=torch.uint8), out)
+    codec.write_escapes(p.esc_pos, p.esc_val, out)
+    assert same_bits(out, w)

@@ -18,4 +18,5 @@ def test_packed_transfer_smoke_rows_match_the_plain_engine(tmp_path):
     assert [r["policy"] for r in result["rows"]] == ["lru", "finemoe"]
     for r in result["rows"]:
         assert r["same_hits"] and r["logits_bit_equal"] and r["bytes_ratio"] < 0.8
+        assert r["plain"]["compiles_while_serving"] == r["packed"]["compiles_while_serving"] == 0
     assert result["host_expert_bytes"]["packed"] < 0.8 * result["host_expert_bytes"]["plain"]

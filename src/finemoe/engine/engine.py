@@ -501,6 +501,9 @@ class Engine:
                 "peer_bytes_copied": t.peer_bytes_copied}
 
     def close(self) -> None:
-        """Close the policy (persisting policies save) and unpin the host expert store. Terminal."""
+        """Close the policy (persisting policies save) and unpin the host expert store (after the copies in flight
+        have landed). Terminal."""
+        if self.cache is not None:
+            self.cache.transport.finish_all()
         self.policy.close()
         self.store.close()

@@ -6,9 +6,10 @@ but a tiny share of them (a normal(0, 0.02) init: about 2e-4 outside; ref-moe's 
 packed tensor of N weights (N even) is N * 3 / 2 bytes:
 
     sm     [N]      bit 7: the sign; bits 0..6: the mantissa
-    codes  [N / 2]  two 4-bit exponent codes per byte, element 2i in the low nibble: exponent - base, or ESCAPE
-and, beside it, the escaped weights (exponent outside the window: zeros, subnormals, outliers) as their flat
-positions [E] int64 and whole bf16 bit patterns [E] int16, which `write_escapes` writes after `unpack_into`.
+    codes  [N / 2]  two 4-bit exponent codes per byte, element 2i in the low nibble: exponent - base, or 15 for
+                    exponent 0 (zeros and subnormals) and for the escaped weights
+and, beside it, the escaped weights (a nonzero exponent outside the window: outliers) as their flat positions [E]
+int64 and whole bf16 bit patterns [E] int16, which `write_escapes` writes after `unpack_into`.
 Copying a packed tensor moves 3/4 of the bytes. Packing is compiled (numba, parallel over the rows of a stacked
 tensor: one pass to pick each row's window, one to encode); unpacking is elementwise byte arithmetic in torch, on
 any device (one fused kernel under torch.compile).
@@ -23,8 +24,8 @@ from numba import prange
 
 from finemoe.jit import njit, njit_parallel
 
-WINDOW = 15          # exponents coded in the window; code 15 escapes
-ESCAPE = 15
+WINDOW = 15          # exponents coded in the window
+ZERO_EXPONENT = 15   # the 16th code: exponent 0 (zeros, subnormals), or an escaped weight (written afterwards)
 
 
 class Packed(NamedTuple):
@@ -59,19 +60,19 @@ class PackedRows(NamedTuple):
 
 @njit
 def _window(bits):
-    """bits [N] uint16 -> (base, escapes): the 15 consecutive exponents holding the most weights (the lowest such)
-    and how many weights fall outside them."""
+    """bits [N] uint16 -> (base, escapes): the 15 consecutive nonzero exponents [base, base + 15) holding the most
+    weights (the lowest such; base >= 1) and how many weights fall outside them and are not exponent 0."""
     counts = np.zeros(256, np.int64)
     for i in range(bits.size):
         counts[(bits[i] >> 7) & 0xFF] += 1
-    best, base, run = -1, 0, 0
-    for e in range(256):
+    best, base, run = -1, 1, 0
+    for e in range(1, 256):
         run += counts[e]
-        if e >= WINDOW:
+        if e >= WINDOW + 1:
             run -= counts[e - WINDOW]
-        if e >= WINDOW - 1 and run > best:
+        if e >= WINDOW and run > best:
             best, base = run, e - WINDOW + 1
-    return base, bits.size - best
+    return base, bits.size - counts[0] - best
 
 
 @njit
@@ -81,9 +82,12 @@ def _encode(bits, base, data, esc_pos, esc_val):
     k = 0
     for i in range(n):
         b = bits[i]
-        code = np.int64((b >> 7) & 0xFF) - base
-        if code < 0 or code >= WINDOW:
-            code = ESCAPE
+        exponent = np.int64((b >> 7) & 0xFF)
+        code = exponent - base
+        if exponent == 0:
+            code = ZERO_EXPONENT
+        elif code < 0 or code >= WINDOW:
+            code = ZERO_EXPONENT
             esc_pos[k] = i
             esc_val[k] = np.int16(np.int64(b) - 65536 if b >= 32768 else b)
             k += 1
@@ -140,15 +144,16 @@ def pack(t: torch.Tensor) -> Packed:
 
 
 def unpack_into(data: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> None:
-    """data [N * 3 // 2] uint8 (a packed buffer, on out's device), base: a 0-dim uint8 tensor there -> out, a
+    """data [N * 3 // 2] uint8 (a packed buffer, on out's device), base: a 1-element uint8 tensor there -> out, a
     contiguous bf16 tensor of N weights, every weight but the escaped ones (`write_escapes` writes those).
-    Elementwise uint8 operations only: one compiled kernel under torch.compile."""
+    Elementwise int32 arithmetic into out's int16 view: one fused kernel under torch.compile."""
     n = out.numel()
-    sm, codes = data[:n], data[n:]                                                         # [N], [N / 2]
-    exponent = torch.stack((codes & 15, codes >> 4), dim=-1).view(-1) + base               # [N] uint8
-    low = ((exponent & 1) << 7) | (sm & 0x7F)                                # [N]: exponent bit 0, mantissa
-    high = (sm & 0x80) | (exponent >> 1)                                     # [N]: sign, exponent bits 7..1
-    out.view(-1).view(torch.uint8).view(n, 2).copy_(torch.stack((low, high), dim=-1))      # little-endian bf16
+    sm = data[:n].to(torch.int32)                                                          # [N]
+    code = data[n:].view(-1, 1).expand(-1, 2).reshape(-1).to(torch.int32)                  # [N] each code byte twice
+    code = (code >> ((torch.arange(n, device=data.device) & 1) * 4)) & 15                  # [N] low nibble, high
+    exponent = torch.where(code == ZERO_EXPONENT, 0, code + base.to(torch.int32))          # [N]
+    bits = ((sm & 0x80) << 8) | (exponent << 7) | (sm & 0x7F)                              # [N] in [0, 65535]
+    out.view(-1).view(torch.int16).copy_(bits.to(torch.int16))                             # wraps to the bf16 bits
 
 
 def write_escapes(pos: torch.Tensor, val: torch.Tensor, out: torch.Tensor) -> None:
@@ -160,6 +165,6 @@ def write_escapes(pos: torch.Tensor, val: torch.Tensor, out: torch.Tensor) -> No
 def unpack(p: Packed) -> torch.Tensor:
     """The packed tensor's weights, flat bf16 [numel], on the packed buffer's device."""
     out = torch.empty(p.numel, dtype=torch.bfloat16, device=p.data.device)
-    unpack_into(p.data, torch.tensor(p.base, dtype=torch.uint8, device=p.data.device), out)
+    unpack_into(p.data, torch.tensor([p.base], dtype=torch.uint8, device=p.data.device), out)
     write_escapes(p.esc_pos.to(out.device), p.esc_val.to(out.device), out)
     return out

@@ -4,13 +4,12 @@
 the bytes), and the transports (experts/packed_transport.py) copy an expert's packed bytes and unpack them on the
 device into its slot, bit for bit the plain weights.
 
-One expert's copy is one flat uint8 buffer, `data[layer][expert]`: a header of `ALIGN` bytes whose byte k is tensor
-k's exponent window base, then each expert tensor's packed bytes in pool order (SlotPools' names), each at an
-`ALIGN`ed offset (`parts`); `copy_bytes` is its length, the unit of the idle issue
-rule's chunks. Its escapes (weights outside their tensor's exponent window) ride with the copy's last bytes: a slice
-of its layer's int64 positions and int16 bit patterns, its tensors' escapes in pool order (`esc_counts`). Pinned on
-CUDA (the buffers in place, the escapes through torch's pinned allocator).
-"""
+One expert's copy is one flat uint8 buffer, `data[layer][expert]`: a header of `ALIGN` bytes whose byte k *
+BASE_STRIDE is tensor k's exponent window base, then each expert tensor's packed bytes in pool order (SlotPools'
+names), each at an `ALIGN`ed offset (`parts`); `copy_bytes` is its length, the unit of the idle issue rule's chunks.
+Its escapes (weights outside their tensor's exponent window) ride with the copy's last bytes: a slice of its layer's
+int64 positions and int16 bit patterns, its tensors' escapes in pool order (`esc_counts`). Pinned on CUDA (the
+buffers in place, the escapes through torch's pinned allocator)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -24,6 +23,7 @@ from finemoe.experts import codec
 from finemoe.experts.host_store import HostExpertStore, _pin_in_place, pinnable_where_it_lies
 
 ALIGN = 256     # byte offset of each tensor's packed bytes in an expert's buffer (aligned device loads)
+BASE_STRIDE = 16   # header byte of tensor k's window base: k * BASE_STRIDE (each base its own aligned element)
 
 
 class Part(NamedTuple):
@@ -66,6 +66,12 @@ class PackedStore:
     def nbytes(self) -> int:
         return sum(t.numel() for t in self.data) + sum(p.numel() * 8 + v.numel() * 2 for p, v in self.escapes)
 
+    def part_views(self, data: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """An expert's packed buffer `data` [copy_bytes] (any device) -> per tensor (its packed bytes, its window
+        base as a 1-element view), what codec.unpack_into takes."""
+        return [(data[p.offset:p.offset + p.numel * 3 // 2], data[k * BASE_STRIDE:k * BASE_STRIDE + 1])
+                for k, p in enumerate(self.parts)]
+
     def expert_sources(self, layer: int, expert: int) -> list[torch.Tensor]:
         """The host tensors one copy of expert `expert` of `layer` moves: its buffer and its escapes."""
         a, b = self.esc_start[layer, expert], self.esc_start[layer, expert + 1]
@@ -90,7 +96,10 @@ class PackedStore:
             dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in store.tensors[0].values()})
             raise ConfigError(f"--expert-transfer packed needs bf16 experts, this model's are {', '.join(dtypes)}: "
                               "load it with --dtype bfloat16 or use --expert-transfer plain")
-        parts, offset = [], ALIGN          # the header: byte k holds part k's window base
+        if len(names) * BASE_STRIDE > ALIGN:
+            raise ConfigError(f"--expert-transfer packed holds at most {ALIGN // BASE_STRIDE} tensors per expert; "
+                              f"this model's experts have {len(names)}: use --expert-transfer plain")
+        parts, offset = [], ALIGN          # the header: byte k * BASE_STRIDE holds part k's window base
         for name in names:
             numel = int(np.prod(g.param_shapes[name]))
             if numel % 2:
@@ -109,7 +118,7 @@ class PackedStore:
                 packed = codec.pack_rows(store.tensors[layer][part.name])
                 buf.numpy()[:, part.offset:part.offset + part.numel * 3 // 2] = packed.data
                 bases[layer, :, k] = packed.bases
-                buf.numpy()[:, k] = packed.bases
+                buf.numpy()[:, k * BASE_STRIDE] = packed.bases
                 counts[layer, :, k] = np.diff(packed.esc_start)
                 rows.append(packed)
             store.release_layer(layer)
@@ -126,4 +135,10 @@ class PackedStore:
                 pos_t, val_t = pos_t.pin_memory(), val_t.pin_memory()
             data.append(buf)
             escapes.append((pos_t, val_t))
-        return cls(g, parts, data, bases, counts, escapes, pin)
+        packed = cls(g, parts, data, bases, counts, escapes, pin)
+        if packed.copy_bytes + packed.max_escapes * 10 > g.expert_bytes:   # the staging buffers' bound
+            packed.close()
+            raise ConfigError(f"these experts do not pack: up to {packed.max_escapes} weights of an expert fall "
+                              "outside its 15 most used exponents, so a packed copy would move more than a plain "
+                              "one; use --expert-transfer plain")
+        return packed

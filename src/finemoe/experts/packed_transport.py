@@ -4,12 +4,12 @@ unpacked into its slot, bit for bit the plain weights (experts/codec.py).
 `PackedCudaTransport`: the copy stream copies an expert's packed buffer (in ranges under the idle issue rule) and,
 with its last range, its escapes into a staging buffer (one of a ring of `STAGING`); an unpack stream waits for that
 copy and for the compute still reading the slot, unpacks every tensor into the slot (codec.unpack_into, compiled by
-torch.compile: one kernel per tensor) and writes the escapes, then records the slot's completion event (what the
-compute waits for) and the staging buffer's release (what the copy stream waits for before reusing it). Demand and
-prefetch copies keep the order the cache issues them in; a copy moves 3/4 of the plain bytes, and the unpack of one
-expert overlaps the next one's copy. `PackedSyncTransport` (CPU device): unpacked at once, eagerly.
-Several devices and CPU-computed misses need the plain host tensors: config.py refuses them with packed.
-"""
+torch.compile: one fused kernel per tensor, compiled at start under inference mode, as serving calls it) and writes
+the escapes, then records the slot's completion event (what the compute waits for) and the staging buffer's release
+(what the copy stream waits for before reusing it). Demand and prefetch copies keep the order the cache issues them
+in; a copy moves 3/4 of the plain bytes, and the unpack of one expert overlaps the next one's copy.
+`PackedSyncTransport` (CPU device): unpacked at once, eagerly. Several devices and CPU-computed misses need the
+plain host tensors: config.py refuses them with packed."""
 from __future__ import annotations
 
 import time
@@ -34,18 +34,17 @@ def compiled_unpack():
     return _compiled_unpack
 
 
-def unpack_expert(store: PackedStore, layer: int, expert: int, data: torch.Tensor, pos: torch.Tensor,
-                  val: torch.Tensor, pools: SlotPools, slot: int, unpack) -> None:
-    """Expert `expert` of `layer`, packed in `data` [copy_bytes] uint8 with its escapes pos / val (all on the pools'
-    device) -> its tensors in `slot` of `pools`. `unpack`: codec.unpack_into or its compiled form."""
-    counts = store.esc_counts[layer, expert]
+def unpack_expert(store: PackedStore, layer: int, expert: int, views: list[tuple[torch.Tensor, torch.Tensor]],
+                  pos: torch.Tensor, val: torch.Tensor, outs: list[torch.Tensor], unpack) -> None:
+    """Expert `expert` of `layer`, packed as `views` (store.part_views of its buffer) with its escapes pos / val,
+    all on the device of outs (its tensors' slot views, in part order) -> outs. `unpack`: codec.unpack_into or its
+    compiled form."""
     start = 0
-    for k, part in enumerate(store.parts):
-        out = pools.tensors[part.name][slot]
-        unpack(data[part.offset:part.offset + part.numel * 3 // 2], data[k:k + 1], out)
-        n = int(counts[k])
-        codec.write_escapes(pos[start:start + n], val[start:start + n], out)
-        start += n
+    for (data, base), out, n in zip(views, outs, store.esc_counts[layer, expert].tolist()):
+        unpack(data, base, out)
+        if n:
+            codec.write_escapes(pos[start:start + n], val[start:start + n], out)
+            start += n
 
 
 class PackedSyncTransport(SyncTransport):
@@ -64,7 +63,8 @@ class PackedSyncTransport(SyncTransport):
         if hi == self.expert_bytes:
             layer, expert = divmod(key, self.num_experts)
             data, pos, val = self.store.expert_sources(layer, expert)
-            unpack_expert(self.store, layer, expert, data, pos, val, self.pools, slot, codec.unpack_into)
+            outs = [self.pools.tensors[p.name][slot] for p in self.store.parts]
+            unpack_expert(self.store, layer, expert, self.store.part_views(data), pos, val, outs, codec.unpack_into)
             self.bytes_copied += pos.numel() * 8 + val.numel() * 2
         self._stall += time.perf_counter() - t0
 
@@ -111,17 +111,20 @@ class PackedCudaTransport(CudaTransport):
         self.expert_bytes = store.copy_bytes
         self.unpack_stream = torch.cuda.Stream(device=device)
         self.staging = Staging(store, device)
+        self._views = [store.part_views(d) for d in self.staging.data]           # per staging buffer
+        self._outs = [[pools.tensors[p.name][s] for p in store.parts] for s in range(pools.num_slots)]   # per slot
         self._staged: dict[int, int] = {}          # slot -> staging buffer of its partly copied expert
         self.unpack = compiled_unpack()
         self._warm_up()
 
+    @torch.inference_mode()   # as serving calls it: the compiled unpack's guards include the grad mode
     def _warm_up(self) -> None:
         """Compile the unpack for every tensor shape now (layer 0, expert 0 into slot 0), not in a request."""
         data, pos, val = self.store.expert_sources(0, 0)
         b = self.staging.free[0]
         self.staging.data[b].copy_(data)
-        unpack_expert(self.store, 0, 0, self.staging.data[b], pos.to(self.device), val.to(self.device), self.pools,
-                      0, self.unpack)
+        unpack_expert(self.store, 0, 0, self._views[b], pos.to(self.device), val.to(self.device), self._outs[0],
+                      self.unpack)
         torch.cuda.synchronize(self.device)
 
     def start_copy(self, slot: int, key: int) -> None:
@@ -151,11 +154,11 @@ class PackedCudaTransport(CudaTransport):
             self._staged[slot] = b
         else:
             use = self.last_use[slot]
-            with torch.cuda.stream(self.unpack_stream):
+            with torch.cuda.stream(self.unpack_stream), torch.inference_mode():
                 self.unpack_stream.wait_event(st.copied[b])
                 if use is not None:
                     self.unpack_stream.wait_event(use)
-                unpack_expert(self.store, layer, expert, st.data[b], st.pos[b], st.val[b], self.pools, slot,
+                unpack_expert(self.store, layer, expert, self._views[b], st.pos[b], st.val[b], self._outs[slot],
                               self.unpack)
                 self.copy_done[slot].record(self.unpack_stream)
             st.give(b, self.unpack_stream)
