@@ -5,9 +5,9 @@ A Qwen1.5-MoE-A2.7B-shaped random bf16 model with the trace's number of layers (
 engines) computes while its routers' choices are replaced by a recorded trace of the trained reference model
 (engine/replay.py), as in offload_gpu.py. One engine per transfer mode, built one after the other (load time
 includes packing); each serves the seeded held-out requests at batch 1 under every policy (finemoe learning its map
-store online from empty, identically in both), untimed once for logits (2 requests), then timed (counting torch.compile's graphs compiled meanwhile: none
-expected, the unpack is compiled at start). Prints a short
-table last; `--out FILE` writes every number as JSON.
+store online from empty, identically in both), untimed once for logits (2 requests), then timed (counting
+torch.compile's graphs compiled meanwhile: none expected, the unpack is compiled at start). Prints a short table
+last; `--out FILE` writes every number as JSON.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/packed_transfer_gpu.py --trace .carry/refmoe_lmsys64.safetensors \\
         --out $OUT/packed.json
