@@ -96,7 +96,7 @@ class LayerCut:
 @dataclass
 class HostTiming:
     """Host wall seconds of the offload runtime's own work, split by what the device does meanwhile (the
-    simulator charges each part that way: docs/POLICIES.md, "The simulator's clock"):
+    simulator charges each part that way: docs/POLICIES.md, "The simulator"):
       before_s     per offloaded layer, from the routing sync's return until the layer's experts are issued (the
                    compute stream has drained up to the router: the device waits; in hybrid modes this includes the
                    CPU half); the engine's routing snapshot and cache work, the policy's `on_access`
