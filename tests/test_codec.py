@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import require_shared
 from finemoe.experts import codec
+from finemoe.experts.packed_transport import compiled_unpack
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -69,7 +70,7 @@ def test_the_compiled_unpack_gives_the_same_bits():
     w = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     p = codec.pack(w)
     out = torch.empty_like(w)
-    unpack = torch.compile(codec.unpack_into, fullgraph=True, dynamic=False)
+    unpack = compiled_unpack()
     unpack(p.data, torch.tensor([p.base], dtype=torch.uint8), out)
     codec.write_escapes(p.esc_pos, p.esc_val, out)
     assert same_bits(out, w)

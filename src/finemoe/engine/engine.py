@@ -38,7 +38,7 @@ from finemoe.experts import multi_device
 from finemoe.experts.miss_split import GPU, MissCosts, mode_code
 from finemoe.experts.placement import Placement, layer_devices, place
 from finemoe.experts.packed_store import PackedStore
-from finemoe.experts.packed_transport import PackedCudaTransport, PackedSyncTransport
+from finemoe.experts.packed_transport import PackedCudaTransport, PackedSyncTransport, compiled_unpack
 from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport, Transport
 from finemoe.models.adapters import decoder_layers, find_moe_layers, geometry_of
 from finemoe.models.compile import compile_small_modules
@@ -110,6 +110,7 @@ class Engine:
         # where misses run and how it was decided; auto on a GPU: checked against gpu by timing (_choose_miss_compute)
         self.miss_choice = MissChoice(cfg.miss_compute, "option")
         self._cpu_kernels: dict[tuple[str, torch.dtype], CpuExpertKernel] = {}   # the CPU half's, built once each
+        self._unpack = None     # --expert-transfer packed on CUDA: the compiled unpack, built once (packed_transport)
         self.copy_Bps: float | None = None            # pinned H2D bytes/s, measured when the idle issue rule first runs
         self.pools = self.cache = self.runtime = None
         self.device_pools: list[SlotPools] = []      # every device's slot pool (one device: [pools])
@@ -225,8 +226,11 @@ class Engine:
         packed = isinstance(self.store, PackedStore)
         if self.device.type != "cuda":
             return PackedSyncTransport(self.store, self.pools) if packed else SyncTransport(self.store, self.pools)
-        cls = PackedCudaTransport if packed else CudaTransport
-        return cls(self.store, self.pools, self.device, self._copy_bandwidth(cfg, mode))
+        if not packed:
+            return CudaTransport(self.store, self.pools, self.device, self._copy_bandwidth(cfg, mode))
+        if self._unpack is None:
+            self._unpack = compiled_unpack()
+        return PackedCudaTransport(self.store, self.pools, self.device, self._unpack, self._copy_bandwidth(cfg, mode))
 
     def _next_placement_choice(self, placement: Placement | None, mode: str | None) -> PlacementChoice:
         """What `reconfigure` records: a given placement's mode, a named mode (one the memory plan covered, else a

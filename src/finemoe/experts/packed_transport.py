@@ -23,15 +23,10 @@ from finemoe.experts.transport import CudaTransport, SlotPools, SyncTransport
 
 STAGING = 4          # staging buffers on the device: one may hold a partly copied prefetch, the rest turn over
 
-_compiled_unpack = None
-
-
 def compiled_unpack():
-    """codec.unpack_into under torch.compile (one fused kernel; compiled once per process and tensor shape)."""
-    global _compiled_unpack
-    if _compiled_unpack is None:
-        _compiled_unpack = torch.compile(codec.unpack_into, fullgraph=True, dynamic=False)
-    return _compiled_unpack
+    """codec.unpack_into under torch.compile (one fused kernel per tensor shape, compiled at its first call). The
+    engine builds it once and hands it to every PackedCudaTransport, so a reconfigure compiles nothing again."""
+    return torch.compile(codec.unpack_into, fullgraph=True, dynamic=False)
 
 
 def unpack_expert(store: PackedStore, layer: int, expert: int, views: list[tuple[torch.Tensor, torch.Tensor]],
@@ -105,8 +100,9 @@ class PackedCudaTransport(CudaTransport):
     """CudaTransport over a PackedStore (module docstring): copies of packed bytes into staging buffers, unpacks on
     a stream of their own into the slots."""
 
-    def __init__(self, store: PackedStore, pools: SlotPools, device: torch.device,
+    def __init__(self, store: PackedStore, pools: SlotPools, device: torch.device, unpack,
                  bandwidth_Bps: float | None = None) -> None:
+        """unpack: `compiled_unpack()`, built once by the caller."""
         super().__init__(store, pools, device, bandwidth_Bps)
         self.expert_bytes = store.copy_bytes
         self.unpack_stream = torch.cuda.Stream(device=device)
@@ -114,7 +110,7 @@ class PackedCudaTransport(CudaTransport):
         self._views = [store.part_views(d) for d in self.staging.data]           # per staging buffer
         self._outs = [[pools.tensors[p.name][s] for p in store.parts] for s in range(pools.num_slots)]   # per slot
         self._staged: dict[int, int] = {}          # slot -> staging buffer of its partly copied expert
-        self.unpack = compiled_unpack()
+        self.unpack = unpack
         self._warm_up()
 
     @torch.inference_mode()   # as serving calls it: the compiled unpack's guards include the grad mode
