@@ -10,7 +10,11 @@ import torch
 from finemoe import EngineConfig
 from finemoe.engine import Engine, SamplingParams
 from finemoe.errors import ConfigError
+from finemoe.experts.host_store import HostExpertStore
 from finemoe.experts.packed_store import PackedStore
+from finemoe.experts.packed_transport import PackedSyncTransport
+from finemoe.experts.transport import SlotPools
+from finemoe.models.adapters import ExpertGeometry
 from finemoe.models.loader import load_model
 from helpers import LogitsEngine, save_tiny_checkpoint
 
@@ -55,3 +59,31 @@ def test_what_packed_cannot_serve_is_refused_in_one_line(qwen):
     cfg = EngineConfig(model=str(qwen), device="cpu", dtype="float32", expert_transfer="packed", show_progress=False)
     with pytest.raises(ConfigError, match="needs bf16 experts"):
         Engine(load_model(cfg), cfg)
+
+
+def test_every_expert_lands_in_its_slot_bit_for_bit_outliers_included():
+    """Each tensor of each expert holds weights outside its exponent window (escapes), zeros and subnormals; a packed
+    copy into a slot gives the plain weights."""
+    gen = torch.Generator().manual_seed(0)
+    L, J, shapes = 2, 3, {"gate_up_proj": (64, 48), "down_proj": (48, 32)}
+    plain = []
+    for _ in range(L):
+        layer = {}
+        for name, shape in shapes.items():
+            w = (torch.randn((J, *shape), generator=gen) * 0.02).to(torch.bfloat16)
+            w[:, 0, 0], w[:, 0, 1], w[:, 1, 0], w[:, 1, 1] = 3e4, -1e-30, 0.0, 1e-40   # outliers, zero, subnormal
+            layer[name] = w
+        plain.append(layer)
+    geometry = ExpertGeometry(L, J, 1, 2 * (64 * 48 + 48 * 32), shapes, torch.bfloat16)
+    store = PackedStore.pack(HostExpertStore(geometry, [{n: t.clone() for n, t in layer.items()} for layer in plain],
+                                             pinned=False))
+    assert (store.esc_counts >= 2).all()                                  # two escapes in every tensor of every expert
+    pools = SlotPools(store, L * J, torch.device("cpu"))
+    transport = PackedSyncTransport(store, pools)
+    for key in range(L * J):
+        transport.start_copy(key, key)
+    for key in range(L * J):
+        layer, expert = divmod(key, J)
+        for name in shapes:
+            got, want = pools.tensors[name][key], plain[layer][name][expert]
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (layer, expert, name)
