@@ -43,3 +43,32 @@ def test_resident_has_no_per_layer_host_work(qwen):
     engine = serve(qwen, "resident", "100%")
     assert engine.runtime.totals.host.layers == 0
     assert engine.summary([])["host_before_compute_ms_per_layer"] == 0.0
+
+
+def test_each_part_is_timed_where_the_policy_works(qwen, monkeypatch):
+    """On a fake clock that only the policy's callbacks advance, each report is exactly what they took: on_access
+    before the layer's experts, on_layer_routed beside them, on_iteration_start between iterations."""
+    from types import SimpleNamespace
+
+    from finemoe.engine import runtime
+    clock = [0.0]
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    cfg = EngineConfig(model=str(qwen), device="cpu", expert_budget="25%", policy="lru", warm_up=False,
+                       show_progress=False)
+    engine = Engine(load_model(cfg), cfg)
+    policy = engine.runtime.policy
+
+    def taking(fn, seconds):
+        def timed(*args):
+            clock[0] += seconds
+            return fn(*args)
+        return timed
+
+    monkeypatch.setattr(policy, "on_access", taking(policy.on_access, 0.001))
+    monkeypatch.setattr(policy, "on_layer_routed", taking(policy.on_layer_routed, 0.002))
+    monkeypatch.setattr(policy, "on_iteration_start", taking(policy.on_iteration_start, 0.003))
+    engine.generate(["Hello there"], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    s = engine.summary([])
+    assert s["host_before_compute_ms_per_layer"] == pytest.approx(1.0)
+    assert s["host_after_compute_ms_per_layer"] == pytest.approx(2.0)
+    assert s["host_policy_ms_per_iteration"] == pytest.approx(3.0)
